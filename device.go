@@ -1,0 +1,242 @@
+package loopctl
+
+import (
+	"io"
+	"io/fs"
+	"math"
+	"math/bits"
+	"os"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"unsafe"
+)
+
+// Flags are a loop device's LO_FLAGS_* bits.
+type Flags uint32
+
+// The flags a device can carry. Their values are the kernel's.
+const (
+	FlagReadOnly  Flags = 1 << 0 // LO_FLAGS_READ_ONLY: writes fail with EPERM
+	FlagAutoClear Flags = 1 << 2 // LO_FLAGS_AUTOCLEAR: detach when the last opener closes
+	FlagPartScan  Flags = 1 << 3 // LO_FLAGS_PARTSCAN: scan the backing file for partitions
+	FlagDirectIO  Flags = 1 << 4 // LO_FLAGS_DIRECT_IO: O_DIRECT on the backing file
+
+	knownFlags = FlagReadOnly | FlagAutoClear | FlagPartScan | FlagDirectIO
+)
+
+var flagNames = [...]struct {
+	f    Flags
+	name string
+}{
+	{FlagReadOnly, "read-only"},
+	{FlagAutoClear, "autoclear"},
+	{FlagPartScan, "partscan"},
+	{FlagDirectIO, "direct-io"},
+}
+
+// String names the flags joined by "|", such as "read-only|autoclear";
+// unknown bits are shown in hex, and no flags as "0".
+func (f Flags) String() string {
+	if f == 0 {
+		return "0"
+	}
+	var b strings.Builder
+	for _, n := range flagNames {
+		if f&n.f == 0 {
+			continue
+		}
+		if b.Len() > 0 {
+			b.WriteByte('|')
+		}
+		b.WriteString(n.name)
+	}
+	if rest := f &^ knownFlags; rest != 0 {
+		if b.Len() > 0 {
+			b.WriteByte('|')
+		}
+		b.WriteString("0x" + strconv.FormatUint(uint64(rest), 16))
+	}
+	return b.String()
+}
+
+// Options say how a backing file is bound. The zero value binds the whole
+// file, read-write, with the kernel's default 512-byte blocks.
+type Options struct {
+	Offset, SizeLimit uint64 // bytes; SizeLimit 0 = to the end of the file
+	BlockSize         uint32 // logical block size; 0 = kernel default (512)
+	Flags             Flags
+}
+
+// validate refuses, before any ioctl, what the kernel would refuse or
+// silently misread.
+func (o Options) validate() error {
+	if rest := o.Flags &^ knownFlags; rest != 0 {
+		return invalid("unknown flag bits %#x", uint32(rest))
+	}
+	if err := validBlockSize(o.BlockSize, true); err != nil {
+		return err
+	}
+	if o.Offset > math.MaxInt64 || o.SizeLimit > math.MaxInt64 {
+		return invalid("offset %d or size limit %d exceeds %d", o.Offset, o.SizeLimit, int64(math.MaxInt64))
+	}
+	return nil
+}
+
+// validBlockSize accepts powers of two from 512 up, and 0 where the kernel
+// default is meant. The upper bound is the kernel's to judge.
+func validBlockSize(size uint32, zeroOK bool) error {
+	if size == 0 && zeroOK {
+		return nil
+	}
+	if size < 512 || bits.OnesCount32(size) != 1 {
+		return invalid("block size %d is not a power of two >= 512", size)
+	}
+	return nil
+}
+
+// Status describes a bound loop device.
+type Status struct {
+	Number                      int
+	BackingFile                 string // full path, from sysfs; lo_file_name only as fallback
+	BackingDevice, BackingInode uint64 // st_dev and st_ino of the backing file
+	Offset, SizeLimit           uint64
+	Flags                       Flags
+}
+
+// deletedSuffix is what the kernel appends to the path of an unlinked file.
+const deletedSuffix = " (deleted)"
+
+// Deleted reports whether the backing file has been unlinked since it was
+// bound; BackingFile then ends in " (deleted)", as the kernel shows it.
+func (s Status) Deleted() bool { return strings.HasSuffix(s.BackingFile, deletedSuffix) }
+
+// A Device is an open loop block device, /dev/loopN, bound or not. It is
+// safe for concurrent use.
+type Device struct {
+	h      handle
+	number int
+	path   string
+	closed atomic.Bool
+}
+
+var _ io.Closer = (*Device)(nil)
+
+// OpenDevice opens /dev/loopN read-write. A missing node is an
+// *os.PathError matching fs.ErrNotExist.
+func OpenDevice(n int) (*Device, error) {
+	path := DevicePath(n)
+	if n < 0 || n > MaxNumber {
+		return nil, newError("open", path, invalid("device number %d is outside [0, %d]", n, MaxNumber))
+	}
+	h, err := sys.open(path, readWrite)
+	if err != nil {
+		return nil, err
+	}
+	return &Device{h: h, number: n, path: path}, nil
+}
+
+// OpenDevicePath opens the loop device at path, following symlinks. Only a
+// whole loop block device is accepted, bound or not: anything else (a
+// partition, /dev/null, a regular file, /dev/loop-control) is an error
+// matching ErrNotLoop, refused before the node is opened.
+func OpenDevicePath(path string) (*Device, error) {
+	n, rdev, err := loopNumber(path)
+	if err != nil {
+		return nil, err
+	}
+	h, err := sys.open(path, readWrite)
+	if err != nil {
+		return nil, err
+	}
+	// The path may have been switched between the check and the open.
+	if got, err := h.rdev(); err != nil || got != rdev {
+		h.Close()
+		return nil, newError("open", path, ErrNotLoop)
+	}
+	return &Device{h: h, number: n, path: path}, nil
+}
+
+// Number returns the device number N of /dev/loopN.
+func (d *Device) Number() int { return d.number }
+
+// Path returns the path the device was opened by.
+func (d *Device) Path() string { return d.path }
+
+// SetFD binds f to the device with LOOP_SET_FD, with no offset, size limit
+// or flags; the device is read-only when f is. Configure binds in one step
+// with options. A bound device is an error matching ErrBusy.
+func (d *Device) SetFD(f *os.File) error {
+	return withFile("set-fd", d.path, f, func(fd uintptr) error {
+		_, err := d.ioctl("set-fd", reqSetFD, fd)
+		return err
+	})
+}
+
+// ClearFD unbinds the device with LOOP_CLR_FD. An unbound device is an
+// error matching ErrNotBound. While other openers hold the device the
+// kernel only marks it for autoclear and detaches at their last close.
+func (d *Device) ClearFD() error {
+	_, err := d.ioctl("clear-fd", reqClearFD, 0)
+	return err
+}
+
+// Close closes the device. It does not unbind it, unless FlagAutoClear is
+// set and this was the last opener. Close is idempotent; every other method
+// returns an error matching fs.ErrClosed after it.
+func (d *Device) Close() error {
+	if d == nil || d.h == nil || d.closed.Swap(true) {
+		return nil
+	}
+	return newError("close", d.path, d.h.Close())
+}
+
+// handle returns the open handle, or an error matching fs.ErrClosed.
+func (d *Device) handle(op string) (handle, error) {
+	if d == nil || d.h == nil || d.closed.Load() {
+		path := ""
+		if d != nil {
+			path = d.path
+		}
+		return nil, &Error{Op: op, Path: path, Err: fs.ErrClosed}
+	}
+	return d.h, nil
+}
+
+func (d *Device) ioctl(op string, req uint, arg uintptr) (int, error) {
+	h, err := d.handle(op)
+	if err != nil {
+		return -1, err
+	}
+	r, err := h.ioctl(req, arg)
+	if err != nil {
+		return -1, &Error{Op: op, Path: d.path, Err: err}
+	}
+	return r, nil
+}
+
+// withFile runs fn with the descriptor of f held open, so that a concurrent
+// Close of f cannot hand the number to another file mid-call. A nil or
+// closed f is refused as invalid input.
+func withFile(op, path string, f *os.File, fn func(fd uintptr) error) error {
+	if f == nil {
+		return newError(op, path, invalid("nil backing file"))
+	}
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return newError(op, path, invalid("backing file %s: %w", f.Name(), fs.ErrClosed))
+	}
+	var ferr error
+	if err := rc.Control(func(fd uintptr) { ferr = fn(fd) }); err != nil {
+		return newError(op, path, invalid("backing file %s: %w", f.Name(), fs.ErrClosed))
+	}
+	return ferr
+}
+
+func (d *Device) ioctlPtr(op string, req uint, arg unsafe.Pointer) error {
+	h, err := d.handle(op)
+	if err != nil {
+		return err
+	}
+	return newError(op, d.path, h.ioctlPtr(req, arg))
+}

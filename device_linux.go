@@ -1,0 +1,152 @@
+package loopctl
+
+import (
+	"errors"
+	"math"
+	"os"
+	"sync/atomic"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/loopctl/loopctl/internal/sysfs"
+)
+
+// Status returns the device's binding: LOOP_GET_STATUS64 for the numbers
+// and flags, and sysfs for the full backing path (the kernel keeps only 64
+// bytes of it in lo_file_name, which is the fallback). An unbound device is
+// an error matching ErrNotBound.
+func (d *Device) Status() (Status, error) {
+	var info unix.LoopInfo64
+	if err := d.ioctlPtr("status", reqGetStatus64, unsafe.Pointer(&info)); err != nil {
+		return Status{}, err
+	}
+	s := statusFromInfo(&info)
+	var buf [sysfs.BufSize]byte
+	if b, err := sysfs.ReadFile(sysfs.LoopDir(sysfsRoot, s.Number)+"/loop/backing_file", buf[:]); err == nil {
+		s.BackingFile = sysfs.Value(b)
+	}
+	return s, nil
+}
+
+func statusFromInfo(info *unix.LoopInfo64) Status {
+	return Status{
+		Number:        int(info.Number),
+		BackingFile:   unix.ByteSliceToString(info.File_name[:]),
+		BackingDevice: info.Device,
+		BackingInode:  info.Inode,
+		Offset:        info.Offset,
+		SizeLimit:     info.Sizelimit,
+		Flags:         Flags(info.Flags),
+	}
+}
+
+// loopInfo builds the loop_info64 that binds a file named name with o.
+func loopInfo(name string, o Options) unix.LoopInfo64 {
+	info := unix.LoopInfo64{Offset: o.Offset, Sizelimit: o.SizeLimit, Flags: uint32(o.Flags)}
+	copy(info.File_name[:unix.LO_NAME_SIZE-1], name)
+	return info
+}
+
+// noConfigure remembers for the whole process that the kernel does not
+// know LOOP_CONFIGURE (Linux before 5.8), so that later binds go straight
+// to the older sequence.
+var noConfigure atomic.Bool
+
+// Configure binds f to the device with o in one LOOP_CONFIGURE call. With
+// FlagReadOnly the device is read-only even when f is open for writing.
+//
+// Options are checked before any ioctl. On a kernel without LOOP_CONFIGURE
+// (decided by its answer, then remembered) Configure falls back to
+// LOOP_SET_FD, LOOP_SET_STATUS64, LOOP_SET_BLOCK_SIZE and
+// LOOP_SET_DIRECT_IO; if a step after LOOP_SET_FD fails it clears the
+// binding it made. A bound device is an error matching ErrBusy.
+func (d *Device) Configure(f *os.File, o Options) error {
+	const op = "configure"
+	h, err := d.handle(op)
+	if err != nil {
+		return err
+	}
+	if err := o.validate(); err != nil {
+		return newError(op, d.path, err)
+	}
+	return withFile(op, d.path, f, func(fd uintptr) error {
+		if !noConfigure.Load() {
+			cfg := unix.LoopConfig{Fd: uint32(fd), Size: o.BlockSize, Info: loopInfo(f.Name(), o)}
+			err := h.ioctlPtr(reqConfigure, unsafe.Pointer(&cfg))
+			if !lacksConfigure(h, err) {
+				return newError(op, d.path, err)
+			}
+			noConfigure.Store(true)
+		}
+		return newError(op, d.path, configureLegacy(h, fd, f.Name(), o))
+	})
+}
+
+// lacksConfigure tells whether err, LOOP_CONFIGURE's answer, means that the
+// kernel does not know the request. ENOTTY says so plainly; EINVAL is what
+// kernels before 5.8 answer to unknown loop requests, but also what a newer
+// kernel answers to a bad argument. The kernel settles it: asked again with
+// no file, one that knows the request looks the file up first and answers
+// EBADF, with no other effect.
+func lacksConfigure(h handle, err error) bool {
+	switch err {
+	case unix.ENOTTY, unix.ENOSYS:
+		return true
+	case unix.EINVAL:
+		probe := unix.LoopConfig{Fd: math.MaxUint32}
+		return h.ioctlPtr(reqConfigure, unsafe.Pointer(&probe)) != unix.EBADF
+	}
+	return false
+}
+
+// legacyFlags are the flags LOOP_SET_STATUS64 can set.
+const legacyFlags = FlagAutoClear | FlagPartScan
+
+// configureLegacy binds with the calls that predate LOOP_CONFIGURE. Once its
+// LOOP_SET_FD has succeeded the binding is its own, and a later failure
+// clears it.
+func configureLegacy(h handle, fd uintptr, name string, o Options) error {
+	if o.Flags&FlagReadOnly != 0 {
+		// LOOP_SET_FD makes the device read-only only for a read-only file.
+		ro, done, err := reopenReadOnly(fd)
+		if err != nil {
+			return inStep("reopen read-only", err)
+		}
+		defer done()
+		fd = ro
+	}
+	if _, err := h.ioctl(reqSetFD, fd); err != nil {
+		return inStep("LOOP_SET_FD", err)
+	}
+	err := legacySettings(h, name, o)
+	if err != nil {
+		if _, cerr := h.ioctl(reqClearFD, 0); cerr != nil {
+			err = errors.Join(err, inStep("LOOP_CLR_FD (rollback)", cerr))
+		}
+	}
+	return err
+}
+
+func legacySettings(h handle, name string, o Options) error {
+	info := loopInfo(name, o)
+	info.Flags &= uint32(legacyFlags)
+	if err := retryAgain(func() error { return h.ioctlPtr(reqSetStatus64, unsafe.Pointer(&info)) }); err != nil {
+		return inStep("LOOP_SET_STATUS64", err)
+	}
+	if o.BlockSize != 0 {
+		err := retryAgain(func() error {
+			_, err := h.ioctl(reqSetBlockSize, uintptr(o.BlockSize))
+			return err
+		})
+		if err != nil {
+			return inStep("LOOP_SET_BLOCK_SIZE", err)
+		}
+	}
+	if o.Flags&FlagDirectIO != 0 {
+		if _, err := h.ioctl(reqSetDirectIO, 1); err != nil {
+			return inStep("LOOP_SET_DIRECT_IO", err)
+		}
+	}
+	return nil
+}

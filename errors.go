@@ -1,0 +1,99 @@
+package loopctl
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"syscall"
+)
+
+// Sentinel errors. Every error returned by this package that comes from the
+// kernel or from input validation is an *Error; these values are reachable
+// from it with errors.Is.
+var (
+	// ErrBusy matches EBUSY: the device is bound, open elsewhere, or was
+	// taken by another process first.
+	ErrBusy = errors.New("loop device busy")
+
+	// ErrNotBound matches ENXIO: the device has no backing file.
+	ErrNotBound = errors.New("loop device not bound")
+
+	// ErrNotLoop reports a path that is not a whole loop block device.
+	ErrNotLoop = errors.New("not a loop device")
+)
+
+// An Error reports which operation failed on which device, and why.
+//
+// Err is the cause: a syscall.Errno from the kernel, a wrapped fs.ErrInvalid
+// for input refused before any ioctl, fs.ErrClosed, ErrNotLoop, or
+// errors.ErrUnsupported. The errno stays reachable through errors.Is and
+// errors.As, and errors.Is also maps it onto the portable sentinels:
+//
+//	EEXIST         fs.ErrExist
+//	ENOENT, ENODEV fs.ErrNotExist
+//	EPERM, EACCES  fs.ErrPermission
+//	EINVAL         fs.ErrInvalid
+//	EBUSY          ErrBusy
+//	ENXIO          ErrNotBound
+//	ENOTTY         errors.ErrUnsupported
+type Error struct {
+	Op   string // the operation, such as "add" or "configure"
+	Path string // the device the operation was on, such as "/dev/loop3"
+	Err  error  // the cause
+}
+
+func (e *Error) Error() string {
+	return "loopctl: " + e.Op + " " + e.Path + ": " + e.Err.Error()
+}
+
+// Unwrap returns the cause.
+func (e *Error) Unwrap() error { return e.Err }
+
+// Is maps the kernel's errno onto the sentinels listed on Error. Mappings
+// that syscall.Errno makes itself (EEXIST, ENOENT, EPERM, EACCES) are
+// reached through Unwrap.
+func (e *Error) Is(target error) bool {
+	var errno syscall.Errno
+	if !errors.As(e.Err, &errno) {
+		return false
+	}
+	switch target {
+	case ErrBusy:
+		return errno == syscall.EBUSY
+	case ErrNotBound:
+		return errno == syscall.ENXIO
+	case fs.ErrNotExist:
+		return errno == syscall.ENODEV || errno == syscall.ENOENT
+	case fs.ErrInvalid:
+		return errno == syscall.EINVAL
+	case errors.ErrUnsupported:
+		return errno == syscall.ENOTTY
+	}
+	return false
+}
+
+// newError returns nil for a nil err, and otherwise an *Error for op on path.
+func newError(op, path string, err error) error {
+	if err == nil {
+		return nil
+	}
+	return &Error{Op: op, Path: path, Err: err}
+}
+
+// invalid returns a cause for input refused before any ioctl; it matches
+// fs.ErrInvalid.
+func invalid(format string, args ...any) error {
+	return fmt.Errorf("%w: "+format, append([]any{fs.ErrInvalid}, args...)...)
+}
+
+// A stepError names the ioctl that failed inside a multi-step operation.
+// It wraps the errno, so errors.Is sees through it.
+type stepError struct {
+	step string
+	err  error
+}
+
+func (e *stepError) Error() string { return e.step + ": " + e.err.Error() }
+func (e *stepError) Unwrap() error { return e.err }
+
+func inStep(step string, err error) error { return &stepError{step: step, err: err} }

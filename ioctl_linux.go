@@ -1,0 +1,230 @@
+package loopctl
+
+import (
+	"os"
+	"strconv"
+	"sync"
+	"syscall"
+	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/loopctl/loopctl/internal/sysfs"
+)
+
+// sys is the kernel in use; tests replace it with fakes.
+var sys kernel = osKernel{}
+
+// sysfsRoot is where sysfs is mounted; tests point it at a fake tree.
+var sysfsRoot = "/sys"
+
+// osKernel opens real device nodes.
+type osKernel struct{}
+
+// open opens path with O_CLOEXEC. It calls open(2) itself and wraps the
+// descriptor with os.NewFile, which costs one fcntl; os.OpenFile would add
+// two more fcntl calls and a poller registration that block devices refuse.
+func (osKernel) open(path string, mode int) (handle, error) {
+	flags := unix.O_RDWR | unix.O_CLOEXEC
+	if mode == readOnly {
+		flags = unix.O_RDONLY | unix.O_CLOEXEC
+	}
+	var fd int
+	err := ignoringEINTR(func() (err error) {
+		fd, err = unix.Open(path, flags, 0)
+		return err
+	})
+	if err != nil {
+		return nil, &os.PathError{Op: "open", Path: path, Err: err}
+	}
+	f := os.NewFile(uintptr(fd), path)
+	rc, err := f.SyscallConn()
+	if err != nil {
+		f.Close()
+		return nil, &os.PathError{Op: "open", Path: path, Err: err}
+	}
+	return &fileHandle{f: f, rc: rc}, nil
+}
+
+// A fileHandle runs every call through its file's RawConn, which holds a
+// reference on the descriptor for the duration: a concurrent Close waits,
+// so a call can never reach a reused descriptor number.
+type fileHandle struct {
+	f  *os.File
+	rc syscall.RawConn
+}
+
+func (h *fileHandle) ioctl(req uint, arg uintptr) (int, error) {
+	c := calls.Get().(*call)
+	c.req, c.val = req, arg
+	r, err := c.on(h.rc)
+	calls.Put(c)
+	return r, err
+}
+
+func (h *fileHandle) ioctlPtr(req uint, arg unsafe.Pointer) error {
+	c := calls.Get().(*call)
+	c.req, c.ptr = req, arg
+	_, err := c.on(h.rc)
+	c.ptr = nil // do not keep the argument alive in the pool
+	calls.Put(c)
+	return err
+}
+
+func (h *fileHandle) flock(how int) error {
+	var err error
+	cerr := h.rc.Control(func(fd uintptr) {
+		err = ignoringEINTR(func() error { return unix.Flock(int(fd), how) })
+	})
+	if cerr != nil {
+		return os.ErrClosed
+	}
+	return err
+}
+
+func (h *fileHandle) rdev() (uint64, error) {
+	var st unix.Stat_t
+	var err error
+	cerr := h.rc.Control(func(fd uintptr) {
+		err = ignoringEINTR(func() error { return unix.Fstat(int(fd), &st) })
+	})
+	switch {
+	case cerr != nil:
+		return 0, os.ErrClosed
+	case err != nil:
+		return 0, err
+	case st.Mode&unix.S_IFMT != unix.S_IFBLK:
+		return 0, ErrNotLoop
+	}
+	return uint64(st.Rdev), nil
+}
+
+func (h *fileHandle) Close() error { return h.f.Close() }
+
+// A call is one ioctl in flight. Calls are pooled, and each keeps its run
+// method as a func value made once, so an ioctl through RawConn.Control
+// allocates nothing: a closure capturing the arguments would escape to the
+// heap on every call.
+type call struct {
+	req   uint
+	val   uintptr
+	ptr   unsafe.Pointer
+	r     uintptr
+	errno unix.Errno
+	run   func(fd uintptr)
+}
+
+var calls = sync.Pool{New: func() any {
+	c := new(call)
+	c.run = c.do
+	return c
+}}
+
+// on runs the call on rc's descriptor. A file closed under it reports
+// os.ErrClosed.
+func (c *call) on(rc syscall.RawConn) (int, error) {
+	if err := rc.Control(c.run); err != nil {
+		return -1, os.ErrClosed
+	}
+	if c.errno != 0 {
+		return -1, c.errno
+	}
+	return int(c.r), nil
+}
+
+// do is the one place this package enters the kernel with an ioctl.
+// EINTR is retried here and nowhere else.
+func (c *call) do(fd uintptr) {
+	for {
+		var r uintptr
+		var errno unix.Errno
+		if c.ptr != nil {
+			r, _, errno = unix.Syscall(unix.SYS_IOCTL, fd, uintptr(c.req), uintptr(c.ptr))
+		} else {
+			r, _, errno = unix.Syscall(unix.SYS_IOCTL, fd, uintptr(c.req), c.val)
+		}
+		if errno != unix.EINTR {
+			c.r, c.errno = r, errno
+			return
+		}
+	}
+}
+
+// ignoringEINTR retries fn while it fails with EINTR.
+func ignoringEINTR(fn func() error) error {
+	for {
+		if err := fn(); err != unix.EINTR {
+			return err
+		}
+	}
+}
+
+// loopNumber checks, without opening it, that path (after symlinks) is a
+// whole loop disk, and returns its number and device number. The sysfs
+// loop/ directory exists only while a device is bound, so the test is where
+// /sys/dev/block/MAJ:MIN leads: to .../block/loopN for a whole loop disk,
+// to .../block/loopN/loopNpM for a partition.
+func loopNumber(path string) (int, uint64, error) {
+	var st unix.Stat_t
+	if err := ignoringEINTR(func() error { return unix.Stat(path, &st) }); err != nil {
+		return -1, 0, &os.PathError{Op: "open", Path: path, Err: err}
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFBLK {
+		return -1, 0, newError("open", path, ErrNotLoop)
+	}
+	rdev := uint64(st.Rdev)
+	target, err := os.Readlink(sysfs.DevBlockPath(sysfsRoot, unix.Major(rdev), unix.Minor(rdev)))
+	if err != nil {
+		return -1, 0, newError("open", path, ErrNotLoop)
+	}
+	n, ok := sysfs.WholeLoopDisk(target)
+	if !ok || n > MaxNumber {
+		return -1, 0, newError("open", path, ErrNotLoop)
+	}
+	return n, rdev, nil
+}
+
+// againDelays are the pauses between tries of an ioctl that answers EAGAIN
+// (LOOP_SET_STATUS64 and LOOP_SET_BLOCK_SIZE while the kernel drains the
+// queue): about a second in all, then the EAGAIN is returned. Tests shorten
+// them.
+var againDelays = []time.Duration{
+	time.Millisecond, 2 * time.Millisecond, 5 * time.Millisecond, 10 * time.Millisecond,
+	20 * time.Millisecond, 50 * time.Millisecond, 100 * time.Millisecond,
+	200 * time.Millisecond, 250 * time.Millisecond, 250 * time.Millisecond,
+}
+
+// retryAgain runs fn, retrying with bounded backoff while it fails with
+// EAGAIN. It is the one place EAGAIN is retried.
+func retryAgain(fn func() error) error {
+	for i := 0; ; i++ {
+		err := fn()
+		if err != unix.EAGAIN || i == len(againDelays) {
+			return err
+		}
+		time.Sleep(againDelays[i])
+	}
+}
+
+// reopenReadOnly returns a read-only descriptor of the file open as fd, and
+// a function that releases it: fd itself when it is read-only already,
+// otherwise a new open of /proc/self/fd/N.
+func reopenReadOnly(fd uintptr) (uintptr, func(), error) {
+	fl, err := unix.FcntlInt(fd, unix.F_GETFL, 0)
+	if err != nil {
+		return 0, nil, err
+	}
+	if fl&unix.O_ACCMODE == unix.O_RDONLY {
+		return fd, func() {}, nil
+	}
+	var ro int
+	err = ignoringEINTR(func() (err error) {
+		ro, err = unix.Open("/proc/self/fd/"+strconv.Itoa(int(fd)), unix.O_RDONLY|unix.O_CLOEXEC, 0)
+		return err
+	})
+	if err != nil {
+		return 0, nil, err
+	}
+	return uintptr(ro), func() { unix.Close(ro) }, nil
+}

@@ -1,0 +1,152 @@
+package loopctl
+
+import (
+	"io"
+	"io/fs"
+	"strconv"
+	"sync/atomic"
+	"unsafe"
+)
+
+const (
+	// ControlPath is the loop-control device.
+	ControlPath = "/dev/loop-control"
+
+	// MaxNumber is the highest device number the kernel accepts.
+	MaxNumber = 1<<20 - 1
+
+	// AnyNumber asks Add to let the kernel pick an unused number.
+	AnyNumber = -1
+)
+
+// Loop ioctl request numbers from include/uapi/linux/loop.h. They carry no
+// size or direction bits, so they are the same on every architecture; a
+// test checks them against golang.org/x/sys/unix where it defines them.
+const (
+	reqSetFD        = 0x4C00
+	reqClearFD      = 0x4C01
+	reqSetStatus64  = 0x4C04
+	reqGetStatus64  = 0x4C05
+	reqChangeFD     = 0x4C06
+	reqSetCapacity  = 0x4C07
+	reqSetDirectIO  = 0x4C08
+	reqSetBlockSize = 0x4C09
+	reqConfigure    = 0x4C0A
+	reqCtlAdd       = 0x4C80
+	reqCtlRemove    = 0x4C81
+	reqCtlGetFree   = 0x4C82
+)
+
+// DevicePath returns the path of loop device n: "/dev/loop" followed by n.
+func DevicePath(n int) string { return "/dev/loop" + strconv.Itoa(n) }
+
+// A Control is an open /dev/loop-control: it creates, removes and finds free
+// loop devices. It is safe for concurrent use.
+type Control struct {
+	h      handle
+	closed atomic.Bool
+}
+
+var _ io.Closer = (*Control)(nil)
+
+// Open opens ControlPath. The error is an *os.PathError when the node is
+// missing (fs.ErrNotExist: no loop driver, or a container without it) or
+// not accessible (fs.ErrPermission: not root).
+func Open() (*Control, error) {
+	h, err := sys.open(ControlPath, readWrite)
+	if err != nil {
+		return nil, err
+	}
+	return &Control{h: h}, nil
+}
+
+// Add creates loop device n with LOOP_CTL_ADD and returns its number, or
+// with n == AnyNumber lets the kernel choose the number. An existing device
+// n is an error matching fs.ErrExist. On error the number is -1.
+//
+// A device made by Add stays until Remove; GetFree also creates devices,
+// which is the kernel's normal way and needs no Remove.
+func (c *Control) Add(n int) (int, error) {
+	path := ControlPath
+	if n != AnyNumber {
+		path = DevicePath(n)
+	}
+	if n < AnyNumber || n > MaxNumber {
+		return -1, newError("add", path, invalid("device number %d is outside [%d, %d]", n, AnyNumber, MaxNumber))
+	}
+	return c.ioctl("add", path, reqCtlAdd, uintptr(n))
+}
+
+// Remove deletes loop device n with LOOP_CTL_REMOVE. A bound or open device
+// is an error matching ErrBusy; a missing one matches fs.ErrNotExist.
+//
+// Removal is slow (the kernel waits for the disk to go away, tens of
+// milliseconds), and the node may linger for a moment after it returns.
+func (c *Control) Remove(n int) error {
+	path := DevicePath(n)
+	if n < 0 || n > MaxNumber {
+		return newError("remove", path, invalid("device number %d is outside [0, %d]", n, MaxNumber))
+	}
+	_, err := c.ioctl("remove", path, reqCtlRemove, uintptr(n))
+	return err
+}
+
+// GetFree returns the number of the lowest unbound loop device with
+// LOOP_CTL_GET_FREE; the kernel creates one when all are bound. Another
+// process may bind the device before the caller does: Attach handles that
+// race, and code that binds by hand must retry on ErrBusy.
+//
+// GetFree makes one ioctl and allocates nothing.
+func (c *Control) GetFree() (int, error) {
+	return c.ioctl("get-free", ControlPath, reqCtlGetFree, 0)
+}
+
+// Close closes the control device. Close is idempotent; every other method
+// returns an error matching fs.ErrClosed after it.
+func (c *Control) Close() error {
+	if c == nil || c.h == nil || c.closed.Swap(true) {
+		return nil
+	}
+	return newError("close", ControlPath, c.h.Close())
+}
+
+func (c *Control) ioctl(op, path string, req uint, arg uintptr) (int, error) {
+	if c == nil || c.h == nil || c.closed.Load() {
+		return -1, &Error{Op: op, Path: path, Err: fs.ErrClosed}
+	}
+	r, err := c.h.ioctl(req, arg)
+	if err != nil {
+		return -1, &Error{Op: op, Path: path, Err: err}
+	}
+	return r, nil
+}
+
+// A handle is one open node of the loop driver: /dev/loop-control or a
+// /dev/loopN. It is the seam between this package and the kernel: the real
+// one (ioctl_linux.go) wraps an *os.File, and tests substitute fakes to fail
+// any step without root.
+type handle interface {
+	// ioctl makes request req with a value argument and returns the
+	// kernel's non-negative result or its errno.
+	ioctl(req uint, arg uintptr) (int, error)
+	// ioctlPtr makes request req with a pointer to a kernel structure.
+	ioctlPtr(req uint, arg unsafe.Pointer) error
+	// flock applies a BSD lock operation (LOCK_EX, LOCK_UN, ...).
+	flock(how int) error
+	// rdev returns the device number of the node, which must be a block
+	// device.
+	rdev() (uint64, error)
+	// Close releases the node; the handle is unusable after it.
+	Close() error
+}
+
+// The open modes a handle is asked for.
+const (
+	readWrite = iota
+	readOnly
+)
+
+// kernel opens handles; sys is the one in use, replaced only by tests.
+type kernel interface {
+	open(path string, mode int) (handle, error)
+}
