@@ -67,12 +67,12 @@ func Open() (*Control, error) {
 // A device made by Add stays until Remove; GetFree also creates devices,
 // which is the kernel's normal way and needs no Remove.
 func (c *Control) Add(n int) (int, error) {
+	if n < AnyNumber || n > MaxNumber {
+		return -1, newError("add", ControlPath, invalid("device number %d is outside [%d, %d]", n, AnyNumber, MaxNumber))
+	}
 	path := ControlPath
 	if n != AnyNumber {
 		path = DevicePath(n)
-	}
-	if n < AnyNumber || n > MaxNumber {
-		return -1, newError("add", path, invalid("device number %d is outside [%d, %d]", n, AnyNumber, MaxNumber))
 	}
 	return c.ioctl("add", path, reqCtlAdd, uintptr(n))
 }
@@ -83,11 +83,10 @@ func (c *Control) Add(n int) (int, error) {
 // Removal is slow (the kernel waits for the disk to go away, tens of
 // milliseconds), and the node may linger for a moment after it returns.
 func (c *Control) Remove(n int) error {
-	path := DevicePath(n)
 	if n < 0 || n > MaxNumber {
-		return newError("remove", path, invalid("device number %d is outside [0, %d]", n, MaxNumber))
+		return newError("remove", ControlPath, invalid("device number %d is outside [0, %d]", n, MaxNumber))
 	}
-	_, err := c.ioctl("remove", path, reqCtlRemove, uintptr(n))
+	_, err := c.ioctl("remove", DevicePath(n), reqCtlRemove, uintptr(n))
 	return err
 }
 

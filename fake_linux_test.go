@@ -1,0 +1,288 @@
+package loopctl
+
+import (
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// A fakeKernel is an in-memory loop driver behind the handle seam, so that
+// tests without root can drive every code path and fail any step.
+type fakeKernel struct {
+	mu     sync.Mutex
+	devs   map[int]*fakeDev
+	log    []string           // every call, in order: "open /dev/loop0", "LOOP_CONFIGURE /dev/loop0"
+	counts map[string]int     // calls per step name
+	faults map[string][]fault // pending faults per step name
+	nopen  int                // handles not yet closed
+	// noConfigure makes LOOP_CONFIGURE unknown, as before Linux 5.8.
+	noConfigure bool
+}
+
+type fakeDev struct {
+	bound     bool
+	info      unix.LoopInfo64
+	blockSize uint32
+	directIO  bool
+	opens     int
+}
+
+// A fault fails the nth call (1-based, counted per step) with err.
+type fault struct {
+	nth int
+	err error
+}
+
+// useFake installs a fake kernel with devices 0..n-1 for the test.
+func useFake(t *testing.T, n int) *fakeKernel {
+	t.Helper()
+	k := &fakeKernel{devs: map[int]*fakeDev{}, counts: map[string]int{}, faults: map[string][]fault{}}
+	for i := range n {
+		k.devs[i] = &fakeDev{}
+	}
+	old, oldNoConfigure, oldDelays := sys, noConfigure.Load(), againDelays
+	sys, againDelays = k, []time.Duration{0, 0, 0}
+	noConfigure.Store(false)
+	t.Cleanup(func() {
+		sys, againDelays = old, oldDelays
+		noConfigure.Store(oldNoConfigure)
+	})
+	return k
+}
+
+// failAt makes the nth call of step fail with err.
+func (k *fakeKernel) failAt(step string, nth int, err error) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	k.faults[step] = append(k.faults[step], fault{nth, err})
+}
+
+// enter records a call and returns the fault injected for it, if any.
+// k.mu is held.
+func (k *fakeKernel) enter(step, path string) error {
+	k.log = append(k.log, step+" "+path)
+	k.counts[step]++
+	for _, f := range k.faults[step] {
+		if f.nth == k.counts[step] {
+			return f.err
+		}
+	}
+	return nil
+}
+
+// calls returns the log lines that start with prefix.
+func (k *fakeKernel) calls(prefix string) []string {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	var out []string
+	for _, l := range k.log {
+		if strings.HasPrefix(l, prefix) {
+			out = append(out, l)
+		}
+	}
+	return out
+}
+
+func (k *fakeKernel) bound() []int {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	var out []int
+	for n, d := range k.devs {
+		if d.bound {
+			out = append(out, n)
+		}
+	}
+	return out
+}
+
+func (k *fakeKernel) openHandles() int {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return k.nopen
+}
+
+func (k *fakeKernel) open(path string, mode int) (handle, error) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if err := k.enter("open", path); err != nil {
+		return nil, &os.PathError{Op: "open", Path: path, Err: err}
+	}
+	n := -1
+	if path != ControlPath {
+		num, ok := strings.CutPrefix(path, "/dev/loop")
+		i, err := strconv.Atoi(num)
+		if !ok || err != nil || k.devs[i] == nil {
+			return nil, &os.PathError{Op: "open", Path: path, Err: unix.ENOENT}
+		}
+		n = i
+		k.devs[n].opens++
+	}
+	k.nopen++
+	return &fakeHandle{k: k, path: path, n: n}, nil
+}
+
+type fakeHandle struct {
+	k      *fakeKernel
+	path   string
+	n      int // -1 for the control device
+	closed bool
+}
+
+var reqNames = map[uint]string{
+	reqSetFD: "LOOP_SET_FD", reqClearFD: "LOOP_CLR_FD", reqSetStatus64: "LOOP_SET_STATUS64",
+	reqGetStatus64: "LOOP_GET_STATUS64", reqChangeFD: "LOOP_CHANGE_FD", reqSetCapacity: "LOOP_SET_CAPACITY",
+	reqSetDirectIO: "LOOP_SET_DIRECT_IO", reqSetBlockSize: "LOOP_SET_BLOCK_SIZE", reqConfigure: "LOOP_CONFIGURE",
+	reqCtlAdd: "LOOP_CTL_ADD", reqCtlRemove: "LOOP_CTL_REMOVE", reqCtlGetFree: "LOOP_CTL_GET_FREE",
+}
+
+func (h *fakeHandle) ioctl(req uint, arg uintptr) (int, error) {
+	return h.do(req, arg, nil)
+}
+
+func (h *fakeHandle) ioctlPtr(req uint, arg unsafe.Pointer) error {
+	_, err := h.do(req, 0, arg)
+	return err
+}
+
+func (h *fakeHandle) do(req uint, arg uintptr, ptr unsafe.Pointer) (int, error) {
+	k := h.k
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if h.closed {
+		return -1, os.ErrClosed
+	}
+	if err := k.enter(reqNames[req], h.path); err != nil {
+		return -1, err
+	}
+	if h.n < 0 {
+		return k.control(req, int(arg))
+	}
+	d := k.devs[h.n]
+	switch req {
+	case reqConfigure:
+		cfg := (*unix.LoopConfig)(ptr)
+		switch {
+		case k.noConfigure:
+			return -1, unix.EINVAL
+		case cfg.Fd == ^uint32(0):
+			return -1, unix.EBADF
+		case d.bound:
+			return -1, unix.EBUSY
+		}
+		d.bound, d.info, d.blockSize = true, cfg.Info, cfg.Size
+		d.directIO = cfg.Info.Flags&unix.LO_FLAGS_DIRECT_IO != 0
+		d.info.Number = uint32(h.n)
+	case reqSetFD:
+		if d.bound {
+			return -1, unix.EBUSY
+		}
+		d.bound, d.info, d.blockSize, d.directIO = true, unix.LoopInfo64{Number: uint32(h.n)}, 512, false
+	case reqGetStatus64:
+		if !d.bound {
+			return -1, unix.ENXIO
+		}
+		*(*unix.LoopInfo64)(ptr) = d.info
+	case reqSetStatus64:
+		if !d.bound {
+			return -1, unix.ENXIO
+		}
+		in := (*unix.LoopInfo64)(ptr)
+		d.info.Offset, d.info.Sizelimit, d.info.File_name = in.Offset, in.Sizelimit, in.File_name
+		d.info.Flags = d.info.Flags&^uint32(legacyFlags) | in.Flags&uint32(legacyFlags)
+	case reqClearFD:
+		if !d.bound {
+			return -1, unix.ENXIO
+		}
+		d.bound = false
+	case reqSetBlockSize, reqSetDirectIO, reqSetCapacity, reqChangeFD:
+		if !d.bound {
+			return -1, unix.ENXIO
+		}
+		if req == reqSetBlockSize {
+			d.blockSize = uint32(arg)
+		}
+		if req == reqSetDirectIO {
+			d.directIO = arg != 0
+		}
+	default:
+		return -1, unix.ENOTTY
+	}
+	return 0, nil
+}
+
+// control serves the LOOP_CTL_* requests. k.mu is held.
+func (k *fakeKernel) control(req uint, n int) (int, error) {
+	switch req {
+	case reqCtlGetFree:
+		for i := 0; ; i++ {
+			if d := k.devs[i]; d == nil || !d.bound {
+				if d == nil {
+					k.devs[i] = &fakeDev{}
+				}
+				return i, nil
+			}
+		}
+	case reqCtlAdd:
+		if n == -1 {
+			for n = 0; k.devs[n] != nil; n++ {
+			}
+		}
+		if k.devs[n] != nil {
+			return -1, unix.EEXIST
+		}
+		k.devs[n] = &fakeDev{}
+		return n, nil
+	case reqCtlRemove:
+		d := k.devs[n]
+		switch {
+		case d == nil:
+			return -1, unix.ENODEV
+		case d.bound || d.opens > 0:
+			return -1, unix.EBUSY
+		}
+		delete(k.devs, n)
+		return 0, nil
+	}
+	return -1, unix.ENOTTY
+}
+
+func (h *fakeHandle) flock(how int) error {
+	h.k.mu.Lock()
+	defer h.k.mu.Unlock()
+	if h.closed {
+		return os.ErrClosed
+	}
+	return h.k.enter(fmt.Sprintf("flock(%d)", how), h.path)
+}
+
+func (h *fakeHandle) rdev() (uint64, error) {
+	return unix.Mkdev(7, uint32(h.n)), nil
+}
+
+func (h *fakeHandle) Close() error {
+	k := h.k
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if h.closed {
+		return os.ErrClosed
+	}
+	h.closed = true
+	k.nopen--
+	if h.n >= 0 {
+		if d := k.devs[h.n]; d != nil {
+			d.opens--
+			if d.opens == 0 && d.bound && d.info.Flags&unix.LO_FLAGS_AUTOCLEAR != 0 {
+				d.bound = false
+			}
+		}
+	}
+	k.log = append(k.log, "close "+h.path)
+	return nil
+}

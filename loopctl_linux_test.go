@@ -1,0 +1,314 @@
+package loopctl
+
+import (
+	"errors"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+
+	"golang.org/x/sys/unix"
+)
+
+func TestRequestNumbers(t *testing.T) {
+	for got, want := range map[uint]uint{
+		reqSetFD: unix.LOOP_SET_FD, reqClearFD: unix.LOOP_CLR_FD,
+		reqSetStatus64: unix.LOOP_SET_STATUS64, reqGetStatus64: unix.LOOP_GET_STATUS64,
+		reqSetCapacity: unix.LOOP_SET_CAPACITY, reqSetDirectIO: unix.LOOP_SET_DIRECT_IO,
+		reqSetBlockSize: unix.LOOP_SET_BLOCK_SIZE, reqConfigure: unix.LOOP_CONFIGURE,
+		reqCtlAdd: unix.LOOP_CTL_ADD, reqCtlRemove: unix.LOOP_CTL_REMOVE, reqCtlGetFree: unix.LOOP_CTL_GET_FREE,
+	} {
+		if got != want {
+			t.Errorf("request %#x, x/sys says %#x", got, want)
+		}
+	}
+	// x/sys lacks LOOP_CHANGE_FD (0x4C06); the integration tests use it.
+	for f, want := range map[Flags]int{FlagReadOnly: unix.LO_FLAGS_READ_ONLY, FlagAutoClear: unix.LO_FLAGS_AUTOCLEAR,
+		FlagPartScan: unix.LO_FLAGS_PARTSCAN, FlagDirectIO: unix.LO_FLAGS_DIRECT_IO} {
+		if int(f) != want {
+			t.Errorf("%v = %#x, x/sys says %#x", f, uint32(f), want)
+		}
+	}
+}
+
+func tempFile(t *testing.T, size int64) *os.File {
+	t.Helper()
+	f, err := os.Create(filepath.Join(t.TempDir(), "backing.img"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	if err := f.Truncate(size); err != nil {
+		t.Fatal(err)
+	}
+	return f
+}
+
+func fakeDevice(t *testing.T, k *fakeKernel, n int) *Device {
+	t.Helper()
+	d, err := OpenDevice(n)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { d.Close() })
+	return d
+}
+
+func TestInvalidInputMakesNoIoctl(t *testing.T) {
+	k := useFake(t, 2)
+	c, err := Open()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	d := fakeDevice(t, k, 0)
+	closedFile := tempFile(t, 4096)
+	closedFile.Close()
+	good := tempFile(t, 4096)
+
+	calls := map[string]func() error{
+		"Add(-2)":              func() error { _, err := c.Add(-2); return err },
+		"Add(MaxNumber+1)":     func() error { _, err := c.Add(MaxNumber + 1); return err },
+		"Remove(-1)":           func() error { return c.Remove(-1) },
+		"Remove(MaxNumber+1)":  func() error { return c.Remove(MaxNumber + 1) },
+		"OpenDevice(-1)":       func() error { _, err := OpenDevice(-1); return err },
+		"OpenDevice(1<<20)":    func() error { _, err := OpenDevice(1 << 20); return err },
+		"SetFD(nil)":           func() error { return d.SetFD(nil) },
+		"SetFD(closed)":        func() error { return d.SetFD(closedFile) },
+		"Configure(nil)":       func() error { return d.Configure(nil, Options{}) },
+		"Configure(closed)":    func() error { return d.Configure(closedFile, Options{}) },
+		"Configure(flag 0x20)": func() error { return d.Configure(good, Options{Flags: 0x20}) },
+		"Configure(block 3)":   func() error { return d.Configure(good, Options{BlockSize: 3}) },
+		"Configure(block 256)": func() error { return d.Configure(good, Options{BlockSize: 256}) },
+		"Configure(offset)":    func() error { return d.Configure(good, Options{Offset: 1 << 63}) },
+	}
+	for name, call := range calls {
+		t.Run(name, func(t *testing.T) {
+			before := len(k.calls(""))
+			err := call()
+			if !errors.Is(err, fs.ErrInvalid) {
+				t.Fatalf("got %v, want an error matching fs.ErrInvalid", err)
+			}
+			var e *Error
+			if !errors.As(err, &e) || e.Op == "" || e.Path == "" {
+				t.Fatalf("got %#v, want an *Error naming op and path", err)
+			}
+			if log := k.calls("")[before:]; len(log) != 0 {
+				t.Fatalf("calls reached the kernel: %q", log)
+			}
+			if b := k.bound(); len(b) != 0 {
+				t.Fatalf("devices bound: %v", b)
+			}
+		})
+	}
+	if _, err := c.Add(-2); !errors.Is(err, fs.ErrInvalid) || err.(*Error).Path != ControlPath {
+		t.Errorf("Add(-2) = %v, want the control path", err)
+	}
+	if err := c.Remove(MaxNumber + 1); err.(*Error).Path != ControlPath {
+		t.Errorf("Remove(MaxNumber+1) = %v, want the control path", err)
+	}
+}
+
+func TestClosedObjects(t *testing.T) {
+	k := useFake(t, 1)
+	c, err := Open()
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := fakeDevice(t, k, 0)
+	f := tempFile(t, 4096)
+	if err := c.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Close(); err != nil {
+		t.Fatalf("second Close = %v, want nil", err)
+	}
+	if err := d.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Close(); err != nil {
+		t.Fatalf("second Close = %v, want nil", err)
+	}
+	if n := k.openHandles(); n != 0 {
+		t.Fatalf("%d handles open after Close", n)
+	}
+	before := len(k.calls(""))
+	for name, call := range map[string]func() error{
+		"Add":       func() error { _, err := c.Add(AnyNumber); return err },
+		"Remove":    func() error { return c.Remove(0) },
+		"GetFree":   func() error { _, err := c.GetFree(); return err },
+		"SetFD":     func() error { return d.SetFD(f) },
+		"ClearFD":   func() error { return d.ClearFD() },
+		"Status":    func() error { _, err := d.Status(); return err },
+		"Configure": func() error { return d.Configure(f, Options{}) },
+	} {
+		if err := call(); !errors.Is(err, fs.ErrClosed) {
+			t.Errorf("%s after Close = %v, want fs.ErrClosed", name, err)
+		}
+	}
+	if log := k.calls("")[before:]; len(log) != 0 {
+		t.Fatalf("calls after Close reached the kernel: %q", log)
+	}
+}
+
+func TestConfigureFallback(t *testing.T) {
+	k := useFake(t, 2)
+	k.noConfigure = true
+	f := tempFile(t, 1<<20)
+	d := fakeDevice(t, k, 0)
+	o := Options{Offset: 512, SizeLimit: 4096, BlockSize: 4096, Flags: FlagAutoClear | FlagDirectIO}
+	if err := d.Configure(f, o); err != nil {
+		t.Fatal(err)
+	}
+	want := []string{"LOOP_CONFIGURE", "LOOP_CONFIGURE", "LOOP_SET_FD", "LOOP_SET_STATUS64", "LOOP_SET_BLOCK_SIZE", "LOOP_SET_DIRECT_IO"}
+	if got := stepNames(k.calls("LOOP_")); !slices.Equal(got, want) {
+		t.Fatalf("steps %q, want %q", got, want)
+	}
+	s, err := d.Status()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s.Offset != 512 || s.SizeLimit != 4096 || s.Flags != FlagAutoClear || s.BackingFile != f.Name() {
+		t.Fatalf("status %+v", s)
+	}
+	if dev := k.devs[0]; dev.blockSize != 4096 || !dev.directIO {
+		t.Fatalf("block size %d, direct I/O %v", dev.blockSize, dev.directIO)
+	}
+
+	// Remembered: the next bind goes straight to LOOP_SET_FD.
+	d1 := fakeDevice(t, k, 1)
+	before := len(k.calls("LOOP_"))
+	if err := d1.Configure(f, Options{}); err != nil {
+		t.Fatal(err)
+	}
+	if got := stepNames(k.calls("LOOP_")[before:]); !slices.Equal(got, []string{"LOOP_SET_FD", "LOOP_SET_STATUS64"}) {
+		t.Fatalf("second bind steps %q", got)
+	}
+}
+
+func TestConfigureFallbackRollback(t *testing.T) {
+	for _, step := range []string{"LOOP_SET_STATUS64", "LOOP_SET_BLOCK_SIZE", "LOOP_SET_DIRECT_IO"} {
+		for _, errno := range []unix.Errno{unix.EPERM, unix.EINVAL, unix.ENXIO, unix.EBUSY} {
+			t.Run(step+"/"+unix.ErrnoName(errno), func(t *testing.T) {
+				k := useFake(t, 1)
+				noConfigure.Store(true)
+				k.failAt(step, 1, errno)
+				d := fakeDevice(t, k, 0)
+				err := d.Configure(tempFile(t, 8192), Options{BlockSize: 4096, Flags: FlagDirectIO})
+				if !errors.Is(err, errno) {
+					t.Fatalf("Configure = %v, want %v", err, errno)
+				}
+				if b := k.bound(); len(b) != 0 {
+					t.Fatalf("devices left bound: %v", b)
+				}
+				if got := k.calls("LOOP_CLR_FD"); len(got) != 1 {
+					t.Fatalf("rollback calls %q, want one LOOP_CLR_FD", got)
+				}
+			})
+		}
+	}
+}
+
+func TestConfigureFallbackSetFDBusy(t *testing.T) {
+	k := useFake(t, 1)
+	noConfigure.Store(true)
+	k.failAt("LOOP_SET_FD", 1, unix.EBUSY)
+	d := fakeDevice(t, k, 0)
+	if err := d.Configure(tempFile(t, 4096), Options{}); !errors.Is(err, ErrBusy) {
+		t.Fatalf("Configure = %v, want ErrBusy", err)
+	}
+	// The binding was not ours: it must not be cleared.
+	if got := k.calls("LOOP_CLR_FD"); len(got) != 0 {
+		t.Fatalf("cleared a binding it did not make: %q", got)
+	}
+}
+
+func TestConfigureEAGAINRetried(t *testing.T) {
+	k := useFake(t, 1)
+	noConfigure.Store(true)
+	k.failAt("LOOP_SET_STATUS64", 1, unix.EAGAIN)
+	k.failAt("LOOP_SET_STATUS64", 2, unix.EAGAIN)
+	k.failAt("LOOP_SET_BLOCK_SIZE", 1, unix.EAGAIN)
+	d := fakeDevice(t, k, 0)
+	if err := d.Configure(tempFile(t, 8192), Options{BlockSize: 4096}); err != nil {
+		t.Fatal(err)
+	}
+	if n, m := len(k.calls("LOOP_SET_STATUS64")), len(k.calls("LOOP_SET_BLOCK_SIZE")); n != 3 || m != 2 {
+		t.Fatalf("SET_STATUS64 tried %d times, SET_BLOCK_SIZE %d", n, m)
+	}
+}
+
+func TestConfigureEINVALIsNotFallback(t *testing.T) {
+	// A kernel with LOOP_CONFIGURE that refuses an argument answers the
+	// probe with EBADF: the EINVAL is returned, with no fallback.
+	k := useFake(t, 1)
+	k.failAt("LOOP_CONFIGURE", 1, unix.EINVAL)
+	d := fakeDevice(t, k, 0)
+	err := d.Configure(tempFile(t, 4096), Options{BlockSize: 1 << 17})
+	if !errors.Is(err, unix.EINVAL) || !errors.Is(err, fs.ErrInvalid) {
+		t.Fatalf("Configure = %v, want EINVAL", err)
+	}
+	if noConfigure.Load() || len(k.calls("LOOP_SET_FD")) != 0 {
+		t.Fatal("fell back on an argument error")
+	}
+}
+
+func TestStatusDecoding(t *testing.T) {
+	info := unix.LoopInfo64{Device: 0xfe00, Inode: 12345, Offset: 4096, Sizelimit: 1 << 20, Number: 3, Flags: 12}
+	copy(info.File_name[:], "/tmp/short.img")
+	want := Status{Number: 3, BackingFile: "/tmp/short.img", BackingDevice: 0xfe00, BackingInode: 12345,
+		Offset: 4096, SizeLimit: 1 << 20, Flags: FlagAutoClear | FlagPartScan}
+	if got := statusFromInfo(&info); got != want {
+		t.Fatalf("statusFromInfo = %+v, want %+v", got, want)
+	}
+	// A name that fills lo_file_name with no terminator is cut at 64 bytes.
+	for i := range info.File_name {
+		info.File_name[i] = 'a'
+	}
+	if got := statusFromInfo(&info).BackingFile; len(got) != 64 {
+		t.Fatalf("full lo_file_name decoded to %d bytes", len(got))
+	}
+	// loopInfo leaves room for the terminator.
+	long := loopInfo(string(make([]byte, 100))+"x", Options{})
+	if long.File_name[63] != 0 {
+		t.Fatal("lo_file_name not terminated")
+	}
+}
+
+func TestControlErrorsNameTheDevice(t *testing.T) {
+	k := useFake(t, 4)
+	c, err := Open()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	d := fakeDevice(t, k, 3)
+	err = c.Remove(3)
+	var e *Error
+	if !errors.As(err, &e) || e.Op != "remove" || e.Path != "/dev/loop3" || !errors.Is(err, ErrBusy) || !errors.Is(err, unix.EBUSY) {
+		t.Fatalf("Remove of an open device = %v", err)
+	}
+	d.Close()
+	if _, err := c.Add(3); !errors.Is(err, fs.ErrExist) || err.(*Error).Path != "/dev/loop3" {
+		t.Fatalf("Add of an existing device = %v", err)
+	}
+	if err := c.Remove(3); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Remove(3); !errors.Is(err, fs.ErrNotExist) || !errors.Is(err, unix.ENODEV) {
+		t.Fatalf("Remove of a missing device = %v", err)
+	}
+	if n, err := c.Add(AnyNumber); err != nil || n != 3 {
+		t.Fatalf("Add(AnyNumber) = %d, %v; want 3", n, err)
+	}
+}
+
+func stepNames(log []string) []string {
+	out := make([]string, len(log))
+	for i, l := range log {
+		out[i], _, _ = strings.Cut(l, " ")
+	}
+	return out
+}

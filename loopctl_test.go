@@ -1,0 +1,173 @@
+package loopctl
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"strings"
+	"syscall"
+	"testing"
+)
+
+func TestFlagsString(t *testing.T) {
+	tests := []struct {
+		f    Flags
+		want string
+	}{
+		{0, "0"},
+		{FlagReadOnly, "read-only"},
+		{FlagReadOnly | FlagAutoClear, "read-only|autoclear"},
+		{FlagAutoClear | FlagPartScan, "autoclear|partscan"},
+		{FlagReadOnly | FlagAutoClear | FlagPartScan | FlagDirectIO, "read-only|autoclear|partscan|direct-io"},
+		{FlagDirectIO | 0x20, "direct-io|0x20"},
+		{0x2, "0x2"},
+		{0xffffffff, "read-only|autoclear|partscan|direct-io|0xffffffe2"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.want, func(t *testing.T) {
+			if got := tt.f.String(); got != tt.want {
+				t.Fatalf("Flags(%#x).String() = %q, want %q", uint32(tt.f), got, tt.want)
+			}
+		})
+	}
+}
+
+func TestFlagValues(t *testing.T) {
+	// The kernel's LO_FLAGS_* values, from include/uapi/linux/loop.h.
+	for f, want := range map[Flags]uint32{FlagReadOnly: 1, FlagAutoClear: 4, FlagPartScan: 8, FlagDirectIO: 16} {
+		if uint32(f) != want {
+			t.Errorf("%v = %d, want %d", f, uint32(f), want)
+		}
+	}
+}
+
+func TestOptionsValidate(t *testing.T) {
+	tests := []struct {
+		name string
+		o    Options
+		ok   bool
+	}{
+		{"zero", Options{}, true},
+		{"all flags", Options{Flags: knownFlags}, true},
+		{"block 512", Options{BlockSize: 512}, true},
+		{"block 4096", Options{BlockSize: 4096}, true},
+		{"block 65536", Options{BlockSize: 65536}, true},
+		{"block 1<<31", Options{BlockSize: 1 << 31}, true}, // the kernel judges the upper bound
+		{"offset and limit", Options{Offset: 1 << 20, SizeLimit: 1 << 30}, true},
+		{"unknown flag 0x2", Options{Flags: 0x2}, false},
+		{"unknown flag 0x20", Options{Flags: FlagReadOnly | 0x20}, false},
+		{"block 3", Options{BlockSize: 3}, false},
+		{"block 256", Options{BlockSize: 256}, false},
+		{"block 1000", Options{BlockSize: 1000}, false},
+		{"block 4097", Options{BlockSize: 4097}, false},
+		{"offset too big", Options{Offset: 1 << 63}, false},
+		{"size limit too big", Options{SizeLimit: 1<<64 - 1}, false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			err := tt.o.validate()
+			if tt.ok && err != nil {
+				t.Fatalf("validate() = %v, want nil", err)
+			}
+			if !tt.ok && !errors.Is(err, fs.ErrInvalid) {
+				t.Fatalf("validate() = %v, want an error matching fs.ErrInvalid", err)
+			}
+		})
+	}
+}
+
+func TestErrorIs(t *testing.T) {
+	tests := []struct {
+		errno syscall.Errno
+		is    []error
+		isNot []error
+	}{
+		{syscall.EEXIST, []error{fs.ErrExist}, []error{ErrBusy, fs.ErrNotExist}},
+		{syscall.ENODEV, []error{fs.ErrNotExist}, []error{fs.ErrExist, ErrNotBound}},
+		{syscall.ENOENT, []error{fs.ErrNotExist}, []error{ErrNotLoop}},
+		{syscall.EBUSY, []error{ErrBusy}, []error{fs.ErrInvalid, ErrNotBound}},
+		{syscall.ENXIO, []error{ErrNotBound}, []error{ErrBusy, fs.ErrNotExist}},
+		{syscall.EPERM, []error{fs.ErrPermission}, []error{fs.ErrInvalid}},
+		{syscall.EACCES, []error{fs.ErrPermission}, []error{fs.ErrNotExist}},
+		{syscall.EINVAL, []error{fs.ErrInvalid}, []error{errors.ErrUnsupported}},
+		{syscall.ENOTTY, []error{errors.ErrUnsupported}, []error{fs.ErrInvalid}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.errno.Error(), func(t *testing.T) {
+			// Directly, and behind a step of a multi-step call.
+			for _, cause := range []error{tt.errno, inStep("LOOP_SET_FD", tt.errno)} {
+				err := error(&Error{Op: "configure", Path: "/dev/loop7", Err: cause})
+				if !errors.Is(err, tt.errno) {
+					t.Errorf("errors.Is(%v, %v) = false", err, tt.errno)
+				}
+				for _, target := range tt.is {
+					if !errors.Is(err, target) {
+						t.Errorf("errors.Is(%v, %v) = false, want true", err, target)
+					}
+				}
+				for _, target := range tt.isNot {
+					if errors.Is(err, target) {
+						t.Errorf("errors.Is(%v, %v) = true, want false", err, target)
+					}
+				}
+				var errno syscall.Errno
+				if !errors.As(err, &errno) || errno != tt.errno {
+					t.Errorf("errors.As(%v) = %v, want %v", err, errno, tt.errno)
+				}
+			}
+		})
+	}
+}
+
+func TestErrorMessage(t *testing.T) {
+	err := &Error{Op: "remove", Path: "/dev/loop9", Err: syscall.EBUSY}
+	want := "loopctl: remove /dev/loop9: " + syscall.EBUSY.Error()
+	if err.Error() != want {
+		t.Fatalf("Error() = %q, want %q", err.Error(), want)
+	}
+	if newError("x", "y", nil) != nil {
+		t.Fatal("newError with a nil cause is not nil")
+	}
+	wrapped := fmt.Errorf("outer: %w", newError("add", ControlPath, invalid("device number %d", -2)))
+	var e *Error
+	if !errors.As(wrapped, &e) || e.Op != "add" || e.Path != ControlPath || !errors.Is(wrapped, fs.ErrInvalid) {
+		t.Fatalf("errors.As(%v) = %+v", wrapped, e)
+	}
+	if !strings.Contains(wrapped.Error(), "device number -2") {
+		t.Fatalf("message %q lacks the input", wrapped)
+	}
+}
+
+func TestDevicePath(t *testing.T) {
+	for n, want := range map[int]string{0: "/dev/loop0", 7: "/dev/loop7", MaxNumber: "/dev/loop1048575"} {
+		if got := DevicePath(n); got != want {
+			t.Errorf("DevicePath(%d) = %q, want %q", n, got, want)
+		}
+	}
+}
+
+func TestStatusDeleted(t *testing.T) {
+	if (Status{BackingFile: "/tmp/img"}).Deleted() {
+		t.Error("live file reported deleted")
+	}
+	if !(Status{BackingFile: "/tmp/img (deleted)"}).Deleted() {
+		t.Error("deleted file not reported")
+	}
+}
+
+func TestZeroValuesAreClosed(t *testing.T) {
+	var c Control
+	if _, err := c.GetFree(); !errors.Is(err, fs.ErrClosed) {
+		t.Errorf("zero Control GetFree: %v, want fs.ErrClosed", err)
+	}
+	var d Device
+	if err := d.ClearFD(); !errors.Is(err, fs.ErrClosed) {
+		t.Errorf("zero Device ClearFD: %v, want fs.ErrClosed", err)
+	}
+	if _, err := d.Status(); !errors.Is(err, fs.ErrClosed) {
+		t.Errorf("zero Device Status: %v, want fs.ErrClosed", err)
+	}
+	if c.Close() != nil || d.Close() != nil {
+		t.Error("Close of a zero value failed")
+	}
+}
