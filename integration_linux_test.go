@@ -1,0 +1,778 @@
+//go:build integration
+
+package loopctl
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"io/fs"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/loopctl/loopctl/internal/sysfs"
+)
+
+// requireKernel skips a test that needs root and the loop driver, with a
+// hint, or fails it under LOOPCTL_REQUIRE_INTEGRATION=1.
+func requireKernel(t *testing.T) {
+	t.Helper()
+	var reason string
+	switch _, err := os.Stat(ControlPath); {
+	case os.Geteuid() != 0:
+		reason = "needs root: run the integration tests as root (sudo go test -tags integration ./...)"
+	case err != nil:
+		reason = ControlPath + " is missing: load the loop driver (modprobe loop)"
+	default:
+		return
+	}
+	if os.Getenv("LOOPCTL_REQUIRE_INTEGRATION") == "1" {
+		t.Fatal(reason + "; LOOPCTL_REQUIRE_INTEGRATION=1 forbids skipping")
+	}
+	t.Skip(reason)
+}
+
+func openControl(t *testing.T) *Control {
+	t.Helper()
+	requireKernel(t)
+	c, err := Open()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+// newDevice adds a loop device of the test's own and opens it. Cleanup
+// clears a binding left on it, closes it and removes it.
+func newDevice(t *testing.T, c *Control) *Device {
+	t.Helper()
+	n, err := c.Add(AnyNumber)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := c.Remove(n); err != nil {
+			t.Errorf("removing the test's device: %v", err)
+		}
+	})
+	d, err := OpenDevice(n)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := d.ClearFD(); err != nil && !errors.Is(err, ErrNotBound) && !errors.Is(err, fs.ErrClosed) {
+			t.Errorf("clearing the test's binding: %v", err)
+		}
+		d.Close()
+	})
+	return d
+}
+
+// longName makes the backing path longer than lo_file_name's 64 bytes.
+const longName = "a-backing-file-whose-path-is-longer-than-the-kernels-64-byte-lo_file_name.img"
+
+func backingFile(t *testing.T, size int64) *os.File {
+	t.Helper()
+	f, err := os.OpenFile(filepath.Join(t.TempDir(), longName), os.O_RDWR|os.O_CREATE, 0o644)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	if err := f.Truncate(size); err != nil {
+		t.Fatal(err)
+	}
+	return f
+}
+
+func fileID(t *testing.T, path string) (dev, ino uint64) {
+	t.Helper()
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		t.Fatal(err)
+	}
+	return uint64(st.Dev), uint64(st.Ino)
+}
+
+func wantErrno(t *testing.T, err error, errno unix.Errno, sentinel error) {
+	t.Helper()
+	var e *Error
+	if !errors.As(err, &e) || e.Op == "" || e.Path == "" {
+		t.Fatalf("got %v, want an *Error naming op and path", err)
+	}
+	if !errors.Is(err, errno) || !errors.Is(err, sentinel) {
+		t.Fatalf("got %v, want %s matching %v", err, unix.ErrnoName(errno), sentinel)
+	}
+}
+
+// losetupDevice is one device of `losetup --json --list`.
+type losetupDevice struct {
+	Name      string `json:"name"`
+	SizeLimit uint64 `json:"sizelimit"`
+	Offset    uint64 `json:"offset"`
+	AutoClear bool   `json:"autoclear"`
+	RO        bool   `json:"ro"`
+	BackFile  string `json:"back-file"`
+	DIO       bool   `json:"dio"`
+	LogSec    uint32 `json:"log-sec"`
+}
+
+func losetup(t *testing.T, dev string) losetupDevice {
+	t.Helper()
+	out, err := exec.Command("losetup", "--json", "--list", dev).Output()
+	if err != nil {
+		t.Fatalf("losetup --json --list %s: %v", dev, err)
+	}
+	var list struct {
+		Devices []losetupDevice `json:"loopdevices"`
+	}
+	if err := json.Unmarshal(out, &list); err != nil || len(list.Devices) != 1 {
+		t.Fatalf("losetup output %q: %v", out, err)
+	}
+	return list.Devices[0]
+}
+
+func readAttr(t *testing.T, n int, name string) string {
+	t.Helper()
+	var buf [sysfs.BufSize]byte
+	b, err := sysfs.ReadFile(sysfs.LoopDir(sysfsRoot, n)+"/"+name, buf[:])
+	if err != nil {
+		t.Fatal(err)
+	}
+	return sysfs.Value(b)
+}
+
+func TestKernelControl(t *testing.T) {
+	c := openControl(t)
+	n, err := c.Add(AnyNumber)
+	if err != nil || n < 0 {
+		t.Fatalf("Add(AnyNumber) = %d, %v", n, err)
+	}
+	// The node appears at once.
+	if fi, err := os.Stat(DevicePath(n)); err != nil || fi.Mode()&fs.ModeDevice == 0 {
+		t.Fatalf("after Add: %v, %v", fi, err)
+	}
+	_, err = c.Add(n)
+	wantErrno(t, err, unix.EEXIST, fs.ErrExist)
+	if err.(*Error).Path != DevicePath(n) {
+		t.Fatalf("EEXIST names %q", err.(*Error).Path)
+	}
+	if err := c.Remove(n); err != nil {
+		t.Fatal(err)
+	}
+	wantErrno(t, c.Remove(n), unix.ENODEV, fs.ErrNotExist)
+}
+
+func TestKernelHighestNumber(t *testing.T) {
+	c := openControl(t)
+	n, err := c.Add(MaxNumber)
+	if err != nil || n != MaxNumber {
+		t.Fatalf("Add(MaxNumber) = %d, %v", n, err)
+	}
+	if err := c.Remove(MaxNumber); err != nil {
+		t.Fatal(err)
+	}
+	// What Add and Remove refuse in Go, the kernel refuses too.
+	if _, err := c.h.ioctl(reqCtlAdd, MaxNumber+1); err != unix.EINVAL {
+		t.Fatalf("kernel LOOP_CTL_ADD %d: %v, want EINVAL", MaxNumber+1, err)
+	}
+	minusOne := -1
+	if _, err := c.h.ioctl(reqCtlRemove, uintptr(minusOne)); err != unix.EINVAL {
+		t.Fatalf("kernel LOOP_CTL_REMOVE -1: %v, want EINVAL", err)
+	}
+}
+
+func TestKernelRemoveBusy(t *testing.T) {
+	c := openControl(t)
+	d := newDevice(t, c)
+	wantErrno(t, c.Remove(d.Number()), unix.EBUSY, ErrBusy) // open
+	if err := d.SetFD(backingFile(t, 1<<20)); err != nil {
+		t.Fatal(err)
+	}
+	wantErrno(t, c.Remove(d.Number()), unix.EBUSY, ErrBusy) // bound
+}
+
+func TestKernelGetFree(t *testing.T) {
+	c := openControl(t)
+	n, err := c.GetFree()
+	if err != nil || n < 0 {
+		t.Fatalf("GetFree = %d, %v", n, err)
+	}
+	d, err := OpenDevice(n)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	_, err = d.Status()
+	wantErrno(t, err, unix.ENXIO, ErrNotBound)
+}
+
+func TestKernelGetFreeAllocatesNothing(t *testing.T) {
+	if raceEnabled {
+		t.Skip("the race detector makes sync.Pool allocate")
+	}
+	c := openControl(t)
+	if a := testing.AllocsPerRun(1000, func() {
+		if _, err := c.GetFree(); err != nil {
+			t.Fatal(err)
+		}
+	}); a != 0 {
+		t.Fatalf("GetFree allocates %v times per call", a)
+	}
+}
+
+func TestKernelSetFD(t *testing.T) {
+	c := openControl(t)
+	d := newDevice(t, c)
+	f := backingFile(t, 1<<20)
+	if err := d.SetFD(f); err != nil {
+		t.Fatal(err)
+	}
+	s, err := d.Status()
+	if err != nil {
+		t.Fatal(err)
+	}
+	dev, ino := fileID(t, f.Name())
+	want := Status{Number: d.Number(), BackingFile: f.Name(), BackingDevice: dev, BackingInode: ino}
+	if s != want {
+		t.Fatalf("Status = %+v, want %+v", s, want)
+	}
+	if len(s.BackingFile) <= 64 {
+		t.Fatalf("backing path %q is too short to test the sysfs name", s.BackingFile)
+	}
+	if l := losetup(t, d.Path()); l.BackFile != f.Name() || l.RO || l.Offset != 0 || l.SizeLimit != 0 {
+		t.Fatalf("losetup sees %+v", l)
+	}
+	wantErrno(t, d.SetFD(f), unix.EBUSY, ErrBusy)
+	if err := d.ClearFD(); err != nil {
+		t.Fatal(err)
+	}
+	wantErrno(t, d.ClearFD(), unix.ENXIO, ErrNotBound)
+	_, err = d.Status()
+	wantErrno(t, err, unix.ENXIO, ErrNotBound)
+}
+
+func TestKernelSetFDReadOnlyFile(t *testing.T) {
+	c := openControl(t)
+	d := newDevice(t, c)
+	rw := backingFile(t, 1<<20)
+	ro, err := os.Open(rw.Name())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ro.Close()
+	if err := d.SetFD(ro); err != nil {
+		t.Fatal(err)
+	}
+	if s, err := d.Status(); err != nil || s.Flags != FlagReadOnly {
+		t.Fatalf("Status = %+v, %v; want read-only", s, err)
+	}
+}
+
+func TestKernelConfigure(t *testing.T) {
+	tests := []struct {
+		name string
+		o    Options
+	}{
+		{"defaults", Options{}},
+		{"offset and size limit", Options{Offset: 64 << 10, SizeLimit: 512 << 10}},
+		{"block size 4096", Options{BlockSize: 4096}},
+		{"autoclear and partscan", Options{Flags: FlagAutoClear | FlagPartScan}},
+		{"read-only", Options{Flags: FlagReadOnly}},
+		{"direct I/O", Options{Flags: FlagDirectIO, BlockSize: 4096}},
+		{"everything", Options{Offset: 4096, SizeLimit: 1 << 20, BlockSize: 1024, Flags: knownFlags}},
+	}
+	c := openControl(t)
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			checkConfigure(t, c, tt.o)
+		})
+	}
+}
+
+// checkConfigure binds a new device with o and checks what the kernel,
+// sysfs and losetup report.
+func checkConfigure(t *testing.T, c *Control, o Options) {
+	t.Helper()
+	d := newDevice(t, c)
+	f := backingFile(t, 2<<20)
+	if err := d.Configure(f, o); err != nil {
+		t.Fatal(err)
+	}
+	s, err := d.Status()
+	if err != nil {
+		t.Fatal(err)
+	}
+	dev, ino := fileID(t, f.Name())
+	want := Status{Number: d.Number(), BackingFile: f.Name(), BackingDevice: dev, BackingInode: ino,
+		Offset: o.Offset, SizeLimit: o.SizeLimit, Flags: o.Flags}
+	if s != want {
+		t.Fatalf("Status = %+v, want %+v", s, want)
+	}
+	blockSize := o.BlockSize
+	if blockSize == 0 {
+		blockSize = 512
+	}
+	l := losetup(t, d.Path())
+	wantL := losetupDevice{Name: d.Path(), SizeLimit: o.SizeLimit, Offset: o.Offset, AutoClear: o.Flags&FlagAutoClear != 0,
+		RO: o.Flags&FlagReadOnly != 0, BackFile: f.Name(), DIO: o.Flags&FlagDirectIO != 0, LogSec: blockSize}
+	if l != wantL {
+		t.Fatalf("losetup = %+v, want %+v", l, wantL)
+	}
+	if got := readAttr(t, d.Number(), "queue/logical_block_size"); got != strconv.Itoa(int(blockSize)) {
+		t.Fatalf("logical block size %s, want %d", got, blockSize)
+	}
+}
+
+func TestKernelConfigureBusy(t *testing.T) {
+	c := openControl(t)
+	d := newDevice(t, c)
+	first, second := backingFile(t, 1<<20), backingFile(t, 1<<20)
+	if err := d.Configure(first, Options{}); err != nil {
+		t.Fatal(err)
+	}
+	wantErrno(t, d.Configure(second, Options{}), unix.EBUSY, ErrBusy)
+	_, ino := fileID(t, first.Name())
+	if s, err := d.Status(); err != nil || s.BackingInode != ino {
+		t.Fatalf("binding changed: %+v, %v", s, err)
+	}
+}
+
+func TestKernelConfigureRejected(t *testing.T) {
+	c := openControl(t)
+	d := newDevice(t, c)
+	f := backingFile(t, 1<<20)
+	closed := backingFile(t, 4096)
+	closed.Close()
+	for name, call := range map[string]func() error{
+		"nil file":    func() error { return d.Configure(nil, Options{}) },
+		"closed file": func() error { return d.Configure(closed, Options{}) },
+		"flag 0x20":   func() error { return d.Configure(f, Options{Flags: 0x20}) },
+		"block 256":   func() error { return d.Configure(f, Options{BlockSize: 256}) },
+		"block 3":     func() error { return d.Configure(f, Options{BlockSize: 3}) },
+		// A power of two beyond the kernel's limit: the kernel refuses it.
+		"block 1<<20": func() error { return d.Configure(f, Options{BlockSize: 1 << 20}) },
+	} {
+		t.Run(name, func(t *testing.T) {
+			if err := call(); !errors.Is(err, fs.ErrInvalid) {
+				t.Fatalf("Configure = %v, want fs.ErrInvalid", err)
+			}
+			_, err := d.Status()
+			wantErrno(t, err, unix.ENXIO, ErrNotBound)
+		})
+	}
+	if noConfigure.Load() {
+		t.Fatal("an argument error was taken for a kernel without LOOP_CONFIGURE")
+	}
+	// The kernel itself refuses unknown flags, as validation assumes.
+	cfg := unix.LoopConfig{Fd: uint32(mustFd(t, f)), Info: unix.LoopInfo64{Flags: 0x20}}
+	if err := d.h.ioctlPtr(reqConfigure, unsafe.Pointer(&cfg)); err != unix.EINVAL {
+		t.Fatalf("kernel LOOP_CONFIGURE with flag 0x20: %v, want EINVAL", err)
+	}
+}
+
+// mustFd returns f's descriptor number for a raw call; f stays open for
+// the test.
+func mustFd(t *testing.T, f *os.File) int {
+	t.Helper()
+	rc, err := f.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var fd int
+	rc.Control(func(u uintptr) { fd = int(u) })
+	return fd
+}
+
+// A forcedKernel is the real kernel with chosen requests failing, to drive
+// fallbacks and rollbacks on a kernel that would not take them.
+type forcedKernel struct {
+	mu   sync.Mutex
+	fail map[uint]error
+	seen []uint
+}
+
+func useForced(t *testing.T, fail map[uint]error) *forcedKernel {
+	k := &forcedKernel{fail: fail}
+	old, oldNo := sys, noConfigure.Load()
+	sys = k
+	noConfigure.Store(false)
+	t.Cleanup(func() { sys = old; noConfigure.Store(oldNo) })
+	return k
+}
+
+func (k *forcedKernel) open(path string, mode int) (handle, error) {
+	h, err := osKernel{}.open(path, mode)
+	if err != nil {
+		return nil, err
+	}
+	return &forcedHandle{handle: h, k: k}, nil
+}
+
+type forcedHandle struct {
+	handle
+	k *forcedKernel
+}
+
+func (h *forcedHandle) check(req uint) error {
+	h.k.mu.Lock()
+	defer h.k.mu.Unlock()
+	h.k.seen = append(h.k.seen, req)
+	return h.k.fail[req]
+}
+
+func (h *forcedHandle) ioctl(req uint, arg uintptr) (int, error) {
+	if err := h.check(req); err != nil {
+		return -1, err
+	}
+	return h.handle.ioctl(req, arg)
+}
+
+func (h *forcedHandle) ioctlPtr(req uint, arg unsafe.Pointer) error {
+	if err := h.check(req); err != nil {
+		return err
+	}
+	return h.handle.ioctlPtr(req, arg)
+}
+
+func TestKernelConfigureFallback(t *testing.T) {
+	c := openControl(t)
+	for _, o := range []Options{
+		{},
+		{Offset: 8192, SizeLimit: 1 << 20, BlockSize: 4096, Flags: FlagAutoClear | FlagPartScan},
+		{Flags: FlagReadOnly | FlagDirectIO, BlockSize: 4096},
+	} {
+		t.Run(o.Flags.String(), func(t *testing.T) {
+			k := useForced(t, map[uint]error{reqConfigure: unix.ENOTTY})
+			checkConfigure(t, c, o)
+			if !noConfigure.Load() {
+				t.Fatal("ENOTTY not remembered")
+			}
+			if !containsReq(k.seen, reqSetFD) {
+				t.Fatal("no LOOP_SET_FD")
+			}
+		})
+	}
+	t.Run("pre-5.8 EINVAL", func(t *testing.T) {
+		// Old kernels answer EINVAL to the request and to the probe.
+		useForced(t, map[uint]error{reqConfigure: unix.EINVAL})
+		checkConfigure(t, c, Options{Offset: 512})
+		if !noConfigure.Load() {
+			t.Fatal("EINVAL with an EINVAL probe not taken for a kernel without LOOP_CONFIGURE")
+		}
+	})
+	t.Run("rollback", func(t *testing.T) {
+		// The kernel itself refuses the block size after LOOP_SET_FD
+		// bound the file: the binding must be undone.
+		useForced(t, map[uint]error{reqConfigure: unix.ENOTTY})
+		d := newDevice(t, c)
+		err := d.Configure(backingFile(t, 1<<20), Options{BlockSize: 1 << 20})
+		if !errors.Is(err, unix.EINVAL) || !strings.Contains(err.Error(), "LOOP_SET_BLOCK_SIZE") {
+			t.Fatalf("Configure = %v, want EINVAL from LOOP_SET_BLOCK_SIZE", err)
+		}
+		_, err = d.Status()
+		wantErrno(t, err, unix.ENXIO, ErrNotBound)
+	})
+}
+
+func containsReq(seen []uint, req uint) bool {
+	for _, r := range seen {
+		if r == req {
+			return true
+		}
+	}
+	return false
+}
+
+func TestKernelOpenDevicePath(t *testing.T) {
+	c := openControl(t)
+	d := newDevice(t, c)
+	f := backingFile(t, 4<<20)
+	if err := d.Configure(f, Options{Flags: FlagPartScan}); err != nil {
+		t.Fatal(err)
+	}
+	// Add partition 1 by hand (BLKPG, through util-linux's addpart): the
+	// kernel may have no partition table parsers built in.
+	part := d.Path() + "p1"
+	if out, err := exec.Command("addpart", d.Path(), "1", "2048", "4096").CombinedOutput(); err != nil {
+		t.Fatalf("addpart: %v: %s", err, out)
+	}
+	if fi, err := os.Stat(part); err != nil || fi.Mode()&fs.ModeDevice == 0 {
+		t.Fatalf("partition node: %v", err)
+	}
+	dir := t.TempDir()
+	link := func(name, target string) string {
+		p := filepath.Join(dir, name)
+		if err := os.Symlink(target, p); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	regular := backingFile(t, 4096).Name()
+
+	for _, path := range []string{d.Path(), link("loop", d.Path()), link("loop2", filepath.Join(dir, "loop"))} {
+		t.Run(path, func(t *testing.T) {
+			od, err := OpenDevicePath(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer od.Close()
+			if od.Number() != d.Number() || od.Path() != path {
+				t.Fatalf("opened %d at %q", od.Number(), od.Path())
+			}
+			if s, err := od.Status(); err != nil || s.BackingFile != f.Name() {
+				t.Fatalf("Status = %+v, %v", s, err)
+			}
+		})
+	}
+	for _, path := range []string{"/dev/null", ControlPath, regular, part, link("part", part), link("null", "/dev/null"), dir} {
+		t.Run(path, func(t *testing.T) {
+			_, err := OpenDevicePath(path)
+			if !errors.Is(err, ErrNotLoop) {
+				t.Fatalf("OpenDevicePath = %v, want ErrNotLoop", err)
+			}
+			if e, ok := err.(*Error); !ok || e.Path != path {
+				t.Fatalf("error %#v does not name %q", err, path)
+			}
+		})
+	}
+	if _, err := OpenDevicePath(filepath.Join(dir, "missing")); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("missing path: %v, want fs.ErrNotExist", err)
+	}
+	if _, err := OpenDevicePath(link("dangling", filepath.Join(dir, "missing"))); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("dangling link: %v, want fs.ErrNotExist", err)
+	}
+}
+
+func TestKernelUnbound(t *testing.T) {
+	c := openControl(t)
+	d := newDevice(t, c)
+	// An unbound device is still a loop device.
+	od, err := OpenDevicePath(d.Path())
+	if err != nil {
+		t.Fatal(err)
+	}
+	od.Close()
+	_, err = d.Status()
+	wantErrno(t, err, unix.ENXIO, ErrNotBound)
+	wantErrno(t, d.ClearFD(), unix.ENXIO, ErrNotBound)
+}
+
+func TestKernelENOTTY(t *testing.T) {
+	requireKernel(t)
+	h, err := sys.open("/dev/null", readWrite)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := &Control{h: h}
+	defer c.Close()
+	_, err = c.GetFree()
+	wantErrno(t, err, unix.ENOTTY, errors.ErrUnsupported)
+}
+
+func TestKernelClosed(t *testing.T) {
+	c := openControl(t)
+	d := newDevice(t, c)
+	c2, err := Open()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c2.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := c2.Close(); err != nil {
+		t.Fatalf("second Close: %v", err)
+	}
+	if _, err := c2.GetFree(); !errors.Is(err, fs.ErrClosed) {
+		t.Fatalf("GetFree after Close: %v", err)
+	}
+	d2, err := OpenDevice(d.Number())
+	if err != nil {
+		t.Fatal(err)
+	}
+	d2.Close()
+	if err := d2.Close(); err != nil {
+		t.Fatalf("second Close: %v", err)
+	}
+	if _, err := d2.Status(); !errors.Is(err, fs.ErrClosed) {
+		t.Fatalf("Status after Close: %v", err)
+	}
+}
+
+// openFDs returns the process's descriptors and what they point to.
+func openFDs(t *testing.T) map[int]string {
+	t.Helper()
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	fds := map[int]string{}
+	for _, e := range ents {
+		n, _ := strconv.Atoi(e.Name())
+		target, _ := os.Readlink("/proc/self/fd/" + e.Name())
+		fds[n] = target
+	}
+	return fds
+}
+
+func TestKernelCloexecAndNoLeak(t *testing.T) {
+	c := openControl(t)
+	d := newDevice(t, c)
+	f := backingFile(t, 1<<20)
+	before := len(openFDs(t))
+
+	c2, err := Open()
+	if err != nil {
+		t.Fatal(err)
+	}
+	d2, err := OpenDevicePath(d.Path())
+	if err != nil {
+		t.Fatal(err)
+	}
+	found := 0
+	for fd, target := range openFDs(t) {
+		if target != ControlPath && target != d.Path() {
+			continue
+		}
+		info, err := os.ReadFile("/proc/self/fdinfo/" + strconv.Itoa(fd))
+		if err != nil {
+			t.Fatal(err)
+		}
+		var flags uint64
+		for _, line := range strings.Split(string(info), "\n") {
+			if v, ok := strings.CutPrefix(line, "flags:"); ok {
+				flags, _ = strconv.ParseUint(strings.TrimSpace(v), 8, 64)
+			}
+		}
+		if flags&unix.O_CLOEXEC == 0 {
+			t.Errorf("fd %d (%s) lacks O_CLOEXEC: flags %o", fd, target, flags)
+		}
+		found++
+	}
+	if found < 3 { // c, c2 on loop-control; d, d2 on the device
+		t.Fatalf("found %d loop fds", found)
+	}
+
+	// Successes and failures alike leave no descriptor behind.
+	if err := d2.Configure(f, Options{}); err != nil {
+		t.Fatal(err)
+	}
+	d2.Status()
+	d2.Configure(f, Options{})
+	d2.ClearFD()
+	d2.ClearFD()
+	c2.GetFree()
+	c2.Remove(MaxNumber)
+	c2.Close()
+	d2.Close()
+	OpenDevicePath("/dev/null")
+	OpenDevicePath(f.Name())
+	OpenDevice(MaxNumber)
+	if after := len(openFDs(t)); after != before {
+		t.Fatalf("%d descriptors before, %d after", before, after)
+	}
+}
+
+func TestKernelConcurrent(t *testing.T) {
+	c := openControl(t)
+	d := newDevice(t, c)
+	if err := d.Configure(backingFile(t, 1<<20), Options{}); err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	for range 8 {
+		wg.Go(func() {
+			for range 200 {
+				if _, err := c.GetFree(); err != nil {
+					t.Error(err)
+					return
+				}
+				if s, err := d.Status(); err != nil || s.Number != d.Number() {
+					t.Error(s, err)
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+
+	// Close while calls are in flight: each call succeeds or reports
+	// fs.ErrClosed, never another descriptor's answer.
+	c2, err := Open()
+	if err != nil {
+		t.Fatal(err)
+	}
+	d2, err := OpenDevice(d.Number())
+	if err != nil {
+		t.Fatal(err)
+	}
+	start := make(chan struct{})
+	for range 4 {
+		wg.Go(func() {
+			<-start
+			for range 100000 {
+				_, err1 := c2.GetFree()
+				_, err2 := d2.Status()
+				if err1 != nil && !errors.Is(err1, fs.ErrClosed) || err2 != nil && !errors.Is(err2, fs.ErrClosed) {
+					t.Error(err1, err2)
+					return
+				}
+				if err1 != nil && err2 != nil {
+					return
+				}
+			}
+			t.Error("calls did not see Close")
+		})
+	}
+	close(start)
+	c2.Close()
+	d2.Close()
+	wg.Wait()
+}
+
+// TestKernelNotRoot runs the package's calls as an unprivileged user.
+func TestKernelNotRoot(t *testing.T) {
+	if os.Getenv("LOOPCTL_AS_NOBODY") == "1" {
+		_, err := Open()
+		if !errors.Is(err, fs.ErrPermission) {
+			t.Fatalf("Open as nobody: %v, want fs.ErrPermission", err)
+		}
+		_, err = OpenDevice(0)
+		if !errors.Is(err, fs.ErrPermission) {
+			t.Fatalf("OpenDevice as nobody: %v, want fs.ErrPermission", err)
+		}
+		return
+	}
+	requireKernel(t)
+	// Run this test binary again as nobody, from a place nobody can read.
+	dir, err := os.MkdirTemp("", "loopctl-nobody")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(dir)
+	bin := filepath.Join(dir, "loopctl.test")
+	exe, err := os.ReadFile("/proc/self/exe")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(bin, exe, 0o755); err != nil || os.Chmod(dir, 0o755) != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(bin, "-test.run=^TestKernelNotRoot$", "-test.v")
+	cmd.Env = append(os.Environ(), "LOOPCTL_AS_NOBODY=1")
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Run(); err != nil || !strings.Contains(out.String(), "--- PASS: TestKernelNotRoot") {
+		t.Fatalf("as nobody: %v\n%s", err, out.String())
+	}
+}

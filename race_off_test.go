@@ -1,0 +1,5 @@
+//go:build !race
+
+package loopctl
+
+const raceEnabled = false
