@@ -1,3 +1,5 @@
+//go:build !loopctl_stub
+
 package loopctl
 
 import (

@@ -1,4 +1,4 @@
-//go:build integration
+//go:build integration && !loopctl_stub
 
 package loopctl
 
