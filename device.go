@@ -181,6 +181,25 @@ func (d *Device) ClearFD() error {
 	return err
 }
 
+// SetCapacity makes a bound device re-read its backing file's size
+// (LOOP_SET_CAPACITY), after the file has grown or shrunk.
+func (d *Device) SetCapacity() error {
+	_, err := d.ioctl("set-capacity", reqSetCapacity, 0)
+	return err
+}
+
+// SetDirectIO turns direct I/O to the backing file on or off with
+// LOOP_SET_DIRECT_IO. Turning it on needs a backing file system that
+// supports O_DIRECT, and offsets aligned to the block size.
+func (d *Device) SetDirectIO(on bool) error {
+	var arg uintptr
+	if on {
+		arg = 1
+	}
+	_, err := d.ioctl("set-direct-io", reqSetDirectIO, arg)
+	return err
+}
+
 // Close closes the device. It does not unbind it, unless FlagAutoClear is
 // set and this was the last opener. Close is idempotent; every other method
 // returns an error matching fs.ErrClosed after it.
@@ -208,7 +227,7 @@ func (d *Device) ioctl(op string, req uint, arg uintptr) (int, error) {
 	if err != nil {
 		return -1, err
 	}
-	r, err := h.ioctl(req, arg)
+	r, err := ioctl(h, req, arg)
 	if err != nil {
 		return -1, &Error{Op: op, Path: d.path, Err: err}
 	}
@@ -238,5 +257,5 @@ func (d *Device) ioctlPtr(op string, req uint, arg unsafe.Pointer) error {
 	if err != nil {
 		return err
 	}
-	return newError(op, d.path, h.ioctlPtr(req, arg))
+	return newError(op, d.path, ioctlPtr(h, req, arg))
 }

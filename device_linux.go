@@ -75,7 +75,7 @@ func (d *Device) Configure(f *os.File, o Options) error {
 	return withFile(op, d.path, f, func(fd uintptr) error {
 		if !noConfigure.Load() {
 			cfg := unix.LoopConfig{Fd: uint32(fd), Size: o.BlockSize, Info: loopInfo(f.Name(), o)}
-			err := h.ioctlPtr(reqConfigure, unsafe.Pointer(&cfg))
+			err := ioctlPtr(h, reqConfigure, unsafe.Pointer(&cfg))
 			if !lacksConfigure(h, err) {
 				return newError(op, d.path, err)
 			}
@@ -97,10 +97,13 @@ func lacksConfigure(h handle, err error) bool {
 		return true
 	case unix.EINVAL:
 		probe := unix.LoopConfig{Fd: math.MaxUint32}
-		return h.ioctlPtr(reqConfigure, unsafe.Pointer(&probe)) != unix.EBADF
+		return ioctlPtr(h, reqConfigure, unsafe.Pointer(&probe)) != unix.EBADF
 	}
 	return false
 }
+
+// stepSetFD names the binding step of the fallback in its errors.
+const stepSetFD = "LOOP_SET_FD"
 
 // legacyFlags are the flags LOOP_SET_STATUS64 can set.
 const legacyFlags = FlagAutoClear | FlagPartScan
@@ -118,12 +121,12 @@ func configureLegacy(h handle, fd uintptr, name string, o Options) error {
 		defer done()
 		fd = ro
 	}
-	if _, err := h.ioctl(reqSetFD, fd); err != nil {
-		return inStep("LOOP_SET_FD", err)
+	if _, err := ioctl(h, reqSetFD, fd); err != nil {
+		return inStep(stepSetFD, err)
 	}
 	err := legacySettings(h, name, o)
 	if err != nil {
-		if _, cerr := h.ioctl(reqClearFD, 0); cerr != nil {
+		if _, cerr := ioctl(h, reqClearFD, 0); cerr != nil {
 			err = errors.Join(err, inStep("LOOP_CLR_FD (rollback)", cerr))
 		}
 	}
@@ -133,12 +136,12 @@ func configureLegacy(h handle, fd uintptr, name string, o Options) error {
 func legacySettings(h handle, name string, o Options) error {
 	info := loopInfo(name, o)
 	info.Flags &= uint32(legacyFlags)
-	if err := retryAgain(func() error { return h.ioctlPtr(reqSetStatus64, unsafe.Pointer(&info)) }); err != nil {
+	if err := retryAgain(func() error { return ioctlPtr(h, reqSetStatus64, unsafe.Pointer(&info)) }); err != nil {
 		return inStep("LOOP_SET_STATUS64", err)
 	}
 	if o.BlockSize != 0 {
 		err := retryAgain(func() error {
-			_, err := h.ioctl(reqSetBlockSize, uintptr(o.BlockSize))
+			_, err := ioctl(h, reqSetBlockSize, uintptr(o.BlockSize))
 			return err
 		})
 		if err != nil {
@@ -146,9 +149,104 @@ func legacySettings(h handle, name string, o Options) error {
 		}
 	}
 	if o.Flags&FlagDirectIO != 0 {
-		if _, err := h.ioctl(reqSetDirectIO, 1); err != nil {
+		if _, err := ioctl(h, reqSetDirectIO, 1); err != nil {
 			return inStep("LOOP_SET_DIRECT_IO", err)
 		}
 	}
 	return nil
+}
+
+// status reads LOOP_GET_STATUS64 for op.
+func (d *Device) status(op string, h handle) (unix.LoopInfo64, error) {
+	var info unix.LoopInfo64
+	err := ioctlPtr(h, reqGetStatus64, unsafe.Pointer(&info))
+	return info, newError(op, d.path, err)
+}
+
+// SetStatus changes a bound device's offset, size limit, FlagAutoClear and
+// FlagPartScan with LOOP_SET_STATUS64; the other fields of s are ignored.
+// The kernel silently ignores any other change through this call, so
+// SetStatus refuses one as invalid: FlagReadOnly is fixed when binding,
+// FlagDirectIO changes through SetDirectIO, and FlagPartScan cannot be
+// cleared. EAGAIN from a busy queue is retried with bounded backoff.
+func (d *Device) SetStatus(s Status) error {
+	const op = "set-status"
+	h, err := d.handle(op)
+	if err != nil {
+		return err
+	}
+	if err := (Options{Offset: s.Offset, SizeLimit: s.SizeLimit, Flags: s.Flags}).validate(); err != nil {
+		return newError(op, d.path, err)
+	}
+	info, err := d.status(op, h)
+	if err != nil {
+		return err
+	}
+	have := Flags(info.Flags)
+	if fixed := (have ^ s.Flags) &^ legacyFlags; fixed != 0 {
+		return newError(op, d.path, invalid("%v cannot change through LOOP_SET_STATUS64 (the device has %v)", fixed, have))
+	}
+	if have&FlagPartScan != 0 && s.Flags&FlagPartScan == 0 {
+		return newError(op, d.path, invalid("partscan cannot be cleared"))
+	}
+	// info keeps lo_file_name, which LOOP_SET_STATUS64 would otherwise
+	// overwrite.
+	info.Offset, info.Sizelimit, info.Flags = s.Offset, s.SizeLimit, uint32(s.Flags&legacyFlags)
+	return newError(op, d.path, retryAgain(func() error {
+		return ioctlPtr(h, reqSetStatus64, unsafe.Pointer(&info))
+	}))
+}
+
+// SetBlockSize sets a bound device's logical block size with
+// LOOP_SET_BLOCK_SIZE. size must be a power of two from 512 up; the kernel
+// judges the upper bound (the page size on older kernels, 64 KiB here).
+// EAGAIN from a busy queue is retried with bounded backoff.
+func (d *Device) SetBlockSize(size uint32) error {
+	const op = "set-block-size"
+	h, err := d.handle(op)
+	if err != nil {
+		return err
+	}
+	if err := validBlockSize(size, false); err != nil {
+		return newError(op, d.path, err)
+	}
+	return newError(op, d.path, retryAgain(func() error {
+		_, err := ioctl(h, reqSetBlockSize, uintptr(size))
+		return err
+	}))
+}
+
+// ChangeFD swaps the backing file of a bound read-only device for f with
+// LOOP_CHANGE_FD, without unbinding: the way a live system's root image is
+// replaced. The kernel allows it only on a read-only device, and only for
+// a regular file or block device of the same size as the bound one; the
+// first two are checked here, and the kernel's EINVAL for the size is
+// explained.
+func (d *Device) ChangeFD(f *os.File) error {
+	const op = "change-fd"
+	h, err := d.handle(op)
+	if err != nil {
+		return err
+	}
+	return withFile(op, d.path, f, func(fd uintptr) error {
+		var st unix.Stat_t
+		if err := ignoringEINTR(func() error { return unix.Fstat(int(fd), &st) }); err != nil {
+			return newError(op, d.path, err)
+		}
+		if m := st.Mode & unix.S_IFMT; m != unix.S_IFREG && m != unix.S_IFBLK {
+			return newError(op, d.path, invalid("%s is not a regular file or block device", f.Name()))
+		}
+		info, err := d.status(op, h)
+		if err != nil {
+			return err
+		}
+		if info.Flags&unix.LO_FLAGS_READ_ONLY == 0 {
+			return newError(op, d.path, invalid("LOOP_CHANGE_FD needs a read-only device"))
+		}
+		_, err = ioctl(h, reqChangeFD, fd)
+		if err == unix.EINVAL {
+			err = inStep("LOOP_CHANGE_FD refused "+f.Name()+" (it must be the same size as the bound file)", err)
+		}
+		return newError(op, d.path, err)
+	})
 }

@@ -42,8 +42,18 @@ type Error struct {
 	Err  error  // the cause
 }
 
-func (e *Error) Error() string {
-	return "loopctl: " + e.Op + " " + e.Path + ": " + e.Err.Error()
+func (e *Error) Error() string { return "loopctl: " + e.text() }
+
+// text is the message without the package prefix, which a nested *Error
+// (an Attach failing in a Configure) does not repeat.
+func (e *Error) text() string {
+	cause := ""
+	if inner, ok := e.Err.(*Error); ok {
+		cause = inner.text()
+	} else if e.Err != nil {
+		cause = e.Err.Error()
+	}
+	return e.Op + " " + e.Path + ": " + cause
 }
 
 // Unwrap returns the cause.

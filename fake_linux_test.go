@@ -26,9 +26,17 @@ type fakeKernel struct {
 	nopen  int                // handles not yet closed
 	// noConfigure makes LOOP_CONFIGURE unknown, as before Linux 5.8.
 	noConfigure bool
+	// noControl hides /dev/loop-control; noNode hides /dev/loopN nodes
+	// that sysfs still lists (a container without devtmpfs).
+	noControl bool
+	noNode    map[int]bool
+	// root is the fake sysfs tree, kept in step with devs.
+	root string
+	t    *testing.T
 }
 
 type fakeDev struct {
+	backing   string // what sysfs shows as loop/backing_file
 	bound     bool
 	info      unix.LoopInfo64
 	blockSize uint32
@@ -45,18 +53,85 @@ type fault struct {
 // useFake installs a fake kernel with devices 0..n-1 for the test.
 func useFake(t *testing.T, n int) *fakeKernel {
 	t.Helper()
-	k := &fakeKernel{devs: map[int]*fakeDev{}, counts: map[string]int{}, faults: map[string][]fault{}}
-	for i := range n {
-		k.devs[i] = &fakeDev{}
+	k := &fakeKernel{devs: map[int]*fakeDev{}, counts: map[string]int{}, faults: map[string][]fault{},
+		noNode: map[int]bool{}, root: t.TempDir(), t: t}
+	if err := os.Mkdir(k.root+"/block", 0o755); err != nil {
+		t.Fatal(err)
 	}
-	old, oldNoConfigure, oldDelays := sys, noConfigure.Load(), againDelays
-	sys, againDelays = k, []time.Duration{0, 0, 0}
+	for i := range n {
+		k.add(i)
+	}
+	resetShared()
+	old, oldRoot, oldNoConfigure, oldDelays, oldBackoff := sys, sysfsRoot, noConfigure.Load(), againDelays, maxBackoff
+	sys, sysfsRoot, againDelays, maxBackoff = k, k.root, []time.Duration{0, 0, 0}, time.Microsecond
 	noConfigure.Store(false)
 	t.Cleanup(func() {
-		sys, againDelays = old, oldDelays
+		resetShared()
+		sys, sysfsRoot, againDelays, maxBackoff = old, oldRoot, oldDelays, oldBackoff
 		noConfigure.Store(oldNoConfigure)
 	})
 	return k
+}
+
+// add creates device n and its sysfs directory. k.mu is held or unneeded.
+func (k *fakeKernel) add(n int) {
+	k.devs[n] = &fakeDev{}
+	k.sync(n)
+}
+
+// sync writes device n's sysfs attributes as the kernel shows them, or
+// removes its directory when the device is gone. k.mu is held.
+func (k *fakeKernel) sync(n int) {
+	dir := fmt.Sprintf("%s/block/loop%d", k.root, n)
+	d := k.devs[n]
+	if d == nil {
+		os.RemoveAll(dir)
+		return
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		k.t.Error(err)
+	}
+	bit := func(f uint32) string {
+		if d.info.Flags&f != 0 {
+			return "1\n"
+		}
+		return "0\n"
+	}
+	k.write(dir+"/ro", bit(unix.LO_FLAGS_READ_ONLY))
+	if !d.bound {
+		os.RemoveAll(dir + "/loop")
+		return
+	}
+	os.Mkdir(dir+"/loop", 0o755)
+	k.write(dir+"/loop/backing_file", d.backing+"\n")
+	k.write(dir+"/loop/offset", fmt.Sprintf("%d\n", d.info.Offset))
+	k.write(dir+"/loop/sizelimit", fmt.Sprintf("%d\n", d.info.Sizelimit))
+	k.write(dir+"/loop/autoclear", bit(unix.LO_FLAGS_AUTOCLEAR))
+	k.write(dir+"/loop/partscan", bit(unix.LO_FLAGS_PARTSCAN))
+	k.write(dir+"/loop/dio", bit(unix.LO_FLAGS_DIRECT_IO))
+}
+
+func (k *fakeKernel) write(path, v string) {
+	if err := os.WriteFile(path, []byte(v), 0o644); err != nil {
+		k.t.Error(err)
+	}
+}
+
+// bind binds device n to the file open as fd, as LOOP_SET_FD and
+// LOOP_CONFIGURE do. k.mu is held.
+func (k *fakeKernel) bind(n int, fd uintptr, info unix.LoopInfo64, blockSize uint32) {
+	d := k.devs[n]
+	d.bound, d.info, d.blockSize = true, info, blockSize
+	d.directIO = info.Flags&unix.LO_FLAGS_DIRECT_IO != 0
+	d.info.Number = uint32(n)
+	d.backing, _ = os.Readlink(fmt.Sprintf("/proc/self/fd/%d", fd))
+	var st unix.Stat_t
+	if unix.Fstat(int(fd), &st) == nil {
+		d.info.Device, d.info.Inode = uint64(st.Dev), uint64(st.Ino)
+		if fl, _ := unix.FcntlInt(fd, unix.F_GETFL, 0); fl&unix.O_ACCMODE == unix.O_RDONLY {
+			d.info.Flags |= unix.LO_FLAGS_READ_ONLY
+		}
+	}
 }
 
 // failAt makes the nth call of step fail with err.
@@ -117,10 +192,13 @@ func (k *fakeKernel) open(path string, mode int) (handle, error) {
 		return nil, &os.PathError{Op: "open", Path: path, Err: err}
 	}
 	n := -1
+	if path == ControlPath && k.noControl {
+		return nil, &os.PathError{Op: "open", Path: path, Err: unix.ENOENT}
+	}
 	if path != ControlPath {
 		num, ok := strings.CutPrefix(path, "/dev/loop")
 		i, err := strconv.Atoi(num)
-		if !ok || err != nil || k.devs[i] == nil {
+		if !ok || err != nil || k.devs[i] == nil || k.noNode[i] {
 			return nil, &os.PathError{Op: "open", Path: path, Err: unix.ENOENT}
 		}
 		n = i
@@ -144,11 +222,11 @@ var reqNames = map[uint]string{
 	reqCtlAdd: "LOOP_CTL_ADD", reqCtlRemove: "LOOP_CTL_REMOVE", reqCtlGetFree: "LOOP_CTL_GET_FREE",
 }
 
-func (h *fakeHandle) ioctl(req uint, arg uintptr) (int, error) {
+func (h *fakeHandle) rawIoctl(req uint, arg uintptr) (int, error) {
 	return h.do(req, arg, nil)
 }
 
-func (h *fakeHandle) ioctlPtr(req uint, arg unsafe.Pointer) error {
+func (h *fakeHandle) rawIoctlPtr(req uint, arg unsafe.Pointer) error {
 	_, err := h.do(req, 0, arg)
 	return err
 }
@@ -166,6 +244,7 @@ func (h *fakeHandle) do(req uint, arg uintptr, ptr unsafe.Pointer) (int, error) 
 	if h.n < 0 {
 		return k.control(req, int(arg))
 	}
+	defer k.sync(h.n)
 	d := k.devs[h.n]
 	switch req {
 	case reqConfigure:
@@ -178,14 +257,12 @@ func (h *fakeHandle) do(req uint, arg uintptr, ptr unsafe.Pointer) (int, error) 
 		case d.bound:
 			return -1, unix.EBUSY
 		}
-		d.bound, d.info, d.blockSize = true, cfg.Info, cfg.Size
-		d.directIO = cfg.Info.Flags&unix.LO_FLAGS_DIRECT_IO != 0
-		d.info.Number = uint32(h.n)
+		k.bind(h.n, uintptr(cfg.Fd), cfg.Info, cfg.Size)
 	case reqSetFD:
 		if d.bound {
 			return -1, unix.EBUSY
 		}
-		d.bound, d.info, d.blockSize, d.directIO = true, unix.LoopInfo64{Number: uint32(h.n)}, 512, false
+		k.bind(h.n, arg, unix.LoopInfo64{}, 512)
 	case reqGetStatus64:
 		if !d.bound {
 			return -1, unix.ENXIO
@@ -197,12 +274,13 @@ func (h *fakeHandle) do(req uint, arg uintptr, ptr unsafe.Pointer) (int, error) 
 		}
 		in := (*unix.LoopInfo64)(ptr)
 		d.info.Offset, d.info.Sizelimit, d.info.File_name = in.Offset, in.Sizelimit, in.File_name
-		d.info.Flags = d.info.Flags&^uint32(legacyFlags) | in.Flags&uint32(legacyFlags)
+		// Only autoclear can be cleared; partscan stays once set.
+		d.info.Flags = d.info.Flags&^unix.LO_FLAGS_AUTOCLEAR | in.Flags&uint32(legacyFlags)
 	case reqClearFD:
 		if !d.bound {
 			return -1, unix.ENXIO
 		}
-		d.bound = false
+		d.bound, d.info = false, unix.LoopInfo64{}
 	case reqSetBlockSize, reqSetDirectIO, reqSetCapacity, reqChangeFD:
 		if !d.bound {
 			return -1, unix.ENXIO
@@ -226,7 +304,7 @@ func (k *fakeKernel) control(req uint, n int) (int, error) {
 		for i := 0; ; i++ {
 			if d := k.devs[i]; d == nil || !d.bound {
 				if d == nil {
-					k.devs[i] = &fakeDev{}
+					k.add(i)
 				}
 				return i, nil
 			}
@@ -239,7 +317,7 @@ func (k *fakeKernel) control(req uint, n int) (int, error) {
 		if k.devs[n] != nil {
 			return -1, unix.EEXIST
 		}
-		k.devs[n] = &fakeDev{}
+		k.add(n)
 		return n, nil
 	case reqCtlRemove:
 		d := k.devs[n]
@@ -250,6 +328,7 @@ func (k *fakeKernel) control(req uint, n int) (int, error) {
 			return -1, unix.EBUSY
 		}
 		delete(k.devs, n)
+		k.sync(n)
 		return 0, nil
 	}
 	return -1, unix.ENOTTY
@@ -261,7 +340,11 @@ func (h *fakeHandle) flock(how int) error {
 	if h.closed {
 		return os.ErrClosed
 	}
-	return h.k.enter(fmt.Sprintf("flock(%d)", how), h.path)
+	step := "flock-ex"
+	if how == unix.LOCK_UN {
+		step = "flock-un"
+	}
+	return h.k.enter(step, h.path)
 }
 
 func (h *fakeHandle) rdev() (uint64, error) {
@@ -281,10 +364,23 @@ func (h *fakeHandle) Close() error {
 		if d := k.devs[h.n]; d != nil {
 			d.opens--
 			if d.opens == 0 && d.bound && d.info.Flags&unix.LO_FLAGS_AUTOCLEAR != 0 {
-				d.bound = false
+				d.bound, d.info = false, unix.LoopInfo64{}
+				k.sync(h.n)
 			}
 		}
 	}
 	k.log = append(k.log, "close "+h.path)
 	return nil
+}
+
+// deviceHandles counts the open handles of loop devices, leaving out the
+// control device.
+func (k *fakeKernel) deviceHandles() int {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	n := 0
+	for _, d := range k.devs {
+		n += d.opens
+	}
+	return n
 }

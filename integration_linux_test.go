@@ -182,11 +182,11 @@ func TestKernelHighestNumber(t *testing.T) {
 		t.Fatal(err)
 	}
 	// What Add and Remove refuse in Go, the kernel refuses too.
-	if _, err := c.h.ioctl(reqCtlAdd, MaxNumber+1); err != unix.EINVAL {
+	if _, err := ioctl(c.h, reqCtlAdd, MaxNumber+1); err != unix.EINVAL {
 		t.Fatalf("kernel LOOP_CTL_ADD %d: %v, want EINVAL", MaxNumber+1, err)
 	}
 	minusOne := -1
-	if _, err := c.h.ioctl(reqCtlRemove, uintptr(minusOne)); err != unix.EINVAL {
+	if _, err := ioctl(c.h, reqCtlRemove, uintptr(minusOne)); err != unix.EINVAL {
 		t.Fatalf("kernel LOOP_CTL_REMOVE -1: %v, want EINVAL", err)
 	}
 }
@@ -375,7 +375,7 @@ func TestKernelConfigureRejected(t *testing.T) {
 	}
 	// The kernel itself refuses unknown flags, as validation assumes.
 	cfg := unix.LoopConfig{Fd: uint32(mustFd(t, f)), Info: unix.LoopInfo64{Flags: 0x20}}
-	if err := d.h.ioctlPtr(reqConfigure, unsafe.Pointer(&cfg)); err != unix.EINVAL {
+	if err := ioctlPtr(d.h, reqConfigure, unsafe.Pointer(&cfg)); err != unix.EINVAL {
 		t.Fatalf("kernel LOOP_CONFIGURE with flag 0x20: %v, want EINVAL", err)
 	}
 }
@@ -430,18 +430,18 @@ func (h *forcedHandle) check(req uint) error {
 	return h.k.fail[req]
 }
 
-func (h *forcedHandle) ioctl(req uint, arg uintptr) (int, error) {
+func (h *forcedHandle) rawIoctl(req uint, arg uintptr) (int, error) {
 	if err := h.check(req); err != nil {
 		return -1, err
 	}
-	return h.handle.ioctl(req, arg)
+	return h.handle.rawIoctl(req, arg)
 }
 
-func (h *forcedHandle) ioctlPtr(req uint, arg unsafe.Pointer) error {
+func (h *forcedHandle) rawIoctlPtr(req uint, arg unsafe.Pointer) error {
 	if err := h.check(req); err != nil {
 		return err
 	}
-	return h.handle.ioctlPtr(req, arg)
+	return h.handle.rawIoctlPtr(req, arg)
 }
 
 func TestKernelConfigureFallback(t *testing.T) {

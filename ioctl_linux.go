@@ -26,27 +26,36 @@ type osKernel struct{}
 
 // open opens path with O_CLOEXEC. It calls open(2) itself and wraps the
 // descriptor with os.NewFile, which costs one fcntl; os.OpenFile would add
-// two more fcntl calls and a poller registration that block devices refuse.
+// more fcntl calls and a poller registration that block devices refuse.
 func (osKernel) open(path string, mode int) (handle, error) {
-	flags := unix.O_RDWR | unix.O_CLOEXEC
+	flags := unix.O_RDWR
 	if mode == readOnly {
-		flags = unix.O_RDONLY | unix.O_CLOEXEC
+		flags = unix.O_RDONLY
 	}
-	var fd int
-	err := ignoringEINTR(func() (err error) {
-		fd, err = unix.Open(path, flags, 0)
-		return err
-	})
+	f, err := openFile(path, flags)
 	if err != nil {
-		return nil, &os.PathError{Op: "open", Path: path, Err: err}
+		return nil, err
 	}
-	f := os.NewFile(uintptr(fd), path)
 	rc, err := f.SyscallConn()
 	if err != nil {
 		f.Close()
 		return nil, &os.PathError{Op: "open", Path: path, Err: err}
 	}
 	return &fileHandle{f: f, rc: rc}, nil
+}
+
+// openFile opens path with flags and O_CLOEXEC: open(2), then os.NewFile,
+// which adds one fcntl(F_GETFL).
+func openFile(path string, flags int) (*os.File, error) {
+	var fd int
+	err := ignoringEINTR(func() (err error) {
+		fd, err = unix.Open(path, flags|unix.O_CLOEXEC, 0)
+		return err
+	})
+	if err != nil {
+		return nil, &os.PathError{Op: "open", Path: path, Err: err}
+	}
+	return os.NewFile(uintptr(fd), path), nil
 }
 
 // A fileHandle runs every call through its file's RawConn, which holds a
@@ -57,7 +66,28 @@ type fileHandle struct {
 	rc syscall.RawConn
 }
 
-func (h *fileHandle) ioctl(req uint, arg uintptr) (int, error) {
+// ioctl makes request req on h with a value argument. With ioctlPtr, it is
+// the one way this package makes an ioctl, and the one place it retries
+// EINTR: the retry sits above the handle seam, so tests see it work.
+func ioctl(h handle, req uint, arg uintptr) (int, error) {
+	for {
+		r, err := h.rawIoctl(req, arg)
+		if err != unix.EINTR {
+			return r, err
+		}
+	}
+}
+
+// ioctlPtr makes request req on h with a pointer to a kernel structure.
+func ioctlPtr(h handle, req uint, arg unsafe.Pointer) error {
+	for {
+		if err := h.rawIoctlPtr(req, arg); err != unix.EINTR {
+			return err
+		}
+	}
+}
+
+func (h *fileHandle) rawIoctl(req uint, arg uintptr) (int, error) {
 	c := calls.Get().(*call)
 	c.req, c.val = req, arg
 	r, err := c.on(h.rc)
@@ -65,7 +95,7 @@ func (h *fileHandle) ioctl(req uint, arg uintptr) (int, error) {
 	return r, err
 }
 
-func (h *fileHandle) ioctlPtr(req uint, arg unsafe.Pointer) error {
+func (h *fileHandle) rawIoctlPtr(req uint, arg unsafe.Pointer) error {
 	c := calls.Get().(*call)
 	c.req, c.ptr = req, arg
 	_, err := c.on(h.rc)
@@ -136,20 +166,11 @@ func (c *call) on(rc syscall.RawConn) (int, error) {
 }
 
 // do is the one place this package enters the kernel with an ioctl.
-// EINTR is retried here and nowhere else.
 func (c *call) do(fd uintptr) {
-	for {
-		var r uintptr
-		var errno unix.Errno
-		if c.ptr != nil {
-			r, _, errno = unix.Syscall(unix.SYS_IOCTL, fd, uintptr(c.req), uintptr(c.ptr))
-		} else {
-			r, _, errno = unix.Syscall(unix.SYS_IOCTL, fd, uintptr(c.req), c.val)
-		}
-		if errno != unix.EINTR {
-			c.r, c.errno = r, errno
-			return
-		}
+	if c.ptr != nil {
+		c.r, _, c.errno = unix.Syscall(unix.SYS_IOCTL, fd, uintptr(c.req), uintptr(c.ptr))
+	} else {
+		c.r, _, c.errno = unix.Syscall(unix.SYS_IOCTL, fd, uintptr(c.req), c.val)
 	}
 }
 

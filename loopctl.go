@@ -113,7 +113,7 @@ func (c *Control) ioctl(op, path string, req uint, arg uintptr) (int, error) {
 	if c == nil || c.h == nil || c.closed.Load() {
 		return -1, &Error{Op: op, Path: path, Err: fs.ErrClosed}
 	}
-	r, err := c.h.ioctl(req, arg)
+	r, err := ioctl(c.h, req, arg)
 	if err != nil {
 		return -1, &Error{Op: op, Path: path, Err: err}
 	}
@@ -125,11 +125,12 @@ func (c *Control) ioctl(op, path string, req uint, arg uintptr) (int, error) {
 // one (ioctl_linux.go) wraps an *os.File, and tests substitute fakes to fail
 // any step without root.
 type handle interface {
-	// ioctl makes request req with a value argument and returns the
-	// kernel's non-negative result or its errno.
-	ioctl(req uint, arg uintptr) (int, error)
-	// ioctlPtr makes request req with a pointer to a kernel structure.
-	ioctlPtr(req uint, arg unsafe.Pointer) error
+	// rawIoctl makes request req once with a value argument and returns
+	// the kernel's non-negative result or its errno, EINTR included.
+	// Callers go through the ioctl helper instead.
+	rawIoctl(req uint, arg uintptr) (int, error)
+	// rawIoctlPtr is rawIoctl with a pointer to a kernel structure.
+	rawIoctlPtr(req uint, arg unsafe.Pointer) error
 	// flock applies a BSD lock operation (LOCK_EX, LOCK_UN, ...).
 	flock(how int) error
 	// rdev returns the device number of the node, which must be a block

@@ -3,8 +3,10 @@
 package loopctl
 
 import (
+	"context"
 	"errors"
 	"os"
+	"unsafe"
 )
 
 // Loop devices exist only on Linux. Elsewhere the package builds, and every
@@ -23,6 +25,11 @@ func loopNumber(path string) (int, uint64, error) {
 	return -1, 0, newError("open", path, errors.ErrUnsupported)
 }
 
+// ioctl and ioctlPtr are never reached here: no handle can be opened.
+func ioctl(h handle, req uint, arg uintptr) (int, error) { return h.rawIoctl(req, arg) }
+
+func ioctlPtr(h handle, req uint, arg unsafe.Pointer) error { return h.rawIoctlPtr(req, arg) }
+
 // unsupported returns the error of a Device method on this platform: no
 // Device can be opened here, so a Device is a zero or closed one.
 func (d *Device) unsupported(op string) error {
@@ -37,3 +44,34 @@ func (d *Device) Status() (Status, error) { return Status{}, d.unsupported("stat
 
 // Configure is not supported on this platform.
 func (d *Device) Configure(f *os.File, o Options) error { return d.unsupported("configure") }
+
+// Attach is not supported on this platform.
+func Attach(ctx context.Context, path string, o Options) (*Device, error) {
+	return nil, newError("attach", path, errors.ErrUnsupported)
+}
+
+// AttachFile is not supported on this platform.
+func AttachFile(ctx context.Context, f *os.File, o Options) (*Device, error) {
+	name := ""
+	if f != nil {
+		name = f.Name()
+	}
+	return nil, newError("attach", name, errors.ErrUnsupported)
+}
+
+// List is not supported on this platform.
+func List() ([]Status, error) { return nil, newError("list", "/sys/block", errors.ErrUnsupported) }
+
+// FindByBackingFile is not supported on this platform.
+func FindByBackingFile(path string) ([]Status, error) {
+	return nil, newError("find", path, errors.ErrUnsupported)
+}
+
+// SetStatus is not supported on this platform.
+func (d *Device) SetStatus(s Status) error { return d.unsupported("set-status") }
+
+// SetBlockSize is not supported on this platform.
+func (d *Device) SetBlockSize(size uint32) error { return d.unsupported("set-block-size") }
+
+// ChangeFD is not supported on this platform.
+func (d *Device) ChangeFD(f *os.File) error { return d.unsupported("change-fd") }

@@ -3,6 +3,7 @@
 package loopctl
 
 import (
+	"context"
 	"errors"
 	"testing"
 )
@@ -16,5 +17,25 @@ func TestUnsupported(t *testing.T) {
 	}
 	if _, err := OpenDevicePath("/dev/loop0"); !errors.Is(err, errors.ErrUnsupported) {
 		t.Errorf("OpenDevicePath: %v, want errors.ErrUnsupported", err)
+	}
+	if _, err := Attach(context.Background(), "/tmp/img", Options{}); !errors.Is(err, errors.ErrUnsupported) {
+		t.Errorf("Attach: %v, want errors.ErrUnsupported", err)
+	}
+	if _, err := AttachFile(context.Background(), nil, Options{}); !errors.Is(err, errors.ErrUnsupported) {
+		t.Errorf("AttachFile: %v, want errors.ErrUnsupported", err)
+	}
+	if _, err := List(); !errors.Is(err, errors.ErrUnsupported) {
+		t.Errorf("List: %v, want errors.ErrUnsupported", err)
+	}
+	if _, err := FindByBackingFile("/tmp/img"); !errors.Is(err, errors.ErrUnsupported) {
+		t.Errorf("FindByBackingFile: %v, want errors.ErrUnsupported", err)
+	}
+	// No Device can exist here; a zero one is closed.
+	var d Device
+	for name, err := range map[string]error{"SetStatus": d.SetStatus(Status{}), "SetBlockSize": d.SetBlockSize(512),
+		"ChangeFD": d.ChangeFD(nil), "SetCapacity": d.SetCapacity(), "SetDirectIO": d.SetDirectIO(true)} {
+		if err == nil {
+			t.Errorf("%s on a zero Device succeeded", name)
+		}
 	}
 }

@@ -1,0 +1,156 @@
+//go:build !loopctl_stub
+
+package loopctl
+
+import (
+	"errors"
+	"io/fs"
+	"os"
+	"slices"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/loopctl/loopctl/internal/sysfs"
+)
+
+// List returns the status of every bound loop device, by number. It reads
+// sysfs (/sys/block/loopN/loop/), opening no device, so it is fast with
+// hundreds of devices and needs no privilege. BackingFile is the full path;
+// a backing file unlinked since binding reads with a " (deleted)" suffix
+// (see Status.Deleted). BackingDevice and BackingInode come from a stat of
+// that path, or, when it is deleted or out of reach, from the device itself
+// (LOOP_GET_STATUS64, which needs root; without it they stay zero).
+//
+// A device unbound while List reads it is left out.
+func List() ([]Status, error) {
+	nums, err := loopNumbers()
+	if err != nil {
+		return nil, newError("list", sysfsRoot+"/block", err)
+	}
+	var buf [sysfs.BufSize]byte
+	var out []Status
+	for _, n := range nums {
+		s, ok, err := sysfsStatus(n, buf[:])
+		if err != nil {
+			return nil, newError("list", DevicePath(n), err)
+		}
+		if ok {
+			out = append(out, s)
+		}
+	}
+	return out, nil
+}
+
+// FindByBackingFile returns the status of every bound loop device whose
+// backing file is the file at path: the same device and inode, whatever
+// name it was bound by (a hard link, a renamed file, a relative path).
+func FindByBackingFile(path string) ([]Status, error) {
+	var st unix.Stat_t
+	if err := ignoringEINTR(func() error { return unix.Stat(path, &st) }); err != nil {
+		return nil, newError("find", path, &os.PathError{Op: "stat", Path: path, Err: err})
+	}
+	all, err := List()
+	if err != nil {
+		return nil, err
+	}
+	return slices.DeleteFunc(all, func(s Status) bool {
+		return s.BackingDevice != uint64(st.Dev) || s.BackingInode != uint64(st.Ino)
+	}), nil
+}
+
+// loopNumbers returns the numbers of the loop devices sysfs lists, in order.
+func loopNumbers() ([]int, error) {
+	f, err := os.Open(sysfsRoot + "/block")
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	names, err := f.Readdirnames(-1)
+	if err != nil {
+		return nil, err
+	}
+	var nums []int
+	for _, name := range names {
+		if n, ok := sysfs.LoopNumber(name); ok {
+			nums = append(nums, n)
+		}
+	}
+	slices.Sort(nums)
+	return nums, nil
+}
+
+// sysfsLoopAttr returns the path of attribute attr of device n's loop/
+// directory, or of the directory itself for "".
+func sysfsLoopAttr(n int, attr string) string {
+	p := sysfs.LoopDir(sysfsRoot, n) + "/loop"
+	if attr != "" {
+		p += "/" + attr
+	}
+	return p
+}
+
+// sysfsStatus reads device n's binding from sysfs into a Status. It reports
+// false for an unbound device, and for one unbound while it reads.
+func sysfsStatus(n int, buf []byte) (Status, bool, error) {
+	b, err := sysfs.ReadFile(sysfsLoopAttr(n, "backing_file"), buf)
+	if errors.Is(err, fs.ErrNotExist) {
+		return Status{}, false, nil
+	}
+	if err != nil {
+		return Status{}, false, err
+	}
+	s := Status{Number: n, BackingFile: sysfs.Value(b)}
+	for _, a := range [...]struct {
+		path string
+		u    *uint64
+		flag Flags
+	}{
+		{sysfsLoopAttr(n, "offset"), &s.Offset, 0},
+		{sysfsLoopAttr(n, "sizelimit"), &s.SizeLimit, 0},
+		{sysfsLoopAttr(n, "autoclear"), nil, FlagAutoClear},
+		{sysfsLoopAttr(n, "partscan"), nil, FlagPartScan},
+		{sysfsLoopAttr(n, "dio"), nil, FlagDirectIO},
+		{sysfs.LoopDir(sysfsRoot, n) + "/ro", nil, FlagReadOnly},
+	} {
+		b, err := sysfs.ReadFile(a.path, buf)
+		if errors.Is(err, fs.ErrNotExist) {
+			return Status{}, false, nil
+		}
+		if err != nil {
+			return Status{}, false, err
+		}
+		if a.u != nil {
+			*a.u, err = sysfs.Uint(b)
+		} else {
+			var on bool
+			if on, err = sysfs.Bool(b); on {
+				s.Flags |= a.flag
+			}
+		}
+		if err != nil {
+			return Status{}, false, &os.PathError{Op: "parse", Path: a.path, Err: err}
+		}
+	}
+	s.BackingDevice, s.BackingInode = backingID(s)
+	return s, true, nil
+}
+
+// backingID returns the device and inode of s's backing file: from a stat
+// of its path, or from LOOP_GET_STATUS64 when the path is deleted or gone.
+func backingID(s Status) (dev, ino uint64) {
+	var st unix.Stat_t
+	if !s.Deleted() && ignoringEINTR(func() error { return unix.Stat(s.BackingFile, &st) }) == nil {
+		return uint64(st.Dev), uint64(st.Ino)
+	}
+	h, err := sys.open(DevicePath(s.Number), readOnly)
+	if err != nil {
+		return 0, 0
+	}
+	defer h.Close()
+	var info unix.LoopInfo64
+	if ioctlPtr(h, reqGetStatus64, unsafe.Pointer(&info)) != nil {
+		return 0, 0
+	}
+	return info.Device, info.Inode
+}
