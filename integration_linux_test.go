@@ -6,10 +6,12 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io/fs"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -308,15 +310,34 @@ func checkConfigure(t *testing.T, c *Control, o Options) {
 	if err := d.Configure(f, o); err != nil {
 		t.Fatal(err)
 	}
+	checkBound(t, d, f.Name(), o)
+}
+
+// checkBound checks that d is bound to the file at path with o, as Status,
+// List, FindByBackingFile, sysfs, losetup --json --list and losetup -j see
+// it.
+func checkBound(t *testing.T, d *Device, path string, o Options) {
+	t.Helper()
 	s, err := d.Status()
 	if err != nil {
 		t.Fatal(err)
 	}
-	dev, ino := fileID(t, f.Name())
-	want := Status{Number: d.Number(), BackingFile: f.Name(), BackingDevice: dev, BackingInode: ino,
+	dev, ino := fileID(t, path)
+	want := Status{Number: d.Number(), BackingFile: path, BackingDevice: dev, BackingInode: ino,
 		Offset: o.Offset, SizeLimit: o.SizeLimit, Flags: o.Flags}
 	if s != want {
 		t.Fatalf("Status = %+v, want %+v", s, want)
+	}
+	list, err := List()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if i := slices.IndexFunc(list, func(s Status) bool { return s.Number == d.Number() }); i < 0 || list[i] != want {
+		t.Fatalf("List has %+v, want %+v", list, want)
+	}
+	found, err := FindByBackingFile(path)
+	if err != nil || len(found) != 1 || found[0] != want {
+		t.Fatalf("FindByBackingFile = %+v, %v; want [%+v]", found, err, want)
 	}
 	blockSize := o.BlockSize
 	if blockSize == 0 {
@@ -324,13 +345,32 @@ func checkConfigure(t *testing.T, c *Control, o Options) {
 	}
 	l := losetup(t, d.Path())
 	wantL := losetupDevice{Name: d.Path(), SizeLimit: o.SizeLimit, Offset: o.Offset, AutoClear: o.Flags&FlagAutoClear != 0,
-		RO: o.Flags&FlagReadOnly != 0, BackFile: f.Name(), DIO: o.Flags&FlagDirectIO != 0, LogSec: blockSize}
+		RO: o.Flags&FlagReadOnly != 0, BackFile: path, DIO: o.Flags&FlagDirectIO != 0, LogSec: blockSize}
 	if l != wantL {
 		t.Fatalf("losetup = %+v, want %+v", l, wantL)
+	}
+	if j := losetupJ(t, path); !slices.Contains(j, fmt.Sprintf("%s: [%04d]:%d", d.Path(), dev, ino)) {
+		t.Fatalf("losetup -j %s = %q, want %s with [%d]:%d", path, j, d.Path(), dev, ino)
 	}
 	if got := readAttr(t, d.Number(), "queue/logical_block_size"); got != strconv.Itoa(int(blockSize)) {
 		t.Fatalf("logical block size %s, want %d", got, blockSize)
 	}
+}
+
+// losetupJ returns `losetup -j path`, one "NAME: [DEV]:INO" per device.
+func losetupJ(t *testing.T, path string) []string {
+	t.Helper()
+	out, err := exec.Command("losetup", "-j", path).Output()
+	if err != nil {
+		t.Fatalf("losetup -j %s: %v", path, err)
+	}
+	var devs []string
+	for _, line := range strings.Split(strings.TrimSpace(string(out)), "\n") {
+		if name, _, ok := strings.Cut(line, " ("); ok {
+			devs = append(devs, name)
+		}
+	}
+	return devs
 }
 
 func TestKernelConfigureBusy(t *testing.T) {
@@ -608,7 +648,9 @@ func TestKernelClosed(t *testing.T) {
 	}
 }
 
-// openFDs returns the process's descriptors and what they point to.
+// openFDs returns the process's descriptors and what they point to,
+// leaving out the Go runtime's poller (anon_inode:[eventpoll] and its
+// eventfd), which it creates on first use.
 func openFDs(t *testing.T) map[int]string {
 	t.Helper()
 	ents, err := os.ReadDir("/proc/self/fd")
@@ -619,7 +661,9 @@ func openFDs(t *testing.T) map[int]string {
 	for _, e := range ents {
 		n, _ := strconv.Atoi(e.Name())
 		target, _ := os.Readlink("/proc/self/fd/" + e.Name())
-		fds[n] = target
+		if !strings.HasPrefix(target, "anon_inode:") {
+			fds[n] = target
+		}
 	}
 	return fds
 }

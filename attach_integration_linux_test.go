@@ -1,0 +1,517 @@
+//go:build integration && !loopctl_stub
+
+package loopctl
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// attachT attaches path with o for the test; cleanup detaches and closes.
+func attachT(t *testing.T, path string, o Options) *Device {
+	t.Helper()
+	requireKernel(t)
+	d, err := Attach(context.Background(), path, o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { detach(t, d) })
+	return d
+}
+
+// detach clears d's binding if it still has one, and closes it.
+func detach(t *testing.T, d *Device) {
+	if err := d.ClearFD(); err != nil && !errors.Is(err, ErrNotBound) && !errors.Is(err, fs.ErrClosed) {
+		t.Errorf("detaching %s: %v", d.Path(), err)
+	}
+	d.Close()
+}
+
+func TestKernelAttach(t *testing.T) {
+	for _, o := range []Options{
+		{},
+		{Offset: 64 << 10, SizeLimit: 512 << 10},
+		{BlockSize: 4096, Flags: FlagPartScan},
+		{Flags: FlagReadOnly | FlagAutoClear},
+		{Flags: FlagDirectIO, BlockSize: 4096},
+	} {
+		t.Run(o.Flags.String(), func(t *testing.T) {
+			f := backingFile(t, 2<<20)
+			d := attachT(t, f.Name(), o)
+			checkBound(t, d, f.Name(), o)
+
+			// The same file by another name: a hard link.
+			link := filepath.Join(t.TempDir(), "link.img")
+			if err := os.Link(f.Name(), link); err != nil {
+				t.Fatal(err)
+			}
+			found, err := FindByBackingFile(link)
+			if err != nil || len(found) != 1 || found[0].Number != d.Number() {
+				t.Fatalf("FindByBackingFile(hard link) = %+v, %v", found, err)
+			}
+		})
+	}
+}
+
+func TestKernelAttachFile(t *testing.T) {
+	f := backingFile(t, 1<<20)
+	requireKernel(t)
+	d, err := AttachFile(context.Background(), f, Options{Flags: FlagReadOnly})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer detach(t, d)
+	checkBound(t, d, f.Name(), Options{Flags: FlagReadOnly})
+	// The caller's file stays open and usable.
+	if _, err := f.WriteAt([]byte("x"), 0); err != nil {
+		t.Fatalf("caller's file: %v", err)
+	}
+}
+
+func TestKernelAttachAutoClear(t *testing.T) {
+	f := backingFile(t, 1<<20)
+	d := attachT(t, f.Name(), Options{Flags: FlagAutoClear})
+	n := d.Number()
+	// The returned Device holds the binding open.
+	if _, err := os.Stat(sysfsLoopAttr(n, "")); err != nil {
+		t.Fatalf("bound device: %v", err)
+	}
+	if err := d.Close(); err != nil {
+		t.Fatal(err)
+	}
+	// Its Close was the last: the kernel has detached the device.
+	if _, err := os.Stat(sysfsLoopAttr(n, "")); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("after the last close: %v, want the device unbound", err)
+	}
+	if found, err := FindByBackingFile(f.Name()); err != nil || len(found) != 0 {
+		t.Fatalf("FindByBackingFile = %+v, %v; want none", found, err)
+	}
+}
+
+func TestKernelAttachDeletedFile(t *testing.T) {
+	f := backingFile(t, 1<<20)
+	d := attachT(t, f.Name(), Options{})
+	dev, ino := fileID(t, f.Name())
+	if err := os.Remove(f.Name()); err != nil {
+		t.Fatal(err)
+	}
+	list, err := List()
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := Status{Number: d.Number(), BackingFile: f.Name() + " (deleted)", BackingDevice: dev, BackingInode: ino}
+	var got *Status
+	for i := range list {
+		if list[i].Number == d.Number() {
+			got = &list[i]
+		}
+	}
+	if got == nil || *got != want || !got.Deleted() {
+		t.Fatalf("List has %+v, want %+v", got, want)
+	}
+	if s, err := d.Status(); err != nil || s != want {
+		t.Fatalf("Status = %+v, %v; want %+v", s, err, want)
+	}
+	if l := losetup(t, d.Path()); l.BackFile != want.BackingFile {
+		t.Fatalf("losetup back-file %q, want %q", l.BackFile, want.BackingFile)
+	}
+	if _, err := FindByBackingFile(f.Name()); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("FindByBackingFile(deleted path) = %v, want fs.ErrNotExist", err)
+	}
+}
+
+func TestKernelSetStatus(t *testing.T) {
+	f := backingFile(t, 2<<20)
+	d := attachT(t, f.Name(), Options{})
+	set := Status{Offset: 4096, SizeLimit: 1 << 20, Flags: FlagAutoClear | FlagPartScan}
+	if err := d.SetStatus(set); err != nil {
+		t.Fatal(err)
+	}
+	want := Options{Offset: set.Offset, SizeLimit: set.SizeLimit, Flags: set.Flags}
+	checkBound(t, d, f.Name(), want)
+	if got := readAttr(t, d.Number(), "size"); got != "2048" {
+		t.Fatalf("size %s sectors, want 2048", got)
+	}
+	// lo_file_name survives.
+	var info unix.LoopInfo64
+	if err := ioctlPtr(d.h, reqGetStatus64, unsafe.Pointer(&info)); err != nil || unix.ByteSliceToString(info.File_name[:]) == "" {
+		t.Fatalf("lo_file_name %q after SetStatus, %v", info.File_name, err)
+	}
+
+	// What the kernel would ignore is refused, and nothing changes.
+	for name, s := range map[string]Status{
+		"set read-only":   {Flags: set.Flags | FlagReadOnly},
+		"set direct I/O":  {Flags: set.Flags | FlagDirectIO},
+		"clear partscan":  {Flags: FlagAutoClear},
+		"unknown flag":    {Flags: set.Flags | 0x20},
+		"offset too big":  {Offset: 1 << 63, Flags: set.Flags},
+		"size too big":    {SizeLimit: 1 << 63, Flags: set.Flags},
+		"read-only alone": {Flags: FlagReadOnly},
+	} {
+		t.Run(name, func(t *testing.T) {
+			if err := d.SetStatus(s); !errors.Is(err, fs.ErrInvalid) {
+				t.Fatalf("SetStatus(%+v) = %v, want fs.ErrInvalid", s, err)
+			}
+			checkBound(t, d, f.Name(), want)
+		})
+	}
+
+	// Autoclear can be cleared.
+	set.Flags = FlagPartScan
+	if err := d.SetStatus(set); err != nil {
+		t.Fatal(err)
+	}
+	want.Flags = FlagPartScan
+	checkBound(t, d, f.Name(), want)
+}
+
+func TestKernelSetCapacity(t *testing.T) {
+	f := backingFile(t, 1<<20)
+	d := attachT(t, f.Name(), Options{})
+	if err := f.Truncate(2 << 20); err != nil {
+		t.Fatal(err)
+	}
+	if got := readAttr(t, d.Number(), "size"); got != "2048" {
+		t.Fatalf("size before SetCapacity %s, want 2048", got)
+	}
+	if err := d.SetCapacity(); err != nil {
+		t.Fatal(err)
+	}
+	if got := readAttr(t, d.Number(), "size"); got != "4096" {
+		t.Fatalf("size after SetCapacity %s, want 4096", got)
+	}
+}
+
+func TestKernelSetBlockSize(t *testing.T) {
+	d := attachT(t, backingFile(t, 1<<20).Name(), Options{})
+	for _, size := range []uint32{4096, 1024, 65536, 512} {
+		if err := d.SetBlockSize(size); err != nil {
+			t.Fatal(err)
+		}
+		if got := readAttr(t, d.Number(), "queue/logical_block_size"); got != strconv.Itoa(int(size)) {
+			t.Fatalf("block size %s, want %d", got, size)
+		}
+	}
+	for _, size := range []uint32{0, 3, 256, 1000} {
+		if err := d.SetBlockSize(size); !errors.Is(err, fs.ErrInvalid) || errors.Is(err, unix.EINVAL) {
+			t.Fatalf("SetBlockSize(%d) = %v, want a refusal before the kernel", size, err)
+		}
+	}
+	// A power of two beyond the kernel's limit is the kernel's to refuse.
+	if err := d.SetBlockSize(1 << 20); !errors.Is(err, unix.EINVAL) {
+		t.Fatalf("SetBlockSize(1<<20) = %v, want the kernel's EINVAL", err)
+	}
+}
+
+func TestKernelSetDirectIO(t *testing.T) {
+	d := attachT(t, backingFile(t, 1<<20).Name(), Options{BlockSize: 4096})
+	for _, on := range []bool{true, false, true} {
+		if err := d.SetDirectIO(on); err != nil {
+			t.Fatal(err)
+		}
+		s, err := d.Status()
+		if err != nil || (s.Flags&FlagDirectIO != 0) != on {
+			t.Fatalf("direct I/O %v: %+v, %v", on, s, err)
+		}
+		want := map[bool]string{false: "0", true: "1"}[on]
+		if got := readAttr(t, d.Number(), "loop/dio"); got != want {
+			t.Fatalf("sysfs dio %s, want %s", got, want)
+		}
+	}
+}
+
+func TestKernelChangeFD(t *testing.T) {
+	a := backingFile(t, 1<<20)
+	d := attachT(t, a.Name(), Options{Flags: FlagReadOnly})
+	b, err := os.Create(filepath.Join(t.TempDir(), "b-"+longName))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	if err := b.Truncate(1 << 20); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.ChangeFD(b); err != nil {
+		t.Fatal(err)
+	}
+	checkBound(t, d, b.Name(), Options{Flags: FlagReadOnly})
+
+	// Another size: the kernel refuses, and the error says why.
+	c := backingFile(t, 2<<20)
+	err = d.ChangeFD(c)
+	if !errors.Is(err, unix.EINVAL) || !strings.Contains(err.Error(), "same size") {
+		t.Fatalf("ChangeFD(other size) = %v, want EINVAL explained", err)
+	}
+	checkBound(t, d, b.Name(), Options{Flags: FlagReadOnly})
+
+	// A read-write device: refused before the kernel.
+	rw := attachT(t, c.Name(), Options{})
+	if err := rw.ChangeFD(a); !errors.Is(err, fs.ErrInvalid) || errors.Is(err, unix.EINVAL) || !strings.Contains(err.Error(), "read-only") {
+		t.Fatalf("ChangeFD on a read-write device = %v", err)
+	}
+	if err := d.ChangeFD(nil); !errors.Is(err, fs.ErrInvalid) {
+		t.Fatalf("ChangeFD(nil) = %v", err)
+	}
+	dir, _ := os.Open(t.TempDir())
+	defer dir.Close()
+	if err := d.ChangeFD(dir); !errors.Is(err, fs.ErrInvalid) {
+		t.Fatalf("ChangeFD(directory) = %v", err)
+	}
+}
+
+// forceOpen makes the real kernel's opens of paths with prefix fail with
+// err, as on a machine without them.
+type forceOpen struct {
+	prefix string
+	err    error
+}
+
+func (k forceOpen) open(path string, mode int) (handle, error) {
+	if strings.HasPrefix(path, k.prefix) {
+		return nil, &os.PathError{Op: "open", Path: path, Err: k.err}
+	}
+	return osKernel{}.open(path, mode)
+}
+
+func useKernel(t *testing.T, k kernel) {
+	t.Helper()
+	requireKernel(t)
+	old := sys
+	resetShared()
+	sys = k
+	t.Cleanup(func() { resetShared(); sys = old })
+}
+
+func TestKernelAttachWithoutControl(t *testing.T) {
+	useKernel(t, forceOpen{prefix: ControlPath, err: unix.ENOENT})
+	f := backingFile(t, 1<<20)
+	d := attachT(t, f.Name(), Options{Offset: 512})
+	checkBound(t, d, f.Name(), Options{Offset: 512})
+	// sysfs named the lowest unbound device.
+	list, err := List()
+	if err != nil {
+		t.Fatal(err)
+	}
+	bound := map[int]bool{}
+	for _, s := range list {
+		bound[s.Number] = true
+	}
+	nums, err := loopNumbers()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range nums {
+		if n == d.Number() {
+			break
+		}
+		if !bound[n] {
+			t.Fatalf("attached loop%d while loop%d was unbound", d.Number(), n)
+		}
+	}
+}
+
+func TestKernelAttachMissingNode(t *testing.T) {
+	for _, noControl := range []bool{false, true} {
+		t.Run(fmt.Sprint("noControl=", noControl), func(t *testing.T) {
+			k := kernel(forceOpen{prefix: "/dev/loop", err: unix.ENOENT})
+			if !noControl {
+				k = missingNodes{}
+			}
+			useKernel(t, k)
+			_, err := Attach(context.Background(), backingFile(t, 1<<20).Name(), Options{})
+			var pe *os.PathError
+			if !errors.Is(err, fs.ErrNotExist) || !errors.As(err, &pe) || !strings.HasPrefix(pe.Path, "/dev/loop") || pe.Path == ControlPath {
+				t.Fatalf("Attach = %v, want the missing /dev/loopN named", err)
+			}
+		})
+	}
+}
+
+// missingNodes has /dev/loop-control but no /dev/loopN nodes.
+type missingNodes struct{}
+
+func (missingNodes) open(path string, mode int) (handle, error) {
+	if path != ControlPath {
+		return nil, &os.PathError{Op: "open", Path: path, Err: unix.ENOENT}
+	}
+	return osKernel{}.open(path, mode)
+}
+
+func TestKernelAttachFallback(t *testing.T) {
+	useForced(t, map[uint]error{reqConfigure: unix.ENOTTY})
+	resetShared()
+	t.Cleanup(resetShared)
+	o := Options{Offset: 4096, SizeLimit: 1 << 20, BlockSize: 4096, Flags: FlagAutoClear | FlagDirectIO | FlagReadOnly}
+	f := backingFile(t, 2<<20)
+	d := attachT(t, f.Name(), o)
+	checkBound(t, d, f.Name(), o)
+}
+
+func TestKernelAttachNoLeak(t *testing.T) {
+	requireKernel(t)
+	f := backingFile(t, 1<<20)
+	dir := t.TempDir()
+	// The first Attach opens the process's control device, which stays.
+	d, err := Attach(context.Background(), f.Name(), Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	detach(t, d)
+	before := openFDs(t)
+	for range 20 {
+		d, err := Attach(context.Background(), f.Name(), Options{Flags: FlagAutoClear})
+		if err != nil {
+			t.Fatal(err)
+		}
+		d.Close()
+		Attach(context.Background(), filepath.Join(dir, "missing"), Options{})
+		Attach(context.Background(), dir, Options{})
+		Attach(context.Background(), f.Name(), Options{BlockSize: 1 << 20}) // the kernel refuses
+		AttachFile(context.Background(), f, Options{Flags: 0x20})
+	}
+	if after := openFDs(t); len(after) != len(before) {
+		t.Fatalf("descriptors before %v, after %v", before, after)
+	}
+	if found, err := FindByBackingFile(f.Name()); err != nil || len(found) != 0 {
+		t.Fatalf("devices left bound: %+v, %v", found, err)
+	}
+}
+
+// TestKernelAttachConcurrent attaches from 4 processes x 8 goroutines at
+// once, each to its own file, and holds every device until all are bound:
+// each device must carry its caller's inode, and nothing may leak.
+func TestKernelAttachConcurrent(t *testing.T) {
+	if dir := os.Getenv("LOOPCTL_ATTACH_CHILD"); dir != "" {
+		attachChild(t, dir)
+		return
+	}
+	requireKernel(t)
+	const procs = 4
+	dir := t.TempDir()
+	type child struct {
+		cmd   *exec.Cmd
+		stdin io.WriteCloser
+		out   *bufio.Scanner
+	}
+	var children []child
+	for range procs {
+		cmd := exec.Command(os.Args[0], "-test.run=^TestKernelAttachConcurrent$", "-test.v")
+		cmd.Env = append(os.Environ(), "LOOPCTL_ATTACH_CHILD="+dir)
+		cmd.Stderr = os.Stderr
+		stdin, err := cmd.StdinPipe()
+		if err != nil {
+			t.Fatal(err)
+		}
+		stdout, err := cmd.StdoutPipe()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		children = append(children, child{cmd, stdin, bufio.NewScanner(stdout)})
+	}
+	// Each child reports "bound N INODE" per device, then "held".
+	owner := map[int]int{}
+	for i, c := range children {
+		for c.out.Scan() {
+			line := c.out.Text()
+			if line == "held" {
+				break
+			}
+			var n int
+			var ino uint64
+			if _, err := fmt.Sscanf(line, "bound %d %d", &n, &ino); err != nil {
+				continue // test framework output
+			}
+			if prev, ok := owner[n]; ok {
+				t.Errorf("loop%d given to process %d and %d", n, prev, i)
+			}
+			owner[n] = i
+		}
+	}
+	if len(owner) != procs*8 {
+		t.Errorf("%d devices bound at once, want %d", len(owner), procs*8)
+	}
+	for _, c := range children {
+		c.stdin.Close() // release: the child detaches and checks its fds
+	}
+	for i, c := range children {
+		var rest []string
+		for c.out.Scan() {
+			rest = append(rest, c.out.Text())
+		}
+		if err := c.cmd.Wait(); err != nil {
+			t.Errorf("process %d: %v\n%s", i, err, strings.Join(rest, "\n"))
+		}
+	}
+	list, err := List()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range list {
+		if strings.HasPrefix(s.BackingFile, dir) {
+			t.Errorf("left bound: %+v", s)
+		}
+	}
+}
+
+// attachChild is one process of TestKernelAttachConcurrent.
+func attachChild(t *testing.T, dir string) {
+	if _, err := sharedControl(); err != nil {
+		t.Fatal(err)
+	}
+	before := len(openFDs(t))
+	const goroutines = 8
+	devs := make([]*Device, goroutines)
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	for i := range goroutines {
+		wg.Go(func() {
+			path := filepath.Join(dir, fmt.Sprintf("%d-%d-%s", os.Getpid(), i, longName))
+			if err := os.WriteFile(path, make([]byte, 64<<10), 0o644); err != nil {
+				t.Error(err)
+				return
+			}
+			d, err := Attach(context.Background(), path, Options{})
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			devs[i] = d
+			_, ino := fileID(t, path)
+			s, err := d.Status()
+			if err != nil || s.BackingInode != ino || s.BackingFile != path {
+				t.Errorf("loop%d: %+v, %v; want inode %d of %s", d.Number(), s, err, ino, path)
+			}
+			mu.Lock()
+			fmt.Printf("bound %d %d\n", d.Number(), ino)
+			mu.Unlock()
+		})
+	}
+	wg.Wait()
+	fmt.Println("held")
+	io.Copy(io.Discard, os.Stdin) // until the parent has seen every process's devices
+	for _, d := range devs {
+		if d != nil {
+			detach(t, d)
+		}
+	}
+	if after := len(openFDs(t)); after != before {
+		t.Errorf("%d descriptors before, %d after", before, after)
+	}
+}
