@@ -50,18 +50,20 @@ func Attach(ctx context.Context, path string, o Options) (*Device, error) {
 	if o.Flags&FlagReadOnly != 0 {
 		mode = unix.O_RDONLY
 	}
-	f, err := openFile(path, mode)
+	// A bare descriptor: it lives only for this call, and is nobody else's
+	// to close concurrently.
+	fd, err := openFD(path, mode)
 	if err != nil {
 		return nil, newError(op, path, err)
 	}
-	defer f.Close()
+	defer closeFD(fd)
 	// A directory opened read-write has failed with EISDIR already.
 	if mode == unix.O_RDONLY {
-		if err := checkBackingFile(f); err != nil {
+		if err := checkBackingFile(uintptr(fd), path); err != nil {
 			return nil, newError(op, path, err)
 		}
 	}
-	return attach(ctx, f, o)
+	return attach(ctx, uintptr(fd), path, o)
 }
 
 // AttachFile is Attach for a file the caller has open; f stays the
@@ -80,23 +82,26 @@ func AttachFile(ctx context.Context, f *os.File, o Options) (*Device, error) {
 	if err := o.validate(); err != nil {
 		return nil, newError(op, name, err)
 	}
-	if err := withFile(op, name, f, func(uintptr) error { return nil }); err != nil {
-		return nil, err
-	}
-	if err := checkBackingFile(f); err != nil {
-		return nil, newError(op, name, err)
-	}
-	return attach(ctx, f, o)
+	var d *Device
+	err := withFile(op, name, f, func(fd uintptr) error {
+		if err := checkBackingFile(fd, name); err != nil {
+			return newError(op, name, err)
+		}
+		var err error
+		d, err = attach(ctx, fd, name, o)
+		return err
+	})
+	return d, err
 }
 
 // checkBackingFile refuses a directory before any device is touched.
-func checkBackingFile(f *os.File) error {
-	fi, err := f.Stat()
+func checkBackingFile(fd uintptr, name string) error {
+	st, err := fstat(fd)
 	switch {
 	case err != nil:
-		return err
-	case fi.IsDir():
-		return invalid("%s is a directory", f.Name())
+		return &os.PathError{Op: "stat", Path: name, Err: err}
+	case st.Mode&unix.S_IFMT == unix.S_IFDIR:
+		return invalid("%s is a directory", name)
 	}
 	return nil
 }
@@ -106,28 +111,29 @@ func checkBackingFile(f *os.File) error {
 // device held busy while unbound, exhausts it.
 const maxAttempts = 256
 
-// attach finds a free device and binds f to it, retrying lost races.
-func attach(ctx context.Context, f *os.File, o Options) (*Device, error) {
+// attach finds a free device and binds the file open as fd to it,
+// retrying lost races.
+func attach(ctx context.Context, fd uintptr, name string, o Options) (*Device, error) {
 	const op = "attach"
 	var tried map[int]bool
 	for attempt := 0; ; attempt++ {
 		n, err := freeDevice(tried)
 		if err != nil {
-			return nil, newError(op, f.Name(), err)
+			return nil, newError(op, name, err)
 		}
-		d, err := tryAttach(n, f, o)
+		d, err := tryAttach(n, fd, name, o)
 		if err == nil {
 			return d, nil
 		}
 		if !lostRace(err) || attempt+1 == maxAttempts {
-			return nil, newError(op, f.Name(), err)
+			return nil, newError(op, name, err)
 		}
 		if tried == nil {
 			tried = map[int]bool{}
 		}
 		tried[n] = true
 		if err := backoff(ctx, attempt); err != nil {
-			return nil, newError(op, f.Name(), err)
+			return nil, newError(op, name, err)
 		}
 	}
 }
@@ -167,9 +173,10 @@ func backoff(ctx context.Context, attempt int) error {
 	}
 }
 
-// tryAttach binds f to device n under an exclusive flock. A lock held
-// elsewhere reports ErrBusy, like a device bound first by someone else.
-func tryAttach(n int, f *os.File, o Options) (*Device, error) {
+// tryAttach binds the file open as fd to device n under an exclusive
+// flock. A lock held elsewhere reports EBUSY, like a device bound first by
+// someone else.
+func tryAttach(n int, fd uintptr, name string, o Options) (*Device, error) {
 	d, err := OpenDevice(n)
 	if err != nil {
 		return nil, err
@@ -181,9 +188,9 @@ func tryAttach(n int, f *os.File, o Options) (*Device, error) {
 		}
 		return nil, newError("lock", d.path, err)
 	}
-	if err := d.Configure(f, o); err != nil {
+	if err := configure(d.h, fd, name, o); err != nil {
 		d.Close() // also drops the lock
-		return nil, err
+		return nil, newError("configure", d.path, err)
 	}
 	if err := d.h.flock(unix.LOCK_UN); err != nil {
 		// The binding is ours: undo it rather than hand out a device

@@ -73,16 +73,21 @@ func (d *Device) Configure(f *os.File, o Options) error {
 		return newError(op, d.path, err)
 	}
 	return withFile(op, d.path, f, func(fd uintptr) error {
-		if !noConfigure.Load() {
-			cfg := unix.LoopConfig{Fd: uint32(fd), Size: o.BlockSize, Info: loopInfo(f.Name(), o)}
-			err := ioctlPtr(h, reqConfigure, unsafe.Pointer(&cfg))
-			if !lacksConfigure(h, err) {
-				return newError(op, d.path, err)
-			}
-			noConfigure.Store(true)
-		}
-		return newError(op, d.path, configureLegacy(h, fd, f.Name(), o))
+		return newError(op, d.path, configure(h, fd, f.Name(), o))
 	})
+}
+
+// configure binds the file open as fd, named name, with valid options o.
+func configure(h handle, fd uintptr, name string, o Options) error {
+	if !noConfigure.Load() {
+		cfg := unix.LoopConfig{Fd: uint32(fd), Size: o.BlockSize, Info: loopInfo(name, o)}
+		err := ioctlPtr(h, reqConfigure, unsafe.Pointer(&cfg))
+		if !lacksConfigure(h, err) {
+			return err
+		}
+		noConfigure.Store(true)
+	}
+	return configureLegacy(h, fd, name, o)
 }
 
 // lacksConfigure tells whether err, LOOP_CONFIGURE's answer, means that the
@@ -229,8 +234,8 @@ func (d *Device) ChangeFD(f *os.File) error {
 		return err
 	}
 	return withFile(op, d.path, f, func(fd uintptr) error {
-		var st unix.Stat_t
-		if err := ignoringEINTR(func() error { return unix.Fstat(int(fd), &st) }); err != nil {
+		st, err := fstat(fd)
+		if err != nil {
 			return newError(op, d.path, err)
 		}
 		if m := st.Mode & unix.S_IFMT; m != unix.S_IFREG && m != unix.S_IFBLK {

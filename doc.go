@@ -15,24 +15,42 @@
 //
 // # The package
 //
-// A Control is the open /dev/loop-control: Add, Remove and GetFree. A
-// Device is an open /dev/loopN: SetFD and Configure bind a file, ClearFD
-// unbinds it, Status reports the binding.
+// Attach is what most programs want: it binds a file to a free device, in
+// a way that is safe against other processes doing the same, and returns
+// the open Device.
 //
-//	c, err := loopctl.Open()
+//	d, err := loopctl.Attach(ctx, "disk.img", loopctl.Options{Flags: loopctl.FlagReadOnly})
 //	if err != nil {
 //		return err
 //	}
-//	defer c.Close()
-//	n, err := c.GetFree()
-//	...
-//	d, err := loopctl.OpenDevice(n)
-//	...
-//	err = d.Configure(file, loopctl.Options{Flags: loopctl.FlagReadOnly})
+//	defer d.Close()
+//	// mount d.Path() ...
 //
-// Between GetFree and Configure another process may take the device;
-// Configure then fails with an error matching ErrBusy and the caller asks
-// GetFree again.
+// Each attempt of Attach is LOOP_CTL_GET_FREE, an open of the device, a
+// BSD flock(LOCK_EX) so that udev does not probe a half-set-up device, and
+// one LOOP_CONFIGURE. When another process wins the device (EBUSY), Attach
+// tries again with a fresh LOOP_CTL_GET_FREE, with bounded backoff that
+// honours the context; it never clears a binding it did not make, and on
+// failure it leaves nothing behind. Without /dev/loop-control it scans
+// sysfs for an unbound device instead.
+//
+// With FlagAutoClear the kernel detaches the device when its last opener
+// closes it. The Device that Attach returns is an opener, so the binding
+// lasts until its Close, or until whoever else holds the device (a mount)
+// lets go after that.
+//
+// For the lower level, a Control is the open /dev/loop-control (Add,
+// Remove, GetFree), and a Device is an open /dev/loopN: SetFD and
+// Configure bind a file, ClearFD unbinds it, Status reports the binding,
+// and SetStatus, SetCapacity, SetBlockSize, SetDirectIO and ChangeFD
+// change a bound device. List and FindByBackingFile report every bound
+// device from sysfs without opening any, as `losetup --list` and
+// `losetup -j` do.
+//
+// On kernels before 5.8, which lack LOOP_CONFIGURE, Configure (and so
+// Attach) falls back to LOOP_SET_FD, LOOP_SET_STATUS64,
+// LOOP_SET_BLOCK_SIZE and LOOP_SET_DIRECT_IO, clearing its own binding if
+// a later step fails. The kernel's answer decides, once per process.
 //
 // # Errors
 //

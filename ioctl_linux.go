@@ -47,15 +47,43 @@ func (osKernel) open(path string, mode int) (handle, error) {
 // openFile opens path with flags and O_CLOEXEC: open(2), then os.NewFile,
 // which adds one fcntl(F_GETFL).
 func openFile(path string, flags int) (*os.File, error) {
+	fd, err := openFD(path, flags)
+	if err != nil {
+		return nil, err
+	}
+	return os.NewFile(uintptr(fd), path), nil
+}
+
+// openFD opens path with flags and O_CLOEXEC, and nothing more: for a
+// descriptor this package holds only for the length of a call. An error is
+// an *os.PathError.
+func openFD(path string, flags int) (int, error) {
 	var fd int
 	err := ignoringEINTR(func() (err error) {
 		fd, err = unix.Open(path, flags|unix.O_CLOEXEC, 0)
 		return err
 	})
 	if err != nil {
-		return nil, &os.PathError{Op: "open", Path: path, Err: err}
+		return -1, &os.PathError{Op: "open", Path: path, Err: err}
 	}
-	return os.NewFile(uintptr(fd), path), nil
+	return fd, nil
+}
+
+// closeFD closes a descriptor from openFD.
+func closeFD(fd int) { unix.Close(fd) }
+
+// stat is stat(2), following symlinks.
+func stat(path string) (unix.Stat_t, error) {
+	var st unix.Stat_t
+	err := ignoringEINTR(func() error { return unix.Stat(path, &st) })
+	return st, err
+}
+
+// fstat is fstat(2).
+func fstat(fd uintptr) (unix.Stat_t, error) {
+	var st unix.Stat_t
+	err := ignoringEINTR(func() error { return unix.Fstat(int(fd), &st) })
+	return st, err
 }
 
 // A fileHandle runs every call through its file's RawConn, which holds a
@@ -118,9 +146,7 @@ func (h *fileHandle) flock(how int) error {
 func (h *fileHandle) rdev() (uint64, error) {
 	var st unix.Stat_t
 	var err error
-	cerr := h.rc.Control(func(fd uintptr) {
-		err = ignoringEINTR(func() error { return unix.Fstat(int(fd), &st) })
-	})
+	cerr := h.rc.Control(func(fd uintptr) { st, err = fstat(fd) })
 	switch {
 	case cerr != nil:
 		return 0, os.ErrClosed
@@ -189,8 +215,8 @@ func ignoringEINTR(fn func() error) error {
 // /sys/dev/block/MAJ:MIN leads: to .../block/loopN for a whole loop disk,
 // to .../block/loopN/loopNpM for a partition.
 func loopNumber(path string) (int, uint64, error) {
-	var st unix.Stat_t
-	if err := ignoringEINTR(func() error { return unix.Stat(path, &st) }); err != nil {
+	st, err := stat(path)
+	if err != nil {
 		return -1, 0, &os.PathError{Op: "open", Path: path, Err: err}
 	}
 	if st.Mode&unix.S_IFMT != unix.S_IFBLK {
@@ -241,13 +267,9 @@ func reopenReadOnly(fd uintptr) (uintptr, func(), error) {
 	if fl&unix.O_ACCMODE == unix.O_RDONLY {
 		return fd, func() {}, nil
 	}
-	var ro int
-	err = ignoringEINTR(func() (err error) {
-		ro, err = unix.Open("/proc/self/fd/"+strconv.Itoa(int(fd)), unix.O_RDONLY|unix.O_CLOEXEC, 0)
-		return err
-	})
+	ro, err := openFD("/proc/self/fd/"+strconv.Itoa(int(fd)), unix.O_RDONLY)
 	if err != nil {
 		return 0, nil, err
 	}
-	return uintptr(ro), func() { unix.Close(ro) }, nil
+	return uintptr(ro), func() { closeFD(ro) }, nil
 }

@@ -46,8 +46,8 @@ func List() ([]Status, error) {
 // backing file is the file at path: the same device and inode, whatever
 // name it was bound by (a hard link, a renamed file, a relative path).
 func FindByBackingFile(path string) ([]Status, error) {
-	var st unix.Stat_t
-	if err := ignoringEINTR(func() error { return unix.Stat(path, &st) }); err != nil {
+	st, err := stat(path)
+	if err != nil {
 		return nil, newError("find", path, &os.PathError{Op: "stat", Path: path, Err: err})
 	}
 	all, err := List()
@@ -139,9 +139,10 @@ func sysfsStatus(n int, buf []byte) (Status, bool, error) {
 // backingID returns the device and inode of s's backing file: from a stat
 // of its path, or from LOOP_GET_STATUS64 when the path is deleted or gone.
 func backingID(s Status) (dev, ino uint64) {
-	var st unix.Stat_t
-	if !s.Deleted() && ignoringEINTR(func() error { return unix.Stat(s.BackingFile, &st) }) == nil {
-		return uint64(st.Dev), uint64(st.Ino)
+	if !s.Deleted() {
+		if st, err := stat(s.BackingFile); err == nil {
+			return uint64(st.Dev), uint64(st.Ino)
+		}
 	}
 	h, err := sys.open(DevicePath(s.Number), readOnly)
 	if err != nil {

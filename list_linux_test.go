@@ -1,0 +1,200 @@
+//go:build !loopctl_stub
+
+package loopctl
+
+import (
+	"errors"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"slices"
+	"testing"
+
+	"golang.org/x/sys/unix"
+)
+
+// bindFake binds a new temporary file to fake device n with o.
+func bindFake(t *testing.T, k *fakeKernel, n int, o Options) (*Device, *os.File) {
+	t.Helper()
+	f := tempFile(t, 1<<20)
+	d := fakeDevice(t, k, n)
+	if err := d.Configure(f, o); err != nil {
+		t.Fatal(err)
+	}
+	return d, f
+}
+
+func TestListFake(t *testing.T) {
+	k := useFake(t, 12)
+	_, f2 := bindFake(t, k, 2, Options{Offset: 512, Flags: FlagAutoClear})
+	_, f10 := bindFake(t, k, 10, Options{SizeLimit: 4096, Flags: FlagReadOnly | FlagPartScan | FlagDirectIO})
+	_, f9 := bindFake(t, k, 9, Options{})
+	before := len(k.calls(""))
+	list, err := List()
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := func(f *os.File) (uint64, uint64) {
+		var st unix.Stat_t
+		if err := unix.Stat(f.Name(), &st); err != nil {
+			t.Fatal(err)
+		}
+		return uint64(st.Dev), uint64(st.Ino)
+	}
+	d2, i2 := id(f2)
+	d9, i9 := id(f9)
+	d10, i10 := id(f10)
+	want := []Status{
+		{Number: 2, BackingFile: f2.Name(), BackingDevice: d2, BackingInode: i2, Offset: 512, Flags: FlagAutoClear},
+		{Number: 9, BackingFile: f9.Name(), BackingDevice: d9, BackingInode: i9},
+		{Number: 10, BackingFile: f10.Name(), BackingDevice: d10, BackingInode: i10, SizeLimit: 4096,
+			Flags: FlagReadOnly | FlagPartScan | FlagDirectIO},
+	}
+	if !slices.Equal(list, want) {
+		t.Fatalf("List:\n%+v\nwant:\n%+v", list, want)
+	}
+	if log := k.calls("")[before:]; len(log) != 0 {
+		t.Fatalf("List opened devices: %q", log)
+	}
+
+	link := filepath.Join(t.TempDir(), "link")
+	if err := os.Link(f10.Name(), link); err != nil {
+		t.Fatal(err)
+	}
+	for path, want := range map[string][]Status{f2.Name(): want[:1], link: want[2:], tempFile(t, 1).Name(): nil} {
+		got, err := FindByBackingFile(path)
+		if err != nil || !slices.Equal(got, want) {
+			t.Errorf("FindByBackingFile(%s) = %+v, %v; want %+v", path, got, err, want)
+		}
+	}
+	if _, err := FindByBackingFile(filepath.Join(t.TempDir(), "missing")); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("FindByBackingFile(missing) = %v", err)
+	}
+}
+
+func TestListDeletedFake(t *testing.T) {
+	k := useFake(t, 1)
+	_, f := bindFake(t, k, 0, Options{})
+	var st unix.Stat_t
+	if err := unix.Stat(f.Name(), &st); err != nil {
+		t.Fatal(err)
+	}
+	os.Remove(f.Name())
+	// The kernel marks an unlinked backing file so.
+	k.write(k.root+"/block/loop0/loop/backing_file", f.Name()+" (deleted)\n")
+	list, err := List()
+	if err != nil || len(list) != 1 {
+		t.Fatalf("List = %+v, %v", list, err)
+	}
+	s := list[0]
+	if !s.Deleted() || s.BackingFile != f.Name()+" (deleted)" {
+		t.Fatalf("not shown deleted: %+v", s)
+	}
+	// The path is gone, so the ids come from the device itself.
+	if s.BackingDevice != uint64(st.Dev) || s.BackingInode != uint64(st.Ino) {
+		t.Fatalf("ids %d:%d, want %d:%d", s.BackingDevice, s.BackingInode, st.Dev, st.Ino)
+	}
+	if got := k.calls("LOOP_GET_STATUS64"); len(got) != 1 {
+		t.Fatalf("fallback calls %q", got)
+	}
+	if n := k.deviceHandles(); n != 1 { // the test's own Device
+		t.Fatalf("%d device handles open", n)
+	}
+}
+
+func TestListMalformed(t *testing.T) {
+	k := useFake(t, 1)
+	bindFake(t, k, 0, Options{})
+	k.write(k.root+"/block/loop0/loop/offset", "12x\n")
+	if _, err := List(); err == nil || !errors.As(err, new(*Error)) {
+		t.Fatalf("List with a malformed offset = %v", err)
+	}
+}
+
+func TestListUnboundDuringRead(t *testing.T) {
+	k := useFake(t, 1)
+	bindFake(t, k, 0, Options{})
+	// backing_file is there, the rest already gone: left out, no error.
+	os.Remove(k.root + "/block/loop0/loop/dio")
+	if list, err := List(); err != nil || len(list) != 0 {
+		t.Fatalf("List = %+v, %v; want none", list, err)
+	}
+}
+
+func TestSetStatusFake(t *testing.T) {
+	k := useFake(t, 1)
+	d, _ := bindFake(t, k, 0, Options{Flags: FlagPartScan})
+	before := len(k.calls("LOOP_SET_STATUS64"))
+	for _, s := range []Status{
+		{Flags: FlagPartScan | FlagReadOnly},
+		{Flags: FlagPartScan | FlagDirectIO},
+		{Flags: 0},
+		{Flags: FlagPartScan | 0x80},
+		{Flags: FlagPartScan, Offset: 1 << 63},
+	} {
+		if err := d.SetStatus(s); !errors.Is(err, fs.ErrInvalid) {
+			t.Errorf("SetStatus(%+v) = %v, want fs.ErrInvalid", s, err)
+		}
+	}
+	if n := len(k.calls("LOOP_SET_STATUS64")); n != before {
+		t.Fatal("a refused SetStatus reached the kernel")
+	}
+	k.failAt("LOOP_SET_STATUS64", 1, unix.EAGAIN)
+	if err := d.SetStatus(Status{Offset: 1024, SizeLimit: 2048, Flags: FlagPartScan | FlagAutoClear}); err != nil {
+		t.Fatal(err)
+	}
+	s, err := d.Status()
+	if err != nil || s.Offset != 1024 || s.SizeLimit != 2048 || s.Flags != FlagPartScan|FlagAutoClear {
+		t.Fatalf("Status = %+v, %v", s, err)
+	}
+	if name := unix.ByteSliceToString(k.devs[0].info.File_name[:]); name == "" {
+		t.Fatal("SetStatus erased lo_file_name")
+	}
+}
+
+func TestDeviceSettersFake(t *testing.T) {
+	k := useFake(t, 1)
+	d, f := bindFake(t, k, 0, Options{})
+	before := len(k.calls("LOOP_"))
+	for _, size := range []uint32{0, 1, 511, 768, 4095} {
+		if err := d.SetBlockSize(size); !errors.Is(err, fs.ErrInvalid) {
+			t.Errorf("SetBlockSize(%d) = %v", size, err)
+		}
+	}
+	if err := d.ChangeFD(f); !errors.Is(err, fs.ErrInvalid) { // read-write device
+		t.Errorf("ChangeFD on a read-write device = %v", err)
+	}
+	if got := k.calls("LOOP_")[before:]; !slices.Equal(got, []string{"LOOP_GET_STATUS64 /dev/loop0"}) {
+		t.Fatalf("refused calls reached the kernel: %q", got)
+	}
+	k.failAt("LOOP_SET_BLOCK_SIZE", 1, unix.EAGAIN)
+	if err := d.SetBlockSize(4096); err != nil || k.devs[0].blockSize != 4096 {
+		t.Fatalf("SetBlockSize(4096) = %v, size %d", err, k.devs[0].blockSize)
+	}
+	for _, on := range []bool{true, false} {
+		if err := d.SetDirectIO(on); err != nil || k.devs[0].directIO != on {
+			t.Fatalf("SetDirectIO(%v) = %v", on, err)
+		}
+	}
+	if err := d.SetCapacity(); err != nil {
+		t.Fatal(err)
+	}
+	d.ClearFD()
+	for name, err := range map[string]error{
+		"SetCapacity": d.SetCapacity(), "SetDirectIO": d.SetDirectIO(true),
+		"SetBlockSize": d.SetBlockSize(512), "SetStatus": d.SetStatus(Status{}), "ChangeFD": d.ChangeFD(f),
+	} {
+		if !errors.Is(err, ErrNotBound) {
+			t.Errorf("%s on an unbound device = %v, want ErrNotBound", name, err)
+		}
+	}
+	d.Close()
+	for name, err := range map[string]error{
+		"SetCapacity": d.SetCapacity(), "SetDirectIO": d.SetDirectIO(true),
+		"SetBlockSize": d.SetBlockSize(512), "SetStatus": d.SetStatus(Status{}), "ChangeFD": d.ChangeFD(f),
+	} {
+		if !errors.Is(err, fs.ErrClosed) {
+			t.Errorf("%s after Close = %v, want fs.ErrClosed", name, err)
+		}
+	}
+}
