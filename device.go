@@ -9,7 +9,6 @@ import (
 	"strconv"
 	"strings"
 	"sync/atomic"
-	"unsafe"
 )
 
 // Flags are a loop device's LO_FLAGS_* bits.
@@ -250,12 +249,4 @@ func withFile(op, path string, f *os.File, fn func(fd uintptr) error) error {
 		return newError(op, path, invalid("backing file %s: %w", f.Name(), fs.ErrClosed))
 	}
 	return ferr
-}
-
-func (d *Device) ioctlPtr(op string, req uint, arg unsafe.Pointer) error {
-	h, err := d.handle(op)
-	if err != nil {
-		return err
-	}
-	return newError(op, d.path, ioctlPtr(h, req, arg))
 }

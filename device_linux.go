@@ -31,6 +31,14 @@ func (d *Device) Status() (Status, error) {
 	return s, nil
 }
 
+func (d *Device) ioctlPtr(op string, req uint, arg unsafe.Pointer) error {
+	h, err := d.handle(op)
+	if err != nil {
+		return err
+	}
+	return newError(op, d.path, ioctlPtr(h, req, arg))
+}
+
 func statusFromInfo(info *unix.LoopInfo64) Status {
 	return Status{
 		Number:        int(info.Number),

@@ -6,7 +6,6 @@ import (
 	"context"
 	"errors"
 	"os"
-	"unsafe"
 )
 
 // Loop devices exist only on Linux. Elsewhere the package builds, and every
@@ -25,10 +24,8 @@ func loopNumber(path string) (int, uint64, error) {
 	return -1, 0, newError("open", path, errors.ErrUnsupported)
 }
 
-// ioctl and ioctlPtr are never reached here: no handle can be opened.
+// ioctl is never reached here: no handle can be opened.
 func ioctl(h handle, req uint, arg uintptr) (int, error) { return h.rawIoctl(req, arg) }
-
-func ioctlPtr(h handle, req uint, arg unsafe.Pointer) error { return h.rawIoctlPtr(req, arg) }
 
 // unsupported returns the error of a Device method on this platform: no
 // Device can be opened here, so a Device is a zero or closed one.
