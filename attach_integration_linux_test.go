@@ -152,6 +152,23 @@ func TestKernelSetStatus(t *testing.T) {
 		t.Fatalf("lo_file_name %q after SetStatus, %v", info.File_name, err)
 	}
 
+	// The kernel ignores, with success, a read-only or direct I/O flag
+	// through LOOP_SET_STATUS64: that is why SetStatus refuses them.
+	for _, flag := range []uint32{unix.LO_FLAGS_READ_ONLY, unix.LO_FLAGS_DIRECT_IO} {
+		raw := info
+		raw.Flags |= flag
+		if err := ioctlPtr(d.h, reqSetStatus64, unsafe.Pointer(&raw)); err != nil {
+			t.Fatalf("kernel LOOP_SET_STATUS64 with flag %#x: %v", flag, err)
+		}
+		checkBound(t, d, f.Name(), want)
+	}
+	raw := info
+	raw.Flags &^= unix.LO_FLAGS_PARTSCAN // nor can partscan be cleared
+	if err := ioctlPtr(d.h, reqSetStatus64, unsafe.Pointer(&raw)); err != nil {
+		t.Fatalf("kernel LOOP_SET_STATUS64 clearing partscan: %v", err)
+	}
+	checkBound(t, d, f.Name(), want)
+
 	// What the kernel would ignore is refused, and nothing changes.
 	for name, s := range map[string]Status{
 		"set read-only":   {Flags: set.Flags | FlagReadOnly},

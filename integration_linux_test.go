@@ -418,6 +418,14 @@ func TestKernelConfigureRejected(t *testing.T) {
 	if err := ioctlPtr(d.h, reqConfigure, unsafe.Pointer(&cfg)); err != unix.EINVAL {
 		t.Fatalf("kernel LOOP_CONFIGURE with flag 0x20: %v, want EINVAL", err)
 	}
+	// What tells an argument error from a missing LOOP_CONFIGURE: a kernel
+	// that has it answers EBADF for no file, and binds nothing.
+	probe := unix.LoopConfig{Fd: ^uint32(0)}
+	if err := ioctlPtr(d.h, reqConfigure, unsafe.Pointer(&probe)); err != unix.EBADF {
+		t.Fatalf("kernel LOOP_CONFIGURE with no file: %v, want EBADF", err)
+	}
+	_, err := d.Status()
+	wantErrno(t, err, unix.ENXIO, ErrNotBound)
 }
 
 // mustFd returns f's descriptor number for a raw call; f stays open for
