@@ -50,7 +50,7 @@ func TestKernelAttach(t *testing.T) {
 		{Flags: FlagDirectIO, BlockSize: 4096},
 	} {
 		t.Run(o.Flags.String(), func(t *testing.T) {
-			f := backingFile(t, 2<<20)
+			f := tempFile(t, 2<<20)
 			d := attachT(t, f.Name(), o)
 			checkBound(t, d, f.Name(), o)
 
@@ -68,7 +68,7 @@ func TestKernelAttach(t *testing.T) {
 }
 
 func TestKernelAttachFile(t *testing.T) {
-	f := backingFile(t, 1<<20)
+	f := tempFile(t, 1<<20)
 	requireKernel(t)
 	d, err := AttachFile(context.Background(), f, Options{Flags: FlagReadOnly})
 	if err != nil {
@@ -83,7 +83,7 @@ func TestKernelAttachFile(t *testing.T) {
 }
 
 func TestKernelAttachAutoClear(t *testing.T) {
-	f := backingFile(t, 1<<20)
+	f := tempFile(t, 1<<20)
 	d := attachT(t, f.Name(), Options{Flags: FlagAutoClear})
 	n := d.Number()
 	// The returned Device holds the binding open.
@@ -103,7 +103,7 @@ func TestKernelAttachAutoClear(t *testing.T) {
 }
 
 func TestKernelAttachDeletedFile(t *testing.T) {
-	f := backingFile(t, 1<<20)
+	f := tempFile(t, 1<<20)
 	d := attachT(t, f.Name(), Options{})
 	dev, ino := fileID(t, f.Name())
 	if err := os.Remove(f.Name()); err != nil {
@@ -135,7 +135,7 @@ func TestKernelAttachDeletedFile(t *testing.T) {
 }
 
 func TestKernelSetStatus(t *testing.T) {
-	f := backingFile(t, 2<<20)
+	f := tempFile(t, 2<<20)
 	d := attachT(t, f.Name(), Options{})
 	set := Status{Offset: 4096, SizeLimit: 1 << 20, Flags: FlagAutoClear | FlagPartScan}
 	if err := d.SetStatus(set); err != nil {
@@ -197,7 +197,7 @@ func TestKernelSetStatus(t *testing.T) {
 }
 
 func TestKernelSetCapacity(t *testing.T) {
-	f := backingFile(t, 1<<20)
+	f := tempFile(t, 1<<20)
 	d := attachT(t, f.Name(), Options{})
 	if err := f.Truncate(2 << 20); err != nil {
 		t.Fatal(err)
@@ -214,7 +214,7 @@ func TestKernelSetCapacity(t *testing.T) {
 }
 
 func TestKernelSetBlockSize(t *testing.T) {
-	d := attachT(t, backingFile(t, 1<<20).Name(), Options{})
+	d := attachT(t, tempFile(t, 1<<20).Name(), Options{})
 	for _, size := range []uint32{4096, 1024, 65536, 512} {
 		if err := d.SetBlockSize(size); err != nil {
 			t.Fatal(err)
@@ -235,7 +235,7 @@ func TestKernelSetBlockSize(t *testing.T) {
 }
 
 func TestKernelSetDirectIO(t *testing.T) {
-	d := attachT(t, backingFile(t, 1<<20).Name(), Options{BlockSize: 4096})
+	d := attachT(t, tempFile(t, 1<<20).Name(), Options{BlockSize: 4096})
 	for _, on := range []bool{true, false, true} {
 		if err := d.SetDirectIO(on); err != nil {
 			t.Fatal(err)
@@ -252,7 +252,7 @@ func TestKernelSetDirectIO(t *testing.T) {
 }
 
 func TestKernelChangeFD(t *testing.T) {
-	a := backingFile(t, 1<<20)
+	a := tempFile(t, 1<<20)
 	d := attachT(t, a.Name(), Options{Flags: FlagReadOnly})
 	b, err := os.Create(filepath.Join(t.TempDir(), "b-"+longName))
 	if err != nil {
@@ -268,7 +268,7 @@ func TestKernelChangeFD(t *testing.T) {
 	checkBound(t, d, b.Name(), Options{Flags: FlagReadOnly})
 
 	// Another size: the kernel refuses, and the error says why.
-	c := backingFile(t, 2<<20)
+	c := tempFile(t, 2<<20)
 	err = d.ChangeFD(c)
 	if !errors.Is(err, unix.EINVAL) || !strings.Contains(err.Error(), "same size") {
 		t.Fatalf("ChangeFD(other size) = %v, want EINVAL explained", err)
@@ -315,7 +315,7 @@ func useKernel(t *testing.T, k kernel) {
 
 func TestKernelAttachWithoutControl(t *testing.T) {
 	useKernel(t, forceOpen{prefix: ControlPath, err: unix.ENOENT})
-	f := backingFile(t, 1<<20)
+	f := tempFile(t, 1<<20)
 	d := attachT(t, f.Name(), Options{Offset: 512})
 	checkBound(t, d, f.Name(), Options{Offset: 512})
 	// sysfs named the lowest unbound device.
@@ -349,7 +349,7 @@ func TestKernelAttachMissingNode(t *testing.T) {
 				k = missingNodes{}
 			}
 			useKernel(t, k)
-			_, err := Attach(context.Background(), backingFile(t, 1<<20).Name(), Options{})
+			_, err := Attach(context.Background(), tempFile(t, 1<<20).Name(), Options{})
 			var pe *os.PathError
 			if !errors.Is(err, fs.ErrNotExist) || !errors.As(err, &pe) || !strings.HasPrefix(pe.Path, "/dev/loop") || pe.Path == ControlPath {
 				t.Fatalf("Attach = %v, want the missing /dev/loopN named", err)
@@ -373,14 +373,14 @@ func TestKernelAttachFallback(t *testing.T) {
 	resetShared()
 	t.Cleanup(resetShared)
 	o := Options{Offset: 4096, SizeLimit: 1 << 20, BlockSize: 4096, Flags: FlagAutoClear | FlagDirectIO | FlagReadOnly}
-	f := backingFile(t, 2<<20)
+	f := tempFile(t, 2<<20)
 	d := attachT(t, f.Name(), o)
 	checkBound(t, d, f.Name(), o)
 }
 
 func TestKernelAttachNoLeak(t *testing.T) {
 	requireKernel(t)
-	f := backingFile(t, 1<<20)
+	f := tempFile(t, 1<<20)
 	dir := t.TempDir()
 	// The first Attach opens the process's control device, which stays.
 	d, err := Attach(context.Background(), f.Name(), Options{})

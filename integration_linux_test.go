@@ -80,22 +80,6 @@ func newDevice(t *testing.T, c *Control) *Device {
 	return d
 }
 
-// longName makes the backing path longer than lo_file_name's 64 bytes.
-const longName = "a-backing-file-whose-path-is-longer-than-the-kernels-64-byte-lo_file_name.img"
-
-func backingFile(t *testing.T, size int64) *os.File {
-	t.Helper()
-	f, err := os.OpenFile(filepath.Join(t.TempDir(), longName), os.O_RDWR|os.O_CREATE, 0o644)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { f.Close() })
-	if err := f.Truncate(size); err != nil {
-		t.Fatal(err)
-	}
-	return f
-}
-
 func fileID(t *testing.T, path string) (dev, ino uint64) {
 	t.Helper()
 	var st unix.Stat_t
@@ -197,7 +181,7 @@ func TestKernelRemoveBusy(t *testing.T) {
 	c := openControl(t)
 	d := newDevice(t, c)
 	wantErrno(t, c.Remove(d.Number()), unix.EBUSY, ErrBusy) // open
-	if err := d.SetFD(backingFile(t, 1<<20)); err != nil {
+	if err := d.SetFD(tempFile(t, 1<<20)); err != nil {
 		t.Fatal(err)
 	}
 	wantErrno(t, c.Remove(d.Number()), unix.EBUSY, ErrBusy) // bound
@@ -235,7 +219,7 @@ func TestKernelGetFreeAllocatesNothing(t *testing.T) {
 func TestKernelSetFD(t *testing.T) {
 	c := openControl(t)
 	d := newDevice(t, c)
-	f := backingFile(t, 1<<20)
+	f := tempFile(t, 1<<20)
 	if err := d.SetFD(f); err != nil {
 		t.Fatal(err)
 	}
@@ -266,7 +250,7 @@ func TestKernelSetFD(t *testing.T) {
 func TestKernelSetFDReadOnlyFile(t *testing.T) {
 	c := openControl(t)
 	d := newDevice(t, c)
-	rw := backingFile(t, 1<<20)
+	rw := tempFile(t, 1<<20)
 	ro, err := os.Open(rw.Name())
 	if err != nil {
 		t.Fatal(err)
@@ -306,7 +290,7 @@ func TestKernelConfigure(t *testing.T) {
 func checkConfigure(t *testing.T, c *Control, o Options) {
 	t.Helper()
 	d := newDevice(t, c)
-	f := backingFile(t, 2<<20)
+	f := tempFile(t, 2<<20)
 	if err := d.Configure(f, o); err != nil {
 		t.Fatal(err)
 	}
@@ -376,7 +360,7 @@ func losetupJ(t *testing.T, path string) []string {
 func TestKernelConfigureBusy(t *testing.T) {
 	c := openControl(t)
 	d := newDevice(t, c)
-	first, second := backingFile(t, 1<<20), backingFile(t, 1<<20)
+	first, second := tempFile(t, 1<<20), tempFile(t, 1<<20)
 	if err := d.Configure(first, Options{}); err != nil {
 		t.Fatal(err)
 	}
@@ -390,8 +374,8 @@ func TestKernelConfigureBusy(t *testing.T) {
 func TestKernelConfigureRejected(t *testing.T) {
 	c := openControl(t)
 	d := newDevice(t, c)
-	f := backingFile(t, 1<<20)
-	closed := backingFile(t, 4096)
+	f := tempFile(t, 1<<20)
+	closed := tempFile(t, 4096)
 	closed.Close()
 	for name, call := range map[string]func() error{
 		"nil file":    func() error { return d.Configure(nil, Options{}) },
@@ -523,7 +507,7 @@ func TestKernelConfigureFallback(t *testing.T) {
 		// bound the file: the binding must be undone.
 		useForced(t, map[uint]error{reqConfigure: unix.ENOTTY})
 		d := newDevice(t, c)
-		err := d.Configure(backingFile(t, 1<<20), Options{BlockSize: 1 << 20})
+		err := d.Configure(tempFile(t, 1<<20), Options{BlockSize: 1 << 20})
 		if !errors.Is(err, unix.EINVAL) || !strings.Contains(err.Error(), "LOOP_SET_BLOCK_SIZE") {
 			t.Fatalf("Configure = %v, want EINVAL from LOOP_SET_BLOCK_SIZE", err)
 		}
@@ -544,7 +528,7 @@ func containsReq(seen []uint, req uint) bool {
 func TestKernelOpenDevicePath(t *testing.T) {
 	c := openControl(t)
 	d := newDevice(t, c)
-	f := backingFile(t, 4<<20)
+	f := tempFile(t, 4<<20)
 	if err := d.Configure(f, Options{Flags: FlagPartScan}); err != nil {
 		t.Fatal(err)
 	}
@@ -565,7 +549,7 @@ func TestKernelOpenDevicePath(t *testing.T) {
 		}
 		return p
 	}
-	regular := backingFile(t, 4096).Name()
+	regular := tempFile(t, 4096).Name()
 
 	for _, path := range []string{d.Path(), link("loop", d.Path()), link("loop2", filepath.Join(dir, "loop"))} {
 		t.Run(path, func(t *testing.T) {
@@ -679,7 +663,7 @@ func openFDs(t *testing.T) map[int]string {
 func TestKernelCloexecAndNoLeak(t *testing.T) {
 	c := openControl(t)
 	d := newDevice(t, c)
-	f := backingFile(t, 1<<20)
+	f := tempFile(t, 1<<20)
 	before := len(openFDs(t))
 
 	c2, err := Open()
@@ -737,7 +721,7 @@ func TestKernelCloexecAndNoLeak(t *testing.T) {
 func TestKernelConcurrent(t *testing.T) {
 	c := openControl(t)
 	d := newDevice(t, c)
-	if err := d.Configure(backingFile(t, 1<<20), Options{}); err != nil {
+	if err := d.Configure(tempFile(t, 1<<20), Options{}); err != nil {
 		t.Fatal(err)
 	}
 	var wg sync.WaitGroup

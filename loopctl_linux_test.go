@@ -35,9 +35,14 @@ func TestRequestNumbers(t *testing.T) {
 	}
 }
 
+// longName makes backing paths longer than lo_file_name's 64 bytes, so
+// that tests see where the full name comes from.
+const longName = "a-backing-file-whose-path-is-longer-than-the-kernels-64-byte-lo_file_name.img"
+
+// tempFile creates a backing file of size bytes for the test.
 func tempFile(t *testing.T, size int64) *os.File {
 	t.Helper()
-	f, err := os.Create(filepath.Join(t.TempDir(), "backing.img"))
+	f, err := os.Create(filepath.Join(t.TempDir(), longName))
 	if err != nil {
 		t.Fatal(err)
 	}
