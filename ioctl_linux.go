@@ -117,7 +117,7 @@ func ioctlPtr(h handle, req uint, arg unsafe.Pointer) error {
 
 func (h *fileHandle) rawIoctl(req uint, arg uintptr) (int, error) {
 	c := calls.Get().(*call)
-	c.req, c.val = req, arg
+	c.req, c.val, c.ptr = req, arg, nil
 	r, err := c.on(h.rc)
 	calls.Put(c)
 	return r, err
