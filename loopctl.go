@@ -95,7 +95,7 @@ func (c *Control) Remove(n int) error {
 // process may bind the device before the caller does: Attach handles that
 // race, and code that binds by hand must retry on ErrBusy.
 //
-// GetFree makes one ioctl and allocates nothing.
+// GetFree makes one ioctl and allocates nothing. On error the number is -1.
 func (c *Control) GetFree() (int, error) {
 	return c.ioctl("get-free", ControlPath, reqCtlGetFree, 0)
 }
