@@ -19,24 +19,21 @@ import (
 // bytes of it in lo_file_name, which is the fallback). An unbound device is
 // an error matching ErrNotBound.
 func (d *Device) Status() (Status, error) {
+	const op = "status"
+	h, err := d.handle(op)
+	if err != nil {
+		return Status{}, err
+	}
 	var info unix.LoopInfo64
-	if err := d.ioctlPtr("status", reqGetStatus64, unsafe.Pointer(&info)); err != nil {
+	if err := d.status(op, h, &info); err != nil {
 		return Status{}, err
 	}
 	s := statusFromInfo(&info)
 	var buf [sysfs.BufSize]byte
-	if b, err := sysfs.ReadFile(sysfs.LoopDir(sysfsRoot, s.Number)+"/loop/backing_file", buf[:]); err == nil {
+	if b, err := sysfs.ReadFile(sysfsLoopAttr(s.Number, "backing_file"), buf[:]); err == nil {
 		s.BackingFile = sysfs.Value(b)
 	}
 	return s, nil
-}
-
-func (d *Device) ioctlPtr(op string, req uint, arg unsafe.Pointer) error {
-	h, err := d.handle(op)
-	if err != nil {
-		return err
-	}
-	return newError(op, d.path, ioctlPtr(h, req, arg))
 }
 
 func statusFromInfo(info *unix.LoopInfo64) Status {
@@ -169,11 +166,9 @@ func legacySettings(h handle, name string, o Options) error {
 	return nil
 }
 
-// status reads LOOP_GET_STATUS64 for op.
-func (d *Device) status(op string, h handle) (unix.LoopInfo64, error) {
-	var info unix.LoopInfo64
-	err := ioctlPtr(h, reqGetStatus64, unsafe.Pointer(&info))
-	return info, newError(op, d.path, err)
+// status reads LOOP_GET_STATUS64 into info for op.
+func (d *Device) status(op string, h handle, info *unix.LoopInfo64) error {
+	return newError(op, d.path, ioctlPtr(h, reqGetStatus64, unsafe.Pointer(info)))
 }
 
 // SetStatus changes a bound device's offset, size limit, FlagAutoClear and
@@ -191,8 +186,8 @@ func (d *Device) SetStatus(s Status) error {
 	if err := (Options{Offset: s.Offset, SizeLimit: s.SizeLimit, Flags: s.Flags}).validate(); err != nil {
 		return newError(op, d.path, err)
 	}
-	info, err := d.status(op, h)
-	if err != nil {
+	var info unix.LoopInfo64
+	if err := d.status(op, h, &info); err != nil {
 		return err
 	}
 	have := Flags(info.Flags)
@@ -249,8 +244,8 @@ func (d *Device) ChangeFD(f *os.File) error {
 		if m := st.Mode & unix.S_IFMT; m != unix.S_IFREG && m != unix.S_IFBLK {
 			return newError(op, d.path, invalid("%s is not a regular file or block device", f.Name()))
 		}
-		info, err := d.status(op, h)
-		if err != nil {
+		var info unix.LoopInfo64
+		if err := d.status(op, h, &info); err != nil {
 			return err
 		}
 		if info.Flags&unix.LO_FLAGS_READ_ONLY == 0 {

@@ -83,11 +83,10 @@ func loopNumbers() ([]int, error) {
 // sysfsLoopAttr returns the path of attribute attr of device n's loop/
 // directory, or of the directory itself for "".
 func sysfsLoopAttr(n int, attr string) string {
-	p := sysfs.LoopDir(sysfsRoot, n) + "/loop"
-	if attr != "" {
-		p += "/" + attr
+	if attr == "" {
+		return sysfs.LoopDir(sysfsRoot, n) + "/loop"
 	}
-	return p
+	return sysfs.LoopDir(sysfsRoot, n) + "/loop/" + attr
 }
 
 // sysfsStatus reads device n's binding from sysfs into a Status. It reports
