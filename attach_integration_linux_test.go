@@ -33,14 +33,6 @@ func attachT(t *testing.T, path string, o Options) *Device {
 	return d
 }
 
-// detach clears d's binding if it still has one, and closes it.
-func detach(t *testing.T, d *Device) {
-	if err := d.ClearFD(); err != nil && !errors.Is(err, ErrNotBound) && !errors.Is(err, fs.ErrClosed) {
-		t.Errorf("detaching %s: %v", d.Path(), err)
-	}
-	d.Close()
-}
-
 func TestKernelAttach(t *testing.T) {
 	for _, o := range []Options{
 		{},
@@ -290,27 +282,18 @@ func TestKernelChangeFD(t *testing.T) {
 	}
 }
 
-// forceOpen makes the real kernel's opens of paths with prefix fail with
-// err, as on a machine without them.
+// forceOpen makes the real kernel's opens of paths with prefix, but for
+// keep, fail with err, as on a machine without them.
 type forceOpen struct {
-	prefix string
-	err    error
+	prefix, keep string
+	err          error
 }
 
 func (k forceOpen) open(path string, mode int) (handle, error) {
-	if strings.HasPrefix(path, k.prefix) {
+	if strings.HasPrefix(path, k.prefix) && path != k.keep {
 		return nil, &os.PathError{Op: "open", Path: path, Err: k.err}
 	}
 	return osKernel{}.open(path, mode)
-}
-
-func useKernel(t *testing.T, k kernel) {
-	t.Helper()
-	requireKernel(t)
-	old := sys
-	resetShared()
-	sys = k
-	t.Cleanup(func() { resetShared(); sys = old })
 }
 
 func TestKernelAttachWithoutControl(t *testing.T) {
@@ -344,9 +327,9 @@ func TestKernelAttachWithoutControl(t *testing.T) {
 func TestKernelAttachMissingNode(t *testing.T) {
 	for _, noControl := range []bool{false, true} {
 		t.Run(fmt.Sprint("noControl=", noControl), func(t *testing.T) {
-			k := kernel(forceOpen{prefix: "/dev/loop", err: unix.ENOENT})
+			k := forceOpen{prefix: "/dev/loop", err: unix.ENOENT}
 			if !noControl {
-				k = missingNodes{}
+				k.keep = ControlPath // only the /dev/loopN nodes are missing
 			}
 			useKernel(t, k)
 			_, err := Attach(context.Background(), tempFile(t, 1<<20).Name(), Options{})
@@ -358,20 +341,8 @@ func TestKernelAttachMissingNode(t *testing.T) {
 	}
 }
 
-// missingNodes has /dev/loop-control but no /dev/loopN nodes.
-type missingNodes struct{}
-
-func (missingNodes) open(path string, mode int) (handle, error) {
-	if path != ControlPath {
-		return nil, &os.PathError{Op: "open", Path: path, Err: unix.ENOENT}
-	}
-	return osKernel{}.open(path, mode)
-}
-
 func TestKernelAttachFallback(t *testing.T) {
 	useForced(t, map[uint]error{reqConfigure: unix.ENOTTY})
-	resetShared()
-	t.Cleanup(resetShared)
 	o := Options{Offset: 4096, SizeLimit: 1 << 20, BlockSize: 4096, Flags: FlagAutoClear | FlagDirectIO | FlagReadOnly}
 	f := tempFile(t, 2<<20)
 	d := attachT(t, f.Name(), o)

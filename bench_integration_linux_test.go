@@ -9,16 +9,6 @@ import (
 	"testing"
 )
 
-func requireKernelB(b *testing.B) {
-	b.Helper()
-	if os.Geteuid() != 0 {
-		b.Skip("needs root")
-	}
-	if _, err := os.Stat(ControlPath); err != nil {
-		b.Skip("needs the loop driver")
-	}
-}
-
 func benchFile(b *testing.B) string {
 	b.Helper()
 	path := filepath.Join(b.TempDir(), "bench.img")
@@ -28,8 +18,22 @@ func benchFile(b *testing.B) string {
 	return path
 }
 
+// benchAttach attaches path for the benchmark, detached when it ends.
+func benchAttach(b *testing.B, path string) *Device {
+	b.Helper()
+	d, err := Attach(context.Background(), path, Options{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() {
+		d.ClearFD()
+		d.Close()
+	})
+	return d
+}
+
 func BenchmarkGetFree(b *testing.B) {
-	requireKernelB(b)
+	requireKernel(b)
 	c, err := Open()
 	if err != nil {
 		b.Fatal(err)
@@ -46,7 +50,7 @@ func BenchmarkGetFree(b *testing.B) {
 // BenchmarkAttachDetach is one whole cycle: Attach (GET_FREE, open, flock,
 // LOOP_CONFIGURE, unlock), ClearFD, Close.
 func BenchmarkAttachDetach(b *testing.B) {
-	requireKernelB(b)
+	requireKernel(b)
 	f, err := os.OpenFile(benchFile(b), os.O_RDWR, 0)
 	if err != nil {
 		b.Fatal(err)
@@ -66,13 +70,8 @@ func BenchmarkAttachDetach(b *testing.B) {
 }
 
 func BenchmarkStatus(b *testing.B) {
-	requireKernelB(b)
-	d, err := Attach(context.Background(), benchFile(b), Options{})
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer d.Close()
-	defer d.ClearFD()
+	requireKernel(b)
+	d := benchAttach(b, benchFile(b))
 	b.ReportAllocs()
 	for b.Loop() {
 		if _, err := d.Status(); err != nil {
@@ -83,15 +82,10 @@ func BenchmarkStatus(b *testing.B) {
 
 // BenchmarkList lists the machine's bound devices, with 16 of its own.
 func BenchmarkList(b *testing.B) {
-	requireKernelB(b)
+	requireKernel(b)
 	path := benchFile(b)
 	for range 16 {
-		d, err := Attach(context.Background(), path, Options{})
-		if err != nil {
-			b.Fatal(err)
-		}
-		defer d.Close()
-		defer d.ClearFD()
+		benchAttach(b, path)
 	}
 	b.ReportAllocs()
 	for b.Loop() {

@@ -26,7 +26,7 @@ import (
 
 // requireKernel skips a test that needs root and the loop driver, with a
 // hint, or fails it under LOOPCTL_REQUIRE_INTEGRATION=1.
-func requireKernel(t *testing.T) {
+func requireKernel(t testing.TB) {
 	t.Helper()
 	var reason string
 	switch _, err := os.Stat(ControlPath); {
@@ -71,13 +71,16 @@ func newDevice(t *testing.T, c *Control) *Device {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() {
-		if err := d.ClearFD(); err != nil && !errors.Is(err, ErrNotBound) && !errors.Is(err, fs.ErrClosed) {
-			t.Errorf("clearing the test's binding: %v", err)
-		}
-		d.Close()
-	})
+	t.Cleanup(func() { detach(t, d) })
 	return d
+}
+
+// detach clears d's binding if it still has one, and closes it.
+func detach(t *testing.T, d *Device) {
+	if err := d.ClearFD(); err != nil && !errors.Is(err, ErrNotBound) && !errors.Is(err, fs.ErrClosed) {
+		t.Errorf("detaching %s: %v", d.Path(), err)
+	}
+	d.Close()
 }
 
 func fileID(t *testing.T, path string) (dev, ino uint64) {
@@ -433,12 +436,23 @@ type forcedKernel struct {
 	seen []uint
 }
 
+// useKernel puts k in place of the real kernel for the test, with a fresh
+// shared control device opened through it.
+func useKernel(t *testing.T, k kernel) {
+	t.Helper()
+	requireKernel(t)
+	old := sys
+	resetShared()
+	sys = k
+	t.Cleanup(func() { resetShared(); sys = old })
+}
+
 func useForced(t *testing.T, fail map[uint]error) *forcedKernel {
 	k := &forcedKernel{fail: fail}
-	old, oldNo := sys, noConfigure.Load()
-	sys = k
+	useKernel(t, k)
+	oldNo := noConfigure.Load()
 	noConfigure.Store(false)
-	t.Cleanup(func() { sys = old; noConfigure.Store(oldNo) })
+	t.Cleanup(func() { noConfigure.Store(oldNo) })
 	return k
 }
 
