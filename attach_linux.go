@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/loopctl/loopctl/internal/sysfs"
 )
 
 // Attach binds the file at path to a free loop device and returns the
@@ -107,8 +109,8 @@ func checkBackingFile(fd uintptr, name string) error {
 }
 
 // maxAttempts bounds how many devices one Attach tries: each lost race
-// means another process bound a device, so only a crowd this large, or a
-// device held busy while unbound, exhausts it.
+// means another process bound or tore down a device, so only a crowd this
+// large, or a device held busy while unbound, exhausts it.
 const maxAttempts = 256
 
 // attach finds a free device and binds the file open as fd to it,
@@ -117,15 +119,11 @@ func attach(ctx context.Context, fd uintptr, name string, o Options) (*Device, e
 	const op = "attach"
 	var tried map[int]bool
 	for attempt := 0; ; attempt++ {
-		n, err := freeDevice(tried)
-		if err != nil {
-			return nil, newError(op, name, err)
-		}
-		d, err := tryAttach(n, fd, name, o)
+		d, n, lost, err := attachOnce(ctx, fd, name, o, tried)
 		if err == nil {
 			return d, nil
 		}
-		if !lostRace(err) || attempt+1 == maxAttempts {
+		if !lost || attempt+1 == maxAttempts {
 			return nil, newError(op, name, err)
 		}
 		if tried == nil {
@@ -138,16 +136,24 @@ func attach(ctx context.Context, fd uintptr, name string, o Options) (*Device, e
 	}
 }
 
-// lostRace tells whether err from tryAttach means that another process
-// holds or took the device first: EBUSY from the open, the lock or the
-// binding call itself (LOOP_CONFIGURE, or LOOP_SET_FD in the fallback); not
-// an EBUSY from a later step, whose failure undid a binding that was ours.
-func lostRace(err error) bool {
-	var se *stepError
-	if errors.As(err, &se) {
-		return se.step == stepSetFD && se.err == unix.EBUSY
+// attachOnce is one attempt, under the attach lock: ask for a free device
+// (skipping those tried already when another is free) and bind to it. It
+// returns the device's number, and whether err means a lost race.
+func attachOnce(ctx context.Context, fd uintptr, name string, o Options, tried map[int]bool) (d *Device, n int, lost bool, err error) {
+	c, err := sharedControl()
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return nil, -1, false, err
 	}
-	return errors.Is(err, unix.EBUSY)
+	if err := lockAttach(ctx, c); err != nil {
+		return nil, -1, false, err
+	}
+	defer unlockAttach(c)
+	n, err = freeDevice(c, tried)
+	if err != nil {
+		return nil, -1, false, err
+	}
+	d, lost, err = tryAttach(c, n, fd, name, o)
+	return d, n, lost, err
 }
 
 // maxBackoff caps the pause between attempts; tests shorten it.
@@ -173,43 +179,180 @@ func backoff(ctx context.Context, attempt int) error {
 	}
 }
 
-// tryAttach binds the file open as fd to device n under an exclusive
-// flock. A lock held elsewhere reports EBUSY, like a device bound first by
-// someone else.
-func tryAttach(n int, fd uintptr, name string, o Options) (*Device, error) {
+// tryAttach binds the file open as fd to device n under an exclusive flock
+// of the device, and reports whether a failure means that another process
+// got to the device first (see lostOpen and lostBind).
+func tryAttach(c *Control, n int, fd uintptr, name string, o Options) (*Device, bool, error) {
 	d, err := OpenDevice(n)
 	if err != nil {
-		return nil, err
+		return nil, lostOpen(c, n, err), err
 	}
 	if err := d.h.flock(unix.LOCK_EX | unix.LOCK_NB); err != nil {
 		d.Close()
 		if err == unix.EWOULDBLOCK {
-			return nil, newError("lock", d.path, unix.EBUSY)
+			// Held by udev probing it, or by a tool setting it up.
+			return nil, true, newError("lock", d.path, inStep("held by another process", unix.EWOULDBLOCK))
 		}
-		return nil, newError("lock", d.path, err)
+		return nil, false, newError("lock", d.path, err)
 	}
 	if err := configure(d.h, fd, name, o); err != nil {
 		d.Close() // also drops the lock
-		return nil, newError("configure", d.path, err)
+		return nil, lostBind(err), newError("configure", d.path, err)
 	}
 	if err := d.h.flock(unix.LOCK_UN); err != nil {
 		// The binding is ours: undo it rather than hand out a device
 		// that stays locked.
 		err = errors.Join(newError("unlock", d.path, inStep("LOCK_UN", err)), d.ClearFD())
 		d.Close()
-		return nil, err
+		return nil, false, err
 	}
-	return d, nil
+	return d, false, nil
+}
+
+// lostOpen tells whether the open of device n, named free a moment before,
+// failed because another process got there first. ENXIO: the device is
+// being torn down (bound and detached since, on Linux 6.11 and later, or
+// being removed); ENODEV and ENOENT: it was removed. EBUSY: it is held
+// exclusively. A node that is missing while the device still exists (a
+// container whose /dev is not devtmpfs) is no race, and is reported at
+// once.
+func lostOpen(c *Control, n int, err error) bool {
+	var errno unix.Errno
+	if !errors.As(err, &errno) {
+		return false
+	}
+	switch errno {
+	case unix.ENXIO, unix.ENODEV, unix.EBUSY:
+		return true
+	case unix.ENOENT:
+		return !nodeMissing(c, n)
+	}
+	return false
+}
+
+// nodeMissing tells, after /dev/loopN was not found, whether device n
+// exists without its node. The kernel stops naming a device as free the
+// moment its removal starts, while its sysfs entry may linger a little
+// longer: so a device in sysfs that LOOP_CTL_GET_FREE still names is one
+// whose node is missing. Without the control device, sysfs alone decides.
+func nodeMissing(c *Control, n int) bool {
+	if _, err := os.Lstat(sysfs.LoopDir(sysfsRoot, n)); err != nil {
+		return false
+	}
+	if c == nil {
+		return true
+	}
+	m, err := c.GetFree()
+	return err != nil || m == n
+}
+
+// lostBind tells whether err from binding means that another process bound
+// the device first: EBUSY from LOOP_CONFIGURE, or from LOOP_SET_FD in the
+// fallback; not an EBUSY from a later step, whose failure undid a binding
+// that was ours.
+func lostBind(err error) bool {
+	var se *stepError
+	if errors.As(err, &se) {
+		return se.step == stepSetFD && se.err == unix.EBUSY
+	}
+	return err == unix.EBUSY
+}
+
+// The attach lock. This process's attachers take turns, so that they do
+// not all chase the number LOOP_CTL_GET_FREE gives them at once; the turn
+// is a one-slot channel, so that waiting for it honours a context. The
+// holder of the turn then takes flock(LOCK_EX) on /dev/loop-control, the
+// lock systemd's loop-util holds across LOOP_CTL_GET_FREE, open and bind,
+// so that other processes that follow the convention (systemd's tools,
+// losetup under flock(1), other loopctl programs) take turns with it. The
+// control device's lock is taken first and the device's second, always, as
+// systemd does.
+var turn = make(chan struct{}, 1)
+
+// lockWaiters counts the goroutines that wait for the control lock on behalf
+// of an Attach whose context ended first; tests wait for them.
+var lockWaiters sync.WaitGroup
+
+// lockAttach takes this process's turn and then the control device's lock,
+// honouring ctx while it waits for either. c is nil without a control
+// device.
+func lockAttach(ctx context.Context, c *Control) error {
+	select {
+	case turn <- struct{}{}:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	if c == nil {
+		return nil
+	}
+	err := c.h.flock(unix.LOCK_EX | unix.LOCK_NB)
+	if err == unix.EWOULDBLOCK {
+		if ctx.Done() != nil {
+			return waitControlLock(ctx, c)
+		}
+		err = c.h.flock(unix.LOCK_EX) // a context that never ends
+	}
+	if err != nil {
+		<-turn
+		return newError("lock", ControlPath, err)
+	}
+	return nil
+}
+
+// waitControlLock waits, holding the turn, for the control device's lock
+// that another process holds. A blocking flock cannot be interrupted, so
+// it runs in a goroutine that hands the lock over, or, when ctx ends first,
+// releases the lock as soon as it gets it, and then the turn: until then no
+// other attacher of this process may use the control device's lock, which
+// they all share.
+func waitControlLock(ctx context.Context, c *Control) error {
+	got := make(chan error) // the hand-over: no buffer
+	abandoned := make(chan struct{})
+	lockWaiters.Add(1)
+	go func() {
+		defer lockWaiters.Done()
+		err := c.h.flock(unix.LOCK_EX)
+		select {
+		case got <- err:
+		case <-abandoned:
+			if err == nil {
+				c.h.flock(unix.LOCK_UN)
+			}
+			<-turn
+		}
+	}()
+	select {
+	case err := <-got:
+		if err != nil {
+			<-turn
+			return newError("lock", ControlPath, err)
+		}
+		return nil
+	case <-ctx.Done():
+		close(abandoned)
+		return ctx.Err()
+	}
+}
+
+// unlockAttach releases what lockAttach took. Should the control device
+// refuse LOCK_UN, closing it is what surely releases the lock: the next
+// Attach opens it again.
+func unlockAttach(c *Control) {
+	if c != nil && c.h.flock(unix.LOCK_UN) != nil {
+		shared.mu.Lock()
+		if shared.c == c {
+			shared.c = nil
+		}
+		shared.mu.Unlock()
+		c.Close()
+	}
+	<-turn
 }
 
 // freeDevice names a device to try: LOOP_CTL_GET_FREE's answer, unless that
 // was tried already in this Attach, and then an unbound device from sysfs
-// that was not; without /dev/loop-control, always from sysfs.
-func freeDevice(tried map[int]bool) (int, error) {
-	c, err := sharedControl()
-	if err != nil && !errors.Is(err, fs.ErrNotExist) {
-		return -1, err
-	}
+// that was not; without the control device (c is nil), always from sysfs.
+func freeDevice(c *Control, tried map[int]bool) (int, error) {
 	if c != nil {
 		n, err := c.GetFree()
 		if err != nil || !tried[n] {
@@ -275,9 +418,12 @@ func sharedControl() (*Control, error) {
 	return shared.c, nil
 }
 
-// resetShared closes the shared control device; tests that swap the kernel
-// call it.
+// resetShared closes the shared control device, once no attacher holds or
+// waits for its lock; tests that swap the kernel call it.
 func resetShared() {
+	turn <- struct{}{}
+	defer func() { <-turn }()
+	lockWaiters.Wait()
 	shared.mu.Lock()
 	defer shared.mu.Unlock()
 	shared.c.Close()

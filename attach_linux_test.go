@@ -10,8 +10,10 @@ import (
 	"path/filepath"
 	"runtime"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -56,8 +58,11 @@ func TestAttachSteps(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := []string{"open " + ControlPath, "LOOP_CTL_GET_FREE " + ControlPath, "open /dev/loop0",
-		"flock-ex /dev/loop0", "LOOP_CONFIGURE /dev/loop0", "flock-un /dev/loop0"}
+	// systemd's lock protocol: the control device's lock across
+	// GET_FREE, open and bind, the device's inside it.
+	want := []string{"open " + ControlPath, "ctl-lock " + ControlPath, "LOOP_CTL_GET_FREE " + ControlPath,
+		"open /dev/loop0", "flock-ex /dev/loop0", "LOOP_CONFIGURE /dev/loop0", "flock-un /dev/loop0",
+		"ctl-unlock " + ControlPath}
 	if got := k.calls(""); !slices.Equal(got, want) {
 		t.Fatalf("calls:\n%q\nwant:\n%q", got, want)
 	}
@@ -101,45 +106,47 @@ func TestAttachLostRace(t *testing.T) {
 }
 
 // TestAttachFaults fails each step of Attach, and of its fallback path, with
-// each errno in turn, and checks the retry or the full rollback.
+// each errno in turn, and checks the retry or the full rollback, and that
+// the error keeps the errno and names the operation that failed.
 func TestAttachFaults(t *testing.T) {
 	type outcome int
 	const (
 		fails   outcome = iota // error matching the errno, nothing left behind
 		retried                // the step is tried again and Attach succeeds
+		waits                  // the control lock: held elsewhere, so Attach waits for it
+		ignored                // Attach succeeds all the same
 	)
 	steps := []struct {
 		step     string
-		nth      int  // which call of the step to fail
-		fallback bool // on a kernel without LOOP_CONFIGURE
-		busy     outcome
-		again    outcome
+		nth      int    // which call of the step to fail
+		fallback bool   // on a kernel without LOOP_CONFIGURE
+		op       string // the operation the error names
+		retry    map[unix.Errno]outcome
 	}{
-		{"LOOP_CTL_GET_FREE", 1, false, fails, fails},
-		{"open", 2, false, retried, fails},       // the device; open 1 is the control device
-		{"flock-ex", 1, false, retried, retried}, // EAGAIN is EWOULDBLOCK: held elsewhere
-		{"LOOP_CONFIGURE", 1, false, retried, fails},
-		{"flock-un", 1, false, fails, fails},
-		{"LOOP_SET_FD", 1, true, retried, fails},
-		{"LOOP_SET_STATUS64", 1, true, fails, retried},
-		{"LOOP_SET_BLOCK_SIZE", 1, true, fails, retried},
-		{"LOOP_SET_DIRECT_IO", 1, true, fails, fails},
+		{"ctl-lock", 1, false, "lock", map[unix.Errno]outcome{unix.EAGAIN: waits}},
+		{"LOOP_CTL_GET_FREE", 1, false, "get-free", map[unix.Errno]outcome{unix.EINTR: retried}},
+		// The device; open 1 is the control device. A lost race: the
+		// device was torn down (ENXIO), removed (ENODEV) or is held
+		// exclusively (EBUSY). ENOENT while sysfs still lists it and
+		// GET_FREE still names it: a missing node, reported at once.
+		{"open", 2, false, "open", map[unix.Errno]outcome{unix.EBUSY: retried, unix.ENXIO: retried, unix.ENODEV: retried}},
+		{"flock-ex", 1, false, "lock", map[unix.Errno]outcome{unix.EAGAIN: retried}},
+		{"LOOP_CONFIGURE", 1, false, "configure", map[unix.Errno]outcome{unix.EBUSY: retried, unix.EINTR: retried}},
+		{"flock-un", 1, false, "unlock", nil},
+		{"ctl-unlock", 1, false, "", nil}, // every errno ignored, see below
+		{"LOOP_SET_FD", 1, true, "configure", map[unix.Errno]outcome{unix.EBUSY: retried, unix.EINTR: retried}},
+		{"LOOP_SET_STATUS64", 1, true, "configure", map[unix.Errno]outcome{unix.EAGAIN: retried, unix.EINTR: retried}},
+		{"LOOP_SET_BLOCK_SIZE", 1, true, "configure", map[unix.Errno]outcome{unix.EAGAIN: retried, unix.EINTR: retried}},
+		{"LOOP_SET_DIRECT_IO", 1, true, "configure", map[unix.Errno]outcome{unix.EINTR: retried}},
 	}
-	errnos := []unix.Errno{unix.EBUSY, unix.EAGAIN, unix.EINTR, unix.ENXIO, unix.EPERM}
+	errnos := []unix.Errno{unix.EBUSY, unix.EAGAIN, unix.EINTR, unix.ENXIO, unix.ENOENT, unix.ENODEV, unix.EPERM, unix.ENOMEM}
 	for _, s := range steps {
 		for _, errno := range errnos {
-			want := fails
-			switch errno {
-			case unix.EBUSY:
-				want = s.busy
-			case unix.EAGAIN:
-				want = s.again
-			case unix.EINTR:
-				// Retried by the ioctl helper; open and flock are not
-				// ioctls, and take EINTR as any error.
-				if s.step != "open" && s.step != "flock-ex" && s.step != "flock-un" {
-					want = retried
-				}
+			want := s.retry[errno]
+			if s.step == "ctl-unlock" {
+				// The lock is released by closing the control
+				// device; the next Attach opens it again.
+				want = ignored
 			}
 			name := s.step + "/" + unix.ErrnoName(errno)
 			t.Run(name, func(t *testing.T) {
@@ -151,14 +158,25 @@ func TestAttachFaults(t *testing.T) {
 				f := tempFile(t, 1<<20)
 				d, err := Attach(context.Background(), f.Name(), Options{BlockSize: 4096, Flags: FlagDirectIO})
 				switch want {
-				case retried:
+				case retried, waits, ignored:
 					if err != nil {
-						t.Fatalf("Attach = %v, want success after a retry", err)
+						t.Fatalf("Attach = %v, want success", err)
 					}
-					if n := k.counts[s.step]; n < 2 {
+					switch n := k.counts[s.step]; {
+					case want == retried && n < 2:
 						t.Fatalf("%s called %d times, want a retry", s.step, n)
+					case want == waits && k.counts["ctl-lock-wait"] != 1:
+						t.Fatalf("%d blocking waits for the control lock, want 1", k.counts["ctl-lock-wait"])
 					}
 					checkAttached(t, k, d, f.Name())
+					if want == ignored {
+						opens := len(k.calls("open " + ControlPath))
+						d, err := Attach(context.Background(), f.Name(), Options{})
+						if err != nil || len(k.calls("open "+ControlPath)) != opens+1 {
+							t.Fatalf("the next Attach: %v, control device opens %d, want it reopened", err, opens)
+						}
+						checkAttached(t, k, d, f.Name())
+					}
 				case fails:
 					if err == nil {
 						d.Close()
@@ -168,10 +186,189 @@ func TestAttachFaults(t *testing.T) {
 					if !errors.Is(err, errno) || !errors.As(err, &e) || e.Op != "attach" || e.Path != f.Name() {
 						t.Fatalf("Attach = %v, want an attach *Error for %s matching %s", err, f.Name(), unix.ErrnoName(errno))
 					}
+					if ops := errorOps(err); !slices.Contains(ops, s.op) {
+						t.Fatalf("Attach = %v: operations %q, want %q named", err, ops, s.op)
+					}
 					checkNothingLeft(t, k)
 				}
 			})
 		}
+	}
+}
+
+// errorOps returns the operations that the *Error and *os.PathError values
+// in err's chain name, outermost first.
+func errorOps(err error) []string {
+	var ops []string
+	for stack := []error{err}; len(stack) > 0; {
+		e := stack[0]
+		stack = stack[1:]
+		switch e := e.(type) {
+		case *Error:
+			ops = append(ops, e.Op)
+		case *os.PathError:
+			ops = append(ops, e.Op)
+		}
+		switch u := e.(type) {
+		case interface{ Unwrap() error }:
+			if next := u.Unwrap(); next != nil {
+				stack = append(stack, next)
+			}
+		case interface{ Unwrap() []error }:
+			stack = append(stack, u.Unwrap()...)
+		}
+	}
+	return ops
+}
+
+// TestAttachLostRaceRemoved: the device that GET_FREE named is removed
+// before Attach opens it. Its node is gone and sysfs no longer lists it: a
+// lost race, retried with another device.
+func TestAttachLostRaceRemoved(t *testing.T) {
+	k := useFake(t, 3)
+	k.actAt("open", 2, func(k *fakeKernel) { delete(k.devs, 0); k.sync(0) }, nil)
+	f := tempFile(t, 1<<20)
+	d, err := Attach(context.Background(), f.Name(), Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d.Number() != 1 {
+		t.Fatalf("attached loop%d, want loop1", d.Number())
+	}
+	checkAttached(t, k, d, f.Name())
+}
+
+// TestAttachLostRaceTornDown: another process binds and clears the device
+// that GET_FREE named before Attach opens it; on Linux 6.11 and later it
+// then refuses opens (ENXIO) until its last close.
+func TestAttachLostRaceTornDown(t *testing.T) {
+	k := useFake(t, 3)
+	k.actAt("open", 2, func(k *fakeKernel) {
+		d := k.devs[0]
+		d.bound, d.rundown, d.opens = true, true, 1
+		k.sync(0)
+	}, nil)
+	f := tempFile(t, 1<<20)
+	d, err := Attach(context.Background(), f.Name(), Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d.Number() != 1 {
+		t.Fatalf("attached loop%d, want loop1", d.Number())
+	}
+	if got := k.calls("LOOP_CLR_FD"); len(got) != 0 {
+		t.Fatalf("cleared a binding it did not make: %q", got)
+	}
+	d.Close()
+}
+
+// TestAttachWaitsForControlLock: another process holds /dev/loop-control's
+// lock. Attach waits for it, honouring its context, and an Attach given up
+// keeps this process's turn until the lock it was waiting for is released.
+func TestAttachWaitsForControlLock(t *testing.T) {
+	k := useFake(t, 2)
+	k.ctlWait = make(chan struct{})
+	release := sync.OnceFunc(func() { close(k.ctlWait) })
+	t.Cleanup(release) // before useFake's cleanup, which waits for the turn
+	k.failAt("ctl-lock", 1, unix.EWOULDBLOCK)
+	f := tempFile(t, 1<<20)
+
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error)
+	go func() {
+		_, err := Attach(ctx, f.Name(), Options{})
+		done <- err
+	}()
+	for len(k.calls("ctl-lock-wait")) == 0 {
+		runtime.Gosched()
+	}
+	cancel()
+	if err := <-done; !errors.Is(err, context.Canceled) {
+		t.Fatalf("Attach = %v, want context.Canceled", err)
+	}
+
+	// The abandoned wait still holds the turn: the next Attach waits for
+	// it, and goes ahead once the other process has let go of the lock and
+	// the abandoned wait has released it.
+	go func() {
+		d, err := Attach(context.Background(), f.Name(), Options{Flags: FlagAutoClear})
+		if err == nil {
+			d.Close()
+		}
+		done <- err
+	}()
+	waitBlocked(t, "loopctl.lockAttach")
+	release()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	log := k.calls("ctl-")
+	want := []string{"ctl-lock", "ctl-lock-wait", "ctl-unlock", "ctl-lock", "ctl-unlock"}
+	if got := stepNames(log); !slices.Equal(got, want) {
+		t.Fatalf("control lock steps %q, want %q", got, want)
+	}
+	lockWaiters.Wait()
+	checkNothingLeft(t, k)
+}
+
+// TestAttachTurnHonoursContext: an Attach waiting for this process's turn
+// gives up with its context.
+func TestAttachTurnHonoursContext(t *testing.T) {
+	k := useFake(t, 2)
+	turn <- struct{}{} // another attacher's turn
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error)
+	go func() {
+		_, err := Attach(ctx, tempFile(t, 4096).Name(), Options{})
+		done <- err
+	}()
+	waitBlocked(t, "loopctl.lockAttach")
+	cancel()
+	err := <-done
+	<-turn
+	if !errors.Is(err, context.Canceled) {
+		t.Fatalf("Attach = %v, want context.Canceled", err)
+	}
+	if log := k.calls(""); len(log) > 1 || len(log) == 1 && log[0] != "open "+ControlPath {
+		t.Fatalf("calls while waiting for the turn: %q", log)
+	}
+}
+
+// waitBlocked waits until a goroutine is blocked on a channel in fn.
+func waitBlocked(t *testing.T, fn string) {
+	t.Helper()
+	buf := make([]byte, 1<<20)
+	for end := time.Now().Add(10 * time.Second); time.Now().Before(end); runtime.Gosched() {
+		for _, g := range strings.Split(string(buf[:runtime.Stack(buf, true)]), "\n\n") {
+			if (strings.Contains(g, "[chan send") || strings.Contains(g, "[select")) && strings.Contains(g, fn+"(") {
+				return
+			}
+		}
+	}
+	t.Fatalf("no goroutine blocked in %s", fn)
+}
+
+// TestAttachWaitsInline: with a context that cannot end, Attach waits for
+// the control lock in the calling goroutine.
+func TestAttachWaitsInline(t *testing.T) {
+	k := useFake(t, 2)
+	k.ctlWait = make(chan struct{})
+	k.failAt("ctl-lock", 1, unix.EWOULDBLOCK)
+	f := tempFile(t, 1<<20)
+	done := make(chan *Device)
+	go func() {
+		d, err := Attach(context.Background(), f.Name(), Options{})
+		if err != nil {
+			t.Error(err)
+		}
+		done <- d
+	}()
+	for len(k.calls("ctl-lock-wait")) == 0 {
+		runtime.Gosched()
+	}
+	close(k.ctlWait)
+	if d := <-done; d != nil {
+		checkAttached(t, k, d, f.Name())
 	}
 }
 

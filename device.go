@@ -1,6 +1,7 @@
 package loopctl
 
 import (
+	"errors"
 	"io"
 	"io/fs"
 	"math"
@@ -9,6 +10,7 @@ import (
 	"strconv"
 	"strings"
 	"sync/atomic"
+	"syscall"
 )
 
 // Flags are a loop device's LO_FLAGS_* bits.
@@ -122,17 +124,29 @@ type Device struct {
 var _ io.Closer = (*Device)(nil)
 
 // OpenDevice opens /dev/loopN read-write. A missing node is an
-// *os.PathError matching fs.ErrNotExist.
+// *os.PathError matching fs.ErrNotExist. A device that the kernel is
+// tearing down (detached by its last close, or being removed) refuses the
+// open: the *os.PathError then says so and matches ErrNotBound and ENXIO.
 func OpenDevice(n int) (*Device, error) {
 	path := DevicePath(n)
 	if n < 0 || n > MaxNumber {
 		return nil, newError("open", path, invalid("device number %d is outside [0, %d]", n, MaxNumber))
 	}
-	h, err := sys.open(path, readWrite)
+	h, err := openDevice(path)
 	if err != nil {
 		return nil, err
 	}
 	return &Device{h: h, number: n, path: path}, nil
+}
+
+// openDevice opens the loop device at path read-write, explaining ENXIO.
+func openDevice(path string) (handle, error) {
+	h, err := sys.open(path, readWrite)
+	var pe *os.PathError
+	if errors.As(err, &pe) && pe.Err == syscall.ENXIO {
+		return nil, &os.PathError{Op: pe.Op, Path: pe.Path, Err: errTornDown}
+	}
+	return h, err
 }
 
 // OpenDevicePath opens the loop device at path, following symlinks. Only a
@@ -144,7 +158,7 @@ func OpenDevicePath(path string) (*Device, error) {
 	if err != nil {
 		return nil, err
 	}
-	h, err := sys.open(path, readWrite)
+	h, err := openDevice(path)
 	if err != nil {
 		return nil, err
 	}
@@ -172,9 +186,18 @@ func (d *Device) SetFD(f *os.File) error {
 	})
 }
 
-// ClearFD unbinds the device with LOOP_CLR_FD. An unbound device is an
-// error matching ErrNotBound. While other openers hold the device the
-// kernel only marks it for autoclear and detaches at their last close.
+// ClearFD detaches the device with LOOP_CLR_FD. An unbound device is an
+// error matching ErrNotBound.
+//
+// The kernel detaches at the last close, not in the call, whenever
+// another opener holds the device (a mount, udev probing it, another
+// Device): ClearFD then only sets FlagAutoClear, and the device stays bound
+// and usable until the last of them closes it. Since Linux 6.11 that holds
+// even for the only opener: ClearFD sets FlagAutoClear and starts the
+// teardown, the device refuses new opens (ENXIO, see OpenDevice) and
+// reports ErrNotBound to Status, List leaves it out, and the binding is
+// gone when Close returns. Before 6.11 the only opener's ClearFD detached
+// at once.
 func (d *Device) ClearFD() error {
 	_, err := d.ioctl("clear-fd", reqClearFD, 0)
 	return err

@@ -96,6 +96,23 @@ func invalid(format string, args ...any) error {
 	return fmt.Errorf("%w: "+format, append([]any{fs.ErrInvalid}, args...)...)
 }
 
+// errTornDown is why an open of a loop device fails with ENXIO: the kernel
+// refuses new openers while it tears a device down, between LOOP_CLR_FD and
+// the last close on Linux 6.11 and later, and while LOOP_CTL_REMOVE
+// deletes it. It matches ErrNotBound and unwraps to the errno.
+var errTornDown error = &explained{text: "device is being detached or removed", errno: syscall.ENXIO, is: ErrNotBound}
+
+// An explained error is an errno with what it means in its place.
+type explained struct {
+	text  string
+	errno syscall.Errno
+	is    error // the sentinel it matches
+}
+
+func (e *explained) Error() string        { return e.text + " (" + e.errno.Error() + ")" }
+func (e *explained) Unwrap() error        { return e.errno }
+func (e *explained) Is(target error) bool { return target == e.is }
+
 // A stepError names the ioctl that failed inside a multi-step operation.
 // It wraps the errno, so errors.Is sees through it.
 type stepError struct {

@@ -30,6 +30,9 @@ type fakeKernel struct {
 	// that sysfs still lists (a container without devtmpfs).
 	noControl bool
 	noNode    map[int]bool
+	// ctlWait, when set, makes a blocking flock of the control device wait
+	// until it is closed: another process holding the lock.
+	ctlWait chan struct{}
 	// root is the fake sysfs tree, kept in step with devs.
 	root string
 	t    *testing.T
@@ -38,16 +41,20 @@ type fakeKernel struct {
 type fakeDev struct {
 	backing   string // what sysfs shows as loop/backing_file
 	bound     bool
+	rundown   bool // cleared while its only opener held it: torn down at the last close
 	info      unix.LoopInfo64
 	blockSize uint32
 	directIO  bool
 	opens     int
 }
 
-// A fault fails the nth call (1-based, counted per step) with err.
+// A fault fails the nth call (1-based, counted per step) with err, after
+// running act (under the kernel's lock) if set: what another process did
+// meanwhile.
 type fault struct {
 	nth int
 	err error
+	act func(k *fakeKernel)
 }
 
 // useFake installs a fake kernel with devices 0..n-1 for the test.
@@ -136,9 +143,15 @@ func (k *fakeKernel) bind(n int, fd uintptr, info unix.LoopInfo64, blockSize uin
 
 // failAt makes the nth call of step fail with err.
 func (k *fakeKernel) failAt(step string, nth int, err error) {
+	k.actAt(step, nth, nil, err)
+}
+
+// actAt runs act just before the nth call of step, which then fails with
+// err, or, for a nil err, goes ahead in the changed kernel.
+func (k *fakeKernel) actAt(step string, nth int, act func(k *fakeKernel), err error) {
 	k.mu.Lock()
 	defer k.mu.Unlock()
-	k.faults[step] = append(k.faults[step], fault{nth, err})
+	k.faults[step] = append(k.faults[step], fault{nth, err, act})
 }
 
 // enter records a call and returns the fault injected for it, if any.
@@ -148,6 +161,9 @@ func (k *fakeKernel) enter(step, path string) error {
 	k.counts[step]++
 	for _, f := range k.faults[step] {
 		if f.nth == k.counts[step] {
+			if f.act != nil {
+				f.act(k)
+			}
 			return f.err
 		}
 	}
@@ -201,6 +217,9 @@ func (k *fakeKernel) open(path string, mode int) (handle, error) {
 		if !ok || err != nil || k.devs[i] == nil || k.noNode[i] {
 			return nil, &os.PathError{Op: "open", Path: path, Err: unix.ENOENT}
 		}
+		if k.devs[i].rundown {
+			return nil, &os.PathError{Op: "open", Path: path, Err: unix.ENXIO}
+		}
 		n = i
 		k.devs[n].opens++
 	}
@@ -246,6 +265,9 @@ func (h *fakeHandle) do(req uint, arg uintptr, ptr unsafe.Pointer) (int, error) 
 	}
 	defer k.sync(h.n)
 	d := k.devs[h.n]
+	if d.rundown && req != reqConfigure && req != reqSetFD {
+		return -1, unix.ENXIO
+	}
 	switch req {
 	case reqConfigure:
 		cfg := (*unix.LoopConfig)(ptr)
@@ -277,10 +299,13 @@ func (h *fakeHandle) do(req uint, arg uintptr, ptr unsafe.Pointer) (int, error) 
 		// Only autoclear can be cleared; partscan stays once set.
 		d.info.Flags = d.info.Flags&^unix.LO_FLAGS_AUTOCLEAR | in.Flags&uint32(legacyFlags)
 	case reqClearFD:
+		// Linux 6.11 and later: autoclear, and for the only opener the
+		// start of the teardown, which ends at the last close.
 		if !d.bound {
 			return -1, unix.ENXIO
 		}
-		d.bound, d.info = false, unix.LoopInfo64{}
+		d.info.Flags |= unix.LO_FLAGS_AUTOCLEAR
+		d.rundown = d.opens == 1
 	case reqSetBlockSize, reqSetDirectIO, reqSetCapacity, reqChangeFD:
 		if !d.bound {
 			return -1, unix.ENXIO
@@ -334,17 +359,29 @@ func (k *fakeKernel) control(req uint, n int) (int, error) {
 	return -1, unix.ENOTTY
 }
 
+// flock records the device's lock steps as flock-ex (always LOCK_NB) and
+// flock-un, and the control device's as ctl-lock (LOCK_NB), ctl-lock-wait
+// (blocking, which waits for k.ctlWait) and ctl-unlock.
 func (h *fakeHandle) flock(how int) error {
+	step := map[bool]map[int]string{
+		false: {unix.LOCK_EX | unix.LOCK_NB: "flock-ex", unix.LOCK_UN: "flock-un"},
+		true:  {unix.LOCK_EX | unix.LOCK_NB: "ctl-lock", unix.LOCK_EX: "ctl-lock-wait", unix.LOCK_UN: "ctl-unlock"},
+	}[h.n < 0][how]
+	if step == "" {
+		h.k.t.Errorf("flock(%#x) on %s", how, h.path)
+	}
 	h.k.mu.Lock()
-	defer h.k.mu.Unlock()
 	if h.closed {
+		h.k.mu.Unlock()
 		return os.ErrClosed
 	}
-	step := "flock-ex"
-	if how == unix.LOCK_UN {
-		step = "flock-un"
+	err := h.k.enter(step, h.path)
+	wait := h.k.ctlWait
+	h.k.mu.Unlock()
+	if step == "ctl-lock-wait" && err == nil && wait != nil {
+		<-wait
 	}
-	return h.k.enter(step, h.path)
+	return err
 }
 
 func (h *fakeHandle) rdev() (uint64, error) {
@@ -364,7 +401,7 @@ func (h *fakeHandle) Close() error {
 		if d := k.devs[h.n]; d != nil {
 			d.opens--
 			if d.opens == 0 && d.bound && d.info.Flags&unix.LO_FLAGS_AUTOCLEAR != 0 {
-				d.bound, d.info = false, unix.LoopInfo64{}
+				d.bound, d.rundown, d.info = false, false, unix.LoopInfo64{}
 				k.sync(h.n)
 			}
 		}

@@ -7,6 +7,7 @@ import (
 	"io/fs"
 	"os"
 	"slices"
+	"syscall"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -15,14 +16,19 @@ import (
 )
 
 // List returns the status of every bound loop device, by number. It reads
-// sysfs (/sys/block/loopN/loop/), opening no device, so it is fast with
-// hundreds of devices and needs no privilege. BackingFile is the full path;
+// sysfs (/sys/block/loopN/loop/), so it is fast with hundreds of devices and
+// needs no privilege. BackingFile is the full path;
 // a backing file unlinked since binding reads with a " (deleted)" suffix
 // (see Status.Deleted). BackingDevice and BackingInode come from a stat of
 // that path, or, when it is deleted or out of reach, from the device itself
 // (LOOP_GET_STATUS64, which needs root; without it they stay zero).
 //
-// A device unbound while List reads it is left out.
+// A device unbound while List reads it is left out, and so is one being
+// detached: sysfs shows it bound until the kernel's teardown ends, so List
+// opens each device with FlagAutoClear for a moment, which only root may
+// (see Device.ClearFD; without root such a device is listed as bound). A
+// close of List's can then be the last one, which runs the detach that the
+// device's owner asked for.
 func List() ([]Status, error) {
 	nums, err := loopNumbers()
 	if err != nil {
@@ -90,14 +96,13 @@ func sysfsLoopAttr(n int, attr string) string {
 }
 
 // sysfsStatus reads device n's binding from sysfs into a Status. It reports
-// false for an unbound device, and for one unbound while it reads.
+// false for an unbound device, and for one unbound or being torn down while
+// it reads.
 func sysfsStatus(n int, buf []byte) (Status, bool, error) {
 	b, err := sysfs.ReadFile(sysfsLoopAttr(n, "backing_file"), buf)
-	if errors.Is(err, fs.ErrNotExist) {
-		return Status{}, false, nil
-	}
-	if err != nil {
-		return Status{}, false, err
+	if err != nil || len(b) == 0 || b[0] == '\n' {
+		// An empty name: the kernel has let go of the file already.
+		return Status{}, false, unbinding(err)
 	}
 	s := Status{Number: n, BackingFile: sysfs.Value(b)}
 	for _, a := range [...]struct {
@@ -113,11 +118,8 @@ func sysfsStatus(n int, buf []byte) (Status, bool, error) {
 		{sysfs.LoopDir(sysfsRoot, n) + "/ro", nil, FlagReadOnly},
 	} {
 		b, err := sysfs.ReadFile(a.path, buf)
-		if errors.Is(err, fs.ErrNotExist) {
-			return Status{}, false, nil
-		}
 		if err != nil {
-			return Status{}, false, err
+			return Status{}, false, unbinding(err)
 		}
 		if a.u != nil {
 			*a.u, err = sysfs.Uint(b)
@@ -131,8 +133,35 @@ func sysfsStatus(n int, buf []byte) (Status, bool, error) {
 			return Status{}, false, &os.PathError{Op: "parse", Path: a.path, Err: err}
 		}
 	}
+	if s.Flags&FlagAutoClear != 0 && tornDown(n) {
+		return Status{}, false, nil
+	}
 	s.BackingDevice, s.BackingInode = backingID(s)
 	return s, true, nil
+}
+
+// unbinding returns nil for an error reading an attribute of a device that
+// went unbound meanwhile: its loop/ directory gone (ENOENT), or removed
+// while the attribute was open (ENODEV). Any other error it returns.
+func unbinding(err error) error {
+	if errors.Is(err, fs.ErrNotExist) || errors.Is(err, syscall.ENODEV) {
+		return nil
+	}
+	return err
+}
+
+// tornDown tells whether bound device n, which has FlagAutoClear, is being
+// detached: sysfs shows such a device as bound until its teardown ends, and
+// only its open tells, failing with ENXIO. LOOP_CLR_FD sets FlagAutoClear
+// before it starts a teardown, so devices without it need no look. Opening
+// needs root; without it the device is taken as bound.
+func tornDown(n int) bool {
+	h, err := sys.open(DevicePath(n), readOnly)
+	if err != nil {
+		return errors.Is(err, syscall.ENXIO)
+	}
+	h.Close()
+	return false
 }
 
 // backingID returns the device and inode of s's backing file: from a stat

@@ -53,8 +53,10 @@ func TestListFake(t *testing.T) {
 	if !slices.Equal(list, want) {
 		t.Fatalf("List:\n%+v\nwant:\n%+v", list, want)
 	}
-	if log := k.calls("")[before:]; len(log) != 0 {
-		t.Fatalf("List opened devices: %q", log)
+	// The device with autoclear is opened, to see that it is not being torn
+	// down; no other, and no ioctl.
+	if log := k.calls("")[before:]; !slices.Equal(log, []string{"open /dev/loop2", "close /dev/loop2"}) {
+		t.Fatalf("List made calls %q", log)
 	}
 
 	link := filepath.Join(t.TempDir(), "link")
@@ -118,6 +120,66 @@ func TestListUnboundDuringRead(t *testing.T) {
 	os.Remove(k.root + "/block/loop0/loop/dio")
 	if list, err := List(); err != nil || len(list) != 0 {
 		t.Fatalf("List = %+v, %v; want none", list, err)
+	}
+}
+
+// TestListRundownFake: a device cleared by its only opener stays in sysfs
+// until that opener closes it (Linux 6.11 and later); meanwhile nothing
+// reports it bound.
+func TestListRundownFake(t *testing.T) {
+	k := useFake(t, 2)
+	d, f := bindFake(t, k, 1, Options{})
+	if err := d.ClearFD(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(k.root + "/block/loop1/loop/backing_file"); err != nil {
+		t.Fatalf("the fake should keep sysfs until the last close: %v", err)
+	}
+	if list, err := List(); err != nil || len(list) != 0 {
+		t.Fatalf("List = %+v, %v; want nothing", list, err)
+	}
+	if found, err := FindByBackingFile(f.Name()); err != nil || len(found) != 0 {
+		t.Fatalf("FindByBackingFile = %+v, %v; want nothing", found, err)
+	}
+	if _, err := d.Status(); !errors.Is(err, ErrNotBound) {
+		t.Fatalf("Status = %v, want ErrNotBound", err)
+	}
+	_, err := OpenDevice(1)
+	var pe *os.PathError
+	if !errors.Is(err, ErrNotBound) || !errors.Is(err, unix.ENXIO) || !errors.As(err, &pe) || pe.Path != "/dev/loop1" {
+		t.Fatalf("OpenDevice = %v, want an *os.PathError matching ErrNotBound and ENXIO", err)
+	}
+	d.Close()
+	if _, err := OpenDevice(1); err != nil {
+		t.Fatalf("OpenDevice after the last close = %v", err)
+	}
+}
+
+// TestListMidTeardown: the kernel empties backing_file before it removes
+// the loop/ directory; such a device is left out.
+func TestListMidTeardown(t *testing.T) {
+	k := useFake(t, 1)
+	bindFake(t, k, 0, Options{})
+	k.write(k.root+"/block/loop0/loop/backing_file", "\n")
+	if list, err := List(); err != nil || len(list) != 0 {
+		t.Fatalf("List = %+v, %v; want none", list, err)
+	}
+}
+
+func TestUnbinding(t *testing.T) {
+	for _, tt := range []struct {
+		err  error
+		keep bool
+	}{
+		{nil, false},
+		{&os.PathError{Op: "open", Path: "x", Err: unix.ENOENT}, false},
+		{&os.PathError{Op: "read", Path: "x", Err: unix.ENODEV}, false}, // removed while open
+		{&os.PathError{Op: "open", Path: "x", Err: unix.EACCES}, true},
+		{&os.PathError{Op: "read", Path: "x", Err: unix.EIO}, true},
+	} {
+		if got := unbinding(tt.err); (got != nil) != tt.keep {
+			t.Errorf("unbinding(%v) = %v", tt.err, got)
+		}
 	}
 }
 

@@ -207,6 +207,10 @@ func TestConfigureFallbackRollback(t *testing.T) {
 				if !errors.Is(err, errno) {
 					t.Fatalf("Configure = %v, want %v", err, errno)
 				}
+				if _, err := d.Status(); !errors.Is(err, ErrNotBound) {
+					t.Fatalf("Status after the rollback = %v, want ErrNotBound", err)
+				}
+				d.Close() // the rollback's LOOP_CLR_FD ends at the last close
 				if b := k.bound(); len(b) != 0 {
 					t.Fatalf("devices left bound: %v", b)
 				}

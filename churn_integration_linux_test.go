@@ -1,0 +1,698 @@
+//go:build integration && !loopctl_stub
+
+package loopctl
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/loopctl/loopctl/internal/sysfs"
+)
+
+// The churn test is the workload the package exists for: many processes
+// attaching and detaching at once, with other tools beside them. K child
+// processes of G goroutines each loop Attach (random options, sometimes a
+// context cancelled mid-way) / check the binding is the caller's / write and
+// read a block through the device / ClearFD or Close with autoclear, while an
+// observer in each process lists and opens the test's devices, util-linux
+// losetup attaches and detaches its own files, and a helper process follows
+// systemd's lock protocol.
+//
+// It runs for LOOPCTL_CHURN_DURATION (a Go duration such as "5m"), else 3 s
+// with -short and 30 s otherwise. LOOPCTL_CHURN_REPORT names a file that
+// receives the figures as JSON (RELIABILITY.md quotes them).
+
+const (
+	churnChildEnv   = "LOOPCTL_CHURN_CHILD"   // JSON churnConfig: run as a churn process
+	systemdChildEnv = "LOOPCTL_SYSTEMD_CHILD" // JSON churnConfig: run the systemd-protocol helper
+)
+
+// churnConfig is what a child process of the churn test is told.
+type churnConfig struct {
+	Dir        string
+	Goroutines int
+	Deadline   time.Time
+	Seed       uint64
+	Observe    bool // run an observer beside the attachers
+}
+
+// churnCounts is what a party of the churn test reports. Errors keeps the
+// first failures' messages.
+type churnCounts struct {
+	Attaches, Failures, Collisions, Cancelled, LostRaces int
+	ReadOnly, AutoClearClose, Observed                   int
+	LeakedFDs, LeakedGoroutines                          int
+	Errors                                               []string
+}
+
+func (c *churnCounts) add(o churnCounts) {
+	c.Attaches += o.Attaches
+	c.Failures += o.Failures
+	c.Collisions += o.Collisions
+	c.Cancelled += o.Cancelled
+	c.LostRaces += o.LostRaces
+	c.ReadOnly += o.ReadOnly
+	c.AutoClearClose += o.AutoClearClose
+	c.Observed += o.Observed
+	c.LeakedFDs += o.LeakedFDs
+	c.LeakedGoroutines += o.LeakedGoroutines
+	c.Errors = append(c.Errors, o.Errors...)
+	if len(c.Errors) > 10 {
+		c.Errors = c.Errors[:10]
+	}
+}
+
+// tally is churnCounts shared by a process's goroutines.
+type tally struct {
+	mu sync.Mutex
+	churnCounts
+}
+
+func (t *tally) fail(collision bool, format string, args ...any) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if collision {
+		t.Collisions++
+	} else {
+		t.Failures++
+	}
+	if len(t.Errors) < 10 {
+		t.Errors = append(t.Errors, fmt.Sprintf(format, args...))
+	}
+}
+
+func (t *tally) count(f func(c *churnCounts)) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	f(&t.churnCounts)
+}
+
+// churnDuration is how long the churn and interference run.
+func churnDuration(t *testing.T) time.Duration {
+	if s := os.Getenv("LOOPCTL_CHURN_DURATION"); s != "" {
+		d, err := time.ParseDuration(s)
+		if err != nil {
+			t.Fatalf("LOOPCTL_CHURN_DURATION: %v", err)
+		}
+		return d
+	}
+	if testing.Short() {
+		return 3 * time.Second
+	}
+	return 30 * time.Second
+}
+
+// A child is a copy of the test binary running one test in a child mode.
+type child struct {
+	cmd *exec.Cmd
+	out bytes.Buffer
+}
+
+// startChild runs test name again with env set to cfg as JSON.
+func startChild(t *testing.T, name, env string, cfg churnConfig) *child {
+	t.Helper()
+	b, err := json.Marshal(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := &child{cmd: exec.Command(os.Args[0], "-test.run=^"+name+"$", "-test.count=1")}
+	c.cmd.Env = append(os.Environ(), env+"="+string(b))
+	c.cmd.Stdout, c.cmd.Stderr = &c.out, &c.out
+	if err := c.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.cmd.Process.Kill(); c.cmd.Wait() })
+	return c
+}
+
+// wait waits for the child and returns the counts it reported.
+func (c *child) wait(t *testing.T) churnCounts {
+	t.Helper()
+	err := c.cmd.Wait()
+	var counts churnCounts
+	found := false
+	sc := bufio.NewScanner(bytes.NewReader(c.out.Bytes()))
+	for sc.Scan() {
+		if js, ok := strings.CutPrefix(sc.Text(), "churn-result "); ok {
+			found = json.Unmarshal([]byte(js), &counts) == nil
+		}
+	}
+	if err != nil || !found {
+		t.Errorf("child %v: %v, result reported: %v\n%s", c.cmd.Args, err, found, c.out.String())
+	}
+	return counts
+}
+
+// report prints a party's counts for its parent.
+func report(c churnCounts) {
+	b, _ := json.Marshal(c)
+	fmt.Printf("churn-result %s\n", b)
+}
+
+// childConfig decodes the config of a child mode, or reports false.
+func childConfig(t *testing.T, env string) (churnConfig, bool) {
+	s := os.Getenv(env)
+	if s == "" {
+		return churnConfig{}, false
+	}
+	var cfg churnConfig
+	if err := json.Unmarshal([]byte(s), &cfg); err != nil {
+		t.Fatal(err)
+	}
+	return cfg, true
+}
+
+func TestKernelChurn(t *testing.T) {
+	if cfg, ok := childConfig(t, churnChildEnv); ok {
+		report(churnProcess(t, cfg))
+		return
+	}
+	if cfg, ok := childConfig(t, systemdChildEnv); ok {
+		report(systemdProcess(cfg))
+		return
+	}
+	requireKernel(t)
+	const procs, goroutines = 4, 8
+	dir := t.TempDir()
+	d := churnDuration(t)
+	start := time.Now()
+	deadline := start.Add(d)
+	var children []*child
+	for i := range procs {
+		children = append(children, startChild(t, "TestKernelChurn", churnChildEnv,
+			churnConfig{Dir: dir, Goroutines: goroutines, Deadline: deadline, Seed: uint64(start.UnixNano()) + uint64(i),
+				Observe: i%2 == 0}))
+	}
+	systemd := startChild(t, "TestKernelChurn", systemdChildEnv, churnConfig{Dir: dir, Goroutines: 2, Deadline: deadline})
+	var plain, locked churnCounts
+	var wg sync.WaitGroup
+	wg.Go(func() { plain = losetupChurn(t, dir, deadline, false) })
+	wg.Go(func() { locked = losetupChurn(t, dir, deadline, true) })
+	wg.Wait()
+
+	var total churnCounts
+	for _, c := range children {
+		total.add(c.wait(t))
+	}
+	sd := systemd.wait(t)
+	elapsed := time.Since(start)
+	leaked := boundUnder(t, dir)
+
+	t.Logf("loopctl: %d processes x %d goroutines, %v: %d attaches (%.0f/s), %d failures, %d collisions, "+
+		"%d cancelled, %d read-only, %d closed with autoclear, %d observed by List/OpenDevice, "+
+		"leaked: %d devices, %d fds, %d goroutines",
+		procs, goroutines, elapsed.Round(time.Second), total.Attaches, float64(total.Attaches)/elapsed.Seconds(),
+		total.Failures, total.Collisions, total.Cancelled, total.ReadOnly, total.AutoClearClose, total.Observed,
+		len(leaked), total.LeakedFDs, total.LeakedGoroutines)
+	t.Logf("systemd protocol helper: %d attaches, %d lost races retried, %d failures, %d collisions",
+		sd.Attaches, sd.LostRaces, sd.Failures, sd.Collisions)
+	t.Logf("losetup -f / -d: %d attaches, %d failures, %d collisions; under flock(1): %d attaches, %d failures, %d collisions",
+		plain.Attaches, plain.Failures, plain.Collisions, locked.Attaches, locked.Failures, locked.Collisions)
+	for _, e := range slices.Concat(total.Errors, sd.Errors, plain.Errors, locked.Errors) {
+		t.Log("  ", e)
+	}
+	writeReport(t, map[string]any{"duration": elapsed.String(), "processes": procs, "goroutines": goroutines,
+		"loopctl": total, "systemd": sd, "losetup": plain, "flock_losetup": locked,
+		"leaked_devices": len(leaked), "kernel": kernelRelease()})
+
+	if total.Attaches == 0 || total.Failures != 0 || total.Collisions != 0 || total.LeakedFDs != 0 || total.LeakedGoroutines != 0 {
+		t.Errorf("loopctl churn: %+v", total)
+	}
+	if sd.Attaches == 0 || sd.Failures != 0 || sd.Collisions != 0 {
+		t.Errorf("systemd protocol helper: %+v", sd)
+	}
+	// losetup retries only EBUSY, so it may fail when a device it was
+	// given is detached before it opens it: counted, not asserted.
+	if plain.Attaches == 0 || plain.Collisions != 0 || locked.Attaches == 0 || locked.Collisions != 0 {
+		t.Errorf("losetup: %+v; under flock(1): %+v", plain, locked)
+	}
+	if len(leaked) != 0 {
+		t.Errorf("left bound: %v", leaked)
+	}
+}
+
+// writeReport writes the churn figures to LOOPCTL_CHURN_REPORT, if set.
+func writeReport(t *testing.T, v any) {
+	path := os.Getenv("LOOPCTL_CHURN_REPORT")
+	if path == "" {
+		return
+	}
+	b, _ := json.MarshalIndent(v, "", "  ")
+	if err := os.WriteFile(path, append(b, '\n'), 0o644); err != nil {
+		t.Error(err)
+	}
+}
+
+func kernelRelease() string {
+	var u unix.Utsname
+	if unix.Uname(&u) != nil {
+		return "?"
+	}
+	return unix.ByteSliceToString(u.Release[:])
+}
+
+// boundUnder lists, from sysfs itself, the devices bound to files in dir:
+// not through List, which leaves out a device being torn down.
+func boundUnder(t *testing.T, dir string) []string {
+	t.Helper()
+	nums, err := loopNumbers()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var buf [sysfs.BufSize]byte
+	var out []string
+	for _, n := range nums {
+		b, err := sysfs.ReadFile(sysfsLoopAttr(n, "backing_file"), buf[:])
+		if err == nil && strings.HasPrefix(sysfs.Value(b), dir) {
+			out = append(out, fmt.Sprintf("loop%d: %s", n, sysfs.Value(b)))
+		}
+	}
+	return out
+}
+
+// churnProcess is one churn process: cfg.Goroutines attachers and one
+// observer until cfg.Deadline, then its leak checks.
+func churnProcess(t *testing.T, cfg churnConfig) churnCounts {
+	if _, err := sharedControl(); err != nil {
+		t.Fatal(err)
+	}
+	fds := len(openFDs(t))
+	goroutines := runtime.NumGoroutine()
+	var tl tally
+	var wg sync.WaitGroup
+	for g := range cfg.Goroutines {
+		rng := rand.New(rand.NewPCG(cfg.Seed, uint64(g)))
+		id := fmt.Sprintf("%d-%d", os.Getpid(), g)
+		wg.Go(func() { churnWorker(&tl, cfg, id, rng) })
+	}
+	if cfg.Observe {
+		// An observer never pauses. One in every process would, on two
+		// cores, mostly measure how often the attach lock's holder is
+		// preempted: half of them are enough.
+		wg.Go(func() { observe(&tl, cfg) })
+	}
+	wg.Wait()
+	if after := len(openFDs(t)); after != fds {
+		tl.LeakedFDs = after - fds
+		tl.fail(false, "%d descriptors before, %d after", fds, after)
+	}
+	if n := settledGoroutines(goroutines); n > goroutines {
+		tl.LeakedGoroutines = n - goroutines
+		tl.fail(false, "%d goroutines before, %d after:\n%s", goroutines, n, allStacks())
+	}
+	return tl.churnCounts
+}
+
+// settledGoroutines waits, a bounded while, for goroutines that have
+// finished their work to exit, and returns how many remain.
+func settledGoroutines(want int) int {
+	for end := time.Now().Add(5 * time.Second); time.Now().Before(end); {
+		if n := runtime.NumGoroutine(); n <= want {
+			return n
+		}
+		runtime.Gosched()
+	}
+	return runtime.NumGoroutine()
+}
+
+func allStacks() string {
+	buf := make([]byte, 1<<20)
+	return string(buf[:runtime.Stack(buf, true)])
+}
+
+// churnOptions picks random binding options.
+func churnOptions(rng *rand.Rand) Options {
+	o := Options{
+		Offset:    [...]uint64{0, 4096, 64 << 10}[rng.IntN(3)],
+		SizeLimit: [...]uint64{0, 256 << 10, 512 << 10}[rng.IntN(3)],
+		BlockSize: [...]uint32{0, 512, 1024, 4096}[rng.IntN(4)],
+	}
+	if rng.IntN(4) == 0 {
+		o.Flags |= FlagReadOnly
+	}
+	if rng.IntN(2) == 0 {
+		o.Flags |= FlagAutoClear
+	}
+	if rng.IntN(8) == 0 {
+		o.Flags |= FlagPartScan
+	}
+	return o
+}
+
+// churnWorker loops attach / check / I/O / detach on its own file.
+func churnWorker(tl *tally, cfg churnConfig, id string, rng *rand.Rand) {
+	path := filepath.Join(cfg.Dir, id+"-"+longName)
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o644)
+	if err != nil {
+		tl.fail(false, "%v", err)
+		return
+	}
+	defer f.Close()
+	if err := f.Truncate(1 << 20); err != nil {
+		tl.fail(false, "%v", err)
+		return
+	}
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		tl.fail(false, "%v", err)
+		return
+	}
+	for round := 0; time.Now().Before(cfg.Deadline); round++ {
+		o := churnOptions(rng)
+		tag := blockTag(id, round, "file")
+		if _, err := f.WriteAt(tag, int64(o.Offset)); err != nil {
+			tl.fail(false, "%v", err)
+			return
+		}
+		ctx, cancel := context.WithCancel(context.Background())
+		cancelled := rng.IntN(8) == 0
+		if cancelled {
+			time.AfterFunc(time.Duration(rng.IntN(300))*time.Microsecond, cancel)
+		}
+		d, err := Attach(ctx, path, o)
+		cancel()
+		if err != nil {
+			if cancelled && errors.Is(err, context.Canceled) {
+				tl.count(func(c *churnCounts) { c.Cancelled++ })
+				continue
+			}
+			tl.fail(false, "attach %+v: %v", o, err)
+			continue
+		}
+		tl.count(func(c *churnCounts) {
+			c.Attaches++
+			if o.Flags&FlagReadOnly != 0 {
+				c.ReadOnly++
+			}
+		})
+		checkChurnDevice(tl, d, f, st, o, id, round)
+		if o.Flags&FlagAutoClear != 0 && rng.IntN(2) == 0 {
+			tl.count(func(c *churnCounts) { c.AutoClearClose++ })
+		} else if err := d.ClearFD(); err != nil {
+			tl.fail(false, "%v", err)
+		}
+		if err := d.Close(); err != nil {
+			tl.fail(false, "%v", err)
+		}
+	}
+}
+
+// blockTag is a 512-byte block naming its writer and round.
+func blockTag(id string, round int, what string) []byte {
+	b := make([]byte, 512)
+	copy(b, fmt.Sprintf("%s round %d %s", id, round, what))
+	return b
+}
+
+// checkChurnDevice checks that d is bound to f with o, that a block read
+// through d is the one just written to f, and that a block written through
+// d lands in f (or is refused, read-only).
+func checkChurnDevice(tl *tally, d *Device, f *os.File, st unix.Stat_t, o Options, id string, round int) {
+	s, err := d.Status()
+	if err != nil {
+		tl.fail(false, "%v", err)
+		return
+	}
+	if s.BackingDevice != uint64(st.Dev) || s.BackingInode != uint64(st.Ino) || s.BackingFile != f.Name() ||
+		s.Offset != o.Offset || s.SizeLimit != o.SizeLimit || s.Flags&^FlagDirectIO != o.Flags {
+		tl.fail(true, "%s: %+v, want %s (inode %d) with %+v", d.Path(), s, f.Name(), st.Ino, o)
+		return
+	}
+	dev := d.h.(*fileHandle).f
+	got := make([]byte, 512)
+	if _, err := dev.ReadAt(got, 0); err != nil {
+		tl.fail(false, "read %s: %v", d.Path(), err)
+		return
+	}
+	if want := blockTag(id, round, "file"); !bytes.Equal(got, want) {
+		tl.fail(true, "%s block 0 holds %q, want %q", d.Path(), bytes.TrimRight(got, "\x00"), bytes.TrimRight(want, "\x00"))
+		return
+	}
+	tag := blockTag(id, round, "device")
+	_, err = dev.WriteAt(tag, 4096)
+	if o.Flags&FlagReadOnly != 0 {
+		if !errors.Is(err, unix.EPERM) {
+			tl.fail(false, "write to read-only %s: %v, want EPERM", d.Path(), err)
+		}
+		return
+	}
+	if err == nil {
+		err = dev.Sync()
+	}
+	if err != nil {
+		tl.fail(false, "write %s: %v", d.Path(), err)
+		return
+	}
+	if _, err := f.ReadAt(got, int64(o.Offset)+4096); err != nil || !bytes.Equal(got, tag) {
+		tl.fail(true, "%s: block written through %s not in the file: %q, %v", f.Name(), d.Path(), bytes.TrimRight(got, "\x00"), err)
+	}
+}
+
+// observe lists the test's devices and opens them while they churn: List
+// must never report a half-torn-down binding, and OpenDevice and Status on
+// one must fail only with ErrNotBound.
+func observe(tl *tally, cfg churnConfig) {
+	for time.Now().Before(cfg.Deadline) {
+		list, err := List()
+		if err != nil {
+			tl.fail(false, "List: %v", err)
+			return
+		}
+		for _, s := range list {
+			if !strings.HasPrefix(s.BackingFile, cfg.Dir) {
+				continue
+			}
+			var st unix.Stat_t
+			if err := unix.Stat(s.BackingFile, &st); err != nil || s.BackingInode != st.Ino || s.BackingDevice != uint64(st.Dev) {
+				tl.fail(true, "List: %+v, but %s is inode %d (%v)", s, s.BackingFile, st.Ino, err)
+				continue
+			}
+			tl.count(func(c *churnCounts) { c.Observed++ })
+			d, err := OpenDevice(s.Number)
+			if err != nil {
+				if !errors.Is(err, ErrNotBound) {
+					tl.fail(false, "OpenDevice(%d) of a listed device: %v", s.Number, err)
+				}
+				continue
+			}
+			if _, err := d.Status(); err != nil && !errors.Is(err, ErrNotBound) {
+				tl.fail(false, "Status of %s: %v", d.Path(), err)
+			}
+			d.Close()
+		}
+	}
+}
+
+// losetupChurn attaches and detaches its own files with util-linux
+// losetup until deadline, checking each device it is given. With locked, it
+// runs `flock /dev/loop-control losetup -f --show FILE`, as losetup's manual
+// advises for concurrent use.
+func losetupChurn(t *testing.T, dir string, deadline time.Time, locked bool) churnCounts {
+	name := "losetup"
+	if locked {
+		name = "flock-losetup"
+	}
+	var files []string
+	for i := range 2 {
+		p := filepath.Join(dir, fmt.Sprintf("%s-%d.img", name, i))
+		if err := os.WriteFile(p, make([]byte, 256<<10), 0o644); err != nil {
+			t.Error(err)
+			return churnCounts{}
+		}
+		files = append(files, p)
+	}
+	var tl tally
+	for i := 0; time.Now().Before(deadline); i++ {
+		path := files[i%len(files)]
+		args := []string{"losetup", "-f", "--show", path}
+		if locked {
+			args = append([]string{"flock", ControlPath}, args...)
+		}
+		out, err := exec.Command(args[0], args[1:]...).CombinedOutput()
+		if err != nil {
+			tl.fail(false, "%s: %v: %s", strings.Join(args, " "), err, bytes.TrimSpace(out))
+			continue
+		}
+		dev := strings.TrimSpace(string(out))
+		tl.count(func(c *churnCounts) { c.Attaches++ })
+		var n int
+		if _, err := fmt.Sscanf(dev, "/dev/loop%d", &n); err != nil {
+			tl.fail(false, "losetup printed %q", dev)
+			continue
+		}
+		var buf [sysfs.BufSize]byte
+		if b, err := sysfs.ReadFile(sysfsLoopAttr(n, "backing_file"), buf[:]); err != nil || sysfs.Value(b) != path {
+			tl.fail(true, "losetup's %s: backing %q, %v; want %s", dev, b, err, path)
+		}
+		if out, err := exec.Command("losetup", "-d", dev).CombinedOutput(); err != nil {
+			tl.fail(false, "losetup -d %s: %v: %s", dev, err, bytes.TrimSpace(out))
+		}
+	}
+	return tl.churnCounts
+}
+
+// systemdProcess attaches and detaches its own files the way systemd's
+// loop-util does, with raw system calls: flock(LOCK_EX) on /dev/loop-control
+// across GET_FREE, open and LOOP_CONFIGURE, LOCK_EX on the device on a
+// second descriptor, a check that the device is unbound, LOOP_CONFIGURE with
+// autoclear; a lost race (ENXIO, ENOENT, ENODEV at open, EBUSY) is retried
+// with a new number. It checks that every device it gets is its own.
+func systemdProcess(cfg churnConfig) churnCounts {
+	var tl tally
+	var wg sync.WaitGroup
+	for g := range cfg.Goroutines {
+		wg.Go(func() {
+			// Each goroutine its own control descriptor, as separate
+			// systemd processes have.
+			ctl, err := unix.Open(ControlPath, unix.O_RDWR|unix.O_CLOEXEC, 0)
+			if err != nil {
+				tl.fail(false, "%v", err)
+				return
+			}
+			defer unix.Close(ctl)
+			path := filepath.Join(cfg.Dir, fmt.Sprintf("systemd-%d-%d.img", os.Getpid(), g))
+			if err := os.WriteFile(path, make([]byte, 256<<10), 0o644); err != nil {
+				tl.fail(false, "%v", err)
+				return
+			}
+			var st unix.Stat_t
+			unix.Stat(path, &st)
+			for time.Now().Before(cfg.Deadline) {
+				systemdAttach(&tl, ctl, path, st)
+			}
+		})
+	}
+	wg.Wait()
+	return tl.churnCounts
+}
+
+// systemdAttach is one attach and detach by systemd's protocol.
+func systemdAttach(tl *tally, ctl int, path string, st unix.Stat_t) {
+	file, err := unix.Open(path, unix.O_RDWR|unix.O_CLOEXEC, 0)
+	if err != nil {
+		tl.fail(false, "%v", err)
+		return
+	}
+	defer unix.Close(file)
+	for attempt := 0; ; attempt++ {
+		if attempt == 64 {
+			tl.fail(false, "%s: gave up after 64 lost races", path)
+			return
+		}
+		if err := unix.Flock(ctl, unix.LOCK_EX); err != nil {
+			tl.fail(false, "flock control: %v", err)
+			return
+		}
+		dev, lost, err := systemdConfigure(ctl, file)
+		unix.Flock(ctl, unix.LOCK_UN)
+		if lost {
+			tl.count(func(c *churnCounts) { c.LostRaces++ })
+			continue
+		}
+		if err != nil {
+			tl.fail(false, "%s: %v", path, err)
+			return
+		}
+		tl.count(func(c *churnCounts) { c.Attaches++ })
+		if info, err := unix.IoctlLoopGetStatus64(dev); err != nil || info.Inode != st.Ino || info.Device != uint64(st.Dev) {
+			tl.fail(true, "%s: device holds %+v, %v; want inode %d", path, info, err, st.Ino)
+		}
+		unix.Close(dev) // autoclear: the last close detaches
+		return
+	}
+}
+
+// systemdConfigure is the locked part: GET_FREE, open, lock, check, bind.
+func systemdConfigure(ctl, file int) (dev int, lost bool, err error) {
+	n, err := unix.IoctlRetInt(ctl, unix.LOOP_CTL_GET_FREE)
+	if err != nil {
+		return -1, false, err
+	}
+	dev, err = unix.Open(DevicePath(n), unix.O_RDWR|unix.O_CLOEXEC|unix.O_NONBLOCK, 0)
+	if err != nil {
+		return -1, err == unix.ENXIO || err == unix.ENOENT || err == unix.ENODEV, err
+	}
+	lock, err := unix.Open("/proc/self/fd/"+fmt.Sprint(dev), unix.O_RDONLY|unix.O_CLOEXEC|unix.O_NONBLOCK, 0)
+	if err == nil {
+		err = unix.Flock(lock, unix.LOCK_EX)
+		defer unix.Close(lock)
+	}
+	if err != nil {
+		unix.Close(dev)
+		return -1, err == unix.ENXIO, err
+	}
+	if _, err := unix.IoctlLoopGetStatus64(dev); err == nil {
+		unix.Close(dev)
+		return -1, true, unix.EBUSY // bound by someone without the lock
+	}
+	cfg := unix.LoopConfig{Fd: uint32(file), Size: 512, Info: unix.LoopInfo64{Flags: unix.LO_FLAGS_AUTOCLEAR}}
+	if err := unix.IoctlLoopConfigure(dev, &cfg); err != nil {
+		unix.Close(dev)
+		return -1, err == unix.EBUSY, err
+	}
+	return dev, false, nil
+}
+
+// TestKernelListRundown checks what the package reports for a device between
+// LOOP_CLR_FD and its last close, where Linux 6.11 and later keep it in
+// "rundown": still in sysfs, but refusing opens with ENXIO.
+func TestKernelListRundown(t *testing.T) {
+	f := tempFile(t, 1<<20)
+	d := attachT(t, f.Name(), Options{})
+	if err := d.ClearFD(); err != nil {
+		t.Fatal(err)
+	}
+	inSysfs := len(boundUnder(t, filepath.Dir(f.Name()))) == 1
+	_, err := d.Status()
+	wantErrno(t, err, unix.ENXIO, ErrNotBound)
+	od, err := OpenDevice(d.Number())
+	switch {
+	case inSysfs:
+		// A kernel with detach at last close: the device is half torn down.
+		if !errors.Is(err, ErrNotBound) || !errors.Is(err, unix.ENXIO) || !strings.Contains(err.Error(), "detached") {
+			t.Fatalf("OpenDevice in rundown = %v, want ENXIO explained, matching ErrNotBound", err)
+		}
+		t.Logf("kernel %s keeps the device in sysfs until the last close", kernelRelease())
+	case err != nil:
+		t.Fatalf("OpenDevice after LOOP_CLR_FD = %v", err)
+	default:
+		od.Close() // an older kernel: LOOP_CLR_FD tore down at once
+	}
+	if list, err := FindByBackingFile(f.Name()); err != nil || len(list) != 0 {
+		t.Fatalf("FindByBackingFile = %+v, %v; want nothing while the device is torn down", list, err)
+	}
+	list, err := List()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range list {
+		if s.Number == d.Number() {
+			t.Fatalf("List reports %+v", s)
+		}
+	}
+	d.Close()
+	if left := boundUnder(t, filepath.Dir(f.Name())); len(left) != 0 {
+		t.Fatalf("after the last close: %v", left)
+	}
+	od, err = OpenDevice(d.Number())
+	if err != nil {
+		t.Fatalf("OpenDevice after the teardown: %v", err)
+	}
+	od.Close()
+}
