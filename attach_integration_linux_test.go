@@ -12,10 +12,12 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
 	"testing"
+	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -502,4 +504,183 @@ func attachChild(t *testing.T, dir string) {
 	if after := len(openFDs(t)); after != before {
 		t.Errorf("%d descriptors before, %d after", before, after)
 	}
+}
+
+// A racingKernel is the real kernel with another process's move made just
+// before Attach first opens a /dev/loopN: between LOOP_CTL_GET_FREE naming
+// the device and Attach opening it.
+type racingKernel struct {
+	once sync.Once
+	race func(path string)
+}
+
+func (k *racingKernel) open(path string, mode int) (handle, error) {
+	if path != ControlPath {
+		k.once.Do(func() { k.race(path) })
+	}
+	return osKernel{}.open(path, mode)
+}
+
+// TestKernelAttachLostRace makes each race Attach can lose happen on the real
+// kernel, at the worst moment, and checks that Attach binds another device
+// and leaves the winner's alone.
+func TestKernelAttachLostRace(t *testing.T) {
+	for _, tt := range []struct {
+		name string
+		// race does the other process's move on the device at path, with
+		// raw calls, and returns its descriptor of the device.
+		race func(t *testing.T, path string) int
+		// bound: the other process's binding, which must survive.
+		bound bool
+	}{
+		{"bound", func(t *testing.T, path string) int {
+			return rawBind(t, path, tempFile(t, 1<<20))
+		}, true},
+		{"torn down", func(t *testing.T, path string) int {
+			// Bound and cleared by its only opener: since Linux 6.11 the
+			// device refuses opens (ENXIO) until that opener closes it.
+			fd := rawBind(t, path, tempFile(t, 1<<20))
+			if _, err := unix.IoctlRetInt(fd, unix.LOOP_CLR_FD); err != nil {
+				t.Fatal(err)
+			}
+			return fd
+		}, false},
+		{"locked", func(t *testing.T, path string) int {
+			// Held under flock(LOCK_EX) by a tool setting it up, or udev.
+			fd, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := unix.Flock(fd, unix.LOCK_EX); err != nil {
+				t.Fatal(err)
+			}
+			return fd
+		}, false},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			var fd int
+			var raced string
+			useKernel(t, &racingKernel{race: func(path string) {
+				raced, fd = path, tt.race(t, path)
+				t.Cleanup(func() {
+					unix.IoctlRetInt(fd, unix.LOOP_CLR_FD) // ENXIO where not bound
+					unix.Close(fd)
+				})
+			}})
+			f := tempFile(t, 1<<20)
+			d := attachT(t, f.Name(), Options{})
+			if raced == "" || d.Path() == raced {
+				t.Fatalf("attached %s; the race was on %q", d.Path(), raced)
+			}
+			checkBound(t, d, f.Name(), Options{})
+			if tt.bound {
+				// Still the winner's: Attach never clears what it did
+				// not bind.
+				if _, err := unix.IoctlLoopGetStatus64(fd); err != nil {
+					t.Fatalf("the winner's device: %v", err)
+				}
+			}
+		})
+	}
+}
+
+// rawBind binds f to the device at path as another program would, and
+// returns its descriptor of the device.
+func rawBind(t *testing.T, path string, f *os.File) int {
+	t.Helper()
+	fd, err := unix.Open(path, unix.O_RDWR|unix.O_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.IoctlLoopConfigure(fd, &unix.LoopConfig{Fd: uint32(mustFd(t, f))}); err != nil {
+		unix.Close(fd)
+		t.Fatal(err)
+	}
+	return fd
+}
+
+// TestKernelAttachTakesControlLock holds flock(LOCK_EX) on /dev/loop-control
+// as systemd does while it sets up a device: Attach must wait for it, bind
+// nothing meanwhile, honour its context while waiting, and go ahead once the
+// lock is released.
+func TestKernelAttachTakesControlLock(t *testing.T) {
+	requireKernel(t)
+	useKernel(t, osKernel{}) // a fresh shared control device, released at the end
+	lock, err := unix.Open(ControlPath, unix.O_RDWR|unix.O_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(lock)
+	if err := unix.Flock(lock, unix.LOCK_EX); err != nil {
+		t.Fatal(err)
+	}
+	f := tempFile(t, 1<<20)
+
+	// Given up while waiting: nothing is bound, and the lock is left as
+	// it was.
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() {
+		d, err := Attach(ctx, f.Name(), Options{})
+		if err == nil {
+			detach(t, d)
+		}
+		done <- err
+	}()
+	waitLockRequest(t)
+	cancel()
+	if err := <-done; !errors.Is(err, context.Canceled) {
+		t.Fatalf("Attach = %v, want context.Canceled", err)
+	}
+
+	// Waiting with a context that cannot end.
+	attached := make(chan *Device, 1)
+	go func() {
+		d, err := Attach(context.Background(), f.Name(), Options{Flags: FlagAutoClear})
+		if err != nil {
+			t.Error(err)
+		}
+		attached <- d
+	}()
+	waitLockRequest(t)
+	if found, err := FindByBackingFile(f.Name()); err != nil || len(found) != 0 {
+		t.Fatalf("bound while the control lock was held elsewhere: %+v, %v", found, err)
+	}
+	if err := unix.Flock(lock, unix.LOCK_UN); err != nil {
+		t.Fatal(err)
+	}
+	d := <-attached
+	if d == nil {
+		t.FailNow()
+	}
+	checkBound(t, d, f.Name(), Options{Flags: FlagAutoClear})
+	d.Close()
+	// The abandoned wait took the lock when it was free, and let it go.
+	lockWaiters.Wait()
+	if err := unix.Flock(lock, unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		t.Fatalf("the control lock after Attach: %v", err)
+	}
+}
+
+// waitLockRequest waits until /proc/locks shows a request for a flock of
+// /dev/loop-control blocked behind the test's own.
+func waitLockRequest(t *testing.T) {
+	t.Helper()
+	var st unix.Stat_t
+	if err := unix.Stat(ControlPath, &st); err != nil {
+		t.Fatal(err)
+	}
+	id := fmt.Sprintf("%02x:%02x:%d", unix.Major(st.Dev), unix.Minor(st.Dev), st.Ino)
+	for end := time.Now().Add(10 * time.Second); time.Now().Before(end); runtime.Gosched() {
+		locks, err := os.ReadFile("/proc/locks")
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, line := range strings.Split(string(locks), "\n") {
+			if f := strings.Fields(line); len(f) > 6 && f[1] == "->" && f[2] == "FLOCK" && f[6] == id {
+				return
+			}
+		}
+	}
+	t.Fatalf("no flock request on %s (%s) waiting in /proc/locks", ControlPath, id)
 }
