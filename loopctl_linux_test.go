@@ -10,6 +10,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -322,4 +323,36 @@ func stepNames(log []string) []string {
 		out[i], _, _ = strings.Cut(l, " ")
 	}
 	return out
+}
+
+// FuzzStatusDecoding decodes LOOP_GET_STATUS64's structure from raw bytes:
+// any name (with or without a terminator, any bytes), any flags. Every
+// field must come through as the kernel gave it, the name up to its first
+// NUL and never past lo_file_name's 64 bytes.
+func FuzzStatusDecoding(f *testing.F) {
+	var info unix.LoopInfo64
+	raw := unsafe.Slice((*byte)(unsafe.Pointer(&info)), unsafe.Sizeof(info))
+	f.Add(append([]byte(nil), raw...))
+	info = unix.LoopInfo64{Device: 0xfe00, Inode: 12345, Offset: 4096, Sizelimit: 1 << 20, Number: 3, Flags: 0xffffffff}
+	copy(info.File_name[:], strings.Repeat("n", 64)) // no terminator
+	f.Add(append([]byte(nil), raw...))
+	f.Add([]byte("short"))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		var info unix.LoopInfo64
+		copy(unsafe.Slice((*byte)(unsafe.Pointer(&info)), unsafe.Sizeof(info)), b)
+		s := statusFromInfo(&info)
+		name, _, _ := strings.Cut(string(info.File_name[:]), "\x00")
+		if s.BackingFile != name || len(s.BackingFile) > unix.LO_NAME_SIZE || strings.ContainsRune(s.BackingFile, 0) {
+			t.Fatalf("name %q from %q", s.BackingFile, info.File_name)
+		}
+		want := Status{Number: int(info.Number), BackingFile: name, BackingDevice: info.Device, BackingInode: info.Inode,
+			Offset: info.Offset, SizeLimit: info.Sizelimit, Flags: Flags(info.Flags)}
+		if s != want {
+			t.Fatalf("statusFromInfo = %+v, want %+v", s, want)
+		}
+		if s.Deleted() != strings.HasSuffix(name, " (deleted)") {
+			t.Fatalf("Deleted() = %v for %q", s.Deleted(), name)
+		}
+		_ = s.Flags.String()
+	})
 }

@@ -171,3 +171,33 @@ func TestZeroValuesAreClosed(t *testing.T) {
 		t.Error("Close of a zero value failed")
 	}
 }
+
+// FuzzOptionsValidate holds validate to its rule: it accepts exactly the
+// options with known flags, a block size of 0 or a power of two from 512,
+// and an offset and size limit that fit an int64; it refuses the rest with
+// an error matching fs.ErrInvalid, and never panics. Flags.String names
+// every bit.
+func FuzzOptionsValidate(f *testing.F) {
+	f.Add(uint64(0), uint64(0), uint32(0), uint32(0))
+	f.Add(uint64(1<<20), uint64(1<<30), uint32(4096), uint32(knownFlags))
+	f.Add(uint64(1<<63), uint64(0), uint32(1000), uint32(0x20))
+	f.Add(uint64(0), uint64(1<<64-1), uint32(1<<31), uint32(0xffffffff))
+	f.Fuzz(func(t *testing.T, offset, sizeLimit uint64, blockSize, flags uint32) {
+		o := Options{Offset: offset, SizeLimit: sizeLimit, BlockSize: blockSize, Flags: Flags(flags)}
+		err := o.validate()
+		powerOfTwo := blockSize&(blockSize-1) == 0
+		valid := Flags(flags)&^knownFlags == 0 &&
+			(blockSize == 0 || blockSize >= 512 && powerOfTwo) &&
+			offset <= 1<<63-1 && sizeLimit <= 1<<63-1
+		if valid != (err == nil) {
+			t.Fatalf("validate(%+v) = %v; valid %v", o, err, valid)
+		}
+		if err != nil && !errors.Is(err, fs.ErrInvalid) {
+			t.Fatalf("validate(%+v) = %v, not matching fs.ErrInvalid", o, err)
+		}
+		s := Flags(flags).String()
+		if (flags == 0) != (s == "0") || flags&^uint32(knownFlags) != 0 && !strings.Contains(s, "0x") {
+			t.Fatalf("Flags(%#x).String() = %q", flags, s)
+		}
+	})
+}
