@@ -4,9 +4,17 @@ package loopctl
 
 import (
 	"context"
+	"fmt"
+	"io"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
+	"time"
 )
 
 func benchFile(b *testing.B) string {
@@ -92,5 +100,133 @@ func BenchmarkList(b *testing.B) {
 		if _, err := List(); err != nil {
 			b.Fatal(err)
 		}
+	}
+}
+
+// BenchmarkAttachConcurrent measures attach throughput: attachers
+// goroutines each loop Attach, ClearFD, Close on a file of their own, with
+// and without a second process doing the same with 8 goroutines, and with
+// the attach lock (this process's turn and the control device's flock) and
+// without it (lost races retried, nothing else).
+func BenchmarkAttachConcurrent(b *testing.B) {
+	requireKernel(b)
+	for _, lock := range []bool{true, false} {
+		for _, contended := range []bool{false, true} {
+			for _, attachers := range []int{1, 8, 32} {
+				name := fmt.Sprintf("lock=%v/second-process=%v/attachers=%d", lock, contended, attachers)
+				b.Run(name, func(b *testing.B) {
+					defer func(old bool) { attachLocking = old }(attachLocking)
+					attachLocking = lock
+					if contended {
+						stop := startContender(b, lock)
+						defer stop()
+					}
+					benchAttachers(b, attachers)
+				})
+			}
+		}
+	}
+}
+
+// benchAttachers runs b.N attach cycles shared among n goroutines.
+func benchAttachers(b *testing.B, n int) {
+	var files []*os.File
+	for range n {
+		f, err := os.OpenFile(benchFile(b), os.O_RDWR, 0)
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer f.Close()
+		files = append(files, f)
+	}
+	var next atomic.Int64
+	var wg sync.WaitGroup
+	b.ResetTimer()
+	start := time.Now()
+	for _, f := range files {
+		wg.Go(func() {
+			for next.Add(1) <= int64(b.N) {
+				d, err := AttachFile(context.Background(), f, Options{})
+				if err != nil {
+					b.Error(err)
+					return
+				}
+				if err := d.ClearFD(); err != nil {
+					b.Error(err)
+				}
+				d.Close()
+			}
+		})
+	}
+	wg.Wait()
+	b.ReportMetric(float64(b.N)/time.Since(start).Seconds(), "attaches/s")
+}
+
+// contenderEnv runs the test binary as a second process that attaches and
+// detaches until its standard input closes; its value is "true" or
+// "false", whether it takes the attach lock.
+const contenderEnv = "LOOPCTL_CONTENDER"
+
+// startContender starts a second process churning; stop ends it and waits.
+func startContender(b *testing.B, lock bool) (stop func()) {
+	cmd := exec.Command(os.Args[0], "-test.run=^TestKernelContender$", "-test.count=1")
+	cmd.Env = append(os.Environ(), contenderEnv+"="+strconv.FormatBool(lock))
+	cmd.Stderr = os.Stderr
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		b.Fatal(err)
+	}
+	return func() {
+		stdin.Close()
+		if err := cmd.Wait(); err != nil {
+			b.Errorf("second process: %v", err)
+		}
+	}
+}
+
+// TestKernelContender is the second process of BenchmarkAttachConcurrent,
+// run only as such; alone it checks that its loop ends with its input.
+func TestKernelContender(t *testing.T) {
+	mode, input := os.Getenv(contenderEnv), io.Reader(os.Stdin)
+	if mode == "" {
+		requireKernel(t)
+		mode, input = "true", strings.NewReader("") // one round each
+	}
+	attachLocking = mode == "true"
+	done := make(chan struct{})
+	go func() {
+		io.Copy(io.Discard, input)
+		close(done)
+	}()
+	var wg sync.WaitGroup
+	var rounds atomic.Int64
+	for range 8 {
+		path := filepath.Join(t.TempDir(), "contender.img")
+		if err := os.WriteFile(path, make([]byte, 1<<20), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		wg.Go(func() {
+			for {
+				d, err := Attach(context.Background(), path, Options{Flags: FlagAutoClear})
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				d.Close()
+				rounds.Add(1)
+				select {
+				case <-done:
+					return
+				default:
+				}
+			}
+		})
+	}
+	wg.Wait()
+	if rounds.Load() < 8 {
+		t.Fatalf("%d rounds", rounds.Load())
 	}
 }
