@@ -8,6 +8,7 @@ import (
 	"io/fs"
 	"math/rand/v2"
 	"os"
+	"strconv"
 	"sync"
 	"time"
 
@@ -22,15 +23,40 @@ import (
 // error matching fs.ErrPermission, never a silent switch to read-only.
 // Attach closes its own descriptor of the file once the device holds it.
 //
-// Each attempt asks /dev/loop-control for a free device (LOOP_CTL_GET_FREE),
-// opens it, takes a BSD flock(LOCK_EX) on it so that udev does not probe a
-// half-set-up device, and binds with one LOOP_CONFIGURE. When another
-// process wins the device (EBUSY, or a lock held elsewhere) Attach closes
-// it and tries again with a fresh LOOP_CTL_GET_FREE, with bounded backoff
-// that honours ctx; it never clears a binding it did not make. Without
+// Each attempt takes the attach lock (below), asks /dev/loop-control for a
+// free device (LOOP_CTL_GET_FREE), opens it, takes a BSD flock(LOCK_EX) on
+// it so that udev does not probe a half-set-up device, and binds with one
+// LOOP_CONFIGURE. When another process got to the device first, Attach
+// closes it and tries again with a fresh LOOP_CTL_GET_FREE, with bounded
+// backoff that honours ctx; it never clears a binding it did not make.
+// These, and only these, are lost races:
+//
+//   - ENXIO from the open: the device is being torn down. Since Linux 6.11
+//     a device detaches at its last close, and refuses opens until then;
+//     another process bound it and let go of it after LOOP_CTL_GET_FREE
+//     named it. The same errno comes while LOOP_CTL_REMOVE deletes it.
+//   - ENODEV or ENOENT from the open: the device was removed. A node that
+//     is missing while the device exists (sysfs lists it and
+//     LOOP_CTL_GET_FREE still names it: a container whose /dev is not
+//     devtmpfs) is no race, and fails at once with fs.ErrNotExist.
+//   - EBUSY from the open, the device's flock held elsewhere, or EBUSY from
+//     LOOP_CONFIGURE (LOOP_SET_FD on old kernels): someone holds or bound
+//     the device.
+//
+// Every other error (EACCES, EPERM, EINVAL, ENOMEM, ...) fails at once.
+// After 256 lost races Attach gives up with ErrBusy. Without
 // /dev/loop-control (an old kernel, a container) it scans sysfs for an
 // unbound device instead. The control device is opened once per process
 // and kept open.
+//
+// The attach lock is the one systemd's tools take: flock(LOCK_EX) on
+// /dev/loop-control across LOOP_CTL_GET_FREE, open and bind, then the
+// device's own. So loopctl and systemd-nspawn, systemd-dissect, portable
+// services, mkosi, other loopctl programs and `flock /dev/loop-control
+// losetup` never chase one device at once. Within a process, attachers
+// take turns for it; waiting for the turn or the lock honours ctx.
+// Processes that take no lock (plain `losetup -f`) can still win a device
+// first: that is a lost race, retried.
 //
 // On any failure Attach leaves nothing behind: no binding of its own and no
 // open descriptor. Invalid options (fs.ErrInvalid), a missing file
@@ -39,7 +65,12 @@ import (
 //
 // With FlagAutoClear the kernel detaches the device when its last opener
 // closes it. The returned Device is an opener, so the binding lives until
-// its Close (and any other opener's, such as a mount's, after it).
+// its Close (and any other opener's, such as a mount's, after it). That
+// holds when the process dies, too, even killed inside Attach: its
+// descriptors close, and nothing stays bound. Without FlagAutoClear a
+// process that dies after LOOP_CONFIGURE leaves the device bound to the
+// file; FindByBackingFile finds it, for OpenDevice and ClearFD. Either way
+// no device is left locked or unusable, since flocks die with their holder.
 func Attach(ctx context.Context, path string, o Options) (*Device, error) {
 	const op = "attach"
 	if err := ctx.Err(); err != nil {
@@ -123,8 +154,11 @@ func attach(ctx context.Context, fd uintptr, name string, o Options) (*Device, e
 		if err == nil {
 			return d, nil
 		}
-		if !lost || attempt+1 == maxAttempts {
+		if !lost {
 			return nil, newError(op, name, err)
+		}
+		if attempt+1 == maxAttempts {
+			return nil, newError(op, name, &gaveUp{last: err})
 		}
 		if tried == nil {
 			tried = map[int]bool{}
@@ -135,6 +169,16 @@ func attach(ctx context.Context, fd uintptr, name string, o Options) (*Device, e
 		}
 	}
 }
+
+// A gaveUp error ends an Attach that lost maxAttempts races. It matches
+// ErrBusy, and unwraps to the last race's error.
+type gaveUp struct{ last error }
+
+func (e *gaveUp) Error() string {
+	return "gave up after " + strconv.Itoa(maxAttempts) + " lost races, the last: " + errorText(e.last)
+}
+func (e *gaveUp) Unwrap() error        { return e.last }
+func (e *gaveUp) Is(target error) bool { return target == ErrBusy }
 
 // attachOnce is one attempt, under the attach lock: ask for a free device
 // (skipping those tried already when another is free) and bind to it. It

@@ -444,18 +444,29 @@ func TestAttachCancelledWhileBusy(t *testing.T) {
 }
 
 func TestAttachGivesUp(t *testing.T) {
-	k := useFake(t, 1)
-	for i := 1; i <= maxAttempts; i++ {
-		k.failAt("LOOP_CONFIGURE", i, unix.EBUSY)
+	for _, step := range []string{"LOOP_CONFIGURE", "open"} {
+		t.Run(step, func(t *testing.T) {
+			k := useFake(t, 1)
+			first := 1
+			if step == "open" {
+				first = 2 // open 1 is the control device
+			}
+			for i := first; i < first+maxAttempts; i++ {
+				k.failAt(step, i, map[string]unix.Errno{"open": unix.ENXIO, "LOOP_CONFIGURE": unix.EBUSY}[step])
+			}
+			_, err := Attach(context.Background(), tempFile(t, 4096).Name(), Options{})
+			if !errors.Is(err, ErrBusy) || !strings.Contains(err.Error(), "gave up after 256 lost races") {
+				t.Fatalf("Attach = %v, want ErrBusy after 256 lost races", err)
+			}
+			if step == "open" && !errors.Is(err, unix.ENXIO) {
+				t.Fatalf("Attach = %v: the last race's ENXIO is lost", err)
+			}
+			if n := k.counts[step] - first + 1; n != maxAttempts {
+				t.Fatalf("%d attempts, want %d", n, maxAttempts)
+			}
+			checkNothingLeft(t, k)
+		})
 	}
-	_, err := Attach(context.Background(), tempFile(t, 4096).Name(), Options{})
-	if !errors.Is(err, ErrBusy) {
-		t.Fatalf("Attach = %v, want ErrBusy", err)
-	}
-	if n := k.counts["LOOP_CONFIGURE"]; n != maxAttempts {
-		t.Fatalf("%d attempts, want %d", n, maxAttempts)
-	}
-	checkNothingLeft(t, k)
 }
 
 func TestAttachWithoutControl(t *testing.T) {

@@ -28,16 +28,47 @@
 //
 // Each attempt of Attach is LOOP_CTL_GET_FREE, an open of the device, a
 // BSD flock(LOCK_EX) so that udev does not probe a half-set-up device, and
-// one LOOP_CONFIGURE. When another process wins the device (EBUSY), Attach
-// tries again with a fresh LOOP_CTL_GET_FREE, with bounded backoff that
-// honours the context; it never clears a binding it did not make, and on
-// failure it leaves nothing behind. Without /dev/loop-control it scans
-// sysfs for an unbound device instead.
+// one LOOP_CONFIGURE, all under flock(LOCK_EX) on /dev/loop-control, the
+// lock systemd's tools take for the same steps. When another process got
+// to the device first, Attach tries again with a fresh LOOP_CTL_GET_FREE,
+// with bounded backoff that honours the context; it never clears a binding
+// it did not make, and on failure it leaves nothing behind. Without
+// /dev/loop-control it scans sysfs for an unbound device instead.
 //
 // With FlagAutoClear the kernel detaches the device when its last opener
 // closes it. The Device that Attach returns is an opener, so the binding
 // lasts until its Close, or until whoever else holds the device (a mount)
 // lets go after that.
+//
+// # Races, detach at last close, and crashes
+//
+// LOOP_CTL_GET_FREE names the lowest unbound device and reserves nothing,
+// so every process that asks at the same moment is told the same number.
+// Since Linux 6.11 a device also detaches at its last close rather than in
+// LOOP_CLR_FD, and refuses opens with ENXIO meanwhile (see
+// Device.ClearFD): a device named free can be bound and let go of by
+// another process before it is opened. Attach treats exactly these as a
+// lost race and asks again: ENXIO, ENODEV and ENOENT from the open (the
+// device is being torn down, or was removed), EBUSY from the open, a flock
+// of the device held elsewhere, and EBUSY from the bind; a node missing
+// while the device exists is reported at once, not retried. Attach's
+// documentation says why each is what it is.
+//
+// The lock on /dev/loop-control makes the races rare: attachers that take
+// it (this package, systemd, losetup run under flock(1)) never chase one
+// number at once, and in a process attachers take turns, so that
+// goroutines do not all chase it either. It costs some throughput within
+// one process and buys fairness between processes; RELIABILITY.md has the
+// figures, and the churn, interference and kill tests behind these
+// guarantees.
+//
+// List and FindByBackingFile leave out a device being torn down, and
+// OpenDevice of one fails with an error matching ErrNotBound that says so.
+//
+// A process that dies, even killed inside Attach, loses its descriptors
+// and its locks: with FlagAutoClear its devices detach, without it a
+// device it had bound stays bound to the file, for FindByBackingFile to
+// find. No device is left locked or unusable.
 //
 // For the lower level, a Control is the open /dev/loop-control (Add,
 // Remove, GetFree), and a Device is an open /dev/loopN: SetFD and

@@ -47,13 +47,17 @@ func (e *Error) Error() string { return "loopctl: " + e.text() }
 // text is the message without the package prefix, which a nested *Error
 // (an Attach failing in a Configure) does not repeat.
 func (e *Error) text() string {
-	cause := ""
-	if inner, ok := e.Err.(*Error); ok {
-		cause = inner.text()
-	} else if e.Err != nil {
-		cause = e.Err.Error()
+	return e.Op + " " + e.Path + ": " + errorText(e.Err)
+}
+
+// errorText is err's message, without the package prefix for an *Error.
+func errorText(err error) string {
+	if inner, ok := err.(*Error); ok {
+		return inner.text()
+	} else if err != nil {
+		return err.Error()
 	}
-	return e.Op + " " + e.Path + ": " + cause
+	return ""
 }
 
 // Unwrap returns the cause.
