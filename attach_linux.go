@@ -184,15 +184,14 @@ func (e *gaveUp) Is(target error) bool { return target == ErrBusy }
 // (skipping those tried already when another is free) and bind to it. It
 // returns the device's number, and whether err means a lost race.
 func attachOnce(ctx context.Context, fd uintptr, name string, o Options, tried map[int]bool) (d *Device, n int, lost bool, err error) {
-	c, err := sharedControl()
-	if err != nil && !errors.Is(err, fs.ErrNotExist) {
-		return nil, -1, false, err
-	}
+	var c *Control
 	if attachLocking {
-		if err := lockAttach(ctx, c); err != nil {
+		if c, err = lockAttach(ctx); err != nil {
 			return nil, -1, false, err
 		}
 		defer unlockAttach(c)
+	} else if c, err = sharedControl(); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return nil, -1, false, err
 	}
 	n, err = freeDevice(c, tried)
 	if err != nil {
@@ -323,30 +322,38 @@ var attachLocking = true
 // of an Attach whose context ended first; tests wait for them.
 var lockWaiters sync.WaitGroup
 
-// lockAttach takes this process's turn and then the control device's lock,
-// honouring ctx while it waits for either. c is nil without a control
-// device.
-func lockAttach(ctx context.Context, c *Control) error {
+// lockAttach takes this process's turn and then the lock of the process's
+// control device, which it returns: nil without a control device, when the
+// turn alone is taken. It honours ctx while it waits for either.
+func lockAttach(ctx context.Context) (*Control, error) {
 	select {
 	case turn <- struct{}{}:
 	case <-ctx.Done():
-		return ctx.Err()
+		return nil, ctx.Err()
 	}
-	if c == nil {
-		return nil
+	c, err := sharedControl()
+	if err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil, nil
+		}
+		<-turn
+		return nil, err
 	}
-	err := c.h.flock(unix.LOCK_EX | unix.LOCK_NB)
+	err = c.h.flock(unix.LOCK_EX | unix.LOCK_NB)
 	if err == unix.EWOULDBLOCK {
 		if ctx.Done() != nil {
-			return waitControlLock(ctx, c)
+			if err := waitControlLock(ctx, c); err != nil {
+				return nil, err
+			}
+			return c, nil
 		}
 		err = c.h.flock(unix.LOCK_EX) // a context that never ends
 	}
 	if err != nil {
 		<-turn
-		return newError("lock", ControlPath, err)
+		return nil, newError("lock", ControlPath, err)
 	}
-	return nil
+	return c, nil
 }
 
 // waitControlLock waits, holding the turn, for the control device's lock
@@ -366,7 +373,7 @@ func waitControlLock(ctx context.Context, c *Control) error {
 		case got <- err:
 		case <-abandoned:
 			if err == nil {
-				c.h.flock(unix.LOCK_UN)
+				unlockControl(c)
 			}
 			<-turn
 		}
@@ -384,19 +391,27 @@ func waitControlLock(ctx context.Context, c *Control) error {
 	}
 }
 
-// unlockAttach releases what lockAttach took. Should the control device
-// refuse LOCK_UN, closing it is what surely releases the lock: the next
-// Attach opens it again.
+// unlockAttach releases what lockAttach took.
 func unlockAttach(c *Control) {
-	if c != nil && c.h.flock(unix.LOCK_UN) != nil {
-		shared.mu.Lock()
-		if shared.c == c {
-			shared.c = nil
-		}
-		shared.mu.Unlock()
-		c.Close()
+	if c != nil {
+		unlockControl(c)
 	}
 	<-turn
+}
+
+// unlockControl releases the control device's lock. Should the device
+// refuse LOCK_UN, closing it is what surely releases the lock: the next
+// Attach opens it again.
+func unlockControl(c *Control) {
+	if c.h.flock(unix.LOCK_UN) == nil {
+		return
+	}
+	shared.mu.Lock()
+	if shared.c == c {
+		shared.c = nil
+	}
+	shared.mu.Unlock()
+	c.Close()
 }
 
 // freeDevice names a device to try: LOOP_CTL_GET_FREE's answer, unless that
