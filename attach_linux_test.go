@@ -85,24 +85,58 @@ func TestAttachSteps(t *testing.T) {
 	checkAttached(t, k, d, f.Name())
 }
 
+// TestAttachLostRace: another process gets to the device that GET_FREE
+// named first. Attach binds another, and never clears a binding it did not
+// make.
 func TestAttachLostRace(t *testing.T) {
-	k := useFake(t, 3)
-	// Someone else wins loop0 between GET_FREE and LOOP_CONFIGURE, twice;
-	// GET_FREE keeps naming it, so Attach turns to sysfs for another.
-	k.failAt("LOOP_CONFIGURE", 1, unix.EBUSY)
-	k.failAt("flock-ex", 2, unix.EWOULDBLOCK)
-	f := tempFile(t, 1<<20)
-	d, err := Attach(context.Background(), f.Name(), Options{})
-	if err != nil {
-		t.Fatal(err)
+	for _, tt := range []struct {
+		name  string
+		race  func(k *fakeKernel)
+		want  int
+		check bool // checkAttached: only the returned device is open
+	}{
+		// Another binds loop0 first, then holds loop1's lock; GET_FREE
+		// keeps naming loop0, so Attach turns to sysfs for another.
+		{"bound, then locked", func(k *fakeKernel) {
+			k.failAt("LOOP_CONFIGURE", 1, unix.EBUSY)
+			k.failAt("flock-ex", 2, unix.EWOULDBLOCK)
+		}, 2, true},
+		// loop0 is removed before Attach opens it: no node, and no longer
+		// in sysfs.
+		{"removed", func(k *fakeKernel) {
+			k.actAt("open", 2, func(k *fakeKernel) { delete(k.devs, 0); k.sync(0) }, nil)
+		}, 1, true},
+		// loop0 is bound and cleared by its only opener before Attach opens
+		// it: since Linux 6.11 it refuses opens (ENXIO) until that opener
+		// closes it.
+		{"torn down", func(k *fakeKernel) {
+			k.actAt("open", 2, func(k *fakeKernel) {
+				d := k.devs[0]
+				d.bound, d.rundown, d.opens = true, true, 1
+				k.sync(0)
+			}, nil)
+		}, 1, false},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			k := useFake(t, 3)
+			tt.race(k)
+			f := tempFile(t, 1<<20)
+			d, err := Attach(context.Background(), f.Name(), Options{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if d.Number() != tt.want {
+				t.Fatalf("attached loop%d, want loop%d", d.Number(), tt.want)
+			}
+			if got := k.calls("LOOP_CLR_FD"); len(got) != 0 {
+				t.Fatalf("cleared a binding it did not make: %q", got)
+			}
+			if tt.check {
+				checkAttached(t, k, d, f.Name())
+			}
+			d.Close()
+		})
 	}
-	if d.Number() != 2 {
-		t.Fatalf("attached loop%d, want loop2 (loop0 lost, loop1 locked)", d.Number())
-	}
-	if got := k.calls("LOOP_CLR_FD"); len(got) != 0 {
-		t.Fatalf("cleared a binding it did not make: %q", got)
-	}
-	checkAttached(t, k, d, f.Name())
 }
 
 // TestAttachFaults fails each step of Attach, and of its fallback path, with
@@ -219,47 +253,6 @@ func errorOps(err error) []string {
 		}
 	}
 	return ops
-}
-
-// TestAttachLostRaceRemoved: the device that GET_FREE named is removed
-// before Attach opens it. Its node is gone and sysfs no longer lists it: a
-// lost race, retried with another device.
-func TestAttachLostRaceRemoved(t *testing.T) {
-	k := useFake(t, 3)
-	k.actAt("open", 2, func(k *fakeKernel) { delete(k.devs, 0); k.sync(0) }, nil)
-	f := tempFile(t, 1<<20)
-	d, err := Attach(context.Background(), f.Name(), Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if d.Number() != 1 {
-		t.Fatalf("attached loop%d, want loop1", d.Number())
-	}
-	checkAttached(t, k, d, f.Name())
-}
-
-// TestAttachLostRaceTornDown: another process binds and clears the device
-// that GET_FREE named before Attach opens it; on Linux 6.11 and later it
-// then refuses opens (ENXIO) until its last close.
-func TestAttachLostRaceTornDown(t *testing.T) {
-	k := useFake(t, 3)
-	k.actAt("open", 2, func(k *fakeKernel) {
-		d := k.devs[0]
-		d.bound, d.rundown, d.opens = true, true, 1
-		k.sync(0)
-	}, nil)
-	f := tempFile(t, 1<<20)
-	d, err := Attach(context.Background(), f.Name(), Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if d.Number() != 1 {
-		t.Fatalf("attached loop%d, want loop1", d.Number())
-	}
-	if got := k.calls("LOOP_CLR_FD"); len(got) != 0 {
-		t.Fatalf("cleared a binding it did not make: %q", got)
-	}
-	d.Close()
 }
 
 // TestAttachWaitsForControlLock: another process holds /dev/loop-control's

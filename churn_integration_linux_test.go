@@ -465,8 +465,12 @@ func checkChurnDevice(tl *tally, d *Device, f *os.File, st unix.Stat_t, o Option
 }
 
 // observe lists the test's devices and opens them while they churn: List
-// must never report a half-torn-down binding, and OpenDevice and Status on
-// one must fail only with ErrNotBound.
+// must not fail, nor report a binding whose file is not the one it names;
+// OpenDevice and Status of a listed device may find it torn down since, and
+// must then fail with ErrNotBound, and with nothing else. (That List leaves
+// out a device already being torn down is TestKernelListRundown's to show:
+// here a device listed and then refusing its open may have started its
+// teardown after List looked.)
 func observe(tl *tally, cfg churnConfig) {
 	for time.Now().Before(cfg.Deadline) {
 		list, err := List()

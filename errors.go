@@ -54,10 +54,11 @@ func (e *Error) text() string {
 func errorText(err error) string {
 	if inner, ok := err.(*Error); ok {
 		return inner.text()
-	} else if err != nil {
-		return err.Error()
 	}
-	return ""
+	if err == nil {
+		return ""
+	}
+	return err.Error()
 }
 
 // Unwrap returns the cause.

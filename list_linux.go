@@ -16,11 +16,11 @@ import (
 )
 
 // List returns the status of every bound loop device, by number. It reads
-// sysfs (/sys/block/loopN/loop/), so it is fast with hundreds of devices and
-// needs no privilege. BackingFile is the full path;
-// a backing file unlinked since binding reads with a " (deleted)" suffix
-// (see Status.Deleted). BackingDevice and BackingInode come from a stat of
-// that path, or, when it is deleted or out of reach, from the device itself
+// sysfs (/sys/block/loopN/loop/), so it is fast with hundreds of devices
+// and needs no privilege. BackingFile is the full path; a backing file
+// unlinked since binding reads with a " (deleted)" suffix (see
+// Status.Deleted). BackingDevice and BackingInode come from a stat of that
+// path, or, when it is deleted or out of reach, from the device itself
 // (LOOP_GET_STATUS64, which needs root; without it they stay zero).
 //
 // A device unbound while List reads it is left out, and so is one being
