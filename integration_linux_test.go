@@ -219,6 +219,25 @@ func TestKernelGetFreeAllocatesNothing(t *testing.T) {
 	}
 }
 
+// TestKernelLockAllocatesNothing: the four flocks of an Attach go through
+// the pooled call, as ioctls do.
+func TestKernelLockAllocatesNothing(t *testing.T) {
+	if raceEnabled {
+		t.Skip("the race detector makes sync.Pool allocate")
+	}
+	c := openControl(t)
+	if a := testing.AllocsPerRun(1000, func() {
+		if err := c.h.flock(unix.LOCK_EX | unix.LOCK_NB); err != nil {
+			t.Fatal(err)
+		}
+		if err := c.h.flock(unix.LOCK_UN); err != nil {
+			t.Fatal(err)
+		}
+	}); a != 0 {
+		t.Fatalf("a flock and its release allocate %v times", a)
+	}
+}
+
 func TestKernelSetFD(t *testing.T) {
 	c := openControl(t)
 	d := newDevice(t, c)

@@ -132,14 +132,18 @@ func (h *fileHandle) rawIoctlPtr(req uint, arg unsafe.Pointer) error {
 	return err
 }
 
+// flock runs as a pooled call, as an ioctl does, so that the four of an
+// Attach allocate nothing. A blocking LOCK_EX interrupted by a signal is
+// made again.
 func (h *fileHandle) flock(how int) error {
-	var err error
-	cerr := h.rc.Control(func(fd uintptr) {
-		err = ignoringEINTR(func() error { return unix.Flock(int(fd), how) })
-	})
-	if cerr != nil {
-		return os.ErrClosed
+	c := calls.Get().(*call)
+	c.req, c.val, c.ptr, c.flock = 0, uintptr(how), nil, true
+	_, err := c.on(h.rc)
+	for err == unix.EINTR {
+		_, err = c.on(h.rc)
 	}
+	c.flock = false
+	calls.Put(c)
 	return err
 }
 
@@ -160,14 +164,15 @@ func (h *fileHandle) rdev() (uint64, error) {
 
 func (h *fileHandle) Close() error { return h.f.Close() }
 
-// A call is one ioctl in flight. Calls are pooled, and each keeps its run
-// method as a func value made once, so an ioctl through RawConn.Control
-// allocates nothing: a closure capturing the arguments would escape to the
-// heap on every call.
+// A call is one ioctl, or flock, in flight. Calls are pooled, and each
+// keeps its run method as a func value made once, so a call through
+// RawConn.Control allocates nothing: a closure capturing the arguments
+// would escape to the heap on every call.
 type call struct {
 	req   uint
 	val   uintptr
 	ptr   unsafe.Pointer
+	flock bool // flock(2) with val as the operation, not an ioctl
 	r     uintptr
 	errno unix.Errno
 	run   func(fd uintptr)
@@ -191,11 +196,15 @@ func (c *call) on(rc syscall.RawConn) (int, error) {
 	return int(c.r), nil
 }
 
-// do is the one place this package enters the kernel with an ioctl.
+// do is the one place this package enters the kernel with an ioctl, or
+// with a flock of a loop node.
 func (c *call) do(fd uintptr) {
-	if c.ptr != nil {
+	switch {
+	case c.flock:
+		c.r, _, c.errno = unix.Syscall(unix.SYS_FLOCK, fd, c.val, 0)
+	case c.ptr != nil:
 		c.r, _, c.errno = unix.Syscall(unix.SYS_IOCTL, fd, uintptr(c.req), uintptr(c.ptr))
-	} else {
+	default:
 		c.r, _, c.errno = unix.Syscall(unix.SYS_IOCTL, fd, uintptr(c.req), c.val)
 	}
 }
