@@ -10,6 +10,7 @@ import (
 	"os"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -139,6 +140,10 @@ func checkBackingFile(fd uintptr, name string) error {
 	return nil
 }
 
+// lostRaces counts the races this process's attachers lost; tests report
+// it.
+var lostRaces atomic.Int64
+
 // maxAttempts bounds how many devices one Attach tries: each lost race
 // means another process bound or tore down a device, so only a crowd this
 // large, or a device held busy while unbound, exhausts it.
@@ -157,6 +162,7 @@ func attach(ctx context.Context, fd uintptr, name string, o Options) (*Device, e
 		if !lost {
 			return nil, newError(op, name, err)
 		}
+		lostRaces.Add(1)
 		if attempt+1 == maxAttempts {
 			return nil, newError(op, name, &gaveUp{last: err})
 		}

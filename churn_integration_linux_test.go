@@ -215,11 +215,11 @@ func TestKernelChurn(t *testing.T) {
 	leaked := boundUnder(t, dir)
 
 	t.Logf("loopctl: %d processes x %d goroutines, %v: %d attaches (%.0f/s), %d failures, %d collisions, "+
-		"%d cancelled, %d read-only, %d closed with autoclear, %d observed by List/OpenDevice, "+
+		"%d lost races retried, %d cancelled, %d read-only, %d closed with autoclear, %d observed by List/OpenDevice, "+
 		"leaked: %d devices, %d fds, %d goroutines",
 		procs, goroutines, elapsed.Round(time.Second), total.Attaches, float64(total.Attaches)/elapsed.Seconds(),
-		total.Failures, total.Collisions, total.Cancelled, total.ReadOnly, total.AutoClearClose, total.Observed,
-		len(leaked), total.LeakedFDs, total.LeakedGoroutines)
+		total.Failures, total.Collisions, total.LostRaces, total.Cancelled, total.ReadOnly, total.AutoClearClose,
+		total.Observed, len(leaked), total.LeakedFDs, total.LeakedGoroutines)
 	t.Logf("systemd protocol helper: %d attaches, %d lost races retried, %d failures, %d collisions",
 		sd.Attaches, sd.LostRaces, sd.Failures, sd.Collisions)
 	t.Logf("losetup -f / -d: %d attaches, %d failures, %d collisions; under flock(1): %d attaches, %d failures, %d collisions",
@@ -308,6 +308,7 @@ func churnProcess(t *testing.T, cfg churnConfig) churnCounts {
 		wg.Go(func() { observe(&tl, cfg) })
 	}
 	wg.Wait()
+	tl.LostRaces = int(lostRaces.Load())
 	if after := len(openFDs(t)); after != fds {
 		tl.LeakedFDs = after - fds
 		tl.fail(false, "%d descriptors before, %d after", fds, after)
