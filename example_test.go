@@ -46,9 +46,12 @@ func ExampleAttach() {
 	fmt.Printf("%s: %s at offset %d\n", d.Path(), s.BackingFile, s.Offset)
 }
 
-// Bind by hand, with the control device: the steps Attach takes. Another
-// process may take the device between GetFree and Configure, so a lost race
-// (ErrBusy) means: ask for another.
+// Bind by hand, with the control device: the steps Attach takes, less the
+// lock on /dev/loop-control that keeps other careful attachers away.
+// Another process may take the device between GetFree and Configure (ErrBusy
+// from Configure), or bind it and let go of it before OpenDevice (an error
+// matching ErrNotBound: since Linux 6.11 a device being detached refuses
+// opens); either way, ask for another.
 func ExampleControl_GetFree() {
 	c, err := loopctl.Open()
 	if err != nil {
@@ -67,6 +70,9 @@ func ExampleControl_GetFree() {
 			log.Fatal(err)
 		}
 		d, err := loopctl.OpenDevice(n)
+		if errors.Is(err, loopctl.ErrNotBound) {
+			continue // being torn down by another process
+		}
 		if err != nil {
 			log.Fatal(err)
 		}
@@ -127,6 +133,32 @@ func ExampleFindByBackingFile() {
 	}
 	for _, s := range devs {
 		fmt.Println(loopctl.DevicePath(s.Number))
+	}
+}
+
+// Detach what an earlier run of a program, killed before it could clean up,
+// left bound to its image: without FlagAutoClear a binding outlives its
+// process. ClearFD starts the detach; it ends when the last opener closes
+// the device, here the Close below, unless something else (a mount) still
+// holds it.
+func ExampleDevice_ClearFD() {
+	devs, err := loopctl.FindByBackingFile("/var/lib/myapp/disk.img")
+	if err != nil {
+		log.Fatal(err)
+	}
+	for _, s := range devs {
+		d, err := loopctl.OpenDevice(s.Number)
+		if errors.Is(err, loopctl.ErrNotBound) {
+			continue // being detached already
+		}
+		if err != nil {
+			log.Fatal(err)
+		}
+		if err := d.ClearFD(); err != nil && !errors.Is(err, loopctl.ErrNotBound) {
+			log.Fatal(err)
+		}
+		d.Close()
+		fmt.Println("detached", d.Path())
 	}
 }
 
