@@ -30,7 +30,9 @@ func (d *Device) Status() (Status, error) {
 	}
 	s := statusFromInfo(&info)
 	var buf [sysfs.BufSize]byte
-	if b, err := sysfs.ReadFile(sysfsLoopAttr(s.Number, "backing_file"), buf[:]); err == nil {
+	// Empty, or gone, once a teardown that began since has let go of the
+	// file: lo_file_name then stands.
+	if b, err := sysfs.ReadFile(sysfsLoopAttr(s.Number, "backing_file"), buf[:]); err == nil && sysfs.Value(b) != "" {
 		s.BackingFile = sysfs.Value(b)
 	}
 	return s, nil

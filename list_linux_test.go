@@ -166,6 +166,20 @@ func TestListMidTeardown(t *testing.T) {
 	}
 }
 
+// TestStatusMidTeardown: a teardown that begins between LOOP_GET_STATUS64
+// and the sysfs read empties backing_file; Status keeps lo_file_name.
+func TestStatusMidTeardown(t *testing.T) {
+	k := useFake(t, 1)
+	d, f := bindFake(t, k, 0, Options{})
+	k.mu.Lock()
+	k.devs[0].backing = "" // what sysfs shows from the kernel's next sync on
+	k.mu.Unlock()
+	s, err := d.Status()
+	if want := f.Name()[:unix.LO_NAME_SIZE-1]; err != nil || s.BackingFile != want {
+		t.Fatalf("Status = %+v, %v; want lo_file_name %q", s, err, want)
+	}
+}
+
 func TestUnbinding(t *testing.T) {
 	for _, tt := range []struct {
 		err  error
