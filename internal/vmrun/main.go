@@ -1,0 +1,649 @@
+//go:build linux
+
+// Command vmrun runs loopctl's integration tests on the kernels users run,
+// each in a qemu virtual machine: Debian's 5.10 (bullseye), 6.1 (bookworm)
+// and 6.12 (trixie), with /tmp on a tmpfs or on ext4.
+//
+//	go run ./internal/vmrun                                   # every kernel, both /tmp kinds
+//	go run ./internal/vmrun -kernel 6.1 -tmp ext4             # one machine
+//	go run ./internal/vmrun -kernel 5.10 -- -test.run 'TestKernelAttach' -test.v
+//
+// Arguments after the flags go to the test binary (default: -test.short).
+// It needs root (apt, and the loop devices the tests make inside the
+// machine are the guest's own), qemu-system-x86_64, dpkg-deb, xz, ldd,
+// mkfs.ext4, util-linux, and Go; nothing but Debian's kernel packages is
+// downloaded, by apt, with a sources list of its own. Kernels, package lists
+// and packages are kept in -cache between runs.
+//
+// For each kernel it fetches the newest linux-image-VERSION-amd64-unsigned
+// of the Debian release that ships it, builds the integration test binary
+// and a static init (internal/vmrun/guestinit), packs them with the
+// util-linux programs the tests compare against, their libraries and the
+// kernel's loop module into an initramfs, and boots it under qemu's TCG (a
+// KVM guest hung at boot on the project's machines). It streams the guest's
+// console and exits with the first failing test binary's status.
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"compress/gzip"
+	"context"
+	"debug/elf"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io"
+	"io/fs"
+	"log"
+	"maps"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// releases maps a kernel version to the Debian release that ships it.
+var releases = map[string]string{"5.10": "bullseye", "6.1": "bookworm", "6.12": "trixie"}
+
+// programs are the util-linux programs the tests run.
+var programs = []string{"losetup", "addpart", "delpart", "flock"}
+
+func main() {
+	log.SetFlags(0)
+	log.SetPrefix("vmrun: ")
+	kernels := flag.String("kernel", "5.10,6.1,6.12", "kernel versions, comma-separated: "+strings.Join(slices.Sorted(maps.Keys(releases)), ", "))
+	tmps := flag.String("tmp", "tmpfs,ext4", "what /tmp is in the guest, comma-separated: tmpfs, ext4")
+	cache := flag.String("cache", cacheDir(), "where kernels and package lists are kept between runs ($LOOPCTL_VM_CACHE)")
+	timeout := flag.Duration("timeout", 15*time.Minute, "the longest one machine may run")
+	flag.Usage = func() {
+		fmt.Fprintf(flag.CommandLine.Output(), "usage: vmrun [flags] [test binary arguments]\n")
+		flag.PrintDefaults()
+	}
+	flag.Parse()
+	testArgs := flag.Args()
+	if len(testArgs) == 0 {
+		testArgs = []string{"-test.short"}
+	}
+	if os.Geteuid() != 0 {
+		log.Fatal("run as root: apt and qemu's loop devices need it")
+	}
+	r := &runner{cache: *cache, timeout: *timeout, testArgs: testArgs}
+	failed := 0
+	for _, k := range strings.Split(*kernels, ",") {
+		for _, tmp := range strings.Split(*tmps, ",") {
+			code, err := r.run(k, tmp)
+			switch {
+			case err != nil:
+				log.Printf("Linux %s, /tmp on %s: %v", k, tmp, err)
+				failed = max(failed, 1)
+			case code != 0:
+				log.Printf("Linux %s, /tmp on %s: the tests failed (exit %d)", k, tmp, code)
+				failed = max(failed, code)
+			default:
+				log.Printf("Linux %s, /tmp on %s: ok", k, tmp)
+			}
+		}
+	}
+	os.Exit(failed)
+}
+
+func cacheDir() string {
+	if d := os.Getenv("LOOPCTL_VM_CACHE"); d != "" {
+		return d
+	}
+	return "/var/cache/loopctl-vm"
+}
+
+// A runner runs test machines, building what they need once.
+type runner struct {
+	cache    string
+	timeout  time.Duration
+	testArgs []string
+
+	work    string // this run's scratch directory
+	updated bool   // the package lists are fresh
+	test    string // the test binary
+	init    string // the guest's init
+}
+
+// run boots kernel version k with /tmp on tmp and returns the test
+// binary's exit status.
+func (r *runner) run(k, tmp string) (int, error) {
+	if tmp != "tmpfs" && tmp != "ext4" {
+		return 0, fmt.Errorf("unknown -tmp %q", tmp)
+	}
+	if err := r.prepare(); err != nil {
+		return 0, err
+	}
+	kern, err := r.kernel(k)
+	if err != nil {
+		return 0, err
+	}
+	log.Printf("Linux %s (%s), /tmp on %s", k, kern.release, tmp)
+	initrd := filepath.Join(r.work, "initrd-"+k+"-"+tmp+".gz")
+	if err := r.initramfs(initrd, kern, tmp); err != nil {
+		return 0, fmt.Errorf("initramfs: %w", err)
+	}
+	args := []string{"-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", "2048",
+		"-kernel", kern.vmlinuz, "-initrd", initrd,
+		"-append", "console=ttyS0 panic=-1 loglevel=4",
+		"-nographic", "-no-reboot", "-monitor", "none", "-nic", "none"}
+	if tmp == "ext4" {
+		disk := filepath.Join(r.work, "tmp.ext4")
+		if err := mkfs(disk); err != nil {
+			return 0, err
+		}
+		defer os.Remove(disk)
+		args = append(args, "-drive", "file="+disk+",if=virtio,format=raw")
+	}
+	return boot(args, r.timeout)
+}
+
+// prepare makes the scratch directory and builds the test binary and the
+// guest's init, once.
+func (r *runner) prepare() error {
+	if r.work != "" {
+		return nil
+	}
+	work, err := os.MkdirTemp("", "vmrun-")
+	if err != nil {
+		return err
+	}
+	r.work = work
+	r.test, r.init = filepath.Join(work, "loopctl.test"), filepath.Join(work, "init")
+	for _, c := range [][]string{
+		{"go", "test", "-c", "-tags", "integration", "-o", r.test, "."},
+		{"go", "build", "-o", r.init, "./internal/vmrun/guestinit"},
+	} {
+		cmd := exec.Command(c[0], c[1:]...)
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOOS=linux", "GOARCH=amd64")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			return fmt.Errorf("%s: %v\n%s", strings.Join(c, " "), err, out)
+		}
+	}
+	return nil
+}
+
+// A kernel is an unpacked Debian kernel package.
+type kernel struct {
+	release string // uname -r
+	vmlinuz string
+	modules string // its lib/modules/RELEASE directory
+}
+
+// kernel returns Debian's newest kernel of version k, fetching and unpacking
+// it unless the cache has it.
+func (r *runner) kernel(k string) (*kernel, error) {
+	suite, ok := releases[k]
+	if !ok {
+		return nil, fmt.Errorf("no Debian release known for Linux %s", k)
+	}
+	pkg, err := r.newestPackage(suite, k)
+	if err != nil {
+		return nil, err
+	}
+	dir := filepath.Join(r.cache, "kernels", pkg)
+	if _, err := os.Stat(dir); err != nil {
+		if err := r.unpack(pkg, dir); err != nil {
+			return nil, err
+		}
+	}
+	vmlinuz, _ := filepath.Glob(filepath.Join(dir, "boot", "vmlinuz-*"))
+	if len(vmlinuz) != 1 {
+		return nil, fmt.Errorf("%s: %d kernels in boot/", pkg, len(vmlinuz))
+	}
+	release := strings.TrimPrefix(filepath.Base(vmlinuz[0]), "vmlinuz-")
+	kern := &kernel{release: release, vmlinuz: vmlinuz[0]}
+	for _, m := range []string{"lib/modules", "usr/lib/modules"} {
+		if d := filepath.Join(dir, m, release); isDir(d) {
+			kern.modules = d
+		}
+	}
+	if kern.modules == "" {
+		return nil, fmt.Errorf("%s: no modules for %s", pkg, release)
+	}
+	return kern, nil
+}
+
+func isDir(p string) bool {
+	fi, err := os.Stat(p)
+	return err == nil && fi.IsDir()
+}
+
+// apt runs apt-get or apt-cache, in directory wd unless it is empty, with a
+// configuration of its own under the cache: the Debian releases of the
+// kernels, and nothing of the system's.
+func (r *runner) apt(wd, tool string, args ...string) ([]byte, error) {
+	dir := filepath.Join(r.cache, "apt")
+	for _, d := range []string{"lists/partial", "cache/archives/partial"} {
+		if err := os.MkdirAll(filepath.Join(dir, d), 0o755); err != nil {
+			return nil, err
+		}
+	}
+	list := filepath.Join(dir, "sources.list")
+	var b strings.Builder
+	for _, suite := range slices.Sorted(maps.Values(releases)) {
+		fmt.Fprintf(&b, "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian %s main\n", suite)
+		fmt.Fprintf(&b, "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian-security %s-security main\n", suite)
+	}
+	if err := os.WriteFile(list, []byte(b.String()), 0o644); err != nil {
+		return nil, err
+	}
+	opts := []string{
+		"-o", "Dir::Etc::SourceList=" + list, "-o", "Dir::Etc::SourceParts=/dev/null",
+		"-o", "Dir::State::Lists=" + filepath.Join(dir, "lists"), "-o", "Dir::Cache=" + filepath.Join(dir, "cache"),
+		"-o", "Dir::State::status=/dev/null", "-o", "APT::Sandbox::User=root", "-q",
+	}
+	cmd := exec.Command(tool, append(opts, args...)...)
+	cmd.Dir = wd
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		return nil, fmt.Errorf("%s %s: %v\n%s", tool, strings.Join(args, " "), err, stderr.Bytes())
+	}
+	return out, nil
+}
+
+// newestPackage returns the name of the newest unsigned amd64 kernel
+// package of version k in suite, refreshing the package lists once a run
+// (at most once a day).
+func (r *runner) newestPackage(suite, k string) (string, error) {
+	if !r.updated {
+		stamp := filepath.Join(r.cache, "apt", "updated")
+		if fi, err := os.Stat(stamp); err != nil || time.Since(fi.ModTime()) > 24*time.Hour {
+			log.Print("apt-get update (Debian ", strings.Join(slices.Sorted(maps.Values(releases)), ", "), ")")
+			if _, err := r.apt("", "apt-get", "update"); err != nil {
+				return "", err
+			}
+			if err := os.WriteFile(stamp, nil, 0o644); err != nil {
+				return "", err
+			}
+		}
+		r.updated = true
+	}
+	// 5.10.0-46-amd64 in bullseye, 6.12.118+deb13-amd64 in trixie.
+	pattern := "^linux-image-" + regexp.QuoteMeta(k) + `\.[0-9.]+(-[0-9]+|\+deb[0-9]+)-amd64-unsigned$`
+	out, err := r.apt("", "apt-cache", "search", "--names-only", pattern)
+	if err != nil {
+		return "", err
+	}
+	var names []string
+	for _, line := range strings.Split(strings.TrimSpace(string(out)), "\n") {
+		if name, _, ok := strings.Cut(line, " "); ok {
+			names = append(names, name)
+		}
+	}
+	if len(names) == 0 {
+		return "", fmt.Errorf("no package matches %s in Debian %s", pattern, suite)
+	}
+	slices.SortFunc(names, compareVersions)
+	return names[len(names)-1], nil
+}
+
+// compareVersions orders package names by their numbers: 5.10.0-9 before
+// 5.10.0-46.
+func compareVersions(a, b string) int {
+	num := regexp.MustCompile(`[0-9]+|[^0-9]+`)
+	as, bs := num.FindAllString(a, -1), num.FindAllString(b, -1)
+	for i := 0; i < len(as) && i < len(bs); i++ {
+		x, errx := strconv.Atoi(as[i])
+		y, erry := strconv.Atoi(bs[i])
+		if errx == nil && erry == nil {
+			if x != y {
+				return x - y
+			}
+			continue
+		}
+		if c := strings.Compare(as[i], bs[i]); c != 0 {
+			return c
+		}
+	}
+	return len(as) - len(bs)
+}
+
+// unpack downloads package pkg and unpacks it into dir.
+func (r *runner) unpack(pkg, dir string) error {
+	debs := filepath.Join(r.cache, "debs")
+	if err := os.MkdirAll(debs, 0o755); err != nil {
+		return err
+	}
+	log.Printf("apt-get download %s", pkg)
+	if _, err := r.apt(debs, "apt-get", "download", pkg); err != nil {
+		return err
+	}
+	deb, _ := filepath.Glob(filepath.Join(debs, pkg+"_*.deb"))
+	if len(deb) == 0 {
+		return fmt.Errorf("apt-get download %s left no package", pkg)
+	}
+	tmp := dir + ".partial"
+	os.RemoveAll(tmp)
+	if err := os.MkdirAll(filepath.Dir(tmp), 0o755); err != nil {
+		return err
+	}
+	if out, err := exec.Command("dpkg-deb", "-x", deb[len(deb)-1], tmp).CombinedOutput(); err != nil {
+		return fmt.Errorf("dpkg-deb -x: %v\n%s", err, out)
+	}
+	os.Remove(deb[len(deb)-1]) // what is unpacked is kept; the package is not needed again
+	return os.Rename(tmp, dir)
+}
+
+// initramfs writes the guest's initramfs to path: the init and its
+// configuration, the test binary, the util-linux programs and their
+// libraries, and the kernel modules the tests need.
+func (r *runner) initramfs(path string, kern *kernel, tmp string) error {
+	files := map[string]string{"/init": r.init, "/loopctl.test": r.test} // in the guest: on the host
+	for _, p := range programs {
+		bin, err := exec.LookPath(p)
+		if err != nil {
+			return err
+		}
+		files["/bin/"+p] = bin
+		libs, err := sharedLibraries(bin)
+		if err != nil {
+			return err
+		}
+		for _, l := range libs {
+			files[l] = l
+		}
+	}
+	want := []string{"loop"}
+	if tmp == "ext4" {
+		want = append(want, "virtio_pci", "virtio_blk", "crc32c_generic", "ext4")
+	}
+	mods, err := moduleOrder(kern.modules, want)
+	if err != nil {
+		return err
+	}
+	var modPaths []string
+	decompressed := filepath.Join(r.work, "modules-"+kern.release)
+	for _, m := range mods {
+		host, err := plainModule(m, decompressed)
+		if err != nil {
+			return err
+		}
+		guest := "/modules/" + filepath.Base(host)
+		files[guest] = host
+		modPaths = append(modPaths, guest)
+	}
+	cfg, err := json.Marshal(map[string]any{
+		"Modules": modPaths,
+		"Tmp":     tmp,
+		"Test":    append([]string{"/loopctl.test"}, r.testArgs...),
+		"Env": []string{"PATH=/bin:/usr/bin:/sbin:/usr/sbin", "HOME=/tmp", "TMPDIR=/tmp",
+			"LOOPCTL_REQUIRE_INTEGRATION=1"},
+	})
+	if err != nil {
+		return err
+	}
+	return writeCPIO(path, files, map[string][]byte{"/vmrun.json": cfg})
+}
+
+// sharedLibraries returns the libraries the dynamic program bin loads,
+// the loader included, as ldd names them.
+func sharedLibraries(bin string) ([]string, error) {
+	out, err := exec.Command("ldd", bin).Output()
+	if err != nil {
+		return nil, fmt.Errorf("ldd %s: %v", bin, err)
+	}
+	var libs []string
+	for _, line := range strings.Split(string(out), "\n") {
+		for _, f := range strings.Fields(line) {
+			if strings.HasPrefix(f, "/") {
+				libs = append(libs, f)
+			}
+		}
+	}
+	return libs, nil
+}
+
+// moduleOrder returns the files of the named modules of the kernel whose
+// modules are in dir, with what each depends on before it. A module the
+// kernel has built in, or does not have, is left out: a kernel missing a
+// module the tests need fails them with a clear error.
+func moduleOrder(dir string, names []string) ([]string, error) {
+	index := map[string]string{} // module name: file
+	err := filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		base := d.Name()
+		for _, ext := range []string{".ko", ".ko.xz", ".ko.zst"} {
+			if name, ok := strings.CutSuffix(base, ext); ok {
+				index[strings.ReplaceAll(name, "-", "_")] = p
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	var order []string
+	seen := map[string]bool{}
+	var visit func(name string) error
+	visit = func(name string) error {
+		name = strings.ReplaceAll(name, "-", "_")
+		if seen[name] {
+			return nil
+		}
+		seen[name] = true
+		file, ok := index[name]
+		if !ok {
+			return nil // built in, or absent
+		}
+		deps, err := moduleDepends(file)
+		if err != nil {
+			return err
+		}
+		for _, d := range deps {
+			if err := visit(d); err != nil {
+				return err
+			}
+		}
+		order = append(order, file)
+		return nil
+	}
+	for _, n := range names {
+		if err := visit(n); err != nil {
+			return nil, err
+		}
+	}
+	return order, nil
+}
+
+// moduleDepends reads the depends= entry of a module's .modinfo section.
+func moduleDepends(file string) ([]string, error) {
+	data, err := moduleBytes(file)
+	if err != nil {
+		return nil, err
+	}
+	f, err := elf.NewFile(bytes.NewReader(data))
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", file, err)
+	}
+	sec := f.Section(".modinfo")
+	if sec == nil {
+		return nil, nil
+	}
+	info, err := sec.Data()
+	if err != nil {
+		return nil, err
+	}
+	for _, kv := range bytes.Split(info, []byte{0}) {
+		if v, ok := bytes.CutPrefix(kv, []byte("depends=")); ok && len(v) > 0 {
+			return strings.Split(string(v), ","), nil
+		}
+	}
+	return nil, nil
+}
+
+// moduleBytes returns a module's ELF image, decompressed.
+func moduleBytes(file string) ([]byte, error) {
+	switch {
+	case strings.HasSuffix(file, ".xz"):
+		return exec.Command("xz", "-dc", file).Output()
+	case strings.HasSuffix(file, ".zst"):
+		return exec.Command("zstd", "-dcq", file).Output()
+	}
+	return os.ReadFile(file)
+}
+
+// plainModule returns the path of an uncompressed copy of the module file,
+// made in dir if need be: finit_module takes compressed modules only on
+// kernels built to.
+func plainModule(file, dir string) (string, error) {
+	if strings.HasSuffix(file, ".ko") {
+		return file, nil
+	}
+	data, err := moduleBytes(file)
+	if err != nil {
+		return "", fmt.Errorf("decompress %s: %w", file, err)
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return "", err
+	}
+	name := filepath.Base(file)
+	name = name[:strings.Index(name, ".ko")+3]
+	out := filepath.Join(dir, name)
+	return out, os.WriteFile(out, data, 0o644)
+}
+
+// writeCPIO writes a gzipped newc archive: files (guest path: host path)
+// and data (guest path: contents), with the directories they need.
+func writeCPIO(path string, files map[string]string, data map[string][]byte) error {
+	out, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	defer out.Close()
+	gz := gzip.NewWriter(out)
+	w := &cpioWriter{w: gz, dirs: map[string]bool{"/": true}}
+	for _, guest := range slices.Sorted(maps.Keys(files)) {
+		b, err := os.ReadFile(files[guest])
+		if err != nil {
+			return err
+		}
+		fi, err := os.Stat(files[guest])
+		if err != nil {
+			return err
+		}
+		w.file(guest, uint32(fi.Mode().Perm()), b)
+	}
+	for _, guest := range slices.Sorted(maps.Keys(data)) {
+		w.file(guest, 0o644, data[guest])
+	}
+	w.entry("TRAILER!!!", 0, nil)
+	if w.err != nil {
+		return w.err
+	}
+	if err := gz.Close(); err != nil {
+		return err
+	}
+	return out.Close()
+}
+
+// A cpioWriter writes the "newc" format the kernel unpacks an initramfs
+// from.
+type cpioWriter struct {
+	w    io.Writer
+	ino  int
+	dirs map[string]bool
+	err  error
+}
+
+func (c *cpioWriter) file(path string, perm uint32, b []byte) {
+	c.dir(filepath.Dir(path))
+	c.entry(strings.TrimPrefix(path, "/"), 0o100000|perm, b)
+}
+
+func (c *cpioWriter) dir(path string) {
+	if c.dirs[path] {
+		return
+	}
+	c.dir(filepath.Dir(path))
+	c.dirs[path] = true
+	c.entry(strings.TrimPrefix(path, "/"), 0o040755, nil)
+}
+
+func (c *cpioWriter) entry(name string, mode uint32, b []byte) {
+	if c.err != nil {
+		return
+	}
+	c.ino++
+	hdr := fmt.Sprintf("070701%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X",
+		c.ino, mode, 0, 0, 1, 0, len(b), 0, 0, 0, 0, len(name)+1, 0)
+	c.write([]byte(hdr + name + "\x00"))
+	c.pad(len(hdr) + len(name) + 1)
+	c.write(b)
+	c.pad(len(b))
+}
+
+func (c *cpioWriter) write(b []byte) {
+	if c.err == nil {
+		_, c.err = c.w.Write(b)
+	}
+}
+
+func (c *cpioWriter) pad(n int) {
+	if r := n % 4; r != 0 {
+		c.write(make([]byte, 4-r))
+	}
+}
+
+// mkfs makes a 2 GiB ext4 file system in the file at path, with the
+// defaults of Debian's mke2fs.
+func mkfs(path string) error {
+	os.Remove(path)
+	if err := os.WriteFile(path, nil, 0o600); err != nil {
+		return err
+	}
+	if err := os.Truncate(path, 2<<30); err != nil {
+		return err
+	}
+	if out, err := exec.Command("mkfs.ext4", "-q", "-F", path).CombinedOutput(); err != nil {
+		return fmt.Errorf("mkfs.ext4: %v\n%s", err, out)
+	}
+	return nil
+}
+
+// boot runs qemu with args, copies the guest's console to standard output,
+// and returns the exit status the guest's init reports.
+func boot(args []string, timeout time.Duration) (int, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, "qemu-system-x86_64", args...)
+	cmd.Stdin = nil
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		return 0, err
+	}
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		return 0, err
+	}
+	code := -1
+	sc := bufio.NewScanner(out)
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	for sc.Scan() {
+		line := strings.TrimRight(sc.Text(), "\r")
+		fmt.Println(line)
+		if s, ok := strings.CutPrefix(line, "vmrun: exit "); ok {
+			code, _ = strconv.Atoi(s)
+		}
+	}
+	werr := cmd.Wait()
+	switch {
+	case ctx.Err() != nil:
+		return 0, fmt.Errorf("the machine ran longer than %v", timeout)
+	case code < 0:
+		return 0, fmt.Errorf("the guest ended without reporting the tests' status (qemu: %v)", werr)
+	case werr != nil:
+		return 0, fmt.Errorf("qemu: %w", werr)
+	}
+	return code, nil
+}
