@@ -212,14 +212,24 @@ func (d *Device) SetCapacity() error {
 
 // SetDirectIO turns direct I/O to the backing file on or off with
 // LOOP_SET_DIRECT_IO. Turning it on needs a backing file system that
-// supports O_DIRECT, and offsets aligned to the block size.
+// supports O_DIRECT (tmpfs does since Linux 6.6), and an offset and block
+// size aligned to the blocks of the disk under it; the kernel's refusal is
+// an error matching ErrNoDirectIO.
 func (d *Device) SetDirectIO(on bool) error {
+	const op = "set-direct-io"
+	h, err := d.handle(op)
+	if err != nil {
+		return err
+	}
 	var arg uintptr
 	if on {
 		arg = 1
 	}
-	_, err := d.ioctl("set-direct-io", reqSetDirectIO, arg)
-	return err
+	_, err = ioctl(h, reqSetDirectIO, arg)
+	if on && err == syscall.EINVAL {
+		err = errNoDirectIO
+	}
+	return newError(op, d.path, err)
 }
 
 // Close closes the device. It does not unbind it, unless FlagAutoClear is

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"math"
 	"os"
+	"strconv"
 	"sync/atomic"
 	"unsafe"
 
@@ -85,16 +86,53 @@ func (d *Device) Configure(f *os.File, o Options) error {
 }
 
 // configure binds the file open as fd, named name, with valid options o.
+// With FlagDirectIO it checks that the kernel turned direct I/O on: older
+// kernels leave it off, and report success, where the backing file system
+// cannot do it. Then it clears the binding it made.
 func configure(h handle, fd uintptr, name string, o Options) error {
+	if err := bind(h, fd, name, o); err != nil || o.Flags&FlagDirectIO == 0 {
+		return err
+	}
+	var info unix.LoopInfo64
+	if err := ioctlPtr(h, reqGetStatus64, unsafe.Pointer(&info)); err != nil {
+		return undo(h, inStep("LOOP_GET_STATUS64", err))
+	}
+	if info.Flags&unix.LO_FLAGS_DIRECT_IO == 0 {
+		return undo(h, errNoDirectIO)
+	}
+	return nil
+}
+
+// bind binds with one LOOP_CONFIGURE, or the calls before it on a kernel
+// that lacks it.
+func bind(h handle, fd uintptr, name string, o Options) error {
 	if !noConfigure.Load() {
 		cfg := unix.LoopConfig{Fd: uint32(fd), Size: o.BlockSize, Info: loopInfo(name, o)}
 		err := ioctlPtr(h, reqConfigure, unsafe.Pointer(&cfg))
 		if !lacksConfigure(h, err) {
-			return err
+			return explainBlockSize(err, o.BlockSize)
 		}
 		noConfigure.Store(true)
 	}
 	return configureLegacy(h, fd, name, o)
+}
+
+// undo clears the binding that configure made, after err.
+func undo(h handle, err error) error {
+	if _, cerr := ioctl(h, reqClearFD, 0); cerr != nil {
+		err = errors.Join(err, inStep("LOOP_CLR_FD (rollback)", cerr))
+	}
+	return err
+}
+
+// explainBlockSize explains the kernel's EINVAL for a block size above the
+// page size, which kernels before 6.15 refuse (6.12 among them).
+func explainBlockSize(err error, size uint32) error {
+	if err != unix.EINVAL || int(size) <= os.Getpagesize() {
+		return err
+	}
+	return &explained{text: "this kernel takes no block size above the page size (" + strconv.Itoa(os.Getpagesize()) +
+		"), and " + strconv.Itoa(int(size)) + " is", errno: unix.EINVAL}
 }
 
 // lacksConfigure tells whether err, LOOP_CONFIGURE's answer, means that the
@@ -136,13 +174,10 @@ func configureLegacy(h handle, fd uintptr, name string, o Options) error {
 	if _, err := ioctl(h, reqSetFD, fd); err != nil {
 		return inStep(stepSetFD, err)
 	}
-	err := legacySettings(h, name, o)
-	if err != nil {
-		if _, cerr := ioctl(h, reqClearFD, 0); cerr != nil {
-			err = errors.Join(err, inStep("LOOP_CLR_FD (rollback)", cerr))
-		}
+	if err := legacySettings(h, name, o); err != nil {
+		return undo(h, err)
 	}
-	return err
+	return nil
 }
 
 func legacySettings(h handle, name string, o Options) error {
@@ -157,15 +192,24 @@ func legacySettings(h handle, name string, o Options) error {
 			return err
 		})
 		if err != nil {
-			return inStep("LOOP_SET_BLOCK_SIZE", err)
+			return inStep("LOOP_SET_BLOCK_SIZE", explainBlockSize(err, o.BlockSize))
 		}
 	}
 	if o.Flags&FlagDirectIO != 0 {
 		if _, err := ioctl(h, reqSetDirectIO, 1); err != nil {
-			return inStep("LOOP_SET_DIRECT_IO", err)
+			return inStep("LOOP_SET_DIRECT_IO", explainDirectIO(err))
 		}
 	}
 	return nil
+}
+
+// explainDirectIO explains LOOP_SET_DIRECT_IO's EINVAL to turn direct I/O
+// on: the kernel could not.
+func explainDirectIO(err error) error {
+	if err == unix.EINVAL {
+		return errNoDirectIO
+	}
+	return err
 }
 
 // status reads LOOP_GET_STATUS64 into info for op.
@@ -220,10 +264,10 @@ func (d *Device) SetBlockSize(size uint32) error {
 	if err := validBlockSize(size, false); err != nil {
 		return newError(op, d.path, err)
 	}
-	return newError(op, d.path, retryAgain(func() error {
+	return newError(op, d.path, explainBlockSize(retryAgain(func() error {
 		_, err := ioctl(h, reqSetBlockSize, uintptr(size))
 		return err
-	}))
+	}), size))
 }
 
 // ChangeFD swaps the backing file of a bound read-only device for f with

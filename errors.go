@@ -20,6 +20,12 @@ var (
 
 	// ErrNotLoop reports a path that is not a whole loop block device.
 	ErrNotLoop = errors.New("not a loop device")
+
+	// ErrNoDirectIO reports that the kernel would not turn direct I/O on
+	// for a backing file: its file system lacks O_DIRECT (tmpfs before
+	// Linux 6.6), or the offset or block size is not aligned to the
+	// blocks of the disk under it. It comes with EINVAL.
+	ErrNoDirectIO = errors.New("direct I/O not possible for this backing file")
 )
 
 // An Error reports which operation failed on which device, and why.
@@ -107,16 +113,21 @@ func invalid(format string, args ...any) error {
 // deletes it. It matches ErrNotBound and unwraps to the errno.
 var errTornDown error = &explained{text: "device is being detached or removed", errno: syscall.ENXIO, is: ErrNotBound}
 
+// errNoDirectIO is why a bind with FlagDirectIO, or SetDirectIO(true),
+// failed: the kernel left direct I/O off.
+var errNoDirectIO error = &explained{text: "the kernel would not turn direct I/O on: the backing file system lacks " +
+	"O_DIRECT, or the offset or block size is not aligned to its disk's blocks", errno: syscall.EINVAL, is: ErrNoDirectIO}
+
 // An explained error is an errno with what it means in its place.
 type explained struct {
 	text  string
 	errno syscall.Errno
-	is    error // the sentinel it matches
+	is    error // the sentinel it matches, if any
 }
 
 func (e *explained) Error() string        { return e.text + " (" + e.errno.Error() + ")" }
 func (e *explained) Unwrap() error        { return e.errno }
-func (e *explained) Is(target error) bool { return target == e.is }
+func (e *explained) Is(target error) bool { return e.is != nil && target == e.is }
 
 // A stepError names the ioctl that failed inside a multi-step operation.
 // It wraps the errno, so errors.Is sees through it.

@@ -26,6 +26,12 @@ type fakeKernel struct {
 	nopen  int                // handles not yet closed
 	// noConfigure makes LOOP_CONFIGURE unknown, as before Linux 5.8.
 	noConfigure bool
+	// oldAdd makes LOOP_CTL_ADD -1 answer EEXIST while an unbound device
+	// exists, as before Linux 5.14.
+	oldAdd bool
+	// noDirectIO is a backing file system without O_DIRECT: LOOP_CONFIGURE
+	// leaves direct I/O off without a word, LOOP_SET_DIRECT_IO refuses it.
+	noDirectIO bool
 	// noControl hides /dev/loop-control; noNode hides /dev/loopN nodes
 	// that sysfs still lists (a container without devtmpfs).
 	noControl bool
@@ -129,7 +135,7 @@ func (k *fakeKernel) write(path, v string) {
 func (k *fakeKernel) bind(n int, fd uintptr, info unix.LoopInfo64, blockSize uint32) {
 	d := k.devs[n]
 	d.bound, d.info, d.blockSize = true, info, blockSize
-	d.directIO = info.Flags&unix.LO_FLAGS_DIRECT_IO != 0
+	d.directIO = info.Flags&unix.LO_FLAGS_DIRECT_IO != 0 && !k.noDirectIO
 	d.info.Number = uint32(n)
 	d.backing, _ = os.Readlink(fmt.Sprintf("/proc/self/fd/%d", fd))
 	var st unix.Stat_t
@@ -289,7 +295,12 @@ func (h *fakeHandle) do(req uint, arg uintptr, ptr unsafe.Pointer) (int, error) 
 		if !d.bound {
 			return -1, unix.ENXIO
 		}
-		*(*unix.LoopInfo64)(ptr) = d.info
+		info := d.info
+		info.Flags &^= unix.LO_FLAGS_DIRECT_IO
+		if d.directIO {
+			info.Flags |= unix.LO_FLAGS_DIRECT_IO
+		}
+		*(*unix.LoopInfo64)(ptr) = info
 	case reqSetStatus64:
 		if !d.bound {
 			return -1, unix.ENXIO
@@ -314,6 +325,9 @@ func (h *fakeHandle) do(req uint, arg uintptr, ptr unsafe.Pointer) (int, error) 
 			d.blockSize = uint32(arg)
 		}
 		if req == reqSetDirectIO {
+			if arg != 0 && k.noDirectIO {
+				return -1, unix.EINVAL
+			}
 			d.directIO = arg != 0
 		}
 	default:
@@ -335,6 +349,13 @@ func (k *fakeKernel) control(req uint, n int) (int, error) {
 			}
 		}
 	case reqCtlAdd:
+		if n == -1 && k.oldAdd {
+			for _, d := range k.devs {
+				if !d.bound {
+					return -1, unix.EEXIST
+				}
+			}
+		}
 		if n == -1 {
 			for n = 0; k.devs[n] != nil; n++ {
 			}

@@ -170,9 +170,13 @@ func TestKernelHighestNumber(t *testing.T) {
 	if err := c.Remove(MaxNumber); err != nil {
 		t.Fatal(err)
 	}
-	// What Add and Remove refuse in Go, the kernel refuses too.
-	if _, err := ioctl(c.h, reqCtlAdd, MaxNumber+1); err != unix.EINVAL {
-		t.Fatalf("kernel LOOP_CTL_ADD %d: %v, want EINVAL", MaxNumber+1, err)
+	// What Add refuses in Go, the kernel refuses too, since 6.1 at the
+	// latest. 5.10 accepts it, and makes a device whose number overflows
+	// the minor range into another major's: not a probe to make there.
+	if kernelAtLeast(t, 6, 1) {
+		if _, err := ioctl(c.h, reqCtlAdd, MaxNumber+1); err != unix.EINVAL {
+			t.Fatalf("kernel LOOP_CTL_ADD %d: %v, want EINVAL", MaxNumber+1, err)
+		}
 	}
 	minusOne := -1
 	if _, err := ioctl(c.h, reqCtlRemove, uintptr(minusOne)); err != unix.EINVAL {
@@ -313,7 +317,12 @@ func checkConfigure(t *testing.T, c *Control, o Options) {
 	t.Helper()
 	d := newDevice(t, c)
 	f := tempFile(t, 2<<20)
-	if err := d.Configure(f, o); err != nil {
+	err := d.Configure(f, o)
+	if o.Flags&FlagDirectIO != 0 && !directIOOK(t, filepath.Dir(f.Name())) {
+		wantNoDirectIO(t, err, f.Name())
+		return
+	}
+	if err != nil {
 		t.Fatal(err)
 	}
 	checkBound(t, d, f.Name(), o)

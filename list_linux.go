@@ -65,6 +65,36 @@ func FindByBackingFile(path string) ([]Status, error) {
 	}), nil
 }
 
+// maxAddTries bounds addUnused: each EEXIST means another process took the
+// number between the sysfs read and LOOP_CTL_ADD.
+const maxAddTries = 64
+
+// addUnused creates the lowest-numbered loop device that sysfs does not
+// list: what LOOP_CTL_ADD -1 does on kernels that have it.
+func (c *Control) addUnused() (int, error) {
+	var err error
+	for range maxAddTries {
+		var nums []int
+		if nums, err = loopNumbers(); err != nil {
+			return -1, newError("add", sysfsRoot+"/block", err)
+		}
+		n := 0
+		for _, m := range nums { // in order
+			if m == n {
+				n++
+			}
+		}
+		if n > MaxNumber {
+			return -1, newError("add", ControlPath, inStep("every device number is taken", syscall.ENOSPC))
+		}
+		var r int
+		if r, err = c.ioctl("add", DevicePath(n), reqCtlAdd, uintptr(n)); !errors.Is(err, syscall.EEXIST) {
+			return r, err
+		}
+	}
+	return -1, err
+}
+
 // loopNumbers returns the numbers of the loop devices sysfs lists, in order.
 func loopNumbers() ([]int, error) {
 	f, err := os.Open(sysfsRoot + "/block")

@@ -1,10 +1,12 @@
 package loopctl
 
 import (
+	"errors"
 	"io"
 	"io/fs"
 	"strconv"
 	"sync/atomic"
+	"syscall"
 	"unsafe"
 )
 
@@ -64,17 +66,26 @@ func Open() (*Control, error) {
 // with n == AnyNumber lets the kernel choose the number. An existing device
 // n is an error matching fs.ErrExist. On error the number is -1.
 //
+// Kernels before 5.14 (Debian 11's 5.10 among them) refuse AnyNumber with
+// EEXIST whenever an unbound device exists: LOOP_CTL_ADD -1 looked for a
+// free device first. Add then picks the lowest number that sysfs does not
+// list, as newer kernels do, and asks for it, again while another process
+// takes each number first.
+//
 // A device made by Add stays until Remove; GetFree also creates devices,
 // which is the kernel's normal way and needs no Remove.
 func (c *Control) Add(n int) (int, error) {
 	if n < AnyNumber || n > MaxNumber {
 		return -1, newError("add", ControlPath, invalid("device number %d is outside [%d, %d]", n, AnyNumber, MaxNumber))
 	}
-	path := ControlPath
 	if n != AnyNumber {
-		path = DevicePath(n)
+		return c.ioctl("add", DevicePath(n), reqCtlAdd, uintptr(n))
 	}
-	return c.ioctl("add", path, reqCtlAdd, uintptr(n))
+	r, err := c.ioctl("add", ControlPath, reqCtlAdd, uintptr(n))
+	if errors.Is(err, syscall.EEXIST) {
+		return c.addUnused()
+	}
+	return r, err
 }
 
 // Remove deletes loop device n with LOOP_CTL_REMOVE. A bound or open device

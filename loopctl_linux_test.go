@@ -3,7 +3,9 @@
 package loopctl
 
 import (
+	"context"
 	"errors"
+	"fmt"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -170,7 +172,9 @@ func TestConfigureFallback(t *testing.T) {
 	if err := d.Configure(f, o); err != nil {
 		t.Fatal(err)
 	}
-	want := []string{"LOOP_CONFIGURE", "LOOP_CONFIGURE", "LOOP_SET_FD", "LOOP_SET_STATUS64", "LOOP_SET_BLOCK_SIZE", "LOOP_SET_DIRECT_IO"}
+	// The last: the check that direct I/O is on.
+	want := []string{"LOOP_CONFIGURE", "LOOP_CONFIGURE", "LOOP_SET_FD", "LOOP_SET_STATUS64", "LOOP_SET_BLOCK_SIZE",
+		"LOOP_SET_DIRECT_IO", "LOOP_GET_STATUS64"}
 	if got := stepNames(k.calls("LOOP_")); !slices.Equal(got, want) {
 		t.Fatalf("steps %q, want %q", got, want)
 	}
@@ -178,7 +182,7 @@ func TestConfigureFallback(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if s.Offset != 512 || s.SizeLimit != 4096 || s.Flags != FlagAutoClear || s.BackingFile != f.Name() {
+	if s.Offset != 512 || s.SizeLimit != 4096 || s.Flags != FlagAutoClear|FlagDirectIO || s.BackingFile != f.Name() {
 		t.Fatalf("status %+v", s)
 	}
 	if dev := k.devs[0]; dev.blockSize != 4096 || !dev.directIO {
@@ -314,6 +318,79 @@ func TestControlErrorsNameTheDevice(t *testing.T) {
 	}
 	if n, err := c.Add(AnyNumber); err != nil || n != 3 {
 		t.Fatalf("Add(AnyNumber) = %d, %v; want 3", n, err)
+	}
+}
+
+// TestDirectIONotApplied: on a backing file system without O_DIRECT, older
+// kernels bind with LOOP_CONFIGURE and leave direct I/O off without a word,
+// and LOOP_SET_DIRECT_IO refuses it. Binding with FlagDirectIO fails
+// instead, with ErrNoDirectIO, and clears its own binding; without the flag
+// nothing changes.
+func TestDirectIONotApplied(t *testing.T) {
+	for _, legacy := range []bool{false, true} {
+		t.Run(fmt.Sprint("legacy=", legacy), func(t *testing.T) {
+			k := useFake(t, 2)
+			k.noDirectIO = true
+			noConfigure.Store(legacy)
+			f := tempFile(t, 1<<20)
+			d := fakeDevice(t, k, 0)
+			err := d.Configure(f, Options{Flags: FlagDirectIO})
+			if !errors.Is(err, ErrNoDirectIO) || !errors.Is(err, unix.EINVAL) || !strings.Contains(err.Error(), "direct I/O") {
+				t.Fatalf("Configure = %v, want ErrNoDirectIO", err)
+			}
+			if got := k.calls("LOOP_CLR_FD"); len(got) != 1 {
+				t.Fatalf("rollback calls %q, want one LOOP_CLR_FD", got)
+			}
+			d.Close()
+			if b := k.bound(); len(b) != 0 {
+				t.Fatalf("left bound: %v", b)
+			}
+			_, err = Attach(context.Background(), f.Name(), Options{Flags: FlagDirectIO})
+			if !errors.Is(err, ErrNoDirectIO) {
+				t.Fatalf("Attach = %v, want ErrNoDirectIO", err)
+			}
+			if b := k.bound(); len(b) != 0 {
+				t.Fatalf("left bound: %v", b)
+			}
+			d, err = Attach(context.Background(), f.Name(), Options{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer d.Close()
+			if err := d.SetDirectIO(true); !errors.Is(err, ErrNoDirectIO) || !errors.Is(err, unix.EINVAL) {
+				t.Fatalf("SetDirectIO(true) = %v, want ErrNoDirectIO", err)
+			}
+			if err := d.SetDirectIO(false); err != nil {
+				t.Fatal(err)
+			}
+		})
+	}
+}
+
+// TestAddAnyNumberOldKernel: before Linux 5.14, LOOP_CTL_ADD -1 answers
+// EEXIST while an unbound device exists; Add picks the lowest number sysfs
+// does not list, and the next one when another process takes that first.
+func TestAddAnyNumberOldKernel(t *testing.T) {
+	k := useFake(t, 0)
+	k.oldAdd = true
+	for _, n := range []int{0, 1, 2, 5} {
+		k.add(n)
+	}
+	c, err := Open()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if n, err := c.Add(AnyNumber); err != nil || n != 3 {
+		t.Fatalf("Add(AnyNumber) = %d, %v; want 3, the lowest number not in use", n, err)
+	}
+	// Another process adds 4 between the sysfs read and LOOP_CTL_ADD.
+	k.actAt("LOOP_CTL_ADD", 4, func(k *fakeKernel) { k.add(4) }, nil)
+	if n, err := c.Add(AnyNumber); err != nil || n != 6 {
+		t.Fatalf("Add(AnyNumber) = %d, %v; want 6", n, err)
+	}
+	if got := stepNames(k.calls("LOOP_CTL_ADD")); len(got) != 5 {
+		t.Fatalf("LOOP_CTL_ADD calls %q: -1 and 3, -1, 4 and 6", got)
 	}
 }
 

@@ -24,6 +24,11 @@ func loopNumber(path string) (int, uint64, error) {
 	return -1, 0, newError("open", path, errors.ErrUnsupported)
 }
 
+// addUnused is never reached here: no control device can be opened.
+func (c *Control) addUnused() (int, error) {
+	return -1, newError("add", ControlPath, errors.ErrUnsupported)
+}
+
 // ioctl is never reached here: no handle can be opened.
 func ioctl(h handle, req uint, arg uintptr) (int, error) { return h.rawIoctl(req, arg) }
 

@@ -173,6 +173,7 @@ func (r *runner) prepare() error {
 type kernel struct {
 	release string // uname -r
 	vmlinuz string
+	config  string // boot/config-RELEASE: how it was built, for the tests
 	modules string // its lib/modules/RELEASE directory
 }
 
@@ -198,7 +199,7 @@ func (r *runner) kernel(k string) (*kernel, error) {
 		return nil, fmt.Errorf("%s: %d kernels in boot/", pkg, len(vmlinuz))
 	}
 	release := strings.TrimPrefix(filepath.Base(vmlinuz[0]), "vmlinuz-")
-	kern := &kernel{release: release, vmlinuz: vmlinuz[0]}
+	kern := &kernel{release: release, vmlinuz: vmlinuz[0], config: filepath.Join(dir, "boot", "config-"+release)}
 	for _, m := range []string{"lib/modules", "usr/lib/modules"} {
 		if d := filepath.Join(dir, m, release); isDir(d) {
 			kern.modules = d
@@ -337,7 +338,9 @@ func (r *runner) unpack(pkg, dir string) error {
 // configuration, the test binary, the util-linux programs and their
 // libraries, and the kernel modules the tests need.
 func (r *runner) initramfs(path string, kern *kernel, tmp string) error {
-	files := map[string]string{"/init": r.init, "/loopctl.test": r.test} // in the guest: on the host
+	files := map[string]string{ // in the guest: on the host
+		"/init": r.init, "/loopctl.test": r.test, "/boot/config-" + kern.release: kern.config,
+	}
 	for _, p := range programs {
 		bin, err := exec.LookPath(p)
 		if err != nil {

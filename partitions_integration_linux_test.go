@@ -1,0 +1,130 @@
+//go:build integration && !loopctl_stub
+
+package loopctl
+
+import (
+	"encoding/binary"
+	"fmt"
+	"hash/crc32"
+	"io/fs"
+	"os"
+	"strconv"
+	"testing"
+	"unicode/utf16"
+)
+
+// A part is a partition of a test image, in 512-byte sectors.
+type part struct{ start, sectors uint64 }
+
+// TestKernelPartScan writes a real MBR and a real GPT into images and
+// attaches them with FlagPartScan: the kernel must find the partitions,
+// where it was built with their parsers (Debian's kernels are; the project
+// machines' own kernel is not, and the test says so).
+func TestKernelPartScan(t *testing.T) {
+	parts := []part{{start: 2048, sectors: 4096}, {start: 8192, sectors: 2048}}
+	for _, table := range []struct {
+		name, config string
+		write        func(f *os.File, size uint64, parts []part) error
+	}{
+		{"mbr", "CONFIG_MSDOS_PARTITION", writeMBR},
+		{"gpt", "CONFIG_EFI_PARTITION", writeGPT},
+	} {
+		t.Run(table.name, func(t *testing.T) {
+			requireKernel(t)
+			requireConfig(t, table.config)
+			const size = 8 << 20
+			f := tempFile(t, size)
+			if err := table.write(f, size, parts); err != nil {
+				t.Fatal(err)
+			}
+			d := attachT(t, f.Name(), Options{Flags: FlagPartScan})
+			for i, p := range parts {
+				name := fmt.Sprintf("loop%dp%d", d.Number(), i+1)
+				start := readAttr(t, d.Number(), name+"/start")
+				sectors := readAttr(t, d.Number(), name+"/size")
+				if start != strconv.FormatUint(p.start, 10) || sectors != strconv.FormatUint(p.sectors, 10) {
+					t.Errorf("%s: start %s, size %s sectors; want %d, %d", name, start, sectors, p.start, p.sectors)
+				}
+				if fi, err := os.Stat("/dev/" + name); err != nil || fi.Mode()&fs.ModeDevice == 0 {
+					t.Errorf("/dev/%s: %v", name, err)
+				}
+			}
+		})
+	}
+}
+
+// writeMBR writes an MS-DOS partition table with Linux partitions.
+func writeMBR(f *os.File, _ uint64, parts []part) error {
+	mbr := make([]byte, 512)
+	for i, p := range parts {
+		e := mbr[446+16*i:]
+		copy(e[1:4], []byte{0xfe, 0xff, 0xff}) // CHS: use the LBA fields
+		e[4] = 0x83                            // Linux
+		copy(e[5:8], []byte{0xfe, 0xff, 0xff})
+		binary.LittleEndian.PutUint32(e[8:], uint32(p.start))
+		binary.LittleEndian.PutUint32(e[12:], uint32(p.sectors))
+	}
+	mbr[510], mbr[511] = 0x55, 0xaa
+	_, err := f.WriteAt(mbr, 0)
+	return err
+}
+
+// writeGPT writes a GUID partition table, with its protective MBR and its
+// backup at the end of the image, of size bytes.
+func writeGPT(f *os.File, size uint64, parts []part) error {
+	const entries, entrySize = 128, 128
+	last := size/512 - 1
+	if err := writeMBR(f, size, []part{{start: 1, sectors: last}}); err != nil {
+		return err
+	}
+	mbrType := []byte{0xee} // protective
+	if _, err := f.WriteAt(mbrType, 446+4); err != nil {
+		return err
+	}
+	// The Linux file system type, 0FC63DAF-8483-4772-8E79-3D69D8477DE4,
+	// in the GUID byte order.
+	linux := []byte{0xaf, 0x3d, 0xc6, 0x0f, 0x83, 0x84, 0x72, 0x47, 0x8e, 0x79, 0x3d, 0x69, 0xd8, 0x47, 0x7d, 0xe4}
+	table := make([]byte, entries*entrySize)
+	for i, p := range parts {
+		e := table[i*entrySize:]
+		copy(e, linux)
+		copy(e[16:], fmt.Sprintf("loopctl-part-%03d", i+1)) // a unique GUID of sorts
+		binary.LittleEndian.PutUint64(e[32:], p.start)
+		binary.LittleEndian.PutUint64(e[40:], p.start+p.sectors-1)
+		for j, c := range utf16.Encode([]rune(fmt.Sprintf("part%d", i+1))) {
+			binary.LittleEndian.PutUint16(e[56+2*j:], c)
+		}
+	}
+	tableSectors := uint64(len(table) / 512)
+	header := func(self, other, tableLBA uint64) []byte {
+		h := make([]byte, 512)
+		copy(h, "EFI PART")
+		binary.LittleEndian.PutUint32(h[8:], 0x00010000)
+		binary.LittleEndian.PutUint32(h[12:], 92)
+		binary.LittleEndian.PutUint64(h[24:], self)
+		binary.LittleEndian.PutUint64(h[32:], other)
+		binary.LittleEndian.PutUint64(h[40:], 2+tableSectors)
+		binary.LittleEndian.PutUint64(h[48:], last-1-tableSectors)
+		copy(h[56:72], "loopctl-test-gpt") // the disk's GUID
+		binary.LittleEndian.PutUint64(h[72:], tableLBA)
+		binary.LittleEndian.PutUint32(h[80:], entries)
+		binary.LittleEndian.PutUint32(h[84:], entrySize)
+		binary.LittleEndian.PutUint32(h[88:], crc32.ChecksumIEEE(table))
+		binary.LittleEndian.PutUint32(h[16:], crc32.ChecksumIEEE(h[:92]))
+		return h
+	}
+	for _, w := range []struct {
+		lba  uint64
+		data []byte
+	}{
+		{1, header(1, last, 2)},
+		{2, table},
+		{last - tableSectors, table},
+		{last, header(last, 1, last-tableSectors)},
+	} {
+		if _, err := f.WriteAt(w.data, int64(w.lba*512)); err != nil {
+			return err
+		}
+	}
+	return nil
+}
