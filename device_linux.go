@@ -65,6 +65,10 @@ var noConfigure atomic.Bool
 
 // Configure binds f to the device with o in one LOOP_CONFIGURE call. With
 // FlagReadOnly the device is read-only even when f is open for writing.
+// With FlagDirectIO, a kernel that binds without direct I/O (on a file
+// system without O_DIRECT, such as tmpfs before Linux 6.6) makes Configure
+// clear the binding and fail with ErrNoDirectIO: an option is never
+// dropped in silence.
 //
 // Options are checked before any ioctl. On a kernel without LOOP_CONFIGURE
 // (decided by its answer, then remembered) Configure falls back to
