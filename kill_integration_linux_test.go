@@ -3,6 +3,7 @@
 package loopctl
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
@@ -102,6 +103,9 @@ func killChild(t *testing.T, cfg killConfig) {
 	if cfg.AutoClear {
 		o.Flags = FlagAutoClear
 	}
+	if cfg.Loop {
+		fmt.Println("looping") // the parent's kill timer starts now
+	}
 	for {
 		d, err := Attach(context.Background(), cfg.File, o)
 		if err != nil {
@@ -134,6 +138,9 @@ func TestKernelAttachKilled(t *testing.T) {
 				cfg := killConfig{File: f.Name(), At: at, After: after, AutoClear: autoClear}
 				out, killed := runKillChild(t, cfg, 0)
 				calls := killedCalls(out)
+				if len(calls) == 0 {
+					t.Fatalf("child %+v made no call:\n%s", cfg, out)
+				}
 				if after && calls[len(calls)-1] == "LOOP_CONFIGURE" {
 					configured = true
 				}
@@ -183,23 +190,34 @@ func killedCalls(out string) []string {
 	return calls
 }
 
-// runKillChild runs a child and, with a delay, SIGKILLs it after that
-// long. It returns the child's output and whether it died by SIGKILL.
+// runKillChild runs a child and, with a delay, SIGKILLs it that long after
+// it starts looping (however long it takes to start: under emulation, much
+// longer than the delay). It returns the child's output and whether it died
+// by SIGKILL.
 func runKillChild(t *testing.T, cfg killConfig, delay time.Duration) (string, bool) {
 	t.Helper()
 	b, _ := json.Marshal(cfg)
 	cmd := exec.Command(os.Args[0], "-test.run=^TestKernelAttachKilled$", "-test.count=1")
 	cmd.Env = append(os.Environ(), killChildEnv+"="+string(b))
-	var out bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &out
+	var out, stderr bytes.Buffer // apart: exec fills stderr while this reads stdout
+	cmd.Stderr = &stderr
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	if delay > 0 {
-		timer := time.AfterFunc(delay, func() { cmd.Process.Signal(syscall.SIGKILL) })
-		defer timer.Stop()
+	sc := bufio.NewScanner(stdout)
+	for sc.Scan() {
+		out.WriteString(sc.Text() + "\n")
+		if sc.Text() == "looping" && delay > 0 {
+			timer := time.AfterFunc(delay, func() { cmd.Process.Signal(syscall.SIGKILL) })
+			defer timer.Stop()
+		}
 	}
-	err := cmd.Wait()
+	err = cmd.Wait()
+	out.Write(stderr.Bytes())
 	var ee *exec.ExitError
 	if errors.As(err, &ee) {
 		if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Signaled() && ws.Signal() == syscall.SIGKILL {
