@@ -21,7 +21,9 @@
 // util-linux programs the tests compare against, their libraries and the
 // kernel's loop module into an initramfs, and boots it under qemu's TCG (a
 // KVM guest hung at boot on the project's machines). It streams the guest's
-// console and exits with the first failing test binary's status.
+// console from its init on (all of it when the init is never reached), and
+// exits with the highest exit status of the test binaries, 0 when every
+// machine passed.
 package main
 
 import (
@@ -70,9 +72,10 @@ func main() {
 		testArgs = []string{"-test.short"}
 	}
 	if os.Geteuid() != 0 {
-		log.Fatal("run as root: apt and qemu's loop devices need it")
+		log.Fatal("run as root: apt needs it, and so does the cache in /var/cache")
 	}
 	r := &runner{cache: *cache, timeout: *timeout, testArgs: testArgs}
+	defer r.cleanup()
 	failed := 0
 	for _, k := range strings.Split(*kernels, ",") {
 		for _, tmp := range strings.Split(*tmps, ",") {
@@ -89,6 +92,7 @@ func main() {
 			}
 		}
 	}
+	r.cleanup()
 	os.Exit(failed)
 }
 
@@ -109,6 +113,13 @@ type runner struct {
 	updated bool   // the package lists are fresh
 	test    string // the test binary
 	init    string // the guest's init
+}
+
+// cleanup removes the scratch directory.
+func (r *runner) cleanup() {
+	if r.work != "" {
+		os.RemoveAll(r.work)
+	}
 }
 
 // run boots kernel version k with /tmp on tmp and returns the test
@@ -630,16 +641,28 @@ func boot(args []string, timeout time.Duration) (int, error) {
 		return 0, err
 	}
 	code := -1
+	var early []string // the firmware's and kernel's lines before the init
+	inited := false
 	sc := bufio.NewScanner(out)
 	sc.Buffer(make([]byte, 1<<20), 1<<20)
 	for sc.Scan() {
 		line := strings.TrimRight(sc.Text(), "\r")
+		if i := strings.Index(line, "vmrun-guest: "); i >= 0 && !inited {
+			inited, line = true, line[i:] // after the firmware's escape sequences
+		}
+		if !inited {
+			early = append(early, line)
+			continue
+		}
 		fmt.Println(line)
 		if s, ok := strings.CutPrefix(line, "vmrun: exit "); ok {
 			code, _ = strconv.Atoi(s)
 		}
 	}
 	werr := cmd.Wait()
+	if !inited {
+		fmt.Println(strings.Join(early, "\n"))
+	}
 	switch {
 	case ctx.Err() != nil:
 		return 0, fmt.Errorf("the machine ran longer than %v", timeout)
