@@ -109,10 +109,11 @@ type runner struct {
 	timeout  time.Duration
 	testArgs []string
 
-	work    string // this run's scratch directory
-	updated bool   // the package lists are fresh
-	test    string // the test binary
-	init    string // the guest's init
+	work      string // this run's scratch directory
+	updated   bool   // the package lists are fresh
+	updateErr error  // what apt-get update said went wrong, if anything
+	test      string // the test binary
+	init      string // the guest's init
 }
 
 // cleanup removes the scratch directory.
@@ -270,10 +271,13 @@ func (r *runner) newestPackage(suite, k string) (string, error) {
 		stamp := filepath.Join(r.cache, "apt", "updated")
 		if fi, err := os.Stat(stamp); err != nil || time.Since(fi.ModTime()) > 24*time.Hour {
 			log.Print("apt-get update (Debian ", strings.Join(slices.Sorted(maps.Values(releases)), ", "), ")")
+			// A release gone from the mirror (an old one moves to
+			// archive.debian.org in time) fails its own kernels, below,
+			// not the others.
 			if _, err := r.apt("", "apt-get", "update"); err != nil {
-				return "", err
-			}
-			if err := os.WriteFile(stamp, nil, 0o644); err != nil {
+				r.updateErr = err
+				log.Print(err)
+			} else if err := os.WriteFile(stamp, nil, 0o644); err != nil {
 				return "", err
 			}
 		}
@@ -292,6 +296,9 @@ func (r *runner) newestPackage(suite, k string) (string, error) {
 		}
 	}
 	if len(names) == 0 {
+		if r.updateErr != nil {
+			return "", fmt.Errorf("no package matches %s in Debian %s; apt-get update failed: %w", pattern, suite, r.updateErr)
+		}
 		return "", fmt.Errorf("no package matches %s in Debian %s", pattern, suite)
 	}
 	slices.SortFunc(names, compareVersions)
