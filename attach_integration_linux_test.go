@@ -113,7 +113,8 @@ func TestKernelAttachDeletedFile(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := Status{Number: d.Number(), BackingFile: f.Name() + " (deleted)", BackingDevice: dev, BackingInode: ino}
+	want := Status{Number: d.Number(), BackingFile: f.Name() + " (deleted)", BackingDevice: dev, BackingInode: ino,
+		BlockSize: 512, Size: 1 << 20}
 	var got *Status
 	for i := range list {
 		if list[i].Number == d.Number() {
@@ -211,6 +212,9 @@ func TestKernelSetCapacity(t *testing.T) {
 	if got := readAttr(t, d.Number(), "size"); got != "4096" {
 		t.Fatalf("size after SetCapacity %s, want 4096", got)
 	}
+	if s, err := d.Status(); err != nil || s.Size != 2<<20 {
+		t.Fatalf("Status = %+v, %v; want size %d", s, err, 2<<20)
+	}
 }
 
 func TestKernelSetBlockSize(t *testing.T) {
@@ -229,6 +233,9 @@ func TestKernelSetBlockSize(t *testing.T) {
 		}
 		if got := readAttr(t, d.Number(), "queue/logical_block_size"); got != strconv.Itoa(int(size)) {
 			t.Fatalf("block size %s, want %d", got, size)
+		}
+		if s, err := d.Status(); err != nil || s.BlockSize != size {
+			t.Fatalf("Status = %+v, %v; want block size %d", s, err, size)
 		}
 	}
 	for _, size := range []uint32{0, 3, 256, 1000} {

@@ -103,6 +103,8 @@ type Status struct {
 	BackingDevice, BackingInode uint64 // st_dev and st_ino of the backing file
 	Offset, SizeLimit           uint64
 	Flags                       Flags
+	BlockSize                   uint32 // logical block size in bytes: losetup's LOG-SEC
+	Size                        uint64 // in bytes: the file's size less Offset, at most SizeLimit, in whole 512-byte sectors
 }
 
 // deletedSuffix is what the kernel appends to the path of an unlinked file.

@@ -16,9 +16,10 @@ import (
 )
 
 // Status returns the device's binding: LOOP_GET_STATUS64 for the numbers
-// and flags, and sysfs for the full backing path (the kernel keeps only 64
-// bytes of it in lo_file_name, which is the fallback). An unbound device is
-// an error matching ErrNotBound.
+// and flags, BLKSSZGET and BLKGETSIZE64 for the block size and the size,
+// and sysfs for the full backing path (the kernel keeps only 64 bytes of it
+// in lo_file_name, which is the fallback). An unbound device is an error
+// matching ErrNotBound.
 func (d *Device) Status() (Status, error) {
 	const op = "status"
 	h, err := d.handle(op)
@@ -30,6 +31,14 @@ func (d *Device) Status() (Status, error) {
 		return Status{}, err
 	}
 	s := statusFromInfo(&info)
+	var blockSize int32
+	if err := ioctlPtr(h, unix.BLKSSZGET, unsafe.Pointer(&blockSize)); err != nil {
+		return Status{}, newError(op, d.path, inStep("BLKSSZGET", err))
+	}
+	if err := ioctlPtr(h, uint(unix.BLKGETSIZE64), unsafe.Pointer(&s.Size)); err != nil {
+		return Status{}, newError(op, d.path, inStep("BLKGETSIZE64", err))
+	}
+	s.BlockSize = uint32(blockSize)
 	var buf [sysfs.BufSize]byte
 	// Empty, or gone, once a teardown that began since has let go of the
 	// file: lo_file_name then stands.

@@ -49,6 +49,7 @@ type fakeDev struct {
 	bound     bool
 	rundown   bool // cleared while its only opener held it: torn down at the last close
 	info      unix.LoopInfo64
+	fileSize  int64 // the backing file's, when bound
 	blockSize uint32
 	directIO  bool
 	opens     int
@@ -111,6 +112,11 @@ func (k *fakeKernel) sync(n int) {
 		return "0\n"
 	}
 	k.write(dir+"/ro", bit(unix.LO_FLAGS_READ_ONLY))
+	k.write(dir+"/size", fmt.Sprintf("%d\n", d.size()/512))
+	if err := os.MkdirAll(dir+"/queue", 0o755); err != nil {
+		k.t.Error(err)
+	}
+	k.write(dir+"/queue/logical_block_size", fmt.Sprintf("%d\n", d.logicalBlockSize()))
 	if !d.bound {
 		os.RemoveAll(dir + "/loop")
 		return
@@ -130,6 +136,26 @@ func (k *fakeKernel) write(path, v string) {
 	}
 }
 
+// size is the device's size in bytes, as the kernel computes it.
+func (d *fakeDev) size() uint64 {
+	if !d.bound || d.fileSize <= int64(d.info.Offset) {
+		return 0
+	}
+	size := uint64(d.fileSize) - d.info.Offset
+	if d.info.Sizelimit != 0 && d.info.Sizelimit < size {
+		size = d.info.Sizelimit
+	}
+	return size &^ 511
+}
+
+// logicalBlockSize is the device's block size: 512 unless set.
+func (d *fakeDev) logicalBlockSize() uint32 {
+	if !d.bound || d.blockSize == 0 {
+		return 512
+	}
+	return d.blockSize
+}
+
 // bind binds device n to the file open as fd, as LOOP_SET_FD and
 // LOOP_CONFIGURE do. k.mu is held.
 func (k *fakeKernel) bind(n int, fd uintptr, info unix.LoopInfo64, blockSize uint32) {
@@ -140,7 +166,7 @@ func (k *fakeKernel) bind(n int, fd uintptr, info unix.LoopInfo64, blockSize uin
 	d.backing, _ = os.Readlink(fmt.Sprintf("/proc/self/fd/%d", fd))
 	var st unix.Stat_t
 	if unix.Fstat(int(fd), &st) == nil {
-		d.info.Device, d.info.Inode = uint64(st.Dev), uint64(st.Ino)
+		d.info.Device, d.info.Inode, d.fileSize = uint64(st.Dev), uint64(st.Ino), st.Size
 		if fl, _ := unix.FcntlInt(fd, unix.F_GETFL, 0); fl&unix.O_ACCMODE == unix.O_RDONLY {
 			d.info.Flags |= unix.LO_FLAGS_READ_ONLY
 		}
@@ -245,6 +271,7 @@ var reqNames = map[uint]string{
 	reqGetStatus64: "LOOP_GET_STATUS64", reqChangeFD: "LOOP_CHANGE_FD", reqSetCapacity: "LOOP_SET_CAPACITY",
 	reqSetDirectIO: "LOOP_SET_DIRECT_IO", reqSetBlockSize: "LOOP_SET_BLOCK_SIZE", reqConfigure: "LOOP_CONFIGURE",
 	reqCtlAdd: "LOOP_CTL_ADD", reqCtlRemove: "LOOP_CTL_REMOVE", reqCtlGetFree: "LOOP_CTL_GET_FREE",
+	unix.BLKSSZGET: "BLKSSZGET", uint(unix.BLKGETSIZE64): "BLKGETSIZE64",
 }
 
 func (h *fakeHandle) rawIoctl(req uint, arg uintptr) (int, error) {
@@ -317,6 +344,10 @@ func (h *fakeHandle) do(req uint, arg uintptr, ptr unsafe.Pointer) (int, error) 
 		}
 		d.info.Flags |= unix.LO_FLAGS_AUTOCLEAR
 		d.rundown = d.opens == 1
+	case unix.BLKSSZGET:
+		*(*int32)(ptr) = int32(d.logicalBlockSize())
+	case uint(unix.BLKGETSIZE64):
+		*(*uint64)(ptr) = d.size()
 	case reqSetBlockSize, reqSetDirectIO, reqSetCapacity, reqChangeFD:
 		if !d.bound {
 			return -1, unix.ENXIO

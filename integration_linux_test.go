@@ -258,7 +258,7 @@ func TestKernelSetFD(t *testing.T) {
 		t.Fatal(err)
 	}
 	dev, ino := fileID(t, f.Name())
-	want := Status{Number: d.Number(), BackingFile: f.Name(), BackingDevice: dev, BackingInode: ino}
+	want := Status{Number: d.Number(), BackingFile: f.Name(), BackingDevice: dev, BackingInode: ino, BlockSize: 512, Size: 1 << 20}
 	if s != want {
 		t.Fatalf("Status = %+v, want %+v", s, want)
 	}
@@ -332,6 +332,21 @@ func checkConfigure(t *testing.T, c *Control, o Options) {
 	checkBound(t, d, f.Name(), o)
 }
 
+// deviceSize is the size of a device bound to the file at path with o: the
+// file's size less the offset, at most the size limit, in whole sectors.
+func deviceSize(t *testing.T, path string, o Options) uint64 {
+	t.Helper()
+	fi, err := os.Stat(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	size := uint64(max(fi.Size()-int64(o.Offset), 0))
+	if o.SizeLimit != 0 {
+		size = min(size, o.SizeLimit)
+	}
+	return size &^ 511
+}
+
 // checkBound checks that d is bound to the file at path with o, as Status,
 // List, FindByBackingFile, sysfs, losetup --json --list and losetup -j see
 // it.
@@ -343,9 +358,13 @@ func checkBound(t *testing.T, d *Device, path string, o Options) {
 	}
 	dev, ino := fileID(t, path)
 	want := Status{Number: d.Number(), BackingFile: path, BackingDevice: dev, BackingInode: ino,
-		Offset: o.Offset, SizeLimit: o.SizeLimit, Flags: o.Flags}
+		Offset: o.Offset, SizeLimit: o.SizeLimit, Flags: o.Flags, BlockSize: max(o.BlockSize, 512),
+		Size: deviceSize(t, path, o)}
 	if s != want {
 		t.Fatalf("Status = %+v, want %+v", s, want)
+	}
+	if got := readAttr(t, d.Number(), "size"); got != strconv.FormatUint(want.Size/512, 10) {
+		t.Fatalf("sysfs size %s sectors, want %d bytes", got, want.Size)
 	}
 	list, err := List()
 	if err != nil {

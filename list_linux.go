@@ -135,6 +135,8 @@ func sysfsStatus(n int, buf []byte) (Status, bool, error) {
 		return Status{}, false, unbinding(err)
 	}
 	s := Status{Number: n, BackingFile: sysfs.Value(b)}
+	var sectors, blockSize uint64
+	dir := sysfs.LoopDir(sysfsRoot, n)
 	for _, a := range [...]struct {
 		path string
 		u    *uint64
@@ -145,7 +147,9 @@ func sysfsStatus(n int, buf []byte) (Status, bool, error) {
 		{sysfsLoopAttr(n, "autoclear"), nil, FlagAutoClear},
 		{sysfsLoopAttr(n, "partscan"), nil, FlagPartScan},
 		{sysfsLoopAttr(n, "dio"), nil, FlagDirectIO},
-		{sysfs.LoopDir(sysfsRoot, n) + "/ro", nil, FlagReadOnly},
+		{dir + "/ro", nil, FlagReadOnly},
+		{dir + "/size", &sectors, 0},
+		{dir + "/queue/logical_block_size", &blockSize, 0},
 	} {
 		b, err := sysfs.ReadFile(a.path, buf)
 		if err != nil {
@@ -163,6 +167,7 @@ func sysfsStatus(n int, buf []byte) (Status, bool, error) {
 			return Status{}, false, &os.PathError{Op: "parse", Path: a.path, Err: err}
 		}
 	}
+	s.Size, s.BlockSize = sectors*512, uint32(blockSize)
 	if s.Flags&FlagAutoClear != 0 && tornDown(n) {
 		return Status{}, false, nil
 	}

@@ -28,7 +28,7 @@ func TestListFake(t *testing.T) {
 	k := useFake(t, 12)
 	_, f2 := bindFake(t, k, 2, Options{Offset: 512, Flags: FlagAutoClear})
 	_, f10 := bindFake(t, k, 10, Options{SizeLimit: 4096, Flags: FlagReadOnly | FlagPartScan | FlagDirectIO})
-	_, f9 := bindFake(t, k, 9, Options{})
+	_, f9 := bindFake(t, k, 9, Options{BlockSize: 4096})
 	before := len(k.calls(""))
 	list, err := List()
 	if err != nil {
@@ -45,10 +45,11 @@ func TestListFake(t *testing.T) {
 	d9, i9 := id(f9)
 	d10, i10 := id(f10)
 	want := []Status{
-		{Number: 2, BackingFile: f2.Name(), BackingDevice: d2, BackingInode: i2, Offset: 512, Flags: FlagAutoClear},
-		{Number: 9, BackingFile: f9.Name(), BackingDevice: d9, BackingInode: i9},
+		{Number: 2, BackingFile: f2.Name(), BackingDevice: d2, BackingInode: i2, Offset: 512, Flags: FlagAutoClear,
+			BlockSize: 512, Size: 1<<20 - 512},
+		{Number: 9, BackingFile: f9.Name(), BackingDevice: d9, BackingInode: i9, BlockSize: 4096, Size: 1 << 20},
 		{Number: 10, BackingFile: f10.Name(), BackingDevice: d10, BackingInode: i10, SizeLimit: 4096,
-			Flags: FlagReadOnly | FlagPartScan | FlagDirectIO},
+			Flags: FlagReadOnly | FlagPartScan | FlagDirectIO, BlockSize: 512, Size: 4096},
 	}
 	if !slices.Equal(list, want) {
 		t.Fatalf("List:\n%+v\nwant:\n%+v", list, want)

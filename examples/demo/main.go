@@ -15,7 +15,6 @@ import (
 	"log"
 	"os"
 	"path/filepath"
-	"strings"
 	"text/tabwriter"
 
 	"github.com/loopctl/loopctl"
@@ -109,10 +108,6 @@ func roundTrip(dev string, block []byte, off int64) error {
 
 // printRow prints the device as `losetup --list` does.
 func printRow(d *loopctl.Device, s loopctl.Status) {
-	logSec := "?"
-	if b, err := os.ReadFile(fmt.Sprintf("/sys/block/loop%d/queue/logical_block_size", d.Number())); err == nil {
-		logSec = strings.TrimSpace(string(b))
-	}
 	bit := func(f loopctl.Flags) int {
 		if s.Flags&f != 0 {
 			return 1
@@ -121,7 +116,7 @@ func printRow(d *loopctl.Device, s loopctl.Status) {
 	}
 	w := tabwriter.NewWriter(os.Stdout, 0, 0, 1, ' ', 0)
 	fmt.Fprintln(w, "NAME\tSIZELIMIT\tOFFSET\tAUTOCLEAR\tRO\tBACK-FILE\tDIO\tLOG-SEC")
-	fmt.Fprintf(w, "%s\t%d\t%d\t%d\t%d\t%s\t%d\t%s\n", d.Path(), s.SizeLimit, s.Offset,
-		bit(loopctl.FlagAutoClear), bit(loopctl.FlagReadOnly), s.BackingFile, bit(loopctl.FlagDirectIO), logSec)
+	fmt.Fprintf(w, "%s\t%d\t%d\t%d\t%d\t%s\t%d\t%d\n", d.Path(), s.SizeLimit, s.Offset,
+		bit(loopctl.FlagAutoClear), bit(loopctl.FlagReadOnly), s.BackingFile, bit(loopctl.FlagDirectIO), s.BlockSize)
 	w.Flush()
 }
