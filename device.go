@@ -107,6 +107,14 @@ type Status struct {
 	Size                        uint64 // in bytes: the file's size less Offset, at most SizeLimit, in whole 512-byte sectors
 }
 
+// A Partition is a partition of a loop device: one the kernel found in the
+// device's partition table (FlagPartScan), or was given with BLKPG.
+type Partition struct {
+	Number      int    // M of /dev/loopNpM
+	Path        string // /dev/loopNpM
+	Start, Size uint64 // in bytes, Start from the start of the device
+}
+
 // deletedSuffix is what the kernel appends to the path of an unlinked file.
 const deletedSuffix = " (deleted)"
 

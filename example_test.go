@@ -162,6 +162,44 @@ func ExampleDevice_ClearFD() {
 	}
 }
 
+// Attach a disk image with partition scanning and use its partitions:
+// /dev/loopNp1, /dev/loopNp2, ... In a container whose /dev is not devtmpfs
+// the nodes may be missing; MakeNode creates them, when asked to.
+func ExampleDevice_Partitions() {
+	d, err := loopctl.Attach(context.Background(), "/var/lib/images/disk.img", loopctl.Options{
+		Flags: loopctl.FlagPartScan | loopctl.FlagAutoClear,
+	})
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer d.Close()
+
+	parts, err := d.Partitions()
+	if err != nil {
+		log.Fatal(err)
+	}
+	for _, p := range parts {
+		if err := p.MakeNode(); err != nil {
+			log.Fatal(err)
+		}
+		fmt.Printf("%s: %d bytes at %d\n", p.Path, p.Size, p.Start)
+	}
+}
+
+// After writing a new partition table to a device bound with FlagPartScan,
+// have the kernel read it.
+func ExampleDevice_Rescan() {
+	d, err := loopctl.OpenDevicePath("/dev/loop3")
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer d.Close()
+	// ... write the new table through d.Path() ...
+	if err := d.Rescan(); err != nil {
+		log.Fatal(err)
+	}
+}
+
 // Grow a device after its backing file grew.
 func ExampleDevice_SetCapacity() {
 	d, err := loopctl.OpenDevicePath("/dev/loop3")

@@ -173,6 +173,18 @@ func (k *fakeKernel) bind(n int, fd uintptr, info unix.LoopInfo64, blockSize uin
 	}
 }
 
+// addPartition shows partition m of device n in sysfs, as the kernel does
+// once it has read a partition table; start and size are in sectors.
+func (k *fakeKernel) addPartition(n, m int, start, size uint64) {
+	dir := fmt.Sprintf("%s/block/loop%d/loop%dp%d", k.root, n, n, m)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		k.t.Fatal(err)
+	}
+	k.write(dir+"/start", fmt.Sprintf("%d\n", start))
+	k.write(dir+"/size", fmt.Sprintf("%d\n", size))
+	k.write(dir+"/dev", fmt.Sprintf("259:%d\n", m))
+}
+
 // failAt makes the nth call of step fail with err.
 func (k *fakeKernel) failAt(step string, nth int, err error) {
 	k.actAt(step, nth, nil, err)
@@ -271,7 +283,7 @@ var reqNames = map[uint]string{
 	reqGetStatus64: "LOOP_GET_STATUS64", reqChangeFD: "LOOP_CHANGE_FD", reqSetCapacity: "LOOP_SET_CAPACITY",
 	reqSetDirectIO: "LOOP_SET_DIRECT_IO", reqSetBlockSize: "LOOP_SET_BLOCK_SIZE", reqConfigure: "LOOP_CONFIGURE",
 	reqCtlAdd: "LOOP_CTL_ADD", reqCtlRemove: "LOOP_CTL_REMOVE", reqCtlGetFree: "LOOP_CTL_GET_FREE",
-	unix.BLKSSZGET: "BLKSSZGET", uint(unix.BLKGETSIZE64): "BLKGETSIZE64",
+	unix.BLKSSZGET: "BLKSSZGET", uint(unix.BLKGETSIZE64): "BLKGETSIZE64", unix.BLKRRPART: "BLKRRPART",
 }
 
 func (h *fakeHandle) rawIoctl(req uint, arg uintptr) (int, error) {
@@ -344,6 +356,10 @@ func (h *fakeHandle) do(req uint, arg uintptr, ptr unsafe.Pointer) (int, error) 
 		}
 		d.info.Flags |= unix.LO_FLAGS_AUTOCLEAR
 		d.rundown = d.opens == 1
+	case unix.BLKRRPART:
+		if !d.bound || d.info.Flags&unix.LO_FLAGS_PARTSCAN == 0 {
+			return -1, unix.EINVAL
+		}
 	case unix.BLKSSZGET:
 		*(*int32)(ptr) = int32(d.logicalBlockSize())
 	case uint(unix.BLKGETSIZE64):

@@ -75,5 +75,17 @@ func (d *Device) SetStatus(s Status) error { return d.unsupported("set-status") 
 // SetBlockSize is not supported on this platform.
 func (d *Device) SetBlockSize(size uint32) error { return d.unsupported("set-block-size") }
 
+// Partitions is not supported on this platform.
+func (d *Device) Partitions() ([]Partition, error) { return nil, d.unsupported("partitions") }
+
+// Rescan is not supported on this platform.
+func (d *Device) Rescan() error { return d.unsupported("rescan") }
+
+// MakeNode is not supported on this platform.
+func MakeNode(n int) error { return newError("make node", DevicePath(n), errors.ErrUnsupported) }
+
+// MakeNode is not supported on this platform.
+func (p Partition) MakeNode() error { return newError("make node", p.Path, errors.ErrUnsupported) }
+
 // ChangeFD is not supported on this platform.
 func (d *Device) ChangeFD(f *os.File) error { return d.unsupported("change-fd") }

@@ -30,10 +30,17 @@ func TestUnsupported(t *testing.T) {
 	if _, err := FindByBackingFile("/tmp/img"); !errors.Is(err, errors.ErrUnsupported) {
 		t.Errorf("FindByBackingFile: %v, want errors.ErrUnsupported", err)
 	}
+	if err := MakeNode(0); !errors.Is(err, errors.ErrUnsupported) {
+		t.Errorf("MakeNode: %v, want errors.ErrUnsupported", err)
+	}
+	if err := (Partition{Number: 1, Path: "/dev/loop0p1"}).MakeNode(); !errors.Is(err, errors.ErrUnsupported) {
+		t.Errorf("Partition.MakeNode: %v, want errors.ErrUnsupported", err)
+	}
 	// No Device can exist here; a zero one is closed.
 	var d Device
 	for name, err := range map[string]error{"SetStatus": d.SetStatus(Status{}), "SetBlockSize": d.SetBlockSize(512),
-		"ChangeFD": d.ChangeFD(nil), "SetCapacity": d.SetCapacity(), "SetDirectIO": d.SetDirectIO(true)} {
+		"ChangeFD": d.ChangeFD(nil), "SetCapacity": d.SetCapacity(), "SetDirectIO": d.SetDirectIO(true),
+		"Rescan": d.Rescan(), "Partitions": func() error { _, err := d.Partitions(); return err }()} {
 		if err == nil {
 			t.Errorf("%s on a zero Device succeeded", name)
 		}

@@ -4,13 +4,19 @@ package loopctl
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"hash/crc32"
 	"io/fs"
 	"os"
+	"os/exec"
+	"slices"
 	"strconv"
+	"strings"
 	"testing"
 	"unicode/utf16"
+
+	"golang.org/x/sys/unix"
 )
 
 // A part is a partition of a test image, in 512-byte sectors.
@@ -49,7 +55,112 @@ func TestKernelPartScan(t *testing.T) {
 					t.Errorf("/dev/%s: %v", name, err)
 				}
 			}
+			checkPartitions(t, d, parts)
+
+			// A new table, read again.
+			parts = []part{{start: 4096, sectors: 8192}}
+			if err := table.write(f, size, parts); err != nil {
+				t.Fatal(err)
+			}
+			if err := f.Sync(); err != nil {
+				t.Fatal(err)
+			}
+			if err := d.Rescan(); err != nil {
+				t.Fatal(err)
+			}
+			checkPartitions(t, d, parts)
 		})
+	}
+}
+
+// checkPartitions checks that d.Partitions lists parts.
+func checkPartitions(t *testing.T, d *Device, parts []part) {
+	t.Helper()
+	got, err := d.Partitions()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var want []Partition
+	for i, p := range parts {
+		want = append(want, Partition{Number: i + 1, Path: fmt.Sprintf("%sp%d", d.Path(), i+1),
+			Start: p.start * 512, Size: p.sectors * 512})
+	}
+	if !slices.Equal(got, want) {
+		t.Fatalf("Partitions = %+v, want %+v", got, want)
+	}
+}
+
+// TestKernelPartitionsBLKPG works on any kernel, with or without partition
+// table parsers: partitions added with BLKPG (util-linux addpart), their
+// nodes made again with MakeNode once removed, as in a container whose /dev
+// is not devtmpfs, and Rescan refused without FlagPartScan.
+func TestKernelPartitionsBLKPG(t *testing.T) {
+	c := openControl(t)
+	d := newDevice(t, c)
+	if err := d.Configure(tempFile(t, 8<<20), Options{Flags: FlagPartScan}); err != nil {
+		t.Fatal(err)
+	}
+	parts := []part{{start: 2048, sectors: 4096}, {start: 8192, sectors: 2048}}
+	for i, p := range parts {
+		args := []string{d.Path(), strconv.Itoa(i + 1), strconv.FormatUint(p.start, 10), strconv.FormatUint(p.sectors, 10)}
+		if out, err := exec.Command("addpart", args...).CombinedOutput(); err != nil {
+			t.Fatalf("addpart %v: %v: %s", args, err, out)
+		}
+	}
+	checkPartitions(t, d, parts)
+	got, _ := d.Partitions()
+
+	// Nodes gone, made again; what the test removes or makes it removes
+	// before its device goes.
+	p1, dev := got[0], d.Path()
+	t.Cleanup(func() { os.Remove(p1.Path); os.Remove(dev) })
+	for _, node := range []struct {
+		path, devAttr string
+		make          func() error
+	}{
+		{p1.Path, fmt.Sprintf("loop%d/loop%dp1/dev", d.Number(), d.Number()), p1.MakeNode},
+		{dev, fmt.Sprintf("loop%d/dev", d.Number()), func() error { return MakeNode(d.Number()) }},
+	} {
+		if err := os.Remove(node.path); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(node.path, nil, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if err := node.make(); !errors.Is(err, fs.ErrExist) {
+			t.Fatalf("MakeNode over a regular file = %v, want fs.ErrExist", err)
+		}
+		os.Remove(node.path)
+		for range 2 { // made, then left as it is
+			if err := node.make(); err != nil {
+				t.Fatal(err)
+			}
+		}
+		var st unix.Stat_t
+		if err := unix.Stat(node.path, &st); err != nil {
+			t.Fatal(err)
+		}
+		want := readAttr(t, d.Number(), strings.TrimPrefix(node.devAttr, fmt.Sprintf("loop%d/", d.Number())))
+		if got := fmt.Sprintf("%d:%d", unix.Major(uint64(st.Rdev)), unix.Minor(uint64(st.Rdev))); st.Mode&unix.S_IFMT != unix.S_IFBLK ||
+			st.Mode&0o777 != 0o660 || got != want {
+			t.Fatalf("%s: mode %o, device %s; want a block device %s, 0660", node.path, st.Mode, got, want)
+		}
+	}
+	if od, err := OpenDevice(d.Number()); err != nil {
+		t.Fatalf("OpenDevice through the node made: %v", err)
+	} else {
+		od.Close()
+	}
+	if err := (Partition{Number: 1, Path: "/dev/sda1"}).MakeNode(); !errors.Is(err, fs.ErrInvalid) {
+		t.Fatalf("MakeNode of /dev/sda1 = %v, want it refused", err)
+	}
+
+	plain := newDevice(t, c)
+	if err := plain.Configure(tempFile(t, 1<<20), Options{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := plain.Rescan(); !errors.Is(err, fs.ErrInvalid) {
+		t.Fatalf("Rescan without FlagPartScan = %v, want it refused", err)
 	}
 }
 

@@ -65,6 +65,17 @@ func splitLast(p string) (dir, name string) {
 	return p[:i], p[i+1:]
 }
 
+// PartitionNumber parses the name of a partition of loop device n, such as
+// "loop3p12" for n = 3, and returns its number. It accepts only canonical
+// decimal numbers.
+func PartitionNumber(name string, n int) (int, bool) {
+	rest, ok := strings.CutPrefix(name, "loop"+strconv.Itoa(n)+"p")
+	if !ok {
+		return -1, false
+	}
+	return LoopNumber("loop" + rest)
+}
+
 // ErrSyntax reports an attribute that is not in the kernel's format.
 var ErrSyntax = errors.New("sysfs: malformed attribute")
 
@@ -84,6 +95,20 @@ func Uint(b []byte) (uint64, error) {
 		return 0, ErrSyntax
 	}
 	return v, nil
+}
+
+// Dev parses a "MAJOR:MINOR" attribute such as /sys/block/loopN/dev.
+func Dev(b []byte) (major, minor uint32, err error) {
+	ma, mi, ok := strings.Cut(Value(b), ":")
+	if !ok {
+		return 0, 0, ErrSyntax
+	}
+	x, err1 := strconv.ParseUint(ma, 10, 32)
+	y, err2 := strconv.ParseUint(mi, 10, 32)
+	if err1 != nil || err2 != nil {
+		return 0, 0, ErrSyntax
+	}
+	return uint32(x), uint32(y), nil
 }
 
 // Bool parses a 0/1 attribute such as loop/autoclear or ro.

@@ -154,3 +154,76 @@ func FuzzAttributes(f *testing.F) {
 		}
 	})
 }
+
+func TestPartitionNumber(t *testing.T) {
+	for _, tt := range []struct {
+		name string
+		n    int
+		want int
+		ok   bool
+	}{
+		{"loop3p1", 3, 1, true},
+		{"loop3p12", 3, 12, true},
+		{"loop12p3", 12, 3, true},
+		{"loop3p01", 3, -1, false},
+		{"loop3p", 3, -1, false},
+		{"loop31p1", 3, -1, false},
+		{"loop3", 3, -1, false},
+		{"queue", 3, -1, false},
+	} {
+		if got, ok := PartitionNumber(tt.name, tt.n); got != tt.want || ok != tt.ok {
+			t.Errorf("PartitionNumber(%q, %d) = %d, %v; want %d, %v", tt.name, tt.n, got, ok, tt.want, tt.ok)
+		}
+	}
+}
+
+func FuzzPartitionNumber(f *testing.F) {
+	for _, s := range []string{"loop3p1", "loop3p01", "loop3p", "loop31p1", "queue"} {
+		f.Add(s, 3)
+	}
+	f.Fuzz(func(t *testing.T, s string, n int) {
+		m, ok := PartitionNumber(s, n)
+		// An accepted name is exactly the canonical spelling of both
+		// numbers.
+		if ok && s != "loop"+strconv.Itoa(n)+"p"+strconv.Itoa(m) {
+			t.Fatalf("PartitionNumber(%q, %d) = %d", s, n, m)
+		}
+	})
+}
+
+func TestDev(t *testing.T) {
+	for _, tt := range []struct {
+		in           string
+		major, minor uint32
+		ok           bool
+	}{
+		{"7:3\n", 7, 3, true},
+		{"259:0\n", 259, 0, true},
+		{"7:3", 7, 3, true},
+		{"7-3\n", 0, 0, false},
+		{"7:\n", 0, 0, false},
+		{":3\n", 0, 0, false},
+		{"7:-3\n", 0, 0, false},
+		{"4294967296:1\n", 0, 0, false},
+	} {
+		ma, mi, err := Dev([]byte(tt.in))
+		if (err == nil) != tt.ok || ma != tt.major || mi != tt.minor {
+			t.Errorf("Dev(%q) = %d, %d, %v", tt.in, ma, mi, err)
+		}
+	}
+}
+
+func FuzzDev(f *testing.F) {
+	for _, s := range []string{"7:3\n", "259:0", "7-3", ":"} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, b []byte) {
+		ma, mi, err := Dev(b)
+		if err == nil && Value(b) != strconv.FormatUint(uint64(ma), 10)+":"+strconv.FormatUint(uint64(mi), 10) {
+			// Only leading zeros may be lost.
+			if !strings.Contains(Value(b), "0") {
+				t.Fatalf("Dev(%q) = %d, %d", b, ma, mi)
+			}
+		}
+	})
+}
