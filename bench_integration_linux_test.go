@@ -230,3 +230,31 @@ func TestKernelContender(t *testing.T) {
 		t.Fatalf("%d rounds", rounds.Load())
 	}
 }
+
+// BenchmarkReuseLookup is what Reuse adds to an Attach: a look through
+// every loop device for the file's, here with 256 bound devices of the
+// benchmark's own, none of them the file's.
+func BenchmarkReuseLookup(b *testing.B) {
+	requireKernel(b)
+	bound := benchFile(b)
+	for range 256 {
+		benchAttach(b, bound)
+	}
+	f, err := os.Open(benchFile(b))
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer f.Close()
+	rc, err := f.SyscallConn()
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.ReportAllocs()
+	for b.Loop() {
+		var d *Device
+		rc.Control(func(fd uintptr) { d, err = sharedDevice(fd, Options{Reuse: true}) })
+		if d != nil || err != nil {
+			b.Fatal(d, err)
+		}
+	}
+}

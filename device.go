@@ -67,6 +67,15 @@ type Options struct {
 	Offset, SizeLimit uint64 // bytes; SizeLimit 0 = to the end of the file
 	BlockSize         uint32 // logical block size; 0 = kernel default (512)
 	Flags             Flags
+
+	// Reuse makes Attach return a device already bound to the same file
+	// (the same device and inode) with the same Offset, SizeLimit,
+	// read-only flag and BlockSize, rather than bind another, and refuse
+	// with an error matching ErrOverlap to bind a range of the file that
+	// overlaps another device's with other settings: one device per
+	// image, as losetup --nooverlap. Device.Shared tells which happened.
+	// The other flags of a device found are its binder's.
+	Reuse bool
 }
 
 // validate refuses, before any ioctl, what the kernel would refuse or
@@ -128,6 +137,7 @@ type Device struct {
 	h      handle
 	number int
 	path   string
+	shared bool // found bound by Attach with Reuse
 	closed atomic.Bool
 }
 
@@ -179,6 +189,12 @@ func OpenDevicePath(path string) (*Device, error) {
 	}
 	return &Device{h: h, number: n, path: path}, nil
 }
+
+// Shared reports whether Attach, with Options.Reuse, returned a device
+// that was bound already, by this process or another, rather than one it
+// bound. Such a binding is not the caller's alone: Close lets go of it,
+// and the caller should not ClearFD it under the others.
+func (d *Device) Shared() bool { return d.shared }
 
 // Number returns the device number N of /dev/loopN.
 func (d *Device) Number() int { return d.number }

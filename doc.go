@@ -70,6 +70,14 @@
 // device it had bound stays bound to the file, for FindByBackingFile to
 // find. No device is left locked or unusable.
 //
+// With Options.Reuse many users of one image share one device, as
+// container runtimes want for a read-only root image, and a binding that
+// overlaps another of the same file with other settings (a corruption in
+// waiting) is refused with ErrOverlap. Device.Partitions lists what the
+// kernel found in a partition table (FlagPartScan), Device.Rescan has it
+// read again, and MakeNode creates a missing /dev node, for containers
+// whose /dev is not devtmpfs, when asked to.
+//
 // For the lower level, a Control is the open /dev/loop-control (Add,
 // Remove, GetFree), and a Device is an open /dev/loopN: SetFD and
 // Configure bind a file, ClearFD unbinds it, Status reports the binding,

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"strconv"
 	"syscall"
 )
 
@@ -21,12 +22,38 @@ var (
 	// ErrNotLoop reports a path that is not a whole loop block device.
 	ErrNotLoop = errors.New("not a loop device")
 
+	// ErrOverlap reports a device bound to a range of the same file that
+	// overlaps the one asked for, with other settings: what Attach with
+	// Options.Reuse refuses to add to. The error is an *OverlapError.
+	ErrOverlap = errors.New("an overlapping loop device exists")
+
 	// ErrNoDirectIO reports that the kernel would not turn direct I/O on
 	// for a backing file: its file system lacks O_DIRECT (tmpfs before
 	// Linux 6.6), or the offset or block size is not aligned to the
 	// blocks of the disk under it. It comes with EINVAL.
 	ErrNoDirectIO = errors.New("direct I/O not possible for this backing file")
 )
+
+// An OverlapError names the device that holds a range of the file that
+// overlaps the one Attach was asked for, with other settings. It matches
+// ErrOverlap.
+type OverlapError struct {
+	Device string // such as "/dev/loop3"
+	Status Status // its binding
+}
+
+func (e *OverlapError) Error() string {
+	end := "the end of the file"
+	if e.Status.SizeLimit != 0 {
+		end = "byte " + strconv.FormatUint(e.Status.Offset+e.Status.SizeLimit, 10)
+	}
+	return e.Device + " binds the file from byte " + strconv.FormatUint(e.Status.Offset, 10) + " to " + end +
+		" (" + e.Status.Flags.String() + ", " + strconv.FormatUint(uint64(e.Status.BlockSize), 10) + "-byte blocks): " +
+		ErrOverlap.Error()
+}
+
+// Is reports whether target is ErrOverlap.
+func (e *OverlapError) Is(target error) bool { return target == ErrOverlap }
 
 // An Error reports which operation failed on which device, and why.
 //

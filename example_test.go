@@ -46,6 +46,25 @@ func ExampleAttach() {
 	fmt.Printf("%s: %s at offset %d\n", d.Path(), s.BackingFile, s.Offset)
 }
 
+// Start many containers from one read-only image with one loop device
+// between them: Reuse returns the device already bound to the image, and a
+// container does not detach a device it shares.
+func ExampleOptions_reuse() {
+	d, err := loopctl.Attach(context.Background(), "/var/lib/images/rootfs.img", loopctl.Options{
+		Flags: loopctl.FlagReadOnly | loopctl.FlagAutoClear,
+		Reuse: true,
+	})
+	var overlap *loopctl.OverlapError
+	if errors.As(err, &overlap) {
+		log.Fatalf("%s holds part of the image with other settings", overlap.Device)
+	}
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer d.Close() // autoclear: the last user's close detaches
+	fmt.Println("mount", d.Path(), "shared:", d.Shared())
+}
+
 // Bind by hand, with the control device: the steps Attach takes, less the
 // lock on /dev/loop-control that keeps other careful attachers away.
 // Another process may take the device between GetFree and Configure (ErrBusy

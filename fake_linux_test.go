@@ -198,17 +198,20 @@ func (k *fakeKernel) actAt(step string, nth int, act func(k *fakeKernel), err er
 	k.faults[step] = append(k.faults[step], fault{nth, err, act})
 }
 
-// enter records a call and returns the fault injected for it, if any.
-// k.mu is held.
+// enter records a call and returns the fault injected for it, if any:
+// faults are set for a step ("open"), counting its calls on any path, or
+// for a step on one path ("open /dev/loop1"). k.mu is held.
 func (k *fakeKernel) enter(step, path string) error {
 	k.log = append(k.log, step+" "+path)
-	k.counts[step]++
-	for _, f := range k.faults[step] {
-		if f.nth == k.counts[step] {
-			if f.act != nil {
-				f.act(k)
+	for _, key := range []string{step, step + " " + path} {
+		k.counts[key]++
+		for _, f := range k.faults[key] {
+			if f.nth == k.counts[key] {
+				if f.act != nil {
+					f.act(k)
+				}
+				return f.err
 			}
-			return f.err
 		}
 	}
 	return nil

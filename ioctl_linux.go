@@ -24,10 +24,23 @@ var sysfsRoot = "/sys"
 // osKernel opens real device nodes.
 type osKernel struct{}
 
+// probe is an open mode, read-only, for a handle that its opener alone uses
+// and closes within one call: a bare descriptor, without what an *os.File
+// costs (an fcntl and a few allocations a device, which a look through
+// hundreds of devices feels).
+const probe = readOnly + 1
+
 // open opens path with O_CLOEXEC. It calls open(2) itself and wraps the
 // descriptor with os.NewFile, which costs one fcntl; os.OpenFile would add
 // more fcntl calls and a poller registration that block devices refuse.
 func (osKernel) open(path string, mode int) (handle, error) {
+	if mode == probe {
+		fd, err := openFD(path, unix.O_RDONLY)
+		if err != nil {
+			return nil, err
+		}
+		return fdHandle(fd), nil
+	}
 	flags := unix.O_RDWR
 	if mode == readOnly {
 		flags = unix.O_RDONLY
@@ -190,11 +203,53 @@ func (c *call) on(rc syscall.RawConn) (int, error) {
 	if err := rc.Control(c.run); err != nil {
 		return -1, os.ErrClosed
 	}
+	return c.result()
+}
+
+func (c *call) result() (int, error) {
 	if c.errno != 0 {
 		return -1, c.errno
 	}
 	return int(c.r), nil
 }
+
+// An fdHandle is a bare descriptor opened for a probe: its opener alone
+// uses it, and closes it, within one call, so no concurrent Close can send
+// a call to a reused number, and it needs no RawConn.
+type fdHandle int
+
+func (h fdHandle) rawIoctl(req uint, arg uintptr) (int, error) {
+	c := calls.Get().(*call)
+	c.req, c.val, c.ptr = req, arg, nil
+	c.run(uintptr(h))
+	r, err := c.result()
+	calls.Put(c)
+	return r, err
+}
+
+func (h fdHandle) rawIoctlPtr(req uint, arg unsafe.Pointer) error {
+	c := calls.Get().(*call)
+	c.req, c.ptr = req, arg
+	c.run(uintptr(h))
+	_, err := c.result()
+	c.ptr = nil
+	calls.Put(c)
+	return err
+}
+
+func (h fdHandle) flock(how int) error {
+	return ignoringEINTR(func() error { return unix.Flock(int(h), how) })
+}
+
+func (h fdHandle) rdev() (uint64, error) {
+	st, err := fstat(uintptr(h))
+	if err != nil {
+		return 0, err
+	}
+	return uint64(st.Rdev), nil
+}
+
+func (h fdHandle) Close() error { return unix.Close(int(h)) }
 
 // do is the one place this package enters the kernel with an ioctl, or
 // with a flock of a loop node.

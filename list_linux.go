@@ -191,7 +191,7 @@ func unbinding(err error) error {
 // before it starts a teardown, so devices without it need no look. Opening
 // needs root; without it the device is taken as bound.
 func tornDown(n int) bool {
-	h, err := sys.open(DevicePath(n), readOnly)
+	h, err := sys.open(DevicePath(n), probe)
 	if err != nil {
 		return errors.Is(err, syscall.ENXIO)
 	}

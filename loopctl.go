@@ -151,7 +151,7 @@ type handle interface {
 	Close() error
 }
 
-// The open modes a handle is asked for.
+// The open modes a handle is asked for; ioctl_linux.go adds probe.
 const (
 	readWrite = iota
 	readOnly

@@ -1,0 +1,217 @@
+//go:build integration && !loopctl_stub
+
+package loopctl
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+
+	"golang.org/x/sys/unix"
+)
+
+func TestKernelAttachReuse(t *testing.T) {
+	f := tempFile(t, 2<<20)
+	o := Options{Offset: 1 << 20, SizeLimit: 512 << 10, Flags: FlagReadOnly, Reuse: true}
+	first := attachT(t, f.Name(), o)
+	if first.Shared() {
+		t.Fatal("the first device is shared")
+	}
+	// The same file, by another name too.
+	link := filepath.Join(t.TempDir(), "link.img")
+	if err := os.Link(f.Name(), link); err != nil {
+		t.Fatal(err)
+	}
+	for _, path := range []string{f.Name(), link} {
+		d, err := Attach(context.Background(), path, o)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if d.Number() != first.Number() || !d.Shared() {
+			t.Fatalf("Attach(%s, Reuse) = loop%d, shared %v; want loop%d, shared", path, d.Number(), d.Shared(), first.Number())
+		}
+		checkBound(t, d, f.Name(), Options{Offset: o.Offset, SizeLimit: o.SizeLimit, Flags: o.Flags})
+		d.Close()
+	}
+	for name, o := range map[string]Options{
+		"overlapping":     {Offset: 1<<20 + 4096},
+		"read-write":      {Offset: 1 << 20, SizeLimit: 512 << 10},
+		"4 KiB blocks":    {Offset: 1 << 20, SizeLimit: 512 << 10, BlockSize: 4096, Flags: FlagReadOnly},
+		"the whole image": {Flags: FlagReadOnly},
+	} {
+		t.Run(name, func(t *testing.T) {
+			o.Reuse = true
+			_, err := Attach(context.Background(), f.Name(), o)
+			var oe *OverlapError
+			if !errors.Is(err, ErrOverlap) || !errors.As(err, &oe) || oe.Device != first.Path() || oe.Status.BackingFile != f.Name() {
+				t.Fatalf("Attach(%+v) = %v, want ErrOverlap naming %s", o, err, first.Path())
+			}
+		})
+	}
+	// The first megabyte does not overlap: a device of its own.
+	d := attachT(t, f.Name(), Options{SizeLimit: 1 << 20, Reuse: true})
+	if d.Shared() || d.Number() == first.Number() {
+		t.Fatalf("loop%d, shared %v; want a device of its own", d.Number(), d.Shared())
+	}
+}
+
+// TestKernelAttachReuseRace starts processes that attach one image with
+// Reuse at the same moment: they must end with one device between them.
+func TestKernelAttachReuseRace(t *testing.T) {
+	if path := os.Getenv("LOOPCTL_REUSE_CHILD"); path != "" {
+		reuseChild(t, path)
+		return
+	}
+	requireKernel(t)
+	const procs, goroutines = 4, 4
+	f := tempFile(t, 1<<20)
+	var children []*exec.Cmd
+	var outs []*bufio.Scanner
+	var gates []io.WriteCloser
+	for range procs {
+		cmd := exec.Command(os.Args[0], "-test.run=^TestKernelAttachReuseRace$", "-test.count=1", "-test.v")
+		cmd.Env = append(os.Environ(), "LOOPCTL_REUSE_CHILD="+f.Name(), "LOOPCTL_REUSE_GOROUTINES="+strconv.Itoa(goroutines))
+		cmd.Stderr = os.Stderr
+		in, err := cmd.StdinPipe()
+		if err != nil {
+			t.Fatal(err)
+		}
+		out, err := cmd.StdoutPipe()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+		children, outs, gates = append(children, cmd), append(outs, bufio.NewScanner(out)), append(gates, in)
+	}
+	// Each child says "ready" once its control device is open; then all go.
+	for _, sc := range outs {
+		for sc.Scan() && sc.Text() != "ready" {
+		}
+	}
+	for _, g := range gates {
+		io.WriteString(g, "go\n")
+	}
+	devices := map[string]int{}
+	shared := 0
+	for _, sc := range outs {
+		for sc.Scan() && sc.Text() != "held" {
+			var dev string
+			var sh bool
+			if _, err := fmt.Sscanf(sc.Text(), "attached %s %t", &dev, &sh); err == nil {
+				devices[dev]++
+				if sh {
+					shared++
+				}
+			}
+		}
+	}
+	if len(devices) != 1 || shared != procs*goroutines-1 {
+		t.Errorf("%d attachers ended with devices %v, %d of them shared; want one device, all but one shared",
+			procs*goroutines, devices, shared)
+	}
+	for i, g := range gates {
+		g.Close() // let go: the last close detaches (autoclear)
+		if err := children[i].Wait(); err != nil {
+			t.Errorf("child %d: %v", i, err)
+		}
+	}
+	if found, err := FindByBackingFile(f.Name()); err != nil || len(found) != 0 {
+		t.Fatalf("left bound: %+v, %v", found, err)
+	}
+}
+
+// reuseChild attaches path with Reuse from several goroutines once told
+// to, reports the devices, and holds them until its input closes.
+func reuseChild(t *testing.T, path string) {
+	n, _ := strconv.Atoi(os.Getenv("LOOPCTL_REUSE_GOROUTINES"))
+	if _, err := sharedControl(); err != nil {
+		t.Fatal(err)
+	}
+	fmt.Println("ready")
+	in := bufio.NewReader(os.Stdin)
+	if line, _ := in.ReadString('\n'); strings.TrimSpace(line) != "go" {
+		t.Fatal("no go")
+	}
+	devs := make(chan *Device, n)
+	for range n {
+		go func() {
+			d, err := Attach(context.Background(), path, Options{Flags: FlagAutoClear, Reuse: true})
+			if err != nil {
+				t.Error(err)
+			}
+			devs <- d
+		}()
+	}
+	var held []*Device
+	for range n {
+		if d := <-devs; d != nil {
+			fmt.Printf("attached %s %t\n", d.Path(), d.Shared())
+			held = append(held, d)
+		}
+	}
+	fmt.Println("held")
+	io.Copy(io.Discard, in)
+	for _, d := range held {
+		d.Close()
+	}
+}
+
+// TestKernelAttachReuseUnderLock: Attach with Reuse looks for the file's
+// device under the control lock. Another process (systemd's protocol)
+// holds the lock and binds the file meanwhile; once it lets go, Attach
+// must find that device, not bind one of its own.
+func TestKernelAttachReuseUnderLock(t *testing.T) {
+	requireKernel(t)
+	useKernel(t, osKernel{})
+	lock, err := unix.Open(ControlPath, unix.O_RDWR|unix.O_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(lock)
+	if err := unix.Flock(lock, unix.LOCK_EX); err != nil {
+		t.Fatal(err)
+	}
+	f := tempFile(t, 1<<20)
+	got := make(chan *Device, 1)
+	go func() {
+		d, err := Attach(context.Background(), f.Name(), Options{Reuse: true})
+		if err != nil {
+			t.Error(err)
+		}
+		got <- d
+	}()
+	waitLockRequest(t)
+	// The other process binds the file, holding the lock.
+	n, err := unix.IoctlRetInt(lock, unix.LOOP_CTL_GET_FREE)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fd := rawBind(t, DevicePath(n), f)
+	t.Cleanup(func() { unix.IoctlRetInt(fd, unix.LOOP_CLR_FD); unix.Close(fd) })
+	if err := unix.Flock(lock, unix.LOCK_UN); err != nil {
+		t.Fatal(err)
+	}
+	d := <-got
+	if d == nil {
+		t.FailNow()
+	}
+	if d.Number() != n {
+		defer detach(t, d) // a binding of its own, wrongly
+	} else {
+		defer d.Close()
+	}
+	if d.Number() != n || !d.Shared() {
+		t.Fatalf("Attach(Reuse) = loop%d, shared %v; want loop%d, bound while it waited for the lock", d.Number(), d.Shared(), n)
+	}
+}
