@@ -428,28 +428,9 @@ func TestKernelAttachConcurrent(t *testing.T) {
 	requireKernel(t)
 	const procs = 4
 	dir := t.TempDir()
-	type child struct {
-		cmd   *exec.Cmd
-		stdin io.WriteCloser
-		out   *bufio.Scanner
-	}
-	var children []child
+	var children []*pipedChild
 	for range procs {
-		cmd := exec.Command(os.Args[0], "-test.run=^TestKernelAttachConcurrent$", "-test.v")
-		cmd.Env = append(os.Environ(), "LOOPCTL_ATTACH_CHILD="+dir)
-		cmd.Stderr = os.Stderr
-		stdin, err := cmd.StdinPipe()
-		if err != nil {
-			t.Fatal(err)
-		}
-		stdout, err := cmd.StdoutPipe()
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
-		children = append(children, child{cmd, stdin, bufio.NewScanner(stdout)})
+		children = append(children, startPiped(t, "TestKernelAttachConcurrent", "LOOPCTL_ATTACH_CHILD="+dir))
 	}
 	// Each child reports "bound N INODE" per device, then "held".
 	owner := map[int]int{}
@@ -494,6 +475,35 @@ func TestKernelAttachConcurrent(t *testing.T) {
 			t.Errorf("left bound: %+v", s)
 		}
 	}
+}
+
+// A pipedChild is the test binary running one test as a child process,
+// talking with its parent through its standard input and output.
+type pipedChild struct {
+	cmd   *exec.Cmd
+	stdin io.WriteCloser
+	out   *bufio.Scanner
+}
+
+// startPiped runs test again in a child process with env added.
+func startPiped(t *testing.T, test string, env ...string) *pipedChild {
+	t.Helper()
+	cmd := exec.Command(os.Args[0], "-test.run=^"+test+"$", "-test.count=1", "-test.v")
+	cmd.Env = append(os.Environ(), env...)
+	cmd.Stderr = os.Stderr
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	return &pipedChild{cmd, stdin, bufio.NewScanner(stdout)}
 }
 
 // attachChild is one process of TestKernelAttachConcurrent.
@@ -643,16 +653,7 @@ func rawBind(t *testing.T, path string, f *os.File) int {
 // nothing meanwhile, honour its context while waiting, and go ahead once the
 // lock is released.
 func TestKernelAttachTakesControlLock(t *testing.T) {
-	requireKernel(t)
-	useKernel(t, osKernel{}) // a fresh shared control device, released at the end
-	lock, err := unix.Open(ControlPath, unix.O_RDWR|unix.O_CLOEXEC, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer unix.Close(lock)
-	if err := unix.Flock(lock, unix.LOCK_EX); err != nil {
-		t.Fatal(err)
-	}
+	lock := holdControlLock(t)
 	f := tempFile(t, 1<<20)
 
 	// Given up while waiting: nothing is bound, and the lock is left as
@@ -699,6 +700,25 @@ func TestKernelAttachTakesControlLock(t *testing.T) {
 	if err := unix.Flock(lock, unix.LOCK_EX|unix.LOCK_NB); err != nil {
 		t.Fatalf("the control lock after Attach: %v", err)
 	}
+}
+
+// holdControlLock takes flock(LOCK_EX) on /dev/loop-control through a
+// descriptor of its own, as another process would, and returns the
+// descriptor, closed at the end of the test. The process's shared control
+// device is made anew for the test.
+func holdControlLock(t *testing.T) int {
+	t.Helper()
+	requireKernel(t)
+	useKernel(t, osKernel{})
+	lock, err := unix.Open(ControlPath, unix.O_RDWR|unix.O_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Close(lock) })
+	if err := unix.Flock(lock, unix.LOCK_EX); err != nil {
+		t.Fatal(err)
+	}
+	return lock
 }
 
 // waitLockRequest waits until /proc/locks shows a request for a flock of

@@ -9,7 +9,6 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -73,42 +72,26 @@ func TestKernelAttachReuseRace(t *testing.T) {
 	requireKernel(t)
 	const procs, goroutines = 4, 4
 	f := tempFile(t, 1<<20)
-	var children []*exec.Cmd
-	var outs []*bufio.Scanner
-	var gates []io.WriteCloser
+	var children []*pipedChild
 	for range procs {
-		cmd := exec.Command(os.Args[0], "-test.run=^TestKernelAttachReuseRace$", "-test.count=1", "-test.v")
-		cmd.Env = append(os.Environ(), "LOOPCTL_REUSE_CHILD="+f.Name(), "LOOPCTL_REUSE_GOROUTINES="+strconv.Itoa(goroutines))
-		cmd.Stderr = os.Stderr
-		in, err := cmd.StdinPipe()
-		if err != nil {
-			t.Fatal(err)
-		}
-		out, err := cmd.StdoutPipe()
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
-		children, outs, gates = append(children, cmd), append(outs, bufio.NewScanner(out)), append(gates, in)
+		children = append(children, startPiped(t, "TestKernelAttachReuseRace",
+			"LOOPCTL_REUSE_CHILD="+f.Name(), "LOOPCTL_REUSE_GOROUTINES="+strconv.Itoa(goroutines)))
 	}
 	// Each child says "ready" once its control device is open; then all go.
-	for _, sc := range outs {
-		for sc.Scan() && sc.Text() != "ready" {
+	for _, c := range children {
+		for c.out.Scan() && c.out.Text() != "ready" {
 		}
 	}
-	for _, g := range gates {
-		io.WriteString(g, "go\n")
+	for _, c := range children {
+		io.WriteString(c.stdin, "go\n")
 	}
 	devices := map[string]int{}
 	shared := 0
-	for _, sc := range outs {
-		for sc.Scan() && sc.Text() != "held" {
+	for _, c := range children {
+		for c.out.Scan() && c.out.Text() != "held" {
 			var dev string
 			var sh bool
-			if _, err := fmt.Sscanf(sc.Text(), "attached %s %t", &dev, &sh); err == nil {
+			if _, err := fmt.Sscanf(c.out.Text(), "attached %s %t", &dev, &sh); err == nil {
 				devices[dev]++
 				if sh {
 					shared++
@@ -120,9 +103,9 @@ func TestKernelAttachReuseRace(t *testing.T) {
 		t.Errorf("%d attachers ended with devices %v, %d of them shared; want one device, all but one shared",
 			procs*goroutines, devices, shared)
 	}
-	for i, g := range gates {
-		g.Close() // let go: the last close detaches (autoclear)
-		if err := children[i].Wait(); err != nil {
+	for i, c := range children {
+		c.stdin.Close() // let go: the last close detaches (autoclear)
+		if err := c.cmd.Wait(); err != nil {
 			t.Errorf("child %d: %v", i, err)
 		}
 	}
@@ -172,16 +155,7 @@ func reuseChild(t *testing.T, path string) {
 // holds the lock and binds the file meanwhile; once it lets go, Attach
 // must find that device, not bind one of its own.
 func TestKernelAttachReuseUnderLock(t *testing.T) {
-	requireKernel(t)
-	useKernel(t, osKernel{})
-	lock, err := unix.Open(ControlPath, unix.O_RDWR|unix.O_CLOEXEC, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer unix.Close(lock)
-	if err := unix.Flock(lock, unix.LOCK_EX); err != nil {
-		t.Fatal(err)
-	}
+	lock := holdControlLock(t)
 	f := tempFile(t, 1<<20)
 	got := make(chan *Device, 1)
 	go func() {
