@@ -88,7 +88,10 @@ func (o Options) validate() error {
 		return err
 	}
 	if o.Offset > math.MaxInt64 || o.SizeLimit > math.MaxInt64 {
-		return invalid("offset %d or size limit %d exceeds %d", o.Offset, o.SizeLimit, int64(math.MaxInt64))
+		// The kernel's answer is EOVERFLOW: the error carries it, as
+		// tools such as losetup report it.
+		return invalid("%w: offset %d or size limit %d exceeds %d",
+			syscall.EOVERFLOW, o.Offset, o.SizeLimit, int64(math.MaxInt64))
 	}
 	return nil
 }

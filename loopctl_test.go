@@ -63,6 +63,11 @@ func TestOptionsValidate(t *testing.T) {
 		{"offset too big", Options{Offset: 1 << 63}, false},
 		{"size limit too big", Options{SizeLimit: 1<<64 - 1}, false},
 	}
+	for _, o := range []Options{{Offset: 1 << 63}, {SizeLimit: 1<<64 - 1}} {
+		if err := o.validate(); !errors.Is(err, syscall.EOVERFLOW) || !errors.Is(err, fs.ErrInvalid) {
+			t.Errorf("validate(%+v) = %v, want EOVERFLOW (the kernel's answer) and fs.ErrInvalid", o, err)
+		}
+	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			err := tt.o.validate()
