@@ -83,8 +83,9 @@
 // Configure bind a file, ClearFD unbinds it, Status reports the binding,
 // and SetStatus, SetCapacity, SetBlockSize, SetDirectIO and ChangeFD
 // change a bound device. List and FindByBackingFile report every bound
-// device from sysfs without opening any, as `losetup --list` and
-// `losetup -j` do.
+// device, as `losetup --list` and `losetup -j` do: where the process may
+// open the devices, from a read-only open of each and the backing file's
+// path in sysfs; otherwise from sysfs alone.
 //
 // On kernels before 5.8, which lack LOOP_CONFIGURE, Configure (and so
 // Attach) falls back to LOOP_SET_FD, LOOP_SET_STATUS64,

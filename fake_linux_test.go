@@ -36,6 +36,9 @@ type fakeKernel struct {
 	// that sysfs still lists (a container without devtmpfs).
 	noControl bool
 	noNode    map[int]bool
+	// noAccess refuses opens of /dev/loopN with EACCES: a process
+	// without root or the disk group.
+	noAccess bool
 	// ctlWait, when set, makes a blocking flock of the control device wait
 	// until it is closed: another process holding the lock.
 	ctlWait chan struct{}
@@ -263,6 +266,9 @@ func (k *fakeKernel) open(path string, mode int) (handle, error) {
 		i, err := strconv.Atoi(num)
 		if !ok || err != nil || k.devs[i] == nil || k.noNode[i] {
 			return nil, &os.PathError{Op: "open", Path: path, Err: unix.ENOENT}
+		}
+		if k.noAccess {
+			return nil, &os.PathError{Op: "open", Path: path, Err: unix.EACCES}
 		}
 		if k.devs[i].rundown {
 			return nil, &os.PathError{Op: "open", Path: path, Err: unix.ENXIO}

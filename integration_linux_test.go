@@ -852,7 +852,26 @@ func TestKernelNotRoot(t *testing.T) {
 		if !errors.Is(err, fs.ErrPermission) {
 			t.Fatalf("OpenDevice as nobody: %v, want fs.ErrPermission", err)
 		}
-		return
+		// List and FindByBackingFile read sysfs instead of the devices,
+		// and give what root gets from the device itself.
+		want := os.Getenv("LOOPCTL_AS_NOBODY_WANT")
+		list, err := List()
+		if err != nil {
+			t.Fatalf("List as nobody: %v", err)
+		}
+		found, err := FindByBackingFile(os.Getenv("LOOPCTL_AS_NOBODY_FILE"))
+		if err != nil || len(found) != 1 || fmt.Sprintf("%+v", found[0]) != want {
+			t.Fatalf("FindByBackingFile as nobody = %+v, %v; want [%s]", found, err, want)
+		}
+		for _, s := range list {
+			if s.Number == n {
+				if got := fmt.Sprintf("%+v", s); got != want {
+					t.Fatalf("List as nobody: %s, want (as root) %s", got, want)
+				}
+				return
+			}
+		}
+		t.Fatalf("List as nobody lacks device %d: %+v", n, list)
 	}
 	d := newDevice(t, openControl(t)) // one that surely exists
 	// Run this test binary again as nobody, from a place nobody can read.
@@ -861,6 +880,26 @@ func TestKernelNotRoot(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer os.RemoveAll(dir)
+	// Bind a file nobody may stat (for List's backing device and inode).
+	file := filepath.Join(dir, "backing.img")
+	if err := os.WriteFile(file, make([]byte, 1<<16), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	bf, err := os.Open(file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer bf.Close()
+	if err := d.Configure(bf, Options{Offset: 512, SizeLimit: 8192, Flags: FlagReadOnly | FlagPartScan, BlockSize: 4096}); err != nil {
+		t.Fatal(err)
+	}
+	defer d.ClearFD()
+	var want string
+	if found, err := FindByBackingFile(file); err != nil || len(found) != 1 {
+		t.Fatalf("FindByBackingFile as root = %+v, %v", found, err)
+	} else {
+		want = fmt.Sprintf("%+v", found[0])
+	}
 	bin := filepath.Join(dir, "loopctl.test")
 	exe, err := os.ReadFile("/proc/self/exe")
 	if err != nil {
@@ -870,7 +909,8 @@ func TestKernelNotRoot(t *testing.T) {
 		t.Fatal(err)
 	}
 	cmd := exec.Command(bin, "-test.run=^TestKernelNotRoot$", "-test.v")
-	cmd.Env = append(os.Environ(), "LOOPCTL_AS_NOBODY="+strconv.Itoa(d.Number()))
+	cmd.Env = append(os.Environ(), "LOOPCTL_AS_NOBODY="+strconv.Itoa(d.Number()),
+		"LOOPCTL_AS_NOBODY_WANT="+want, "LOOPCTL_AS_NOBODY_FILE="+file)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
 	var out bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out

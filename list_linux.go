@@ -15,21 +15,49 @@ import (
 	"github.com/loopctl/loopctl/internal/sysfs"
 )
 
-// List returns the status of every bound loop device, by number. It reads
-// sysfs (/sys/block/loopN/loop/), so it is fast with hundreds of devices
-// and needs no privilege. BackingFile is the full path; a backing file
-// unlinked since binding reads with a " (deleted)" suffix (see
-// Status.Deleted). BackingDevice and BackingInode come from a stat of that
-// path, or, when it is deleted or out of reach, from the device itself
-// (LOOP_GET_STATUS64, which needs root; without it they stay zero).
+// List returns the status of every bound loop device, by number, with the
+// backing file's full path (a file unlinked since binding reads with a
+// " (deleted)" suffix; see Status.Deleted).
 //
-// A device unbound while List reads it is left out, and so is one being
-// detached: sysfs shows it bound until the kernel's teardown ends, so List
-// opens each device with FlagAutoClear for a moment, which only root may
-// (see Device.ClearFD; without root such a device is listed as bound). A
-// close of List's can then be the last one, which runs the detach that the
-// device's owner asked for.
+// Where this process may open the devices (root, or the disk group), List
+// asks each one, on a read-only open: LOOP_GET_STATUS64 gives the binding
+// and the backing file's device and inode, BLKSSZGET and BLKGETSIZE64 the
+// block size and the size; sysfs gives only the full path
+// (/sys/block/loopN/loop/backing_file). A device being detached refuses
+// the open (since Linux 6.11 until its last close; see Device.ClearFD) and
+// is left out, as is one unbound while List reads it. Such an open can
+// make a concurrent LOOP_CTL_REMOVE of the device fail with EBUSY, and its
+// close can be the last one of a device whose owner cleared it while it
+// was open elsewhere, which then runs that detach.
+//
+// Without that access, List reads everything from sysfs, which needs no
+// privilege, and takes BackingDevice and BackingInode from a stat of the
+// path (zero when it is deleted or out of reach). sysfs shows a device
+// being detached as bound until its teardown ends, so such a device is
+// then listed.
 func List() ([]Status, error) {
+	return list(nil)
+}
+
+// FindByBackingFile returns the status of every bound loop device whose
+// backing file is the file at path: the same device and inode, whatever
+// name it was bound by (a hard link, a renamed file, a relative path). It
+// reads what List reads, and on a device of another file stops at
+// LOOP_GET_STATUS64.
+func FindByBackingFile(path string) ([]Status, error) {
+	st, err := stat(path)
+	if err != nil {
+		return nil, newError("find", path, &os.PathError{Op: "stat", Path: path, Err: err})
+	}
+	return list(&backingFileID{dev: uint64(st.Dev), ino: uint64(st.Ino)})
+}
+
+// A backingFileID is a file's device and inode.
+type backingFileID struct{ dev, ino uint64 }
+
+// list returns the bound devices, only those of the file id if it is not
+// nil.
+func list(id *backingFileID) ([]Status, error) {
 	nums, err := loopNumbers()
 	if err != nil {
 		return nil, newError("list", sysfsRoot+"/block", err)
@@ -37,7 +65,7 @@ func List() ([]Status, error) {
 	var buf [sysfs.BufSize]byte
 	var out []Status
 	for _, n := range nums {
-		s, ok, err := sysfsStatus(n, buf[:])
+		s, ok, err := readStatus(n, id, buf[:])
 		if err != nil {
 			return nil, newError("list", DevicePath(n), err)
 		}
@@ -48,21 +76,45 @@ func List() ([]Status, error) {
 	return out, nil
 }
 
-// FindByBackingFile returns the status of every bound loop device whose
-// backing file is the file at path: the same device and inode, whatever
-// name it was bound by (a hard link, a renamed file, a relative path).
-func FindByBackingFile(path string) ([]Status, error) {
-	st, err := stat(path)
-	if err != nil {
-		return nil, newError("find", path, &os.PathError{Op: "stat", Path: path, Err: err})
+// readStatus reads device n's Status, reporting false when it is not bound
+// (to the file id, if not nil), from the device if this process may open
+// it, else from sysfs. buf is scratch space for sysfs reads.
+func readStatus(n int, id *backingFileID, buf []byte) (Status, bool, error) {
+	h, err := sys.open(DevicePath(n), probe)
+	if errors.Is(err, syscall.ENXIO) {
+		return Status{}, false, nil // being torn down
 	}
-	all, err := List()
 	if err != nil {
-		return nil, err
+		s, ok, err := sysfsStatus(n, buf)
+		return s, ok && (id == nil || *id == backingFileID{s.BackingDevice, s.BackingInode}), err
 	}
-	return slices.DeleteFunc(all, func(s Status) bool {
-		return s.BackingDevice != uint64(st.Dev) || s.BackingInode != uint64(st.Ino)
-	}), nil
+	defer h.Close()
+	var info unix.LoopInfo64
+	if err := ioctlPtr(h, reqGetStatus64, unsafe.Pointer(&info)); err != nil {
+		if errors.Is(err, syscall.ENXIO) {
+			return Status{}, false, nil // unbound
+		}
+		return Status{}, false, inStep("LOOP_GET_STATUS64", err)
+	}
+	if id != nil && *id != (backingFileID{info.Device, info.Inode}) {
+		return Status{}, false, nil
+	}
+	s := statusFromInfo(&info)
+	var blockSize int32
+	if err := ioctlPtr(h, unix.BLKSSZGET, unsafe.Pointer(&blockSize)); err != nil {
+		return Status{}, false, inStep("BLKSSZGET", err)
+	}
+	if err := ioctlPtr(h, uint(unix.BLKGETSIZE64), unsafe.Pointer(&s.Size)); err != nil {
+		return Status{}, false, inStep("BLKGETSIZE64", err)
+	}
+	s.BlockSize = uint32(blockSize)
+	b, err := sysfs.ReadFile(sysfsLoopAttr(n, "backing_file"), buf)
+	if err != nil || len(b) == 0 || b[0] == '\n' {
+		// Unbound since, or its teardown has let go of the file already.
+		return Status{}, false, unbinding(err)
+	}
+	s.BackingFile = sysfs.Value(b)
+	return s, true, nil
 }
 
 // maxAddTries bounds addUnused: each EEXIST means another process took the
@@ -125,9 +177,9 @@ func sysfsLoopAttr(n int, attr string) string {
 	return sysfs.LoopDir(sysfsRoot, n) + "/loop/" + attr
 }
 
-// sysfsStatus reads device n's binding from sysfs into a Status. It reports
-// false for an unbound device, and for one unbound or being torn down while
-// it reads.
+// sysfsStatus reads device n's binding from sysfs into a Status, for a
+// process that may not open the device. It reports false for an unbound
+// device, and for one unbound or being torn down while it reads.
 func sysfsStatus(n int, buf []byte) (Status, bool, error) {
 	b, err := sysfs.ReadFile(sysfsLoopAttr(n, "backing_file"), buf)
 	if err != nil || len(b) == 0 || b[0] == '\n' {
@@ -168,10 +220,9 @@ func sysfsStatus(n int, buf []byte) (Status, bool, error) {
 		}
 	}
 	s.Size, s.BlockSize = sectors*512, uint32(blockSize)
-	if s.Flags&FlagAutoClear != 0 && tornDown(n) {
-		return Status{}, false, nil
+	if !s.Deleted() {
+		s.BackingDevice, s.BackingInode = backingID(s.BackingFile)
 	}
-	s.BackingDevice, s.BackingInode = backingID(s)
 	return s, true, nil
 }
 
@@ -185,36 +236,12 @@ func unbinding(err error) error {
 	return err
 }
 
-// tornDown tells whether bound device n, which has FlagAutoClear, is being
-// detached: sysfs shows such a device as bound until its teardown ends, and
-// only its open tells, failing with ENXIO. LOOP_CLR_FD sets FlagAutoClear
-// before it starts a teardown, so devices without it need no look. Opening
-// needs root; without it the device is taken as bound.
-func tornDown(n int) bool {
-	h, err := sys.open(DevicePath(n), probe)
-	if err != nil {
-		return errors.Is(err, syscall.ENXIO)
-	}
-	h.Close()
-	return false
-}
-
-// backingID returns the device and inode of s's backing file: from a stat
-// of its path, or from LOOP_GET_STATUS64 when the path is deleted or gone.
-func backingID(s Status) (dev, ino uint64) {
-	if !s.Deleted() {
-		if st, err := stat(s.BackingFile); err == nil {
-			return uint64(st.Dev), uint64(st.Ino)
-		}
-	}
-	h, err := sys.open(DevicePath(s.Number), readOnly)
+// backingID returns the device and inode of the file at path, or zeros
+// when it is deleted or out of reach.
+func backingID(path string) (dev, ino uint64) {
+	st, err := stat(path)
 	if err != nil {
 		return 0, 0
 	}
-	defer h.Close()
-	var info unix.LoopInfo64
-	if ioctlPtr(h, reqGetStatus64, unsafe.Pointer(&info)) != nil {
-		return 0, 0
-	}
-	return info.Device, info.Inode
+	return uint64(st.Dev), uint64(st.Ino)
 }

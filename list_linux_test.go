@@ -26,102 +26,170 @@ func bindFake(t *testing.T, k *fakeKernel, n int, o Options) (*Device, *os.File)
 }
 
 func TestListFake(t *testing.T) {
-	k := useFake(t, 12)
-	_, f2 := bindFake(t, k, 2, Options{Offset: 512, Flags: FlagAutoClear})
-	_, f10 := bindFake(t, k, 10, Options{SizeLimit: 4096, Flags: FlagReadOnly | FlagPartScan | FlagDirectIO})
-	_, f9 := bindFake(t, k, 9, Options{BlockSize: 4096})
-	before := len(k.calls(""))
-	list, err := List()
-	if err != nil {
-		t.Fatal(err)
+	// With access to the devices, List asks them; without, it reads sysfs:
+	// the same answers.
+	for _, noAccess := range []bool{false, true} {
+		k := useFake(t, 12)
+		_, f2 := bindFake(t, k, 2, Options{Offset: 512, Flags: FlagAutoClear})
+		_, f10 := bindFake(t, k, 10, Options{SizeLimit: 4096, Flags: FlagReadOnly | FlagPartScan | FlagDirectIO})
+		_, f9 := bindFake(t, k, 9, Options{BlockSize: 4096})
+		k.noAccess = noAccess
+		before := len(k.calls(""))
+		list, err := List()
+		if err != nil {
+			t.Fatal(err)
+		}
+		id := func(f *os.File) (uint64, uint64) {
+			var st unix.Stat_t
+			if err := unix.Stat(f.Name(), &st); err != nil {
+				t.Fatal(err)
+			}
+			return uint64(st.Dev), uint64(st.Ino)
+		}
+		d2, i2 := id(f2)
+		d9, i9 := id(f9)
+		d10, i10 := id(f10)
+		want := []Status{
+			{Number: 2, BackingFile: f2.Name(), BackingDevice: d2, BackingInode: i2, Offset: 512, Flags: FlagAutoClear,
+				BlockSize: 512, Size: 1<<20 - 512},
+			{Number: 9, BackingFile: f9.Name(), BackingDevice: d9, BackingInode: i9, BlockSize: 4096, Size: 1 << 20},
+			{Number: 10, BackingFile: f10.Name(), BackingDevice: d10, BackingInode: i10, SizeLimit: 4096,
+				Flags: FlagReadOnly | FlagPartScan | FlagDirectIO, BlockSize: 512, Size: 4096},
+		}
+		if !slices.Equal(list, want) {
+			t.Fatalf("List (no access: %t):\n%+v\nwant:\n%+v", noAccess, list, want)
+		}
+		// Each device is opened once, asked, and closed.
+		var wantLog []string
+		for n := range 12 {
+			dev := DevicePath(n)
+			wantLog = append(wantLog, "open "+dev)
+			if noAccess {
+				continue
+			}
+			wantLog = append(wantLog, "LOOP_GET_STATUS64 "+dev)
+			if n == 2 || n == 9 || n == 10 {
+				wantLog = append(wantLog, "BLKSSZGET "+dev, "BLKGETSIZE64 "+dev)
+			}
+			wantLog = append(wantLog, "close "+dev)
+		}
+		if log := k.calls("")[before:]; !slices.Equal(log, wantLog) {
+			t.Fatalf("List (no access: %t) made calls %q", noAccess, log)
+		}
+
+		link := filepath.Join(t.TempDir(), "link")
+		if err := os.Link(f10.Name(), link); err != nil {
+			t.Fatal(err)
+		}
+		for path, want := range map[string][]Status{f2.Name(): want[:1], link: want[2:], tempFile(t, 1).Name(): nil} {
+			before := len(k.calls(""))
+			got, err := FindByBackingFile(path)
+			if err != nil || !slices.Equal(got, want) {
+				t.Errorf("FindByBackingFile(%s) = %+v, %v; want %+v", path, got, err, want)
+			}
+			// Devices of other files are passed over at LOOP_GET_STATUS64.
+			if n := len(filterFrom(k.calls(""), before, "BLKSSZGET")); !noAccess && n != len(want) {
+				t.Errorf("FindByBackingFile(%s) read the block size of %d devices, want %d", path, n, len(want))
+			}
+		}
+		if _, err := FindByBackingFile(filepath.Join(t.TempDir(), "missing")); !errors.Is(err, fs.ErrNotExist) {
+			t.Errorf("FindByBackingFile(missing) = %v", err)
+		}
+		if n := k.deviceHandles(); n != 3 { // the test's own Devices
+			t.Fatalf("%d device handles open", n)
+		}
 	}
-	id := func(f *os.File) (uint64, uint64) {
+}
+
+// filterFrom returns the lines of log from index from on that start with
+// prefix.
+func filterFrom(log []string, from int, prefix string) []string {
+	var out []string
+	for _, l := range log[from:] {
+		if strings.HasPrefix(l, prefix) {
+			out = append(out, l)
+		}
+	}
+	return out
+}
+
+func TestListDeletedFake(t *testing.T) {
+	for _, noAccess := range []bool{false, true} {
+		k := useFake(t, 1)
+		_, f := bindFake(t, k, 0, Options{})
 		var st unix.Stat_t
 		if err := unix.Stat(f.Name(), &st); err != nil {
 			t.Fatal(err)
 		}
-		return uint64(st.Dev), uint64(st.Ino)
-	}
-	d2, i2 := id(f2)
-	d9, i9 := id(f9)
-	d10, i10 := id(f10)
-	want := []Status{
-		{Number: 2, BackingFile: f2.Name(), BackingDevice: d2, BackingInode: i2, Offset: 512, Flags: FlagAutoClear,
-			BlockSize: 512, Size: 1<<20 - 512},
-		{Number: 9, BackingFile: f9.Name(), BackingDevice: d9, BackingInode: i9, BlockSize: 4096, Size: 1 << 20},
-		{Number: 10, BackingFile: f10.Name(), BackingDevice: d10, BackingInode: i10, SizeLimit: 4096,
-			Flags: FlagReadOnly | FlagPartScan | FlagDirectIO, BlockSize: 512, Size: 4096},
-	}
-	if !slices.Equal(list, want) {
-		t.Fatalf("List:\n%+v\nwant:\n%+v", list, want)
-	}
-	// The device with autoclear is opened, to see that it is not being torn
-	// down; no other, and no ioctl.
-	if log := k.calls("")[before:]; !slices.Equal(log, []string{"open /dev/loop2", "close /dev/loop2"}) {
-		t.Fatalf("List made calls %q", log)
-	}
-
-	link := filepath.Join(t.TempDir(), "link")
-	if err := os.Link(f10.Name(), link); err != nil {
-		t.Fatal(err)
-	}
-	for path, want := range map[string][]Status{f2.Name(): want[:1], link: want[2:], tempFile(t, 1).Name(): nil} {
-		got, err := FindByBackingFile(path)
-		if err != nil || !slices.Equal(got, want) {
-			t.Errorf("FindByBackingFile(%s) = %+v, %v; want %+v", path, got, err, want)
+		os.Remove(f.Name())
+		// The kernel marks an unlinked backing file so.
+		k.mu.Lock()
+		k.devs[0].backing = f.Name() + " (deleted)"
+		k.sync(0)
+		k.mu.Unlock()
+		k.noAccess = noAccess
+		list, err := List()
+		if err != nil || len(list) != 1 {
+			t.Fatalf("List = %+v, %v", list, err)
+		}
+		s := list[0]
+		if !s.Deleted() || s.BackingFile != f.Name()+" (deleted)" {
+			t.Fatalf("not shown deleted: %+v", s)
+		}
+		// The device knows the file; without access, nothing does.
+		wantDev, wantIno := uint64(st.Dev), uint64(st.Ino)
+		if noAccess {
+			wantDev, wantIno = 0, 0
+		}
+		if s.BackingDevice != wantDev || s.BackingInode != wantIno {
+			t.Fatalf("no access %t: ids %d:%d, want %d:%d", noAccess, s.BackingDevice, s.BackingInode, wantDev, wantIno)
 		}
 	}
-	if _, err := FindByBackingFile(filepath.Join(t.TempDir(), "missing")); !errors.Is(err, fs.ErrNotExist) {
-		t.Errorf("FindByBackingFile(missing) = %v", err)
-	}
 }
 
-func TestListDeletedFake(t *testing.T) {
-	k := useFake(t, 1)
-	_, f := bindFake(t, k, 0, Options{})
-	var st unix.Stat_t
-	if err := unix.Stat(f.Name(), &st); err != nil {
-		t.Fatal(err)
-	}
-	os.Remove(f.Name())
-	// The kernel marks an unlinked backing file so.
-	k.write(k.root+"/block/loop0/loop/backing_file", f.Name()+" (deleted)\n")
-	list, err := List()
-	if err != nil || len(list) != 1 {
-		t.Fatalf("List = %+v, %v", list, err)
-	}
-	s := list[0]
-	if !s.Deleted() || s.BackingFile != f.Name()+" (deleted)" {
-		t.Fatalf("not shown deleted: %+v", s)
-	}
-	// The path is gone, so the ids come from the device itself.
-	if s.BackingDevice != uint64(st.Dev) || s.BackingInode != uint64(st.Ino) {
-		t.Fatalf("ids %d:%d, want %d:%d", s.BackingDevice, s.BackingInode, st.Dev, st.Ino)
-	}
-	if got := k.calls("LOOP_GET_STATUS64"); len(got) != 1 {
-		t.Fatalf("fallback calls %q", got)
-	}
-	if n := k.deviceHandles(); n != 1 { // the test's own Device
-		t.Fatalf("%d device handles open", n)
-	}
-}
-
+// TestListMalformed: a sysfs value that does not parse is an error, from
+// the sysfs reads of a process without access to the devices.
 func TestListMalformed(t *testing.T) {
 	k := useFake(t, 1)
 	bindFake(t, k, 0, Options{})
+	k.noAccess = true
 	k.write(k.root+"/block/loop0/loop/offset", "12x\n")
 	if _, err := List(); err == nil || !errors.As(err, new(*Error)) {
 		t.Fatalf("List with a malformed offset = %v", err)
 	}
 }
 
+// TestListUnboundDuringRead: a device unbound while List reads it is left
+// out, without error, on both paths.
 func TestListUnboundDuringRead(t *testing.T) {
 	k := useFake(t, 1)
 	bindFake(t, k, 0, Options{})
-	// backing_file is there, the rest already gone: left out, no error.
+	k.noAccess = true
+	// backing_file is there, the rest already gone.
 	os.Remove(k.root + "/block/loop0/loop/dio")
 	if list, err := List(); err != nil || len(list) != 0 {
 		t.Fatalf("List = %+v, %v; want none", list, err)
+	}
+
+	k = useFake(t, 1)
+	bindFake(t, k, 0, Options{})
+	// Unbound after LOOP_GET_STATUS64: sysfs has no backing_file then.
+	k.actAt("BLKSSZGET", 1, func(k *fakeKernel) { k.devs[0].bound = false }, nil)
+	if list, err := List(); err != nil || len(list) != 0 {
+		t.Fatalf("List = %+v, %v; want none", list, err)
+	}
+}
+
+// TestListIoctlError: a failure of the device's own answers is an error
+// naming the device and the step.
+func TestListIoctlError(t *testing.T) {
+	k := useFake(t, 2)
+	bindFake(t, k, 1, Options{})
+	k.failAt("BLKGETSIZE64", 1, unix.EIO)
+	_, err := List()
+	var e *Error
+	if !errors.As(err, &e) || e.Path != "/dev/loop1" || !errors.Is(err, unix.EIO) || !strings.Contains(err.Error(), "BLKGETSIZE64") {
+		t.Fatalf("List = %v, want an *Error for /dev/loop1, BLKGETSIZE64, EIO", err)
 	}
 }
 
@@ -158,13 +226,19 @@ func TestListRundownFake(t *testing.T) {
 }
 
 // TestListMidTeardown: the kernel empties backing_file before it removes
-// the loop/ directory; such a device is left out.
+// the loop/ directory; such a device is left out, on both paths.
 func TestListMidTeardown(t *testing.T) {
-	k := useFake(t, 1)
-	bindFake(t, k, 0, Options{})
-	k.write(k.root+"/block/loop0/loop/backing_file", "\n")
-	if list, err := List(); err != nil || len(list) != 0 {
-		t.Fatalf("List = %+v, %v; want none", list, err)
+	for _, noAccess := range []bool{false, true} {
+		k := useFake(t, 1)
+		bindFake(t, k, 0, Options{})
+		k.mu.Lock()
+		k.devs[0].backing = ""
+		k.sync(0)
+		k.mu.Unlock()
+		k.noAccess = noAccess
+		if list, err := List(); err != nil || len(list) != 0 {
+			t.Fatalf("no access %t: List = %+v, %v; want none", noAccess, list, err)
+		}
 	}
 }
 
