@@ -8,7 +8,7 @@
 //	go run ./internal/vmrun -kernel 6.1 -tmp ext4             # one machine
 //	go run ./internal/vmrun -kernel 5.10 -- -test.run 'TestKernelAttach' -test.v
 //
-// Arguments after the flags go to the test binary (default: -test.short).
+// Arguments after the flags go to each test binary (default: -test.short).
 // It needs root (apt, and the loop devices the tests make inside the
 // machine are the guest's own), qemu-system-x86_64, dpkg-deb, xz, ldd,
 // mkfs.ext4, util-linux, and Go; nothing but Debian's kernel packages is
@@ -16,8 +16,9 @@
 // and packages are kept in -cache between runs.
 //
 // For each kernel it fetches the newest linux-image-VERSION-amd64-unsigned
-// of the Debian release that ships it, builds the integration test binary
-// and a static init (internal/vmrun/guestinit), packs them with the
+// of the Debian release that ships it, builds the integration test binaries
+// (the library's, and examples/losetup's comparison with util-linux, which
+// there also compares -D) and a static init (internal/vmrun/guestinit), packs them with the
 // util-linux programs the tests compare against, their libraries and the
 // kernel's loop module into an initramfs, and boots it under qemu's TCG (a
 // KVM guest hung at boot on the project's machines). It streams the guest's
@@ -33,6 +34,7 @@ import (
 	"context"
 	"debug/elf"
 	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -112,7 +114,8 @@ type runner struct {
 	work      string // this run's scratch directory
 	updated   bool   // the package lists are fresh
 	updateErr error  // what apt-get update said went wrong, if anything
-	test      string // the test binary
+	test      string // the library's test binary
+	losetup   string // examples/losetup's test binary: the comparison with util-linux
 	init      string // the guest's init
 }
 
@@ -156,7 +159,7 @@ func (r *runner) run(k, tmp string) (int, error) {
 	return boot(args, r.timeout)
 }
 
-// prepare makes the scratch directory and builds the test binary and the
+// prepare makes the scratch directory and builds the test binaries and the
 // guest's init, once.
 func (r *runner) prepare() error {
 	if r.work != "" {
@@ -168,8 +171,10 @@ func (r *runner) prepare() error {
 	}
 	r.work = work
 	r.test, r.init = filepath.Join(work, "loopctl.test"), filepath.Join(work, "init")
+	r.losetup = filepath.Join(work, "losetup.test")
 	for _, c := range [][]string{
 		{"go", "test", "-c", "-tags", "integration", "-o", r.test, "."},
+		{"go", "test", "-c", "-tags", "integration", "-o", r.losetup, "./examples/losetup"},
 		{"go", "build", "-o", r.init, "./internal/vmrun/guestinit"},
 	} {
 		cmd := exec.Command(c[0], c[1:]...)
@@ -353,11 +358,15 @@ func (r *runner) unpack(pkg, dir string) error {
 }
 
 // initramfs writes the guest's initramfs to path: the init and its
-// configuration, the test binary, the util-linux programs and their
+// configuration, the test binaries, the util-linux programs and their
 // libraries, and the kernel modules the tests need.
 func (r *runner) initramfs(path string, kern *kernel, tmp string) error {
 	files := map[string]string{ // in the guest: on the host
-		"/init": r.init, "/loopctl.test": r.test, "/boot/config-" + kern.release: kern.config,
+		"/init": r.init, "/loopctl.test": r.test, "/losetup.test": r.losetup,
+		"/boot/config-" + kern.release: kern.config,
+	}
+	if err := addLocale(files); err != nil {
+		return err
 	}
 	for _, p := range programs {
 		bin, err := exec.LookPath(p)
@@ -365,6 +374,9 @@ func (r *runner) initramfs(path string, kern *kernel, tmp string) error {
 			return err
 		}
 		files["/bin/"+p] = bin
+		if p == "losetup" {
+			files["/usr/sbin/losetup"] = bin // where examples/losetup's tests look for it
+		}
 		libs, err := sharedLibraries(bin)
 		if err != nil {
 			return err
@@ -395,14 +407,35 @@ func (r *runner) initramfs(path string, kern *kernel, tmp string) error {
 	cfg, err := json.Marshal(map[string]any{
 		"Modules": modPaths,
 		"Tmp":     tmp,
-		"Test":    append([]string{"/loopctl.test"}, r.testArgs...),
+		"Tests": [][]string{
+			append([]string{"/loopctl.test"}, r.testArgs...),
+			append([]string{"/losetup.test"}, r.testArgs...),
+		},
 		"Env": []string{"PATH=/bin:/usr/bin:/sbin:/usr/sbin", "HOME=/tmp", "TMPDIR=/tmp",
-			"LOOPCTL_REQUIRE_INTEGRATION=1"},
+			"LOOPCTL_REQUIRE_INTEGRATION=1", "LOOPCTL_IN_VM=1"},
 	})
 	if err != nil {
 		return err
 	}
 	return writeCPIO(path, files, map[string][]byte{"/vmrun.json": cfg})
+}
+
+// localeDir is the C.UTF-8 locale's data, which util-linux's losetup needs
+// to print in that locale as it does here.
+const localeDir = "/usr/lib/locale/C.utf8"
+
+// addLocale adds the C.UTF-8 locale's files, if this machine has them.
+func addLocale(files map[string]string) error {
+	err := filepath.WalkDir(localeDir, func(path string, d fs.DirEntry, err error) error {
+		if err == nil && d.Type().IsRegular() {
+			files[path] = path
+		}
+		return err
+	})
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	return err
 }
 
 // sharedLibraries returns the libraries the dynamic program bin loads,

@@ -2,9 +2,10 @@
 
 // Command guestinit is the init of vmrun's virtual machines: it mounts what
 // the tests need, loads the kernel modules it is given, puts /tmp on a tmpfs
-// or on the ext4 disk, runs the test binary, reports its exit status on the
-// console and powers the machine off. vmrun builds it statically and puts it
-// in the initramfs as /init, with its configuration in /vmrun.json.
+// or on the ext4 disk, runs the test binaries in turn, reports the first
+// failure's exit status (0 when all pass) on the console and powers the
+// machine off. vmrun builds it statically and puts it in the initramfs as
+// /init, with its configuration in /vmrun.json.
 package main
 
 import (
@@ -20,10 +21,10 @@ import (
 
 // Config is /vmrun.json, written by vmrun.
 type Config struct {
-	Modules []string // kernel modules to load, in order (dependencies first)
-	Tmp     string   // what /tmp is: "tmpfs", or "ext4" on /dev/vda
-	Test    []string // the test binary and its arguments
-	Env     []string // the test binary's environment
+	Modules []string   // kernel modules to load, in order (dependencies first)
+	Tmp     string     // what /tmp is: "tmpfs", or "ext4" on /dev/vda
+	Tests   [][]string // the test binaries, each with its arguments, run in turn
+	Env     []string   // the test binary's environment
 }
 
 func main() {
@@ -67,15 +68,28 @@ func run() (int, error) {
 	unix.Uname(&u)
 	fmt.Printf("vmrun-guest: Linux %s, /tmp on %s\n", unix.ByteSliceToString(u.Release[:]), cfg.Tmp)
 
-	cmd := exec.Command(cfg.Test[0], cfg.Test[1:]...)
-	cmd.Dir, cmd.Env = "/tmp", cfg.Env
-	cmd.Stdout, cmd.Stderr = os.Stdout, os.Stderr
-	err = cmd.Run()
-	var ee *exec.ExitError
-	if errors.As(err, &ee) {
-		return ee.ExitCode(), nil
+	// Every binary runs, so that one failure does not hide another's; the
+	// status is the first failure's.
+	status := 0
+	for _, test := range cfg.Tests {
+		fmt.Printf("vmrun-guest: %s\n", test[0])
+		cmd := exec.Command(test[0], test[1:]...)
+		cmd.Dir, cmd.Env = "/tmp", cfg.Env
+		cmd.Stdout, cmd.Stderr = os.Stdout, os.Stderr
+		start := time.Now()
+		err := cmd.Run()
+		var ee *exec.ExitError
+		switch {
+		case errors.As(err, &ee):
+			if status == 0 {
+				status = ee.ExitCode()
+			}
+		case err != nil:
+			return 0, err
+		}
+		fmt.Printf("vmrun-guest: %s: exit %d after %s\n", test[0], cmd.ProcessState.ExitCode(), time.Since(start).Round(time.Second))
 	}
-	return 0, err
+	return status, nil
 }
 
 // loadModule loads the module at path; one built in or loaded already is
