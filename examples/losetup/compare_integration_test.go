@@ -16,16 +16,21 @@ import (
 	"testing"
 
 	"github.com/loopctl/loopctl"
+	"github.com/loopctl/loopctl/internal/testlock"
 )
 
 // The test binary is this losetup too: run as "losetup" with
 // LOSETUP_MAIN=1, it is the program, so that both tools are compared as
 // processes, with the same argv[0] and environment.
+//
+// The comparisons list every loop device, so the machine's must stay still
+// while both programs run: the module's test packages take turns
+// (internal/testlock); other activity on the machine makes them differ.
 func TestMain(m *testing.M) {
 	if os.Getenv("LOSETUP_MAIN") == "1" {
 		os.Exit(run(os.Args, os.Stdout, os.Stderr))
 	}
-	os.Exit(m.Run())
+	os.Exit(testlock.Run(m))
 }
 
 const utilLinux = "/usr/sbin/losetup"
@@ -40,6 +45,11 @@ func (r result) String() string {
 	return fmt.Sprintf("exit %d\n--- stdout\n%s--- stderr\n%s", r.code, r.stdout, r.stderr)
 }
 
+// raceNoExitSleep keeps a race-enabled program from sleeping a second as
+// it exits (the race detector's default, to let other threads report),
+// which would make the comparisons' hundreds of runs take minutes.
+var raceNoExitSleep = "GORACE=" + strings.TrimSpace(os.Getenv("GORACE")+" atexit_sleep_ms=0")
+
 // runTool runs util-linux's losetup (ours false) or this one with args,
 // named "losetup", in the locale given.
 func runTool(t *testing.T, ours bool, locale string, args ...string) result {
@@ -51,7 +61,7 @@ func runTool(t *testing.T, ours bool, locale string, args ...string) result {
 	cmd := &exec.Cmd{Path: path, Args: append([]string{"losetup"}, args...)}
 	cmd.Env = append(os.Environ(), "LC_ALL="+locale)
 	if ours {
-		cmd.Env = append(cmd.Env, "LOSETUP_MAIN=1")
+		cmd.Env = append(cmd.Env, "LOSETUP_MAIN=1", raceNoExitSleep)
 	}
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
@@ -584,7 +594,7 @@ func BenchmarkList(b *testing.B) {
 		{"util-linux", func() *exec.Cmd { return exec.Command(utilLinux, "--list") }},
 		{"loopctl", func() *exec.Cmd {
 			cmd := &exec.Cmd{Path: os.Args[0], Args: []string{"losetup", "--list"}}
-			cmd.Env = append(os.Environ(), "LOSETUP_MAIN=1")
+			cmd.Env = append(os.Environ(), "LOSETUP_MAIN=1", raceNoExitSleep)
 			return cmd
 		}},
 	} {
