@@ -31,14 +31,9 @@ func (d *Device) Status() (Status, error) {
 		return Status{}, err
 	}
 	s := statusFromInfo(&info)
-	var blockSize int32
-	if err := ioctlPtr(h, unix.BLKSSZGET, unsafe.Pointer(&blockSize)); err != nil {
-		return Status{}, newError(op, d.path, inStep("BLKSSZGET", err))
+	if err := readSizes(h, &s); err != nil {
+		return Status{}, newError(op, d.path, err)
 	}
-	if err := ioctlPtr(h, uint(unix.BLKGETSIZE64), unsafe.Pointer(&s.Size)); err != nil {
-		return Status{}, newError(op, d.path, inStep("BLKGETSIZE64", err))
-	}
-	s.BlockSize = uint32(blockSize)
 	var buf [sysfs.BufSize]byte
 	// Empty, or gone, once a teardown that began since has let go of the
 	// file: lo_file_name then stands.
@@ -46,6 +41,19 @@ func (d *Device) Status() (Status, error) {
 		s.BackingFile = sysfs.Value(b)
 	}
 	return s, nil
+}
+
+// readSizes sets s.BlockSize and s.Size from the device open as h.
+func readSizes(h handle, s *Status) error {
+	var blockSize int32
+	if err := ioctlPtr(h, unix.BLKSSZGET, unsafe.Pointer(&blockSize)); err != nil {
+		return inStep("BLKSSZGET", err)
+	}
+	if err := ioctlPtr(h, uint(unix.BLKGETSIZE64), unsafe.Pointer(&s.Size)); err != nil {
+		return inStep("BLKGETSIZE64", err)
+	}
+	s.BlockSize = uint32(blockSize)
+	return nil
 }
 
 func statusFromInfo(info *unix.LoopInfo64) Status {

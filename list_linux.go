@@ -100,14 +100,9 @@ func readStatus(n int, id *backingFileID, buf []byte) (Status, bool, error) {
 		return Status{}, false, nil
 	}
 	s := statusFromInfo(&info)
-	var blockSize int32
-	if err := ioctlPtr(h, unix.BLKSSZGET, unsafe.Pointer(&blockSize)); err != nil {
-		return Status{}, false, inStep("BLKSSZGET", err)
+	if err := readSizes(h, &s); err != nil {
+		return Status{}, false, err
 	}
-	if err := ioctlPtr(h, uint(unix.BLKGETSIZE64), unsafe.Pointer(&s.Size)); err != nil {
-		return Status{}, false, inStep("BLKGETSIZE64", err)
-	}
-	s.BlockSize = uint32(blockSize)
 	b, err := sysfs.ReadFile(sysfsLoopAttr(n, "backing_file"), buf)
 	if err != nil || len(b) == 0 || b[0] == '\n' {
 		// Unbound since, or its teardown has let go of the file already.
