@@ -4,9 +4,10 @@ package loopctl
 
 import (
 	"math"
-	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/loopctl/loopctl/internal/sysfs"
 )
 
 // sharedDevice looks, under the attach lock, for a device bound to the file
@@ -15,29 +16,32 @@ import (
 // bound to an overlapping range of the file with other settings is an
 // *OverlapError, unless an identical one is found.
 //
-// Each device's binding is read with LOOP_GET_STATUS64 on a read-only open
-// of the device, which gives the backing file's device and inode at once:
-// a third of the cost of reading one sysfs attribute, and no path to stat
-// (or to find deleted). A device being torn down refuses the open and is
-// passed over; one found is opened again, read-write, and its binding
-// checked again before it is returned.
+// Each device is read as List reads it (readStatus): LOOP_GET_STATUS64 on
+// a read-only open gives the backing file's device and inode at once, and
+// a device of another file goes no further. A device being torn down
+// refuses the open and is passed over, and so is one that cannot be read.
+// One found is opened again, read-write, and its binding checked again
+// before it is returned.
 func sharedDevice(fd uintptr, o Options) (*Device, error) {
 	st, err := fstat(fd)
 	if err != nil {
 		return nil, inStep("fstat", err)
 	}
-	want := binding{dev: uint64(st.Dev), ino: uint64(st.Ino), offset: o.Offset, sizeLimit: o.SizeLimit,
+	id := backingFileID{dev: uint64(st.Dev), ino: uint64(st.Ino)}
+	want := binding{dev: id.dev, ino: id.ino, offset: o.Offset, sizeLimit: o.SizeLimit,
 		readOnly: o.Flags&FlagReadOnly != 0 || readOnlyFD(fd), blockSize: max(o.BlockSize, 512)}
 	nums, err := loopNumbers()
 	if err != nil {
 		return nil, err
 	}
+	var buf [sysfs.BufSize]byte
 	var overlap *OverlapError
 	for _, n := range nums {
-		b, s, ok := probeDevice(n, want)
-		if !ok {
+		s, ok, err := readStatus(n, &id, buf[:])
+		if err != nil || !ok {
 			continue
 		}
+		b := bindingOf(s)
 		if b == want {
 			if d := openShared(n, want); d != nil {
 				return d, nil
@@ -45,7 +49,7 @@ func sharedDevice(fd uintptr, o Options) (*Device, error) {
 			continue // torn down, or bound anew, since
 		}
 		if overlap == nil && b.overlaps(want) {
-			overlap = &OverlapError{Device: DevicePath(n), Status: fullStatus(n, s)}
+			overlap = &OverlapError{Device: DevicePath(n), Status: s}
 		}
 	}
 	if overlap != nil {
@@ -62,6 +66,12 @@ type binding struct {
 	blockSize         uint32
 }
 
+// bindingOf is the binding a Status describes.
+func bindingOf(s Status) binding {
+	return binding{dev: s.BackingDevice, ino: s.BackingInode, offset: s.Offset, sizeLimit: s.SizeLimit,
+		readOnly: s.Flags&FlagReadOnly != 0, blockSize: s.BlockSize}
+}
+
 // overlaps reports whether two bindings of one file share a byte. A size
 // limit of 0 reaches to the end of the file, however far it grows.
 func (b binding) overlaps(c binding) bool {
@@ -74,50 +84,6 @@ func (b binding) overlaps(c binding) bool {
 	return b.offset < end(c) && c.offset < end(b)
 }
 
-// probeDevice reads device n's binding through a read-only open of it. It
-// reports false for a device bound to another file than want's, unbound,
-// being torn down or removed, or closed to this process.
-func probeDevice(n int, want binding) (binding, Status, bool) {
-	h, err := sys.open(DevicePath(n), probe)
-	if err != nil {
-		return binding{}, Status{}, false
-	}
-	defer h.Close()
-	return readBinding(h, want)
-}
-
-// fullStatus returns device n's Status, with the full backing path and the
-// size, or else s.
-func fullStatus(n int, s Status) Status {
-	h, err := sys.open(DevicePath(n), probe)
-	if err != nil {
-		return s
-	}
-	d := &Device{h: h, number: n, path: DevicePath(n)}
-	defer d.Close()
-	if full, err := d.Status(); err == nil {
-		return full
-	}
-	return s
-}
-
-// readBinding reads the binding of the device open as h, if it is of want's
-// file.
-func readBinding(h handle, want binding) (binding, Status, bool) {
-	var info unix.LoopInfo64
-	if ioctlPtr(h, reqGetStatus64, unsafe.Pointer(&info)) != nil || info.Device != want.dev || info.Inode != want.ino {
-		return binding{}, Status{}, false
-	}
-	var blockSize int32
-	if ioctlPtr(h, unix.BLKSSZGET, unsafe.Pointer(&blockSize)) != nil {
-		return binding{}, Status{}, false
-	}
-	s := statusFromInfo(&info)
-	s.BlockSize = uint32(blockSize)
-	return binding{dev: info.Device, ino: info.Inode, offset: info.Offset, sizeLimit: info.Sizelimit,
-		readOnly: info.Flags&unix.LO_FLAGS_READ_ONLY != 0, blockSize: s.BlockSize}, s, true
-}
-
 // openShared opens device n read-write and returns it if it still has the
 // binding want, else nil.
 func openShared(n int, want binding) *Device {
@@ -125,7 +91,7 @@ func openShared(n int, want binding) *Device {
 	if err != nil {
 		return nil
 	}
-	if b, _, ok := readBinding(d.h, want); !ok || b != want {
+	if s, err := d.Status(); err != nil || bindingOf(s) != want {
 		d.Close()
 		return nil
 	}
