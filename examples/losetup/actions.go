@@ -98,7 +98,7 @@ func (c *config) show(o *out) int {
 	}
 	var rows []row
 	for _, s := range list {
-		rows = append(rows, newRow(loopctl.DevicePath(s.Number), s, true))
+		rows = append(rows, row{path: loopctl.DevicePath(s.Number), s: s, bound: true})
 	}
 	if c.list {
 		o.table(c, rows)
@@ -138,7 +138,7 @@ func (c *config) showOne(o *out) int {
 		o.warn(err, "%s", c.device)
 		return 1
 	}
-	r := newRow(c.device, s, bound)
+	r := row{path: c.device, s: s, bound: bound}
 	if c.list {
 		o.table(c, []row{r})
 		return 0

@@ -75,11 +75,6 @@ type row struct {
 	s     loopctl.Status
 }
 
-// newRow makes the row of the device at path, with s its binding if bound.
-func newRow(path string, s loopctl.Status, bound bool) row {
-	return row{path: path, s: s, bound: bound}
-}
-
 // rdev is the device number of the row's node, read when MAJ:MIN is
 // shown; false if it cannot be read.
 func (r row) rdev() (uint64, bool) {
