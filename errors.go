@@ -60,8 +60,9 @@ func (e *OverlapError) Is(target error) bool { return target == ErrOverlap }
 // Err is the cause: a syscall.Errno from the kernel, a wrapped fs.ErrInvalid
 // for input refused before any ioctl (with the kernel's own errno where it
 // would not be EINVAL: EOVERFLOW for an offset past 2^63-1), fs.ErrClosed,
-// ErrNotLoop, or errors.ErrUnsupported. The errno stays reachable through errors.Is and
-// errors.As, and errors.Is also maps it onto the portable sentinels:
+// ErrNotLoop, or errors.ErrUnsupported. The errno stays reachable through
+// errors.Is and errors.As, and errors.Is also maps it onto the portable
+// sentinels:
 //
 //	EEXIST         fs.ErrExist
 //	ENOENT, ENODEV fs.ErrNotExist
