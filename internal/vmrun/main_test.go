@@ -5,12 +5,15 @@ package main
 import (
 	"bytes"
 	"compress/gzip"
+	"errors"
 	"io"
 	"os"
 	"path/filepath"
 	"slices"
 	"strconv"
+	"strings"
 	"testing"
+	"time"
 )
 
 func TestCompareVersions(t *testing.T) {
@@ -176,4 +179,32 @@ func fakeModule(t *testing.T, depends string) []byte {
 	section(1, 1, dataOff, uint64(len(modinfo))) // .modinfo, PROGBITS
 	section(10, 3, strOff, uint64(len(shstr)))   // .shstrtab, STRTAB
 	return b.Bytes()
+}
+
+// TestBootStatus checks how boot reads a guest's console, with a stand-in
+// for qemu that prints one: the tests' status, a guest that died after its
+// init started, and a kernel that died before it (errNoInit, which run
+// boots once more).
+func TestBootStatus(t *testing.T) {
+	dir := t.TempDir()
+	t.Setenv("PATH", dir+":"+os.Getenv("PATH"))
+	for _, tt := range []struct {
+		console string
+		code    int
+		noInit  bool
+		fails   bool
+	}{
+		{"firmware\nvmrun-guest: Linux 6.1\nPASS\nvmrun: exit 3\n", 3, false, false},
+		{"\x1b[2Jvmrun-guest: Linux 6.1\nKernel panic\n", 0, false, true},
+		{"Booting\nOops: int3\nKernel panic - not syncing\n", 0, true, true},
+	} {
+		script := "#!/bin/sh\nprintf '%s' '" + strings.ReplaceAll(tt.console, "'", "") + "'\n"
+		if err := os.WriteFile(filepath.Join(dir, "qemu-system-x86_64"), []byte(script), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		code, err := boot(nil, time.Minute)
+		if code != tt.code || (err != nil) != tt.fails || errors.Is(err, errNoInit) != tt.noInit {
+			t.Errorf("console %q: boot = %d, %v; want %d, failure %t, errNoInit %t", tt.console, code, err, tt.code, tt.fails, tt.noInit)
+		}
+	}
 }
