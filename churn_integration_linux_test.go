@@ -437,9 +437,9 @@ func checkChurnDevice(tl *tally, d *Device, f *os.File, st unix.Stat_t, o Option
 		tl.fail(true, "%s: %+v, want %s (inode %d) with %+v", d.Path(), s, f.Name(), st.Ino, o)
 		return
 	}
-	dev := d.h.(*fileHandle).f
+	fd := d.h.(*fileHandle).fd
 	got := make([]byte, 512)
-	if _, err := dev.ReadAt(got, 0); err != nil {
+	if _, err := unix.Pread(fd, got, 0); err != nil {
 		tl.fail(false, "read %s: %v", d.Path(), err)
 		return
 	}
@@ -448,7 +448,7 @@ func checkChurnDevice(tl *tally, d *Device, f *os.File, st unix.Stat_t, o Option
 		return
 	}
 	tag := blockTag(id, round, "device")
-	_, err = dev.WriteAt(tag, 4096)
+	_, err = unix.Pwrite(fd, tag, 4096)
 	if o.Flags&FlagReadOnly != 0 {
 		if !errors.Is(err, unix.EPERM) {
 			tl.fail(false, "write to read-only %s: %v, want EPERM", d.Path(), err)
@@ -456,7 +456,7 @@ func checkChurnDevice(tl *tally, d *Device, f *os.File, st unix.Stat_t, o Option
 		return
 	}
 	if err == nil {
-		err = dev.Sync()
+		err = unix.Fsync(fd)
 	}
 	if err != nil {
 		tl.fail(false, "write %s: %v", d.Path(), err)

@@ -4,9 +4,9 @@ package loopctl
 
 import (
 	"os"
+	"runtime"
 	"strconv"
-	"sync"
-	"syscall"
+	"sync/atomic"
 	"time"
 	"unsafe"
 
@@ -30,41 +30,22 @@ type osKernel struct{}
 // hundreds of devices feels).
 const probe = readOnly + 1
 
-// open opens path with O_CLOEXEC. It calls open(2) itself and wraps the
-// descriptor with os.NewFile, which costs one fcntl; os.OpenFile would add
-// more fcntl calls and a poller registration that block devices refuse.
+// open opens path with O_CLOEXEC: open(2) and nothing more. os.NewFile
+// would add an fcntl, and os.OpenFile more fcntl calls and a poller
+// registration that block devices refuse.
 func (osKernel) open(path string, mode int) (handle, error) {
-	if mode == probe {
-		fd, err := openFD(path, unix.O_RDONLY)
-		if err != nil {
-			return nil, err
-		}
-		return fdHandle(fd), nil
-	}
 	flags := unix.O_RDWR
-	if mode == readOnly {
+	if mode != readWrite {
 		flags = unix.O_RDONLY
 	}
-	f, err := openFile(path, flags)
-	if err != nil {
-		return nil, err
-	}
-	rc, err := f.SyscallConn()
-	if err != nil {
-		f.Close()
-		return nil, &os.PathError{Op: "open", Path: path, Err: err}
-	}
-	return &fileHandle{f: f, rc: rc}, nil
-}
-
-// openFile opens path with flags and O_CLOEXEC: open(2), then os.NewFile,
-// which adds one fcntl(F_GETFL).
-func openFile(path string, flags int) (*os.File, error) {
 	fd, err := openFD(path, flags)
 	if err != nil {
 		return nil, err
 	}
-	return os.NewFile(uintptr(fd), path), nil
+	if mode == probe {
+		return fdHandle(fd), nil
+	}
+	return newFileHandle(fd), nil
 }
 
 // openFD opens path with flags and O_CLOEXEC, and nothing more: for a
@@ -99,12 +80,69 @@ func fstat(fd uintptr) (unix.Stat_t, error) {
 	return st, err
 }
 
-// A fileHandle runs every call through its file's RawConn, which holds a
-// reference on the descriptor for the duration: a concurrent Close waits,
-// so a call can never reach a reused descriptor number.
+// A fileHandle is a descriptor of a Control or a Device, which callers may
+// use from many goroutines and close at any moment. It counts the calls in
+// flight, as os.File does, but with two atomic operations a call and no
+// allocation: each call takes a reference before it enters the kernel and
+// drops it after, Close drops the handle's own, and whoever drops the last
+// closes the descriptor. Once closed, a handle gives no new references, so
+// no call can reach the descriptor number after the kernel reuses it.
 type fileHandle struct {
-	f  *os.File
-	rc syscall.RawConn
+	fd int
+	// refs is the count of references, the handle's own included, with
+	// handleClosed set once Close has begun.
+	refs    atomic.Uint64
+	cleanup runtime.Cleanup
+}
+
+const handleClosed = 1 << 63
+
+// newFileHandle owns fd. A handle dropped without Close closes fd when the
+// garbage collector finds it, as an *os.File does.
+func newFileHandle(fd int) *fileHandle {
+	h := &fileHandle{fd: fd}
+	h.refs.Store(1)
+	h.cleanup = runtime.AddCleanup(h, closeFD, fd)
+	return h
+}
+
+// acquire takes a reference for a call, reporting false once the handle
+// is closed.
+func (h *fileHandle) acquire() bool {
+	for {
+		r := h.refs.Load()
+		if r&handleClosed != 0 {
+			return false
+		}
+		if h.refs.CompareAndSwap(r, r+1) {
+			return true
+		}
+	}
+}
+
+// release drops a reference; the last one of a closed handle closes the
+// descriptor and returns close's error.
+func (h *fileHandle) release() error {
+	if h.refs.Add(^uint64(0)) == handleClosed {
+		return unix.Close(h.fd)
+	}
+	return nil
+}
+
+// Close closes the descriptor now, or, with calls in flight, when the
+// last of them returns (its error is then lost, as os.File loses it).
+func (h *fileHandle) Close() error {
+	for {
+		r := h.refs.Load()
+		if r&handleClosed != 0 {
+			return os.ErrClosed
+		}
+		if h.refs.CompareAndSwap(r, r|handleClosed) {
+			break
+		}
+	}
+	h.cleanup.Stop()
+	return h.release()
 }
 
 // ioctl makes request req on h with a value argument. With ioctlPtr, it is
@@ -129,139 +167,91 @@ func ioctlPtr(h handle, req uint, arg unsafe.Pointer) error {
 }
 
 func (h *fileHandle) rawIoctl(req uint, arg uintptr) (int, error) {
-	c := calls.Get().(*call)
-	c.req, c.val, c.ptr = req, arg, nil
-	r, err := c.on(h.rc)
-	calls.Put(c)
-	return r, err
+	if !h.acquire() {
+		return -1, os.ErrClosed
+	}
+	defer h.release()
+	return fdHandle(h.fd).rawIoctl(req, arg)
 }
 
 func (h *fileHandle) rawIoctlPtr(req uint, arg unsafe.Pointer) error {
-	c := calls.Get().(*call)
-	c.req, c.ptr = req, arg
-	_, err := c.on(h.rc)
-	c.ptr = nil // do not keep the argument alive in the pool
-	calls.Put(c)
-	return err
+	if !h.acquire() {
+		return os.ErrClosed
+	}
+	defer h.release()
+	return fdHandle(h.fd).rawIoctlPtr(req, arg)
 }
 
-// flock runs as a pooled call, as an ioctl does, so that the four of an
-// Attach allocate nothing. A blocking LOCK_EX interrupted by a signal is
-// made again.
+// flock applies a BSD lock operation. A blocking LOCK_EX interrupted by a
+// signal is made again.
 func (h *fileHandle) flock(how int) error {
-	c := calls.Get().(*call)
-	c.req, c.val, c.ptr, c.flock = 0, uintptr(how), nil, true
-	_, err := c.on(h.rc)
-	for err == unix.EINTR {
-		_, err = c.on(h.rc)
+	if !h.acquire() {
+		return os.ErrClosed
 	}
-	c.flock = false
-	calls.Put(c)
-	return err
+	defer h.release()
+	return fdHandle(h.fd).flock(how)
 }
 
 func (h *fileHandle) rdev() (uint64, error) {
-	var st unix.Stat_t
-	var err error
-	cerr := h.rc.Control(func(fd uintptr) { st, err = fstat(fd) })
-	switch {
-	case cerr != nil:
+	if !h.acquire() {
 		return 0, os.ErrClosed
-	case err != nil:
-		return 0, err
-	case st.Mode&unix.S_IFMT != unix.S_IFBLK:
-		return 0, ErrNotLoop
 	}
-	return uint64(st.Rdev), nil
+	defer h.release()
+	return fdHandle(h.fd).rdev()
 }
 
-func (h *fileHandle) Close() error { return h.f.Close() }
-
-// A call is one ioctl, or flock, in flight. Calls are pooled, and each
-// keeps its run method as a func value made once, so a call through
-// RawConn.Control allocates nothing: a closure capturing the arguments
-// would escape to the heap on every call.
-type call struct {
-	req   uint
-	val   uintptr
-	ptr   unsafe.Pointer
-	flock bool // flock(2) with val as the operation, not an ioctl
-	r     uintptr
-	errno unix.Errno
-	run   func(fd uintptr)
+// result is a syscall's result as this package returns it.
+func result(r uintptr, errno unix.Errno) (int, error) {
+	if errno != 0 {
+		return -1, errno
+	}
+	return int(r), nil
 }
 
-var calls = sync.Pool{New: func() any {
-	c := new(call)
-	c.run = c.do
-	return c
-}}
-
-// on runs the call on rc's descriptor. A file closed under it reports
-// os.ErrClosed.
-func (c *call) on(rc syscall.RawConn) (int, error) {
-	if err := rc.Control(c.run); err != nil {
-		return -1, os.ErrClosed
+// errnoErr is errno as an error, nil for 0.
+func errnoErr(errno unix.Errno) error {
+	if errno != 0 {
+		return errno
 	}
-	return c.result()
-}
-
-func (c *call) result() (int, error) {
-	if c.errno != 0 {
-		return -1, c.errno
-	}
-	return int(c.r), nil
+	return nil
 }
 
 // An fdHandle is a bare descriptor opened for a probe: its opener alone
 // uses it, and closes it, within one call, so no concurrent Close can send
-// a call to a reused number, and it needs no RawConn.
+// a call to a reused number, and it needs no reference count.
 type fdHandle int
 
+// rawIoctl and rawIoctlPtr are the one place this package enters the
+// kernel with an ioctl. A pointer argument becomes a uintptr only in the
+// call to Syscall itself, as package unsafe requires.
 func (h fdHandle) rawIoctl(req uint, arg uintptr) (int, error) {
-	c := calls.Get().(*call)
-	c.req, c.val, c.ptr = req, arg, nil
-	c.run(uintptr(h))
-	r, err := c.result()
-	calls.Put(c)
-	return r, err
+	r, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(h), uintptr(req), arg)
+	return result(r, errno)
 }
 
 func (h fdHandle) rawIoctlPtr(req uint, arg unsafe.Pointer) error {
-	c := calls.Get().(*call)
-	c.req, c.ptr = req, arg
-	c.run(uintptr(h))
-	_, err := c.result()
-	c.ptr = nil
-	calls.Put(c)
-	return err
+	_, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(h), uintptr(req), uintptr(arg))
+	return errnoErr(errno)
 }
 
 func (h fdHandle) flock(how int) error {
 	return ignoringEINTR(func() error { return unix.Flock(int(h), how) })
 }
 
-func (h fdHandle) rdev() (uint64, error) {
-	st, err := fstat(uintptr(h))
-	if err != nil {
-		return 0, err
-	}
-	return uint64(st.Rdev), nil
-}
+func (h fdHandle) rdev() (uint64, error) { return blockRdev(int(h)) }
 
 func (h fdHandle) Close() error { return unix.Close(int(h)) }
 
-// do is the one place this package enters the kernel with an ioctl, or
-// with a flock of a loop node.
-func (c *call) do(fd uintptr) {
+// blockRdev returns the device number of the block device open as fd.
+func blockRdev(fd int) (uint64, error) {
+	st, err := fstat(uintptr(fd))
 	switch {
-	case c.flock:
-		c.r, _, c.errno = unix.Syscall(unix.SYS_FLOCK, fd, c.val, 0)
-	case c.ptr != nil:
-		c.r, _, c.errno = unix.Syscall(unix.SYS_IOCTL, fd, uintptr(c.req), uintptr(c.ptr))
-	default:
-		c.r, _, c.errno = unix.Syscall(unix.SYS_IOCTL, fd, uintptr(c.req), c.val)
+	case err != nil:
+		return 0, err
+	case st.Mode&unix.S_IFMT != unix.S_IFBLK:
+		return 0, ErrNotLoop
 	}
+	return uint64(st.Rdev), nil
 }
 
 // ignoringEINTR retries fn while it fails with EINTR.

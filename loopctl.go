@@ -133,7 +133,7 @@ func (c *Control) ioctl(op, path string, req uint, arg uintptr) (int, error) {
 
 // A handle is one open node of the loop driver: /dev/loop-control or a
 // /dev/loopN. It is the seam between this package and the kernel: the real
-// one (ioctl_linux.go) wraps an *os.File, and tests substitute fakes to fail
+// one (ioctl_linux.go) holds a descriptor, and tests substitute fakes to fail
 // any step without root.
 type handle interface {
 	// rawIoctl makes request req once with a value argument and returns
