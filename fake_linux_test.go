@@ -39,6 +39,9 @@ type fakeKernel struct {
 	// noAccess refuses opens of /dev/loopN with EACCES: a process
 	// without root or the disk group.
 	noAccess bool
+	// flatSysfs lays sysfs out without /sys/devices/virtual/block; see
+	// sync.
+	flatSysfs bool
 	// ctlWait, when set, makes a blocking flock of the control device wait
 	// until it is closed: another process holding the lock.
 	ctlWait chan struct{}
@@ -72,8 +75,10 @@ func useFake(t *testing.T, n int) *fakeKernel {
 	t.Helper()
 	k := &fakeKernel{devs: map[int]*fakeDev{}, counts: map[string]int{}, faults: map[string][]fault{},
 		noNode: map[int]bool{}, root: t.TempDir(), t: t}
-	if err := os.Mkdir(k.root+"/block", 0o755); err != nil {
-		t.Fatal(err)
+	for _, dir := range []string{"/block", "/devices/virtual/block"} {
+		if err := os.MkdirAll(k.root+dir, 0o755); err != nil {
+			t.Fatal(err)
+		}
 	}
 	for i := range n {
 		k.add(i)
@@ -98,15 +103,31 @@ func (k *fakeKernel) add(n int) {
 
 // sync writes device n's sysfs attributes as the kernel shows them, or
 // removes its directory when the device is gone. k.mu is held.
+//
+// As in the kernel, the directory is /sys/devices/virtual/block/loopN,
+// and /sys/block/loopN a symbolic link to it; with flatSysfs (a test of
+// the fallback) /sys/block/loopN is the directory itself.
 func (k *fakeKernel) sync(n int) {
-	dir := fmt.Sprintf("%s/block/loop%d", k.root, n)
+	link := fmt.Sprintf("%s/block/loop%d", k.root, n)
+	dir := fmt.Sprintf("%s/devices/virtual/block/loop%d", k.root, n)
+	if k.flatSysfs {
+		dir = link
+	}
 	d := k.devs[n]
 	if d == nil {
 		os.RemoveAll(dir)
+		os.Remove(link)
 		return
 	}
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		k.t.Error(err)
+	}
+	if !k.flatSysfs {
+		if _, err := os.Lstat(link); err != nil {
+			if err := os.Symlink(fmt.Sprintf("../devices/virtual/block/loop%d", n), link); err != nil {
+				k.t.Error(err)
+			}
+		}
 	}
 	bit := func(f uint32) string {
 		if d.info.Flags&f != 0 {

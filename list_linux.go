@@ -6,7 +6,11 @@ import (
 	"errors"
 	"io/fs"
 	"os"
+	"runtime"
 	"slices"
+	"strconv"
+	"sync"
+	"sync/atomic"
 	"syscall"
 	"unsafe"
 
@@ -58,34 +62,113 @@ type backingFileID struct{ dev, ino uint64 }
 // list returns the bound devices, only those of the file id if it is not
 // nil.
 func list(id *backingFileID) ([]Status, error) {
-	nums, err := loopNumbers()
+	reads, err := readDevices(id)
 	if err != nil {
 		return nil, newError("list", sysfsRoot+"/block", err)
 	}
-	var buf [sysfs.BufSize]byte
 	var out []Status
-	for _, n := range nums {
-		s, ok, err := readStatus(n, id, buf[:])
-		if err != nil {
-			return nil, newError("list", DevicePath(n), err)
+	for i := range reads {
+		r := &reads[i]
+		if r.err != nil {
+			return nil, newError("list", DevicePath(r.n), r.err)
 		}
-		if ok {
-			out = append(out, s)
+		if r.ok {
+			out = append(out, r.s)
 		}
 	}
 	return out, nil
 }
 
+// A deviceRead is what readStatus found of device n.
+type deviceRead struct {
+	n   int
+	s   Status
+	ok  bool // bound (to the file asked for)
+	err error
+}
+
+// devicesPerWorker is the share of the devices below which another
+// goroutine costs more than it saves: each device takes a few microseconds
+// of syscalls, a goroutine about one to start.
+const devicesPerWorker = 32
+
+// readDevices reads every loop device that sysfs lists with readStatus, in
+// order of number. The reads are independent syscalls on different
+// devices, so with many devices they are spread over up to GOMAXPROCS
+// goroutines, each taking the next batch of devices as it finishes one.
+func readDevices(id *backingFileID) ([]deviceRead, error) {
+	dir, err := openBlockDir()
+	if err != nil {
+		return nil, err
+	}
+	defer closeFD(dir.fd)
+	nums, err := loopNumbersIn(dir.fd)
+	if err != nil {
+		return nil, &os.PathError{Op: "readdirent", Path: dir.path, Err: err}
+	}
+	reads := make([]deviceRead, len(nums))
+	const batch = 8
+	var next atomic.Int64
+	work := func() {
+		buf := make([]byte, sysfs.BufSize)
+		for {
+			i := int(next.Add(batch)) - batch
+			if i >= len(nums) {
+				return
+			}
+			for j := i; j < min(i+batch, len(nums)); j++ {
+				r := &reads[j]
+				r.n = nums[j]
+				r.s, r.ok, r.err = readStatus(dir, r.n, id, buf)
+			}
+		}
+	}
+	var wg sync.WaitGroup
+	for range min(runtime.GOMAXPROCS(0), (len(nums)+devicesPerWorker-1)/devicesPerWorker) - 1 {
+		wg.Go(work)
+	}
+	work()
+	wg.Wait()
+	return reads, nil
+}
+
+// A blockDir is the open sysfs directory of the loop devices.
+type blockDir struct {
+	fd   int
+	path string
+}
+
+// openBlockDir opens the directory where the loop devices' sysfs entries
+// are: /sys/devices/virtual/block. /sys/block lists the same devices, but
+// as symbolic links to there, and resolving one costs the kernel about as
+// much as the read of the attribute itself. Where that directory is
+// missing (an unusual sysfs), /sys/block serves.
+func openBlockDir() (blockDir, error) {
+	var err error
+	for _, path := range []string{sysfsRoot + "/devices/virtual/block", sysfsRoot + "/block"} {
+		var fd int
+		if fd, err = openFD(path, unix.O_RDONLY|unix.O_DIRECTORY); err == nil {
+			return blockDir{fd, path}, nil
+		}
+	}
+	return blockDir{}, err
+}
+
 // readStatus reads device n's Status, reporting false when it is not bound
 // (to the file id, if not nil), from the device if this process may open
-// it, else from sysfs. buf is scratch space for sysfs reads.
-func readStatus(n int, id *backingFileID, buf []byte) (Status, bool, error) {
+// it, else from sysfs. block is the devices' sysfs directory; buf is
+// scratch space for sysfs reads.
+//
+// The backing file's name is read while the device is open: a device
+// cleared meanwhile is torn down only at its last close, so the name and
+// the answers of LOOP_GET_STATUS64 are of one binding.
+func readStatus(block blockDir, n int, id *backingFileID, buf []byte) (Status, bool, error) {
 	h, err := sys.open(DevicePath(n), probe)
 	if errors.Is(err, syscall.ENXIO) {
 		return Status{}, false, nil // being torn down
 	}
 	if err != nil {
-		s, ok, err := sysfsStatus(n, buf)
+		s, ok, err := sysfsStatus(block, n, buf)
 		return s, ok && (id == nil || *id == backingFileID{s.BackingDevice, s.BackingInode}), err
 	}
 	defer h.Close()
@@ -103,13 +186,23 @@ func readStatus(n int, id *backingFileID, buf []byte) (Status, bool, error) {
 	if err := readSizes(h, &s); err != nil {
 		return Status{}, false, err
 	}
-	b, err := sysfs.ReadFile(sysfsLoopAttr(n, "backing_file"), buf)
-	if err != nil || len(b) == 0 || b[0] == '\n' {
-		// Unbound since, or its teardown has let go of the file already.
-		return Status{}, false, unbinding(err)
+	file, ok, err := backingFile(block, n, buf)
+	if !ok {
+		return Status{}, false, err
 	}
-	s.BackingFile = sysfs.Value(b)
+	s.BackingFile = file
 	return s, true, nil
+}
+
+// backingFile reads loop/backing_file of device n relative to block. It reports false, with a nil error,
+// for a device that is not bound: no loop/ directory, or one unbound
+// meanwhile, or an empty name, once a teardown has let go of the file.
+func backingFile(block blockDir, n int, buf []byte) (string, bool, error) {
+	b, err := sysfs.ReadFileAt(block.fd, block.path, "loop"+strconv.Itoa(n)+"/loop/backing_file", buf)
+	if err != nil || len(b) == 0 || b[0] == '\n' {
+		return "", false, unbinding(err)
+	}
+	return sysfs.Value(b), true, nil
 }
 
 // maxAddTries bounds addUnused: each EEXIST means another process took the
@@ -144,19 +237,41 @@ func (c *Control) addUnused() (int, error) {
 
 // loopNumbers returns the numbers of the loop devices sysfs lists, in order.
 func loopNumbers() ([]int, error) {
-	f, err := os.Open(sysfsRoot + "/block")
+	block := sysfsRoot + "/block"
+	dir, err := openFD(block, unix.O_RDONLY|unix.O_DIRECTORY)
 	if err != nil {
 		return nil, err
 	}
-	defer f.Close()
-	names, err := f.Readdirnames(-1)
+	defer closeFD(dir)
+	nums, err := loopNumbersIn(dir)
 	if err != nil {
-		return nil, err
+		return nil, &os.PathError{Op: "readdirent", Path: block, Err: err}
 	}
+	return nums, nil
+}
+
+// loopNumbersIn returns the numbers of the loop devices listed in dir, the
+// open /sys/block, in order.
+func loopNumbersIn(dir int) ([]int, error) {
+	var buf [8192]byte
 	var nums []int
-	for _, name := range names {
-		if n, ok := sysfs.LoopNumber(name); ok {
-			nums = append(nums, n)
+	var names []string
+	for {
+		n, err := unix.ReadDirent(dir, buf[:])
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return nil, err
+		}
+		if n <= 0 {
+			break
+		}
+		_, _, names = unix.ParseDirent(buf[:n], -1, names[:0])
+		for _, name := range names {
+			if m, ok := sysfs.LoopNumber(name); ok {
+				nums = append(nums, m)
+			}
 		}
 	}
 	slices.Sort(nums)
@@ -172,33 +287,33 @@ func sysfsLoopAttr(n int, attr string) string {
 	return sysfs.LoopDir(sysfsRoot, n) + "/loop/" + attr
 }
 
-// sysfsStatus reads device n's binding from sysfs into a Status, for a
-// process that may not open the device. It reports false for an unbound
-// device, and for one unbound or being torn down while it reads.
-func sysfsStatus(n int, buf []byte) (Status, bool, error) {
-	b, err := sysfs.ReadFile(sysfsLoopAttr(n, "backing_file"), buf)
-	if err != nil || len(b) == 0 || b[0] == '\n' {
-		// An empty name: the kernel has let go of the file already.
-		return Status{}, false, unbinding(err)
+// sysfsStatus reads device n's binding from sysfs, relative to block
+// (the devices' sysfs directory), into a Status, for a process that may not open the
+// device. It reports false for
+// an unbound device, and for one unbound or being torn down while it reads.
+func sysfsStatus(block blockDir, n int, buf []byte) (Status, bool, error) {
+	file, ok, err := backingFile(block, n, buf)
+	if !ok {
+		return Status{}, false, err
 	}
-	s := Status{Number: n, BackingFile: sysfs.Value(b)}
+	name := "loop" + strconv.Itoa(n)
+	s := Status{Number: n, BackingFile: file}
 	var sectors, blockSize uint64
-	dir := sysfs.LoopDir(sysfsRoot, n)
 	for _, a := range [...]struct {
-		path string
+		attr string
 		u    *uint64
 		flag Flags
 	}{
-		{sysfsLoopAttr(n, "offset"), &s.Offset, 0},
-		{sysfsLoopAttr(n, "sizelimit"), &s.SizeLimit, 0},
-		{sysfsLoopAttr(n, "autoclear"), nil, FlagAutoClear},
-		{sysfsLoopAttr(n, "partscan"), nil, FlagPartScan},
-		{sysfsLoopAttr(n, "dio"), nil, FlagDirectIO},
-		{dir + "/ro", nil, FlagReadOnly},
-		{dir + "/size", &sectors, 0},
-		{dir + "/queue/logical_block_size", &blockSize, 0},
+		{"/loop/offset", &s.Offset, 0},
+		{"/loop/sizelimit", &s.SizeLimit, 0},
+		{"/loop/autoclear", nil, FlagAutoClear},
+		{"/loop/partscan", nil, FlagPartScan},
+		{"/loop/dio", nil, FlagDirectIO},
+		{"/ro", nil, FlagReadOnly},
+		{"/size", &sectors, 0},
+		{"/queue/logical_block_size", &blockSize, 0},
 	} {
-		b, err := sysfs.ReadFile(a.path, buf)
+		b, err := sysfs.ReadFileAt(block.fd, block.path, name+a.attr, buf)
 		if err != nil {
 			return Status{}, false, unbinding(err)
 		}
@@ -211,7 +326,7 @@ func sysfsStatus(n int, buf []byte) (Status, bool, error) {
 			}
 		}
 		if err != nil {
-			return Status{}, false, &os.PathError{Op: "parse", Path: a.path, Err: err}
+			return Status{}, false, &os.PathError{Op: "parse", Path: block.path + "/" + name + a.attr, Err: err}
 		}
 	}
 	s.Size, s.BlockSize = sectors*512, uint32(blockSize)

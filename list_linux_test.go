@@ -4,6 +4,7 @@ package loopctl
 
 import (
 	"errors"
+	"fmt"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -147,6 +148,38 @@ func TestListDeletedFake(t *testing.T) {
 	}
 }
 
+// TestListSysfsLayout: List reads the devices from
+// /sys/devices/virtual/block, where their directories are, not through
+// /sys/block's symbolic links (which cost the kernel as much as the read);
+// on a sysfs without that directory, from /sys/block.
+func TestListSysfsLayout(t *testing.T) {
+	for _, flat := range []bool{false, true} {
+		k := useFake(t, 0)
+		k.flatSysfs = flat
+		if flat {
+			os.RemoveAll(k.root + "/devices")
+		}
+		for n := range 3 {
+			k.add(n)
+		}
+		_, f := bindFake(t, k, 1, Options{})
+		if !flat {
+			// Without the links, only the real directories remain to be
+			// found.
+			for n := range 3 {
+				os.Remove(fmt.Sprintf("%s/block/loop%d", k.root, n))
+			}
+		}
+		for _, noAccess := range []bool{false, true} {
+			k.noAccess = noAccess
+			list, err := List()
+			if err != nil || len(list) != 1 || list[0].Number != 1 || list[0].BackingFile != f.Name() {
+				t.Errorf("flat sysfs %t, no access %t: List = %+v, %v", flat, noAccess, list, err)
+			}
+		}
+	}
+}
+
 // TestListMalformed: a sysfs value that does not parse is an error, from
 // the sysfs reads of a process without access to the devices.
 func TestListMalformed(t *testing.T) {
@@ -171,10 +204,10 @@ func TestListUnboundDuringRead(t *testing.T) {
 		t.Fatalf("List = %+v, %v; want none", list, err)
 	}
 
+	// Unbound after LOOP_GET_STATUS64: sysfs has no backing_file then.
 	k = useFake(t, 1)
 	bindFake(t, k, 0, Options{})
-	// Unbound after LOOP_GET_STATUS64: sysfs has no backing_file then.
-	k.actAt("BLKSSZGET", 1, func(k *fakeKernel) { k.devs[0].bound = false }, nil)
+	k.actAt("BLKSSZGET", 1, func(k *fakeKernel) { k.devs[0].bound = false; k.sync(0) }, nil)
 	if list, err := List(); err != nil || len(list) != 0 {
 		t.Fatalf("List = %+v, %v; want none", list, err)
 	}

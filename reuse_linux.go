@@ -6,8 +6,6 @@ import (
 	"math"
 
 	"golang.org/x/sys/unix"
-
-	"github.com/loopctl/loopctl/internal/sysfs"
 )
 
 // sharedDevice looks, under the attach lock, for a device bound to the file
@@ -16,7 +14,7 @@ import (
 // bound to an overlapping range of the file with other settings is an
 // *OverlapError, unless an identical one is found.
 //
-// Each device is read as List reads it (readStatus): LOOP_GET_STATUS64 on
+// Each device is read as List reads it (readDevices): LOOP_GET_STATUS64 on
 // a read-only open gives the backing file's device and inode at once, and
 // a device of another file goes no further. A device being torn down
 // refuses the open and is passed over, and so is one that cannot be read.
@@ -30,17 +28,16 @@ func sharedDevice(fd uintptr, o Options) (*Device, error) {
 	id := backingFileID{dev: uint64(st.Dev), ino: uint64(st.Ino)}
 	want := binding{dev: id.dev, ino: id.ino, offset: o.Offset, sizeLimit: o.SizeLimit,
 		readOnly: o.Flags&FlagReadOnly != 0 || readOnlyFD(fd), blockSize: max(o.BlockSize, 512)}
-	nums, err := loopNumbers()
+	reads, err := readDevices(&id)
 	if err != nil {
 		return nil, err
 	}
-	var buf [sysfs.BufSize]byte
 	var overlap *OverlapError
-	for _, n := range nums {
-		s, ok, err := readStatus(n, &id, buf[:])
-		if err != nil || !ok {
+	for _, r := range reads {
+		if r.err != nil || !r.ok {
 			continue
 		}
+		n, s := r.n, r.s
 		b := bindingOf(s)
 		if b == want {
 			if d := openShared(n, want); d != nil {

@@ -11,20 +11,36 @@ import (
 const BufSize = 4096
 
 // ReadFile reads the attribute at path into buf with open, read and close,
-// and no other syscall: sysfs hands over an attribute whole in one read. It returns the bytes read; an error is an
-// *os.PathError, matching fs.ErrNotExist when the attribute is gone (as
-// loop/ is once a device is unbound).
+// and no other syscall: sysfs hands over an attribute whole in one read. It
+// returns the bytes read; an error is an *os.PathError, matching
+// fs.ErrNotExist when the attribute is gone (as loop/ is once a device is
+// unbound).
 func ReadFile(path string, buf []byte) ([]byte, error) {
-	fd, err := retry(func() (int, error) { return unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0) })
+	return ReadFileAt(unix.AT_FDCWD, "", path, buf)
+}
+
+// ReadFileAt is ReadFile for the attribute name relative to the directory
+// open as dir, whose path is dirPath (for errors only; "" when name is a
+// path of its own). Opening relative to a directory the caller holds
+// spares the kernel the walk from the root for each attribute.
+func ReadFileAt(dir int, dirPath, name string, buf []byte) ([]byte, error) {
+	fd, err := retry(func() (int, error) { return unix.Openat(dir, name, unix.O_RDONLY|unix.O_CLOEXEC, 0) })
 	if err != nil {
-		return nil, &os.PathError{Op: "open", Path: path, Err: err}
+		return nil, &os.PathError{Op: "open", Path: join(dirPath, name), Err: err}
 	}
 	defer unix.Close(fd)
 	n, err := retry(func() (int, error) { return unix.Read(fd, buf) })
 	if err != nil {
-		return nil, &os.PathError{Op: "read", Path: path, Err: err}
+		return nil, &os.PathError{Op: "read", Path: join(dirPath, name), Err: err}
 	}
 	return buf[:n], nil
+}
+
+func join(dir, name string) string {
+	if dir == "" {
+		return name
+	}
+	return dir + "/" + name
 }
 
 func retry(fn func() (int, error)) (int, error) {
