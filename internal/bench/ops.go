@@ -1,0 +1,357 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"strconv"
+	"unsafe"
+
+	"github.com/containerd/containerd/v2/core/mount"
+	losetup "github.com/freddierice/go-losetup"
+	"github.com/u-root/u-root/pkg/mount/loop"
+	"golang.org/x/sys/unix"
+
+	"github.com/loopctl/loopctl"
+)
+
+// An op is one operation as one implementation does it in this process.
+// setup prepares it for the backing file (cycle and find need one) and
+// returns one run of it and what undoes the setup.
+type op struct {
+	setup func(file string) (run func() error, done func(), err error)
+}
+
+// ops are the in-process operations, by group and implementation; child
+// processes (for strace and for the two-process rows) run them by name.
+var ops = map[string]op{
+	"getfree/go":            {setup: floorGetFree},
+	"getfree/loopctl":       {setup: loopctlGetFree},
+	"getfree/u-root":        {setup: urootGetFree},
+	"getfree/go-losetup":    {setup: nofile(func() error { _, err := losetup.GetFree(); return err })},
+	"cycle/go":              {setup: floorCycle},
+	"cycle/loopctl":         {setup: loopctlCycle},
+	"cycle/u-root":          {setup: withName(urootCycle)},
+	"cycle/containerd":      {setup: withName(containerdCycle)},
+	"cycle/go-losetup":      {setup: withName(goLosetupCycle)},
+	"list/go":               {setup: func(string) (func() error, func(), error) { return floorList("") }},
+	"list/loopctl":          {setup: nofile(func() error { _, err := loopctl.List(); return err })},
+	"find/go":               {setup: floorFind},
+	"find/loopctl":          {setup: loopctlFind},
+	"scan/go":               {setup: nofile(func() error { _, err := floorScan(); return err })},
+	"sweep-getfree/loopctl": {setup: loopctlGetFree},
+}
+
+func nofile(run func() error) func(string) (func() error, func(), error) {
+	return func(string) (func() error, func(), error) { return run, func() {}, nil }
+}
+
+func withName(cycle func(file string) error) func(string) (func() error, func(), error) {
+	return func(file string) (func() error, func(), error) {
+		return func() error { return cycle(file) }, func() {}, nil
+	}
+}
+
+// atFDCWD is AT_FDCWD (-100) as a system call argument.
+var atFDCWD = func() uintptr { fd := unix.AT_FDCWD; return uintptr(fd) }()
+
+// The Go floor: bare unix.Syscall calls, the same ones loopctl makes, with
+// nothing around them.
+
+func openCtl() (int, error) { return unix.Open(loopctl.ControlPath, unix.O_RDWR|unix.O_CLOEXEC, 0) }
+
+func floorGetFree(string) (func() error, func(), error) {
+	c, err := openCtl()
+	if err != nil {
+		return nil, nil, err
+	}
+	run := func() error {
+		if _, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(c), unix.LOOP_CTL_GET_FREE, 0); errno != 0 {
+			return errno
+		}
+		return nil
+	}
+	return run, func() { unix.Close(c) }, nil
+}
+
+func loopctlGetFree(string) (func() error, func(), error) {
+	c, err := loopctl.Open()
+	if err != nil {
+		return nil, nil, err
+	}
+	return func() error { _, err := c.GetFree(); return err }, func() { c.Close() }, nil
+}
+
+func urootGetFree(string) (func() error, func(), error) {
+	f, err := os.OpenFile(loopctl.ControlPath, os.O_RDWR, 0)
+	if err != nil {
+		return nil, nil, err
+	}
+	fd := int(f.Fd())
+	return func() error { _, err := loop.GetFree(fd); return err }, func() { f.Close() }, nil
+}
+
+// floorCycle is attach and detach as loopctl does them, in bare syscalls:
+// fstat of the file, the control device's flock, LOOP_CTL_GET_FREE, open,
+// the device's flock, LOOP_CONFIGURE, both unlocks, LOOP_CLR_FD, close.
+func floorCycle(file string) (func() error, func(), error) {
+	c, err := openCtl()
+	if err != nil {
+		return nil, nil, err
+	}
+	f, err := unix.Open(file, unix.O_RDWR|unix.O_CLOEXEC, 0)
+	if err != nil {
+		unix.Close(c)
+		return nil, nil, err
+	}
+	var path [32]byte
+	var st unix.Stat_t
+	cfg := unix.LoopConfig{Fd: uint32(f)}
+	attach := func() (int, error) {
+		if err := unix.Fstat(f, &st); err != nil {
+			return -1, err
+		}
+		if err := unix.Flock(c, unix.LOCK_EX|unix.LOCK_NB); err != nil {
+			if err := unix.Flock(c, unix.LOCK_EX); err != nil {
+				return -1, err
+			}
+		}
+		defer unix.Flock(c, unix.LOCK_UN)
+		n, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(c), unix.LOOP_CTL_GET_FREE, 0)
+		if errno != 0 {
+			return -1, errno
+		}
+		p := strconv.AppendInt(append(path[:0], "/dev/loop"...), int64(n), 10)
+		p = append(p, 0)
+		fd, _, errno := unix.Syscall6(unix.SYS_OPENAT, atFDCWD, uintptr(unsafe.Pointer(&p[0])),
+			unix.O_RDWR|unix.O_CLOEXEC, 0, 0, 0)
+		if errno != 0 {
+			return 0, nil // lost a race: try again
+		}
+		d := int(fd)
+		if err := unix.Flock(d, unix.LOCK_EX|unix.LOCK_NB); err != nil {
+			unix.Close(d)
+			return 0, nil
+		}
+		if _, _, errno := unix.Syscall(unix.SYS_IOCTL, fd, unix.LOOP_CONFIGURE, uintptr(unsafe.Pointer(&cfg))); errno != 0 {
+			unix.Close(d)
+			if errno == unix.EBUSY {
+				return 0, nil
+			}
+			return -1, errno
+		}
+		unix.Flock(d, unix.LOCK_UN)
+		return d, nil
+	}
+	run := func() error {
+		d, err := attach()
+		for d == 0 && err == nil {
+			d, err = attach()
+		}
+		if err != nil {
+			return err
+		}
+		_, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(d), unix.LOOP_CLR_FD, 0)
+		unix.Close(d)
+		if errno != 0 {
+			return errno
+		}
+		return nil
+	}
+	return run, func() { unix.Close(f); unix.Close(c) }, nil
+}
+
+func loopctlCycle(file string) (func() error, func(), error) {
+	f, err := os.OpenFile(file, os.O_RDWR, 0)
+	if err != nil {
+		return nil, nil, err
+	}
+	run := func() error {
+		d, err := loopctl.AttachFile(context.Background(), f, loopctl.Options{})
+		if err != nil {
+			return err
+		}
+		err = d.ClearFD()
+		d.Close()
+		return err
+	}
+	return run, func() { f.Close() }, nil
+}
+
+// urootCycle is u-root's way: FindDevice (which opens /dev/loop-control
+// each time), SetFile (LOOP_SET_FD), ClearFile.
+func urootCycle(file string) error {
+	dev, err := loop.FindDevice()
+	if err != nil {
+		return err
+	}
+	if err := loop.SetFile(dev, file); err != nil {
+		return err
+	}
+	return loop.ClearFile(dev)
+}
+
+func containerdCycle(file string) error {
+	dev, err := mount.AttachLoopDevice(file)
+	if err != nil {
+		return err
+	}
+	return mount.DetachLoopDevice(dev)
+}
+
+// goLosetupCycle binds with LOOP_SET_FD and LOOP_SET_STATUS64, as
+// go-losetup does.
+func goLosetupCycle(file string) error {
+	d, err := losetup.Attach(file, 0, false)
+	if err != nil {
+		return err
+	}
+	return d.Detach()
+}
+
+// floorScan finds a free device the way programs did before
+// /dev/loop-control: open /dev/loop0, 1, 2... and ask LOOP_GET_STATUS64
+// until a device answers ENXIO.
+func floorScan() (int, error) {
+	var info unix.LoopInfo64
+	var path [32]byte
+	for n := 0; ; n++ {
+		p := append(strconv.AppendInt(append(path[:0], "/dev/loop"...), int64(n), 10), 0)
+		fd, _, errno := unix.Syscall6(unix.SYS_OPENAT, atFDCWD, uintptr(unsafe.Pointer(&p[0])),
+			unix.O_RDONLY|unix.O_CLOEXEC, 0, 0, 0)
+		if errno != 0 {
+			return -1, fmt.Errorf("open /dev/loop%d: %w", n, errno)
+		}
+		_, _, errno = unix.Syscall(unix.SYS_IOCTL, fd, unix.LOOP_GET_STATUS64, uintptr(unsafe.Pointer(&info)))
+		unix.Close(int(fd))
+		if errno == unix.ENXIO {
+			return n, nil
+		}
+	}
+}
+
+// A floorStatus is what a Status holds, as the kernel hands it over.
+type floorStatus struct {
+	info      unix.LoopInfo64
+	blockSize int32
+	size      uint64
+	file      [4096 + 16]byte
+	fileLen   int
+}
+
+// floorList is List (or, with a file, FindByBackingFile) in bare syscalls
+// on one goroutine, as floor.c does it: for a search a stat of the file;
+// the devices from /sys/devices/virtual/block; per device open,
+// LOOP_GET_STATUS64 and, for a device bound (to the file), BLKSSZGET,
+// BLKGETSIZE64 and the backing_file read, then close.
+func floorList(file string) (func() error, func(), error) {
+	statuses := make([]floorStatus, 1<<12)
+	dirent := make([]byte, 8192)
+	var nums []int
+	var st unix.Stat_t
+	run := func() error {
+		var want *unix.Stat_t
+		if file != "" {
+			if err := unix.Stat(file, &st); err != nil {
+				return err
+			}
+			want = &st
+		}
+		block, err := unix.Open("/sys/devices/virtual/block", unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+		if err != nil {
+			return err
+		}
+		defer unix.Close(block)
+		nums = nums[:0]
+		for {
+			n, err := unix.ReadDirent(block, dirent)
+			if err != nil {
+				return err
+			}
+			if n <= 0 {
+				break
+			}
+			for b := dirent[:n]; len(b) > 0; {
+				reclen := int(*(*uint16)(unsafe.Pointer(&b[16])))
+				name := b[19:reclen]
+				if m, ok := loopName(name); ok {
+					nums = append(nums, m)
+				}
+				b = b[reclen:]
+			}
+		}
+		found := 0
+		var path [64]byte
+		for _, m := range nums {
+			if floorDevice(block, m, &statuses[found], want, path[:]) {
+				found++
+			}
+		}
+		return nil
+	}
+	return run, func() {}, nil
+}
+
+// loopName parses a NUL-padded "loopN" directory entry name.
+func loopName(b []byte) (int, bool) {
+	if len(b) < 5 || string(b[:4]) != "loop" {
+		return 0, false
+	}
+	n := 0
+	for _, c := range b[4:] {
+		if c == 0 {
+			break
+		}
+		if c < '0' || c > '9' {
+			return 0, false
+		}
+		n = n*10 + int(c-'0')
+	}
+	return n, true
+}
+
+func floorBacking(block, m int, s *floorStatus, path []byte) bool {
+	p := strconv.AppendInt(append(path[:0], "loop"...), int64(m), 10)
+	p = append(append(p, "/loop/backing_file"...), 0)
+	fd, _, errno := unix.Syscall6(unix.SYS_OPENAT, uintptr(block), uintptr(unsafe.Pointer(&p[0])),
+		unix.O_RDONLY|unix.O_CLOEXEC, 0, 0, 0)
+	if errno != 0 {
+		return false
+	}
+	n, _, errno := unix.Syscall(unix.SYS_READ, fd, uintptr(unsafe.Pointer(&s.file[0])), uintptr(len(s.file)))
+	unix.Close(int(fd))
+	s.fileLen = int(n)
+	return errno == 0 && n > 0
+}
+
+// floorDevice asks device m for its status and, while it holds the device
+// open, reads its backing file's name; false if it is not bound (to want).
+func floorDevice(block, m int, s *floorStatus, want *unix.Stat_t, scratch []byte) bool {
+	var path [32]byte
+	p := append(strconv.AppendInt(append(path[:0], "/dev/loop"...), int64(m), 10), 0)
+	fd, _, errno := unix.Syscall6(unix.SYS_OPENAT, atFDCWD, uintptr(unsafe.Pointer(&p[0])),
+		unix.O_RDONLY|unix.O_CLOEXEC, 0, 0, 0)
+	if errno != 0 {
+		return false
+	}
+	defer unix.Close(int(fd))
+	if _, _, errno := unix.Syscall(unix.SYS_IOCTL, fd, unix.LOOP_GET_STATUS64, uintptr(unsafe.Pointer(&s.info))); errno != 0 {
+		return false
+	}
+	if want != nil && (s.info.Device != want.Dev || s.info.Inode != want.Ino) {
+		return false
+	}
+	if _, _, errno := unix.Syscall(unix.SYS_IOCTL, fd, unix.BLKSSZGET, uintptr(unsafe.Pointer(&s.blockSize))); errno != 0 {
+		return false
+	}
+	if _, _, errno := unix.Syscall(unix.SYS_IOCTL, fd, unix.BLKGETSIZE64, uintptr(unsafe.Pointer(&s.size))); errno != 0 {
+		return false
+	}
+	return floorBacking(block, m, s, scratch)
+}
+
+func floorFind(file string) (func() error, func(), error) { return floorList(file) }
+
+func loopctlFind(file string) (func() error, func(), error) {
+	return func() error { _, err := loopctl.FindByBackingFile(file); return err }, func() {}, nil
+}

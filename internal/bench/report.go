@@ -1,0 +1,160 @@
+package main
+
+import (
+	"bytes"
+	_ "embed"
+	"fmt"
+	"os"
+	"os/exec"
+	"runtime"
+	"slices"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// method.md is the report's fixed text: how the harness measures, and
+// what the figures mean.
+//
+//go:embed method.md
+var method string
+
+// writeReport writes BENCHMARKS.md: the machine, the targets as this run
+// measured them, the tables, the plots and the method.
+func (h *harness) writeReport() error {
+	var b bytes.Buffer
+	fmt.Fprintln(&b, "# Benchmarks")
+	fmt.Fprintln(&b)
+	fmt.Fprintln(&b, "Written by `internal/bench` (`cd internal/bench && go run .`, as root) from one run on one machine; every figure below comes from that run. Run it again to get your machine's.")
+	fmt.Fprintln(&b)
+	fmt.Fprintln(&b, "## Machine")
+	fmt.Fprintln(&b)
+	for _, kv := range h.machine() {
+		fmt.Fprintf(&b, "- %s: %s\n", kv[0], kv[1])
+	}
+	fmt.Fprintln(&b)
+	fmt.Fprintln(&b, "## Targets")
+	fmt.Fprintln(&b)
+	fmt.Fprintln(&b, "| target | measured | met |")
+	fmt.Fprintln(&b, "| --- | --- | :---: |")
+	for _, t := range h.targets() {
+		mark := "yes"
+		if !t.met {
+			mark = "**no**"
+		}
+		fmt.Fprintf(&b, "| %s | %s | %s |\n", t.what, t.measured, mark)
+	}
+	fmt.Fprintln(&b)
+	fmt.Fprintln(&b, "## Tables")
+	fmt.Fprintln(&b)
+	fmt.Fprintln(&b, "Time per operation is the median of the rounds; spread is half the rounds' range; × C is the ratio to the table's C row; syscalls/op are counted under `strace -f -c` (see Method).")
+	fmt.Fprintln(&b)
+	for _, t := range h.tables {
+		fmt.Fprintln(&b, t.note)
+		fmt.Fprintln(&b)
+		printTable(&b, t)
+	}
+	h.printConcurrency(&b)
+	fmt.Fprintf(&b, "![GetFree against the scan](internal/bench/%s)\n\n", scanPlot)
+	fmt.Fprintf(&b, "![List against losetup](internal/bench/%s)\n\n", listPlot)
+	h.printSweep(&b)
+	fmt.Fprintln(&b, h.perDevice())
+	b.WriteString(method)
+	return os.WriteFile(*mdPath, b.Bytes(), 0o644)
+}
+
+func (h *harness) machine() [][2]string {
+	var u unix.Utsname
+	unix.Uname(&u)
+	cpu := "unknown"
+	if b, err := os.ReadFile("/proc/cpuinfo"); err == nil {
+		for line := range strings.Lines(string(b)) {
+			if k, v, ok := strings.Cut(line, ":"); ok && strings.TrimSpace(k) == "model name" {
+				cpu = strings.TrimSpace(v)
+				break
+			}
+		}
+	}
+	first := func(name string, args ...string) string {
+		out, err := exec.Command(name, args...).Output()
+		if err != nil {
+			return "unknown"
+		}
+		line, _, _ := strings.Cut(string(out), "\n")
+		return strings.TrimSpace(line)
+	}
+	return [][2]string{
+		{"date", time.Now().UTC().Format("2006-01-02 15:04 MST")},
+		{"CPU", fmt.Sprintf("%s, %d cores", cpu, runtime.NumCPU())},
+		{"kernel", unix.ByteSliceToString(u.Release[:]) + " " + unix.ByteSliceToString(u.Machine[:])},
+		{"Go", runtime.Version()},
+		{"C compiler", first("cc", "--version")},
+		{"util-linux", first(h.losetup, "--version")},
+		{"loop devices before the run", fmt.Sprintf("%d, none bound", h.devCount)},
+		{"rounds", fmt.Sprintf("%d, each about %v a row", *rounds, *budget)},
+	}
+}
+
+type target struct {
+	what, measured string
+	met            bool
+}
+
+// row returns the median of the row of table op whose name starts so.
+func (h *harness) find(op, impl string) *row {
+	for _, t := range h.tables {
+		if t.op != op {
+			continue
+		}
+		for _, r := range t.rows {
+			if strings.HasPrefix(r.impl, impl) {
+				return r
+			}
+		}
+	}
+	return &row{allocs: -1, syscalls: -1}
+}
+
+func (h *harness) targets() []target {
+	var ts []target
+	ratio := func(what, op, fast, slow string, min float64) {
+		f, s := h.find(op, fast).median(), h.find(op, slow).median()
+		ts = append(ts, target{what, fmt.Sprintf("%s against %s: %.1f×", duration(f), duration(s), s/f), s/f >= min})
+	}
+	ratio("List, 256 bound, ≥ 10× faster than `losetup --json --list`", "list", "loopctl", "util-linux", 10)
+	ratio("FindByBackingFile, one file on 256 devices, ≥ 10× faster than `losetup -j FILE`", "find", "loopctl", "util-linux", 10)
+	gf, floor := h.find("getfree", "loopctl"), h.find("getfree", "Go floor")
+	ts = append(ts, target{"GetFree within 1.05× of Go's floor, 0 allocs",
+		fmt.Sprintf("%s against %s: %.3f×, %s allocs", duration(gf.median()), duration(floor.median()), gf.median()/floor.median(), count(gf.allocs)),
+		gf.median() <= 1.05*floor.median() && gf.allocs == 0})
+	cy, c := h.find("cycle", "loopctl"), h.find("cycle", "C")
+	ts = append(ts, target{"attach/detach cycle within 1.05× of C making the same calls, locks included",
+		fmt.Sprintf("%s against %s: %.3f×; %s syscalls against %s", duration(cy.median()), duration(c.median()), cy.median()/c.median(), count(cy.syscalls), count(c.syscalls)),
+		cy.median() <= 1.05*c.median()})
+	i := slices.IndexFunc(h.sweep, func(p sweepPoint) bool { return p.bound == 256 })
+	if i >= 0 {
+		p := h.sweep[i]
+		ts = append(ts, target{"GetFree at 256 bound ≥ 100× faster than the scan it replaced",
+			fmt.Sprintf("%s against %s (C scan): %.0f×", duration(p.getFree), duration(p.scanC), p.scanC/p.getFree), p.scanC/p.getFree >= 100})
+	}
+	return ts
+}
+
+// perDevice says what the kernel costs a device and how close List gets.
+func (h *harness) perDevice() string {
+	var n float64
+	for _, t := range h.tables {
+		if t.op == "list" {
+			fmt.Sscanf(t.title, "List, %g bound", &n)
+		}
+	}
+	if n == 0 {
+		return ""
+	}
+	c, l, u := h.find("list", "C").median(), h.find("list", "loopctl").median(), h.find("list", "util-linux").median()
+	return fmt.Sprintf(`## What a device costs
+
+The C row of the List table is the kernel's price: List's system calls, made one after another on one thread, cost %s a device here (%s for %.0f devices). loopctl.List costs %s a device, %.2f× that, because it spreads the devices over %d goroutines (GOMAXPROCS); on one goroutine it would be the Go floor's %s a device. util-linux's `+"`losetup --json --list`"+` costs %s a device, start-up included.
+`, duration(c/n), duration(c), n, duration(l/n), l/c, runtime.GOMAXPROCS(0), duration(h.find("list", "Go floor").median()/n), duration(u/n))
+}

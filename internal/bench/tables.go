@@ -1,0 +1,216 @@
+package main
+
+import (
+	"fmt"
+	"io"
+	"log"
+	"slices"
+	"strconv"
+	"strings"
+)
+
+// The tables. In each, the C row comes first: the others' ratio is to it.
+
+func (h *harness) getFreeTable() *table {
+	return &table{
+		title: "GetFree", op: "getfree",
+		note: "LOOP_CTL_GET_FREE on /dev/loop-control. C, Go's floor, loopctl and u-root's GetFree(fd) keep the control device open; u-root's FindDevice and go-losetup's GetFree open and close it on every call.",
+		rows: []*row{
+			{impl: "C", cOp: "getfree"},
+			{impl: "Go floor (unix.Syscall)", goOp: "getfree/go"},
+			{impl: "loopctl Control.GetFree", goOp: "getfree/loopctl"},
+			{impl: "u-root loop.GetFree(fd)", goOp: "getfree/u-root"},
+			{impl: "go-losetup GetFree", goOp: "getfree/go-losetup"},
+		},
+	}
+}
+
+func (h *harness) cycleTable() *table {
+	return &table{
+		title: "Attach and detach", op: "cycle",
+		note: "One cycle: bind a 1 MiB file to a free device and detach it. C, Go's floor and loopctl make the same calls: fstat of the file, flock(LOCK_EX) of /dev/loop-control, LOOP_CTL_GET_FREE, open, flock(LOCK_EX) of the device, LOOP_CONFIGURE, both unlocks, LOOP_CLR_FD, close (loopctl.AttachFile, Device.ClearFD, Device.Close). The peers take no lock and open the file and the control device on every cycle; go-losetup binds with LOOP_SET_FD and LOOP_SET_STATUS64. The losetup rows run `losetup -f --show FILE`, then `losetup -d DEVICE`.",
+		rows: []*row{
+			{impl: "C", cOp: "cycle", file: true},
+			{impl: "Go floor (unix.Syscall)", goOp: "cycle/go"},
+			{impl: "loopctl AttachFile, ClearFD, Close", goOp: "cycle/loopctl"},
+			{impl: "u-root FindDevice, SetFile, ClearFile", goOp: "cycle/u-root"},
+			{impl: "containerd AttachLoopDevice, DetachLoopDevice", goOp: "cycle/containerd"},
+			{impl: "go-losetup Attach, Detach", goOp: "cycle/go-losetup"},
+			{impl: "util-linux losetup (2 processes)", procs: [][]string{{h.losetup, "-f", "--show", "{file}"}, {h.losetup, "-d", "{prev}"}}},
+			{impl: "example losetup (2 processes)", procs: [][]string{{h.example, "-f", "--show", "{file}"}, {h.example, "-d", "{prev}"}}},
+		},
+	}
+}
+
+func (h *harness) listTable(n int) *table {
+	return &table{
+		title: fmt.Sprintf("List, %d bound devices", n), op: "list",
+		note: "Every bound device's status with the backing file's full path. C and Go's floor make List's calls on one thread: per device open, LOOP_GET_STATUS64 (ENXIO for an unbound device) and, for a bound one, BLKSSZGET, BLKGETSIZE64 and the backing_file read relative to /sys/devices/virtual/block while the device is open, then close. loopctl.List makes the same calls, spread over GOMAXPROCS goroutines. The losetup rows run `losetup --json --list`.",
+		rows: []*row{
+			{impl: "C (one thread)", cOp: "list"},
+			{impl: "Go floor (one goroutine)", goOp: "list/go"},
+			{impl: "loopctl List", goOp: "list/loopctl"},
+			{impl: "util-linux losetup --json --list", procs: [][]string{{h.losetup, "--json", "--list"}}},
+			{impl: "example losetup --json --list", procs: [][]string{{h.example, "--json", "--list"}}},
+		},
+	}
+}
+
+func (h *harness) findTable(n int) *table {
+	return &table{
+		title: fmt.Sprintf("FindByBackingFile, one file bound to %d devices", n), op: "find",
+		note: "The devices of one file, found by its device and inode: stat of the file, then per device open, LOOP_GET_STATUS64 and, for the file's devices, BLKSSZGET, BLKGETSIZE64 and the backing_file read. The losetup rows run `losetup -j FILE`.",
+		rows: []*row{
+			{impl: "C (one thread)", cOp: "find", file: true},
+			{impl: "Go floor (one goroutine)", goOp: "find/go"},
+			{impl: "loopctl FindByBackingFile", goOp: "find/loopctl"},
+			{impl: "util-linux losetup -j FILE", procs: [][]string{{h.losetup, "-j", "{file}"}}},
+			{impl: "example losetup -j FILE", procs: [][]string{{h.example, "-j", "{file}"}}},
+		},
+	}
+}
+
+// A sweepPoint is GetFree against the scan it replaced, and List against
+// losetup, at one count of bound devices.
+type sweepPoint struct {
+	bound                  int
+	getFree, scanC, scanGo float64 // ns
+	list, listC, losetup   float64 // ns
+}
+
+// sweepCounts binds more and more devices and measures, at each count,
+// GetFree and the scan, and List; at 256 the List and FindByBackingFile
+// tables too.
+func (h *harness) sweepCounts() error {
+	var nums []int
+	for _, f := range strings.Split(*counts, ",") {
+		n, err := strconv.Atoi(strings.TrimSpace(f))
+		if err != nil || n < 1 {
+			return fmt.Errorf("bad -counts %q", *counts)
+		}
+		nums = append(nums, n)
+	}
+	slices.Sort(nums)
+	tablesAt := 256
+	if !slices.Contains(nums, tablesAt) {
+		tablesAt = nums[len(nums)-1]
+	}
+	for _, n := range nums {
+		log.Printf("binding %d devices", n)
+		if err := h.bindTo(n); err != nil {
+			return err
+		}
+		if n == tablesAt {
+			for _, t := range []*table{h.listTable(n), h.findTable(n)} {
+				if err := h.measure(t); err != nil {
+					return err
+				}
+			}
+		}
+		t := &table{title: fmt.Sprintf("sweep at %d", n), rows: []*row{
+			{impl: "loopctl GetFree", goOp: "getfree/loopctl"},
+			{impl: "scan, C", cOp: "scan"},
+			{impl: "scan, Go", goOp: "scan/go"},
+			{impl: "loopctl List", goOp: "list/loopctl"},
+			{impl: "C list", cOp: "list"},
+			{impl: "losetup --json --list", procs: [][]string{{h.losetup, "--json", "--list"}}},
+		}}
+		log.Printf("measuring the sweep at %d", n)
+		for range *rounds {
+			for _, r := range t.rows {
+				ns, err := h.time(r)
+				if err != nil {
+					return fmt.Errorf("sweep at %d, %s: %w", n, r.impl, err)
+				}
+				r.times = append(r.times, ns)
+			}
+		}
+		h.sweep = append(h.sweep, sweepPoint{bound: n,
+			getFree: t.rows[0].median(), scanC: t.rows[1].median(), scanGo: t.rows[2].median(),
+			list: t.rows[3].median(), listC: t.rows[4].median(), losetup: t.rows[5].median()})
+	}
+	return nil
+}
+
+// duration formats ns for the tables.
+func duration(ns float64) string {
+	switch {
+	case ns >= 1e6:
+		return strconv.FormatFloat(ns/1e6, 'f', 2, 64) + " ms"
+	case ns >= 1e3:
+		return strconv.FormatFloat(ns/1e3, 'f', 2, 64) + " µs"
+	}
+	return strconv.FormatFloat(ns, 'f', 0, 64) + " ns"
+}
+
+func count(v float64) string {
+	if v < 0 {
+		return "–"
+	}
+	if v == float64(int64(v)) {
+		return strconv.FormatInt(int64(v), 10)
+	}
+	return strconv.FormatFloat(v, 'f', 1, 64)
+}
+
+// spread is the rounds' range as a share of the median.
+func (r *row) spread() string {
+	if len(r.times) < 2 {
+		return "–"
+	}
+	m := r.median()
+	return fmt.Sprintf("±%.0f%%", 100*(slices.Max(r.times)-slices.Min(r.times))/2/m)
+}
+
+// print writes the tables in Markdown.
+func (h *harness) print(w io.Writer) {
+	h.printTables(w)
+	h.printConcurrency(w)
+	h.printSweep(w)
+}
+
+func (h *harness) printTables(w io.Writer) {
+	for _, t := range h.tables {
+		printTable(w, t)
+	}
+}
+
+func printTable(w io.Writer, t *table) {
+	{
+		fmt.Fprintf(w, "### %s\n\n", t.title)
+		fmt.Fprintln(w, "| implementation | time/op | spread | × C | allocs/op | syscalls/op |")
+		fmt.Fprintln(w, "| --- | ---: | ---: | ---: | ---: | ---: |")
+		c := t.rows[0].median()
+		for _, r := range t.rows {
+			fmt.Fprintf(w, "| %s | %s | %s | %.2f | %s | %s |\n", r.impl, duration(r.median()), r.spread(),
+				r.median()/c, count(r.allocs), count(r.syscalls))
+		}
+		fmt.Fprintln(w)
+	}
+}
+
+func (h *harness) printConcurrency(w io.Writer) {
+	fmt.Fprintln(w, "### Concurrent attach throughput (AttachFile, ClearFD, Close)")
+	fmt.Fprintln(w)
+	fmt.Fprintln(w, "| attachers | cycles/s (median) | range |")
+	fmt.Fprintln(w, "| --- | ---: | ---: |")
+	for _, c := range h.conc {
+		t := slices.Clone(c.perSec)
+		slices.Sort(t)
+		fmt.Fprintf(w, "| %s | %.0f | %.0f–%.0f |\n", c.setting, t[len(t)/2], t[0], t[len(t)-1])
+	}
+	fmt.Fprintln(w)
+}
+
+func (h *harness) printSweep(w io.Writer) {
+	fmt.Fprintln(w, "### GetFree against the scan it replaced, and List against losetup, by bound devices")
+	fmt.Fprintln(w)
+	fmt.Fprintln(w, "| bound | loopctl GetFree | scan (C) | scan (Go) | scan (C) ÷ GetFree | loopctl List | C list | losetup --json --list | losetup ÷ List |")
+	fmt.Fprintln(w, "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+	for _, p := range h.sweep {
+		fmt.Fprintf(w, "| %d | %s | %s | %s | %.0f | %s | %s | %s | %.1f |\n", p.bound, duration(p.getFree),
+			duration(p.scanC), duration(p.scanGo), p.scanC/p.getFree, duration(p.list), duration(p.listC),
+			duration(p.losetup), p.losetup/p.list)
+	}
+	fmt.Fprintln(w)
+}
