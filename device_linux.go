@@ -45,14 +45,27 @@ func (d *Device) Status() (Status, error) {
 
 // readSizes sets s.BlockSize and s.Size from the device open as h.
 func readSizes(h handle, s *Status) error {
-	var blockSize int32
-	if err := ioctlPtr(h, unix.BLKSSZGET, unsafe.Pointer(&blockSize)); err != nil {
+	return new(sizes).read(h, s)
+}
+
+// sizes is where BLKSSZGET and BLKGETSIZE64 answer. The kernel writes
+// through pointers that pass an interface call, so the compiler puts the
+// answers on the heap: a look through many devices keeps one sizes each
+// reader instead.
+type sizes struct {
+	blockSize int32
+	size      uint64
+}
+
+// read sets s.BlockSize and s.Size from the device open as h.
+func (z *sizes) read(h handle, s *Status) error {
+	if err := ioctlPtr(h, unix.BLKSSZGET, unsafe.Pointer(&z.blockSize)); err != nil {
 		return inStep("BLKSSZGET", err)
 	}
-	if err := ioctlPtr(h, uint(unix.BLKGETSIZE64), unsafe.Pointer(&s.Size)); err != nil {
+	if err := ioctlPtr(h, uint(unix.BLKGETSIZE64), unsafe.Pointer(&z.size)); err != nil {
 		return inStep("BLKGETSIZE64", err)
 	}
-	s.BlockSize = uint32(blockSize)
+	s.BlockSize, s.Size = uint32(z.blockSize), z.size
 	return nil
 }
 

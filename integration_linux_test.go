@@ -489,13 +489,26 @@ type forcedKernel struct {
 
 // useKernel puts k in place of the real kernel for the test, with a fresh
 // shared control device opened through it.
-func useKernel(t *testing.T, k kernel) {
+func useKernel(t *testing.T, k opener) {
 	t.Helper()
 	requireKernel(t)
 	old := sys
 	resetShared()
-	sys = k
+	sys = probingByOpen{k}
 	t.Cleanup(func() { resetShared(); sys = old })
+}
+
+// An opener is a test's kernel: it changes what opens do.
+type opener interface {
+	open(path string, mode int) (handle, error)
+}
+
+// probingByOpen makes an opener a kernel whose probes are opens too, so
+// that the test's opener sees them.
+type probingByOpen struct{ opener }
+
+func (k probingByOpen) probe(n int, _ *probeBuf) (handle, error) {
+	return k.open(DevicePath(n), readOnly)
 }
 
 func useForced(t *testing.T, fail map[uint]error) *forcedKernel {

@@ -24,29 +24,44 @@ var sysfsRoot = "/sys"
 // osKernel opens real device nodes.
 type osKernel struct{}
 
-// probe is an open mode, read-only, for a handle that its opener alone uses
-// and closes within one call: a bare descriptor, without what an *os.File
-// costs (an fcntl and a few allocations a device, which a look through
-// hundreds of devices feels).
-const probe = readOnly + 1
-
 // open opens path with O_CLOEXEC: open(2) and nothing more. os.NewFile
 // would add an fcntl, and os.OpenFile more fcntl calls and a poller
 // registration that block devices refuse.
 func (osKernel) open(path string, mode int) (handle, error) {
 	flags := unix.O_RDWR
-	if mode != readWrite {
+	if mode == readOnly {
 		flags = unix.O_RDONLY
 	}
 	fd, err := openFD(path, flags)
 	if err != nil {
 		return nil, err
 	}
-	if mode == probe {
-		return fdHandle(fd), nil
-	}
 	return newFileHandle(fd), nil
 }
+
+// probe opens /dev/loopN read-only for a handle that its opener alone
+// uses and closes within one call: a bare descriptor, opened with the path
+// built in buf and returned as a pointer into it, so that a look through
+// hundreds of devices allocates nothing a device but on error.
+func (osKernel) probe(n int, buf *probeBuf) (handle, error) {
+	p := strconv.AppendInt(append(buf.path[:0], "/dev/loop"...), int64(n), 10)
+	p = append(p, 0)
+	for {
+		r, _, errno := unix.Syscall6(unix.SYS_OPENAT, atFDCWD, uintptr(unsafe.Pointer(&p[0])),
+			unix.O_RDONLY|unix.O_CLOEXEC, 0, 0, 0)
+		switch errno {
+		case 0:
+			buf.fd = fdHandle(r)
+			return &buf.fd, nil
+		case unix.EINTR:
+			continue
+		}
+		return nil, &os.PathError{Op: "open", Path: DevicePath(n), Err: errno}
+	}
+}
+
+// atFDCWD is AT_FDCWD as a system call argument.
+var atFDCWD = func() uintptr { fd := unix.AT_FDCWD; return uintptr(fd) }()
 
 // openFD opens path with flags and O_CLOEXEC, and nothing more: for a
 // descriptor this package holds only for the length of a call. An error is
@@ -216,10 +231,9 @@ func errnoErr(errno unix.Errno) error {
 	return nil
 }
 
-// An fdHandle is a bare descriptor opened for a probe: its opener alone
+// An fdHandle is a bare descriptor opened by probe: its opener alone
 // uses it, and closes it, within one call, so no concurrent Close can send
 // a call to a reused number, and it needs no reference count.
-type fdHandle int
 
 // rawIoctl and rawIoctlPtr are the one place this package enters the
 // kernel with an ioctl. A pointer argument becomes a uintptr only in the

@@ -98,7 +98,7 @@ func (h *killHandle) flock(how int) (err error) {
 // closing anything, as a crashing program would.
 func killChild(t *testing.T, cfg killConfig) {
 	k := &killKernel{cfg: cfg}
-	sys = k
+	sys = probingByOpen{k}
 	o := Options{}
 	if cfg.AutoClear {
 		o.Flags = FlagAutoClear

@@ -3,6 +3,8 @@
 package loopctl
 
 import (
+	"bytes"
+	"encoding/binary"
 	"errors"
 	"io/fs"
 	"os"
@@ -66,14 +68,23 @@ func list(id *backingFileID) ([]Status, error) {
 	if err != nil {
 		return nil, newError("list", sysfsRoot+"/block", err)
 	}
-	var out []Status
+	bound := 0
 	for i := range reads {
 		r := &reads[i]
 		if r.err != nil {
 			return nil, newError("list", DevicePath(r.n), r.err)
 		}
 		if r.ok {
-			out = append(out, r.s)
+			bound++
+		}
+	}
+	if bound == 0 {
+		return nil, nil
+	}
+	out := make([]Status, 0, bound)
+	for i := range reads {
+		if reads[i].ok {
+			out = append(out, reads[i].s)
 		}
 	}
 	return out, nil
@@ -110,7 +121,7 @@ func readDevices(id *backingFileID) ([]deviceRead, error) {
 	const batch = 8
 	var next atomic.Int64
 	work := func() {
-		buf := make([]byte, sysfs.BufSize)
+		sc := new(scratch)
 		for {
 			i := int(next.Add(batch)) - batch
 			if i >= len(nums) {
@@ -119,7 +130,7 @@ func readDevices(id *backingFileID) ([]deviceRead, error) {
 			for j := i; j < min(i+batch, len(nums)); j++ {
 				r := &reads[j]
 				r.n = nums[j]
-				r.s, r.ok, r.err = readStatus(dir, r.n, id, buf)
+				r.s, r.ok, r.err = readStatus(dir, r.n, id, sc)
 			}
 		}
 	}
@@ -154,26 +165,35 @@ func openBlockDir() (blockDir, error) {
 	return blockDir{}, err
 }
 
+// A scratch is one reader's buffers, so that reading a device allocates
+// only the Status's own strings.
+type scratch struct {
+	info  unix.LoopInfo64 // LOOP_GET_STATUS64's answer
+	sizes sizes
+	attr  [sysfs.BufSize]byte // an attribute's text
+	probe probeBuf
+	name  [64]byte // loopN/loop/backing_file, NUL-terminated
+}
+
 // readStatus reads device n's Status, reporting false when it is not bound
 // (to the file id, if not nil), from the device if this process may open
-// it, else from sysfs. block is the devices' sysfs directory; buf is
-// scratch space for sysfs reads.
+// it, else from sysfs. block is the devices' sysfs directory.
 //
 // The backing file's name is read while the device is open: a device
 // cleared meanwhile is torn down only at its last close, so the name and
 // the answers of LOOP_GET_STATUS64 are of one binding.
-func readStatus(block blockDir, n int, id *backingFileID, buf []byte) (Status, bool, error) {
-	h, err := sys.open(DevicePath(n), probe)
+func readStatus(block blockDir, n int, id *backingFileID, sc *scratch) (Status, bool, error) {
+	h, err := sys.probe(n, &sc.probe)
 	if errors.Is(err, syscall.ENXIO) {
 		return Status{}, false, nil // being torn down
 	}
 	if err != nil {
-		s, ok, err := sysfsStatus(block, n, buf)
+		s, ok, err := sysfsStatus(block, n, sc)
 		return s, ok && (id == nil || *id == backingFileID{s.BackingDevice, s.BackingInode}), err
 	}
 	defer h.Close()
-	var info unix.LoopInfo64
-	if err := ioctlPtr(h, reqGetStatus64, unsafe.Pointer(&info)); err != nil {
+	info := &sc.info
+	if err := ioctlPtr(h, reqGetStatus64, unsafe.Pointer(info)); err != nil {
 		if errors.Is(err, syscall.ENXIO) {
 			return Status{}, false, nil // unbound
 		}
@@ -182,11 +202,12 @@ func readStatus(block blockDir, n int, id *backingFileID, buf []byte) (Status, b
 	if id != nil && *id != (backingFileID{info.Device, info.Inode}) {
 		return Status{}, false, nil
 	}
-	s := statusFromInfo(&info)
-	if err := readSizes(h, &s); err != nil {
+	info.File_name[0] = 0 // sysfs has the whole name
+	s := statusFromInfo(info)
+	if err := sc.sizes.read(h, &s); err != nil {
 		return Status{}, false, err
 	}
-	file, ok, err := backingFile(block, n, buf)
+	file, ok, err := backingFile(block, n, sc)
 	if !ok {
 		return Status{}, false, err
 	}
@@ -197,8 +218,10 @@ func readStatus(block blockDir, n int, id *backingFileID, buf []byte) (Status, b
 // backingFile reads loop/backing_file of device n relative to block. It reports false, with a nil error,
 // for a device that is not bound: no loop/ directory, or one unbound
 // meanwhile, or an empty name, once a teardown has let go of the file.
-func backingFile(block blockDir, n int, buf []byte) (string, bool, error) {
-	b, err := sysfs.ReadFileAt(block.fd, block.path, "loop"+strconv.Itoa(n)+"/loop/backing_file", buf)
+func backingFile(block blockDir, n int, sc *scratch) (string, bool, error) {
+	name := strconv.AppendInt(append(sc.name[:0], "loop"...), int64(n), 10)
+	name = append(append(name, "/loop/backing_file"...), 0)
+	b, err := sysfs.ReadAttrAt(block.fd, block.path, name, sc.attr[:])
 	if err != nil || len(b) == 0 || b[0] == '\n' {
 		return "", false, unbinding(err)
 	}
@@ -250,12 +273,13 @@ func loopNumbers() ([]int, error) {
 	return nums, nil
 }
 
-// loopNumbersIn returns the numbers of the loop devices listed in dir, the
-// open /sys/block, in order.
+// loopNumbersIn returns the numbers of the loop devices listed in dir, an
+// open sysfs directory of block devices, in order. It reads the
+// linux_dirent64 records itself: unix.ParseDirent would make a string of
+// every name.
 func loopNumbersIn(dir int) ([]int, error) {
 	var buf [8192]byte
 	var nums []int
-	var names []string
 	for {
 		n, err := unix.ReadDirent(dir, buf[:])
 		if err == unix.EINTR {
@@ -267,11 +291,21 @@ func loopNumbersIn(dir int) ([]int, error) {
 		if n <= 0 {
 			break
 		}
-		_, _, names = unix.ParseDirent(buf[:n], -1, names[:0])
-		for _, name := range names {
-			if m, ok := sysfs.LoopNumber(name); ok {
+		// d_ino (8 bytes), d_off (8), d_reclen (2), d_type (1), d_name.
+		const nameOff = 19
+		for b := buf[:n]; len(b) > nameOff; {
+			reclen := int(binary.NativeEndian.Uint16(b[16:18]))
+			if reclen <= nameOff || reclen > len(b) {
+				break
+			}
+			name := b[nameOff:reclen]
+			if i := bytes.IndexByte(name, 0); i >= 0 {
+				name = name[:i]
+			}
+			if m, ok := sysfs.LoopNumber(unsafe.String(unsafe.SliceData(name), len(name))); ok {
 				nums = append(nums, m)
 			}
+			b = b[reclen:]
 		}
 	}
 	slices.Sort(nums)
@@ -291,8 +325,8 @@ func sysfsLoopAttr(n int, attr string) string {
 // (the devices' sysfs directory), into a Status, for a process that may not open the
 // device. It reports false for
 // an unbound device, and for one unbound or being torn down while it reads.
-func sysfsStatus(block blockDir, n int, buf []byte) (Status, bool, error) {
-	file, ok, err := backingFile(block, n, buf)
+func sysfsStatus(block blockDir, n int, sc *scratch) (Status, bool, error) {
+	file, ok, err := backingFile(block, n, sc)
 	if !ok {
 		return Status{}, false, err
 	}
@@ -313,7 +347,7 @@ func sysfsStatus(block blockDir, n int, buf []byte) (Status, bool, error) {
 		{"/size", &sectors, 0},
 		{"/queue/logical_block_size", &blockSize, 0},
 	} {
-		b, err := sysfs.ReadFileAt(block.fd, block.path, name+a.attr, buf)
+		b, err := sysfs.ReadFileAt(block.fd, block.path, name+a.attr, sc.attr[:])
 		if err != nil {
 			return Status{}, false, unbinding(err)
 		}

@@ -20,6 +20,10 @@ func (unsupportedKernel) open(path string, _ int) (handle, error) {
 	return nil, &os.PathError{Op: "open", Path: path, Err: errors.ErrUnsupported}
 }
 
+func (unsupportedKernel) probe(n int, _ *probeBuf) (handle, error) {
+	return nil, &os.PathError{Op: "open", Path: DevicePath(n), Err: errors.ErrUnsupported}
+}
+
 func loopNumber(path string) (int, uint64, error) {
 	return -1, 0, newError("open", path, errors.ErrUnsupported)
 }

@@ -2,6 +2,7 @@ package sysfs
 
 import (
 	"os"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -32,6 +33,31 @@ func ReadFileAt(dir int, dirPath, name string, buf []byte) ([]byte, error) {
 	n, err := retry(func() (int, error) { return unix.Read(fd, buf) })
 	if err != nil {
 		return nil, &os.PathError{Op: "read", Path: join(dirPath, name), Err: err}
+	}
+	return buf[:n], nil
+}
+
+// ReadAttrAt is ReadFileAt for a name given as bytes ending in a NUL, which
+// it hands to the kernel as they are: it allocates nothing but the error.
+func ReadAttrAt(dir int, dirPath string, name []byte, buf []byte) ([]byte, error) {
+	if len(name) == 0 || name[len(name)-1] != 0 {
+		return nil, &os.PathError{Op: "open", Path: join(dirPath, string(name)), Err: unix.EINVAL}
+	}
+	fd, err := retry(func() (int, error) {
+		r, _, errno := unix.Syscall6(unix.SYS_OPENAT, uintptr(dir), uintptr(unsafe.Pointer(&name[0])),
+			unix.O_RDONLY|unix.O_CLOEXEC, 0, 0, 0)
+		if errno != 0 {
+			return -1, errno
+		}
+		return int(r), nil
+	})
+	if err != nil {
+		return nil, &os.PathError{Op: "open", Path: join(dirPath, string(name[:len(name)-1])), Err: err}
+	}
+	defer unix.Close(fd)
+	n, err := retry(func() (int, error) { return unix.Read(fd, buf) })
+	if err != nil {
+		return nil, &os.PathError{Op: "read", Path: join(dirPath, string(name[:len(name)-1])), Err: err}
 	}
 	return buf[:n], nil
 }
