@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"strconv"
+	"sync/atomic"
 	"unsafe"
 
 	"github.com/containerd/containerd/v2/core/mount"
@@ -67,6 +68,32 @@ func floorGetFree(string) (func() error, func(), error) {
 	}
 	run := func() error {
 		if _, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(c), unix.LOOP_CTL_GET_FREE, 0); errno != 0 {
+			return errno
+		}
+		return nil
+	}
+	return run, func() { unix.Close(c) }, nil
+}
+
+// floorRefGetFree is the floor with the reference loopctl holds on the
+// descriptor during a call: a compare-and-swap to take it, an add to drop
+// it.
+func floorRefGetFree(string) (func() error, func(), error) {
+	c, err := openCtl()
+	if err != nil {
+		return nil, nil, err
+	}
+	var refs atomic.Uint64
+	refs.Store(1)
+	const closed = 1 << 63
+	run := func() error {
+		r := refs.Load()
+		if r&closed != 0 || !refs.CompareAndSwap(r, r+1) {
+			return os.ErrClosed
+		}
+		_, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(c), unix.LOOP_CTL_GET_FREE, 0)
+		refs.Add(^uint64(0))
+		if errno != 0 {
 			return errno
 		}
 		return nil
