@@ -347,6 +347,9 @@ func (h *harness) measure(t *table) error {
 
 // time measures one row once, for about the budget, in ns per operation.
 func (h *harness) time(r *row) (float64, error) {
+	if _, ok := ops[r.goOp]; r.goOp != "" && !ok {
+		return 0, fmt.Errorf("no operation %q", r.goOp)
+	}
 	switch {
 	case r.goOp != "":
 		run, done, err := ops[r.goOp].setup(h.file)

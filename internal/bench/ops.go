@@ -27,6 +27,7 @@ type op struct {
 // processes (for strace and for the two-process rows) run them by name.
 var ops = map[string]op{
 	"getfree/go":            {setup: floorGetFree},
+	"getfree/go-ref":        {setup: floorRefGetFree},
 	"getfree/loopctl":       {setup: loopctlGetFree},
 	"getfree/u-root":        {setup: urootGetFree},
 	"getfree/go-losetup":    {setup: nofile(func() error { _, err := losetup.GetFree(); return err })},
