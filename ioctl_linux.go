@@ -15,6 +15,22 @@ import (
 	"github.com/loopctl/loopctl/internal/sysfs"
 )
 
+// kernel opens handles; sys is the one in use, replaced only by tests.
+type kernel interface {
+	open(path string, mode int) (handle, error)
+	// probe opens /dev/loopN read-only for one call's use, in buf's
+	// memory.
+	probe(n int, buf *probeBuf) (handle, error)
+}
+
+// A probeBuf is the memory of one device probe at a time: its path, and
+// its descriptor, which as an interface value of its own would be
+// allocated.
+type probeBuf struct {
+	path [32]byte
+	fd   fdHandle
+}
+
 // sys is the kernel in use; tests replace it with fakes.
 var sys kernel = osKernel{}
 
@@ -313,6 +329,7 @@ func errnoErr(errno unix.Errno) error {
 // An fdHandle is a bare descriptor opened by probe: its opener alone
 // uses it, and closes it, within one call, so no concurrent Close can send
 // a call to a reused number, and it needs no reference count.
+type fdHandle int
 
 // rawIoctl and rawIoctlPtr are the one place this package enters the
 // kernel with an ioctl. A pointer argument becomes a uintptr only in the

@@ -151,27 +151,8 @@ type handle interface {
 	Close() error
 }
 
-// A probeBuf is the memory of one device probe at a time: its path, and
-// its descriptor, which as an interface value of its own would be
-// allocated.
-type probeBuf struct {
-	path [32]byte
-	fd   fdHandle
-}
-
-// An fdHandle is a bare descriptor; its methods are Linux's.
-type fdHandle int
-
 // The open modes a handle is asked for.
 const (
 	readWrite = iota
 	readOnly
 )
-
-// kernel opens handles; sys is the one in use, replaced only by tests.
-type kernel interface {
-	open(path string, mode int) (handle, error)
-	// probe opens /dev/loopN read-only for one call's use, in buf's
-	// memory.
-	probe(n int, buf *probeBuf) (handle, error)
-}
