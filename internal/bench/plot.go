@@ -2,7 +2,9 @@ package main
 
 import (
 	"image/color"
+	"math"
 	"path/filepath"
+	"strconv"
 
 	"gonum.org/v1/plot"
 	"gonum.org/v1/plot/plotter"
@@ -27,8 +29,25 @@ func (h *harness) plots() error {
 		p.X.Label.Text = "bound loop devices"
 		p.Y.Label.Text = "time per operation (µs)"
 		p.X.Scale, p.Y.Scale = plot.LogScale{}, plot.LogScale{}
-		p.X.Tick.Marker, p.Y.Tick.Marker = plot.LogTicks{Prec: -1}, plot.LogTicks{Prec: -1}
+		p.Y.Tick.Marker = plot.LogTicks{Prec: -1}
+		// The counts measured, as ticks, and room on either side of them.
+		var ticks []plot.Tick
+		lo, hi := math.Inf(1), 0.0
+		for _, s := range h.sweep {
+			ticks = append(ticks, plot.Tick{Value: float64(s.bound), Label: strconv.Itoa(s.bound)})
+			for _, l := range lines {
+				lo, hi = min(lo, l.y(s)/1e3), max(hi, l.y(s)/1e3)
+			}
+		}
+		p.X.Tick.Marker = plot.ConstantTicks(ticks)
+		if len(h.sweep) > 0 {
+			p.X.Min, p.X.Max = float64(h.sweep[0].bound)/1.5, float64(h.sweep[len(h.sweep)-1].bound)*1.5
+		}
+		// The legend goes top left, above the lines, where a renderer
+		// whose font is wider than gonum measured has room to its right.
+		p.Y.Min, p.Y.Max = lo/3, hi*2
 		p.Legend.Top, p.Legend.Left = true, true
+		p.Legend.XOffs, p.Legend.YOffs = vg.Points(6), -vg.Points(4)
 		for i, l := range lines {
 			xys := make(plotter.XYs, len(h.sweep))
 			for j, s := range h.sweep {
