@@ -323,8 +323,11 @@ func (r *row) median() float64 {
 // row's allocations and system calls once.
 func (h *harness) measure(t *table) error {
 	log.Printf("measuring %s", t.title)
-	for range *rounds {
-		for _, r := range t.rows {
+	for round := range *rounds {
+		// Each round starts one row further on, so that no row is always
+		// measured just after the same other.
+		for i := range t.rows {
+			r := t.rows[(round+i)%len(t.rows)]
 			ns, err := h.time(r)
 			if err != nil {
 				return fmt.Errorf("%s, %s: %w", t.title, r.impl, err)

@@ -132,7 +132,8 @@ func (h *harness) targets() []target {
 		gf.ratio(floor) <= 1.05 && gf.allocs == 0})
 	cy, c := h.find("cycle", "loopctl"), h.find("cycle", "C")
 	ts = append(ts, target{"attach/detach cycle within 1.05× of C making the same calls, locks included",
-		fmt.Sprintf("%s against %s: %.3f×; %s syscalls against %s", duration(cy.median()), duration(c.median()), cy.ratio(c), count(cy.syscalls), count(c.syscalls)),
+		fmt.Sprintf("%s against %s: %.3f× (the medians' ratio: %.3f×); %s syscalls against %s", duration(cy.median()), duration(c.median()),
+			cy.ratio(c), cy.median()/c.median(), count(cy.syscalls), count(c.syscalls)),
 		cy.ratio(c) <= 1.05})
 	i := slices.IndexFunc(h.sweep, func(p sweepPoint) bool { return p.bound == 256 })
 	if i >= 0 {
