@@ -125,9 +125,11 @@
 // # Concurrency and descriptors
 //
 // Control and Device are safe for concurrent use. Every descriptor is
-// opened with O_CLOEXEC, and every ioctl runs through the file's RawConn,
-// so a concurrent Close can never send a call to a reused descriptor
-// number. Close is idempotent.
+// opened with O_CLOEXEC, and a concurrent Close can never send a call to a
+// reused descriptor number: a Device's calls hold a reference on its
+// descriptor, and a Control's Close puts an eventfd in its descriptor's
+// place, which is closed once the Control is unreachable. Close is
+// idempotent.
 //
 // On systems other than Linux the package builds, and every call returns
 // an error matching errors.ErrUnsupported.
