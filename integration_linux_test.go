@@ -253,6 +253,7 @@ func TestKernelLockAllocatesNothing(t *testing.T) {
 // control device is released at once, and the number is closed once the
 // Control is unreachable.
 func TestKernelControlClose(t *testing.T) {
+	requireKernel(t)
 	c, err := Open()
 	if err != nil {
 		t.Fatal(err)
