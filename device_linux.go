@@ -31,7 +31,7 @@ func (d *Device) Status() (Status, error) {
 		return Status{}, err
 	}
 	s := statusFromInfo(&info)
-	if err := readSizes(h, &s); err != nil {
+	if err := new(sizes).read(h, &s); err != nil {
 		return Status{}, newError(op, d.path, err)
 	}
 	var buf [sysfs.BufSize]byte
@@ -41,11 +41,6 @@ func (d *Device) Status() (Status, error) {
 		s.BackingFile = sysfs.Value(b)
 	}
 	return s, nil
-}
-
-// readSizes sets s.BlockSize and s.Size from the device open as h.
-func readSizes(h handle, s *Status) error {
-	return new(sizes).read(h, s)
 }
 
 // sizes is where BLKSSZGET and BLKGETSIZE64 answer. The kernel writes

@@ -214,6 +214,8 @@ func (h *controlHandle) call(fn func(fd fdHandle) error) error {
 	return err
 }
 
+// rawIoctl is call written out: GetFree comes here, and a closure that
+// writes the result back would cost it.
 func (h *controlHandle) rawIoctl(req uint, arg uintptr) (int, error) {
 	if h.closed.Load() {
 		return -1, os.ErrClosed
@@ -326,9 +328,11 @@ func errnoErr(errno unix.Errno) error {
 	return nil
 }
 
-// An fdHandle is a bare descriptor opened by probe: its opener alone
-// uses it, and closes it, within one call, so no concurrent Close can send
-// a call to a reused number, and it needs no reference count.
+// An fdHandle is a bare descriptor: one opened by probe, which its opener
+// alone uses, and closes, within one call, so that no concurrent Close can
+// send a call to a reused number and it needs no reference count; and the
+// descriptor of the other handles, whose calls come here once they have
+// made sure of it.
 type fdHandle int
 
 // rawIoctl and rawIoctlPtr are the one place this package enters the

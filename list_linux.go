@@ -215,9 +215,10 @@ func readStatus(block blockDir, n int, id *backingFileID, sc *scratch) (Status, 
 	return s, true, nil
 }
 
-// backingFile reads loop/backing_file of device n relative to block. It reports false, with a nil error,
-// for a device that is not bound: no loop/ directory, or one unbound
-// meanwhile, or an empty name, once a teardown has let go of the file.
+// backingFile reads loop/backing_file of device n relative to block. It
+// reports false, with a nil error, for a device that is not bound: no
+// loop/ directory, or one unbound meanwhile, or an empty name, once a
+// teardown has let go of the file.
 func backingFile(block blockDir, n int, sc *scratch) (string, bool, error) {
 	name := strconv.AppendInt(append(sc.name[:0], "loop"...), int64(n), 10)
 	name = append(append(name, "/loop/backing_file"...), 0)
@@ -321,10 +322,10 @@ func sysfsLoopAttr(n int, attr string) string {
 	return sysfs.LoopDir(sysfsRoot, n) + "/loop/" + attr
 }
 
-// sysfsStatus reads device n's binding from sysfs, relative to block
-// (the devices' sysfs directory), into a Status, for a process that may not open the
-// device. It reports false for
-// an unbound device, and for one unbound or being torn down while it reads.
+// sysfsStatus reads device n's binding from sysfs, relative to block (the
+// devices' sysfs directory), into a Status, for a process that may not
+// open the device. It reports false for an unbound device, and for one
+// unbound or being torn down while it reads.
 func sysfsStatus(block blockDir, n int, sc *scratch) (Status, bool, error) {
 	file, ok, err := backingFile(block, n, sc)
 	if !ok {

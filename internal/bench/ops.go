@@ -26,22 +26,21 @@ type op struct {
 // ops are the in-process operations, by group and implementation; child
 // processes (for strace and for the two-process rows) run them by name.
 var ops = map[string]op{
-	"getfree/go":            {setup: floorGetFree},
-	"getfree/go-ref":        {setup: floorRefGetFree},
-	"getfree/loopctl":       {setup: loopctlGetFree},
-	"getfree/u-root":        {setup: urootGetFree},
-	"getfree/go-losetup":    {setup: nofile(func() error { _, err := losetup.GetFree(); return err })},
-	"cycle/go":              {setup: floorCycle},
-	"cycle/loopctl":         {setup: loopctlCycle},
-	"cycle/u-root":          {setup: withName(urootCycle)},
-	"cycle/containerd":      {setup: withName(containerdCycle)},
-	"cycle/go-losetup":      {setup: withName(goLosetupCycle)},
-	"list/go":               {setup: func(string) (func() error, func(), error) { return floorList("") }},
-	"list/loopctl":          {setup: nofile(func() error { _, err := loopctl.List(); return err })},
-	"find/go":               {setup: floorFind},
-	"find/loopctl":          {setup: loopctlFind},
-	"scan/go":               {setup: nofile(func() error { _, err := floorScan(); return err })},
-	"sweep-getfree/loopctl": {setup: loopctlGetFree},
+	"getfree/go":         {setup: floorGetFree},
+	"getfree/go-ref":     {setup: floorRefGetFree},
+	"getfree/loopctl":    {setup: loopctlGetFree},
+	"getfree/u-root":     {setup: urootGetFree},
+	"getfree/go-losetup": {setup: nofile(func() error { _, err := losetup.GetFree(); return err })},
+	"cycle/go":           {setup: floorCycle},
+	"cycle/loopctl":      {setup: loopctlCycle},
+	"cycle/u-root":       {setup: withName(urootCycle)},
+	"cycle/containerd":   {setup: withName(containerdCycle)},
+	"cycle/go-losetup":   {setup: withName(goLosetupCycle)},
+	"list/go":            {setup: func(string) (func() error, func(), error) { return floorList("") }},
+	"list/loopctl":       {setup: nofile(func() error { _, err := loopctl.List(); return err })},
+	"find/go":            {setup: floorFind},
+	"find/loopctl":       {setup: loopctlFind},
+	"scan/go":            {setup: nofile(func() error { _, err := floorScan(); return err })},
 }
 
 func nofile(run func() error) func(string) (func() error, func(), error) {

@@ -2,6 +2,7 @@ package sysfs
 
 import (
 	"os"
+	"strings"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -25,20 +26,17 @@ func ReadFile(path string, buf []byte) ([]byte, error) {
 // path of its own). Opening relative to a directory the caller holds
 // spares the kernel the walk from the root for each attribute.
 func ReadFileAt(dir int, dirPath, name string, buf []byte) ([]byte, error) {
-	fd, err := retry(func() (int, error) { return unix.Openat(dir, name, unix.O_RDONLY|unix.O_CLOEXEC, 0) })
-	if err != nil {
-		return nil, &os.PathError{Op: "open", Path: join(dirPath, name), Err: err}
+	if strings.IndexByte(name, 0) >= 0 {
+		return nil, &os.PathError{Op: "open", Path: join(dirPath, name), Err: unix.EINVAL}
 	}
-	defer unix.Close(fd)
-	n, err := retry(func() (int, error) { return unix.Read(fd, buf) })
-	if err != nil {
-		return nil, &os.PathError{Op: "read", Path: join(dirPath, name), Err: err}
-	}
-	return buf[:n], nil
+	b := make([]byte, len(name)+1) // with its NUL
+	copy(b, name)
+	return ReadAttrAt(dir, dirPath, b, buf)
 }
 
 // ReadAttrAt is ReadFileAt for a name given as bytes ending in a NUL, which
 // it hands to the kernel as they are: it allocates nothing but the error.
+// The other readers come here.
 func ReadAttrAt(dir int, dirPath string, name []byte, buf []byte) ([]byte, error) {
 	if len(name) == 0 || name[len(name)-1] != 0 {
 		return nil, &os.PathError{Op: "open", Path: join(dirPath, string(name)), Err: unix.EINVAL}
