@@ -774,7 +774,8 @@ func TestKernelClosed(t *testing.T) {
 
 // openFDs returns the process's descriptors and what they point to,
 // leaving out the Go runtime's poller (anon_inode:[eventpoll] and its
-// eventfd), which it creates on first use.
+// eventfd), which it creates on first use, and the backing_file attributes
+// that List holds (TestKernelListHeldNames checks those).
 func openFDs(t *testing.T) map[int]string {
 	t.Helper()
 	ents, err := os.ReadDir("/proc/self/fd")
@@ -789,7 +790,22 @@ func openFDs(t *testing.T) map[int]string {
 			fds[n] = target
 		}
 	}
+	for fd := range heldNames() {
+		delete(fds, fd)
+	}
 	return fds
+}
+
+// heldNames returns the descriptors that List holds, and the device
+// number of each.
+func heldNames() map[int]int {
+	backingFiles.mu.Lock()
+	defer backingFiles.mu.Unlock()
+	held := map[int]int{}
+	for n, h := range backingFiles.files {
+		held[h.fd] = n
+	}
+	return held
 }
 
 func TestKernelCloexecAndNoLeak(t *testing.T) {
@@ -847,6 +863,135 @@ func TestKernelCloexecAndNoLeak(t *testing.T) {
 	OpenDevice(MaxNumber)
 	if after := len(openFDs(t)); after != before {
 		t.Fatalf("%d descriptors before, %d after", before, after)
+	}
+}
+
+// TestKernelListHeldNames checks the backing_file descriptors that List
+// keeps: one a device listed bound, close-on-exec, reading the binding of
+// now (a file renamed or deleted since, another file bound since), and
+// closed once List sees the device unbound or gone.
+func TestKernelListHeldNames(t *testing.T) {
+	c := openControl(t)
+	n, err := c.Add(AnyNumber)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if d, err := OpenDevice(n); err == nil {
+			detach(t, d)
+		}
+		if err := c.Remove(n); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			t.Errorf("removing the test's device: %v", err)
+		}
+	})
+	dir := t.TempDir()
+	a, b := filepath.Join(dir, "a"), filepath.Join(dir, "b")
+	for _, p := range []string{a, b} {
+		if err := os.WriteFile(p, make([]byte, 1<<20), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	attr := fmt.Sprintf("/sys/devices/virtual/block/loop%d/loop/backing_file", n)
+	listed := func(want string) {
+		t.Helper()
+		list, err := List()
+		if err != nil {
+			t.Fatal(err)
+		}
+		i := slices.IndexFunc(list, func(s Status) bool { return s.Number == n })
+		switch {
+		case want == "" && i >= 0:
+			t.Fatalf("List has %+v, want loop%d unbound", list[i], n)
+		case want != "" && i < 0:
+			t.Fatalf("List lacks loop%d, want it on %s", n, want)
+		case want != "" && list[i].BackingFile != want:
+			t.Fatalf("List has %+v, want loop%d on %s", list[i], n, want)
+		}
+		var fds []int
+		for fd, m := range heldNames() {
+			if m == n {
+				fds = append(fds, fd)
+			}
+		}
+		if want == "" {
+			if len(fds) != 0 {
+				t.Fatalf("descriptors %v held for unbound loop%d", fds, n)
+			}
+			return
+		}
+		if len(fds) != 1 {
+			t.Fatalf("descriptors %v held for loop%d, want one", fds, n)
+		}
+		if target, err := os.Readlink(fmt.Sprintf("/proc/self/fd/%d", fds[0])); err != nil || target != attr {
+			t.Fatalf("held descriptor %d is %q, %v; want %s", fds[0], target, err, attr)
+		}
+		flags, err := unix.FcntlInt(uintptr(fds[0]), unix.F_GETFD, 0)
+		if err != nil || flags&unix.FD_CLOEXEC == 0 {
+			t.Fatalf("held descriptor %d: flags %#x, %v; want FD_CLOEXEC", fds[0], flags, err)
+		}
+	}
+	// Each step opens the device and closes it: a cleared device is torn
+	// down at its last close.
+	bind := func(path string) {
+		t.Helper()
+		f, err := os.Open(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		d, err := OpenDevice(n)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer d.Close()
+		if err := d.Configure(f, Options{Flags: FlagReadOnly}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	clear := func() {
+		t.Helper()
+		d, err := OpenDevice(n)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer d.Close()
+		if err := d.ClearFD(); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	bind(a)
+	listed(a)
+	listed(a) // read again through the held descriptor
+	renamed := a + "-renamed"
+	if err := os.Rename(a, renamed); err != nil {
+		t.Fatal(err)
+	}
+	listed(renamed)
+	clear()
+	bind(b) // the descriptor held is of a's binding, and reads ENODEV
+	listed(b)
+	if err := os.Remove(b); err != nil {
+		t.Fatal(err)
+	}
+	listed(b + " (deleted)")
+	clear()
+	listed("")
+
+	// A device removed is let go of too, by the first List after.
+	bind(renamed)
+	listed(renamed)
+	clear()
+	if err := c.Remove(n); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := List(); err != nil {
+		t.Fatal(err)
+	}
+	for fd, m := range heldNames() {
+		if m == n {
+			t.Fatalf("descriptor %d held for loop%d, removed", fd, n)
+		}
 	}
 }
 

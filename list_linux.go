@@ -117,6 +117,9 @@ func readDevices(id *backingFileID) ([]deviceRead, error) {
 	if err != nil {
 		return nil, &os.PathError{Op: "readdirent", Path: dir.path, Err: err}
 	}
+	if dir.sysfs {
+		backingFiles.keepOnly(dir.path, nums)
+	}
 	reads := make([]deviceRead, len(nums))
 	const batch = 8
 	var next atomic.Int64
@@ -147,6 +150,9 @@ func readDevices(id *backingFileID) ([]deviceRead, error) {
 type blockDir struct {
 	fd   int
 	path string
+	// sysfs is true when the directory is on sysfs, whose attributes
+	// backingFile may hold open (a fake tree in tests is not).
+	sysfs bool
 }
 
 // openBlockDir opens the directory where the loop devices' sysfs entries
@@ -159,7 +165,9 @@ func openBlockDir() (blockDir, error) {
 	for _, path := range []string{sysfsRoot + "/devices/virtual/block", sysfsRoot + "/block"} {
 		var fd int
 		if fd, err = openFD(path, unix.O_RDONLY|unix.O_DIRECTORY); err == nil {
-			return blockDir{fd, path}, nil
+			var fs unix.Statfs_t
+			onSysfs := unix.Fstatfs(fd, &fs) == nil && fs.Type == unix.SYSFS_MAGIC
+			return blockDir{fd, path, onSysfs}, nil
 		}
 	}
 	return blockDir{}, err
@@ -185,6 +193,7 @@ type scratch struct {
 func readStatus(block blockDir, n int, id *backingFileID, sc *scratch) (Status, bool, error) {
 	h, err := sys.probe(n, &sc.probe)
 	if errors.Is(err, syscall.ENXIO) {
+		backingFiles.forget(n)
 		return Status{}, false, nil // being torn down
 	}
 	if err != nil {
@@ -195,6 +204,7 @@ func readStatus(block blockDir, n int, id *backingFileID, sc *scratch) (Status, 
 	info := &sc.info
 	if err := ioctlPtr(h, reqGetStatus64, unsafe.Pointer(info)); err != nil {
 		if errors.Is(err, syscall.ENXIO) {
+			backingFiles.forget(n)
 			return Status{}, false, nil // unbound
 		}
 		return Status{}, false, inStep("LOOP_GET_STATUS64", err)
@@ -219,14 +229,128 @@ func readStatus(block blockDir, n int, id *backingFileID, sc *scratch) (Status, 
 // reports false, with a nil error, for a device that is not bound: no
 // loop/ directory, or one unbound meanwhile, or an empty name, once a
 // teardown has let go of the file.
+//
+// On sysfs it keeps the attribute open for the next call: opening a sysfs
+// attribute costs the kernel four times what reading it again costs, and
+// this read is most of List's work. A descriptor held from an earlier
+// binding reads ENODEV (its loop/ directory went at the unbinding), and is
+// replaced.
 func backingFile(block blockDir, n int, sc *scratch) (string, bool, error) {
 	name := strconv.AppendInt(append(sc.name[:0], "loop"...), int64(n), 10)
 	name = append(append(name, "/loop/backing_file"...), 0)
-	b, err := sysfs.ReadAttrAt(block.fd, block.path, name, sc.attr[:])
+	if block.sysfs {
+		if h := backingFiles.get(block.path, n); h != nil {
+			b, err := sysfs.Reread(h.fd, block.path, name, sc.attr[:])
+			h.release()
+			if !errors.Is(err, syscall.ENODEV) {
+				return backingName(b, err)
+			}
+			backingFiles.drop(n, h)
+		}
+	}
+	fd, err := sysfs.OpenAttrAt(block.fd, block.path, name)
+	if err != nil {
+		return "", false, unbinding(err)
+	}
+	b, err := sysfs.Reread(fd, block.path, name, sc.attr[:])
+	if err != nil || !block.sysfs || !backingFiles.put(block.path, n, fd) {
+		closeFD(fd)
+	}
+	return backingName(b, err)
+}
+
+// backingName is backingFile's answer for the attribute's text b, read
+// with err.
+func backingName(b []byte, err error) (string, bool, error) {
 	if err != nil || len(b) == 0 || b[0] == '\n' {
 		return "", false, unbinding(err)
 	}
 	return sysfs.Value(b), true, nil
+}
+
+// backingFiles holds the descriptors backingFile keeps: one a device
+// listed bound, closed once a look finds the device unbound or gone.
+var backingFiles heldFiles
+
+// heldFiles is a set of open attributes by device number, all relative to
+// one directory. Its handles count references, so that a look closing one
+// never closes it under another look's read.
+type heldFiles struct {
+	mu    sync.Mutex
+	dir   string // the sysfs directory the attributes are in
+	files map[int]*fileHandle
+}
+
+// get returns device n's attribute, relative to dir, with a reference
+// that the caller releases; nil if none is held.
+func (c *heldFiles) get(dir string, n int) *fileHandle {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if h := c.files[n]; h != nil && c.dir == dir && h.acquire() {
+		return h
+	}
+	return nil
+}
+
+// put holds fd as device n's attribute, relative to dir, reporting false
+// (fd is then the caller's to close) if another look put one first.
+func (c *heldFiles) put(dir string, n, fd int) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.dir != dir {
+		c.closeIf(func(int) bool { return true })
+		c.dir = dir
+	}
+	if c.files == nil {
+		c.files = make(map[int]*fileHandle)
+	}
+	if c.files[n] != nil {
+		return false
+	}
+	c.files[n] = newFileHandle(fd)
+	return true
+}
+
+// drop closes h, device n's attribute, unless another look has already.
+func (c *heldFiles) drop(n int, h *fileHandle) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.files[n] == h {
+		delete(c.files, n)
+		h.Close()
+	}
+}
+
+// forget closes device n's attribute, if one is held.
+func (c *heldFiles) forget(n int) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if h := c.files[n]; h != nil {
+		delete(c.files, n)
+		h.Close()
+	}
+}
+
+// keepOnly closes the attributes of the devices that are not in nums, the
+// numbers (in order) of the devices now in dir.
+func (c *heldFiles) keepOnly(dir string, nums []int) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.closeIf(func(n int) bool {
+		_, found := slices.BinarySearch(nums, n)
+		return c.dir != dir || !found
+	})
+}
+
+// closeIf closes the attributes of the devices n for which gone is true.
+// The caller holds c.mu.
+func (c *heldFiles) closeIf(gone func(n int) bool) {
+	for n, h := range c.files {
+		if gone(n) {
+			delete(c.files, n)
+			h.Close()
+		}
+	}
 }
 
 // maxAddTries bounds addUnused: each EEXIST means another process took the

@@ -38,8 +38,20 @@ func ReadFileAt(dir int, dirPath, name string, buf []byte) ([]byte, error) {
 // it hands to the kernel as they are: it allocates nothing but the error.
 // The other readers come here.
 func ReadAttrAt(dir int, dirPath string, name []byte, buf []byte) ([]byte, error) {
+	fd, err := OpenAttrAt(dir, dirPath, name)
+	if err != nil {
+		return nil, err
+	}
+	defer unix.Close(fd)
+	return Reread(fd, dirPath, name, buf)
+}
+
+// OpenAttrAt opens the attribute name (bytes ending in a NUL) relative to
+// the directory open as dir, read-only and close-on-exec, for Reread. An
+// error is an *os.PathError.
+func OpenAttrAt(dir int, dirPath string, name []byte) (int, error) {
 	if len(name) == 0 || name[len(name)-1] != 0 {
-		return nil, &os.PathError{Op: "open", Path: join(dirPath, string(name)), Err: unix.EINVAL}
+		return -1, &os.PathError{Op: "open", Path: join(dirPath, string(name)), Err: unix.EINVAL}
 	}
 	fd, err := retry(func() (int, error) {
 		r, _, errno := unix.Syscall6(unix.SYS_OPENAT, uintptr(dir), uintptr(unsafe.Pointer(&name[0])),
@@ -50,10 +62,19 @@ func ReadAttrAt(dir int, dirPath string, name []byte, buf []byte) ([]byte, error
 		return int(r), nil
 	})
 	if err != nil {
-		return nil, &os.PathError{Op: "open", Path: join(dirPath, string(name[:len(name)-1])), Err: err}
+		return -1, &os.PathError{Op: "open", Path: join(dirPath, string(name[:len(name)-1])), Err: err}
 	}
-	defer unix.Close(fd)
-	n, err := retry(func() (int, error) { return unix.Read(fd, buf) })
+	return fd, nil
+}
+
+// Reread reads the attribute open as fd from its start into buf: sysfs
+// formats an attribute anew for each read at offset 0, so a descriptor
+// held open reads its current value each time, and one of an attribute
+// since removed (a loop/ directory of a device since unbound, even if bound
+// again) fails with ENODEV. dirPath and name (as for OpenAttrAt) name the
+// attribute in an error, an *os.PathError.
+func Reread(fd int, dirPath string, name []byte, buf []byte) ([]byte, error) {
+	n, err := retry(func() (int, error) { return unix.Pread(fd, buf, 0) })
 	if err != nil {
 		return nil, &os.PathError{Op: "read", Path: join(dirPath, string(name[:len(name)-1])), Err: err}
 	}
