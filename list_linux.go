@@ -92,10 +92,11 @@ func list(id *backingFileID) ([]Status, error) {
 
 // A deviceRead is what readStatus found of device n.
 type deviceRead struct {
-	n   int
-	s   Status
-	ok  bool // bound (to the file asked for)
-	err error
+	n    int
+	held *fileHandle // its backing_file as backingFiles held it, or nil
+	s    Status
+	ok   bool // bound (to the file asked for)
+	err  error
 }
 
 // devicesPerWorker is the share of the devices below which another
@@ -117,10 +118,17 @@ func readDevices(id *backingFileID) ([]deviceRead, error) {
 	if err != nil {
 		return nil, &os.PathError{Op: "readdirent", Path: dir.path, Err: err}
 	}
-	if dir.sysfs {
-		backingFiles.keepOnly(dir.path, nums)
-	}
 	reads := make([]deviceRead, len(nums))
+	if dir.sysfs {
+		backingFiles.take(dir.path, nums, reads)
+		defer func() {
+			for i := range reads {
+				if h := reads[i].held; h != nil {
+					h.release()
+				}
+			}
+		}()
+	}
 	const batch = 8
 	var next atomic.Int64
 	work := func() {
@@ -133,7 +141,7 @@ func readDevices(id *backingFileID) ([]deviceRead, error) {
 			for j := i; j < min(i+batch, len(nums)); j++ {
 				r := &reads[j]
 				r.n = nums[j]
-				r.s, r.ok, r.err = readStatus(dir, r.n, id, sc)
+				r.s, r.ok, r.err = readStatus(dir, r.n, r.held, id, sc)
 			}
 		}
 	}
@@ -185,26 +193,27 @@ type scratch struct {
 
 // readStatus reads device n's Status, reporting false when it is not bound
 // (to the file id, if not nil), from the device if this process may open
-// it, else from sysfs. block is the devices' sysfs directory.
+// it, else from sysfs. block is the devices' sysfs directory, held the
+// device's backing_file if backingFiles holds it.
 //
 // The backing file's name is read while the device is open: a device
 // cleared meanwhile is torn down only at its last close, so the name and
 // the answers of LOOP_GET_STATUS64 are of one binding.
-func readStatus(block blockDir, n int, id *backingFileID, sc *scratch) (Status, bool, error) {
+func readStatus(block blockDir, n int, held *fileHandle, id *backingFileID, sc *scratch) (Status, bool, error) {
 	h, err := sys.probe(n, &sc.probe)
 	if errors.Is(err, syscall.ENXIO) {
-		backingFiles.forget(n)
+		backingFiles.drop(n, held)
 		return Status{}, false, nil // being torn down
 	}
 	if err != nil {
-		s, ok, err := sysfsStatus(block, n, sc)
+		s, ok, err := sysfsStatus(block, n, held, sc)
 		return s, ok && (id == nil || *id == backingFileID{s.BackingDevice, s.BackingInode}), err
 	}
 	defer h.Close()
 	info := &sc.info
 	if err := ioctlPtr(h, reqGetStatus64, unsafe.Pointer(info)); err != nil {
 		if errors.Is(err, syscall.ENXIO) {
-			backingFiles.forget(n)
+			backingFiles.drop(n, held)
 			return Status{}, false, nil // unbound
 		}
 		return Status{}, false, inStep("LOOP_GET_STATUS64", err)
@@ -217,7 +226,7 @@ func readStatus(block blockDir, n int, id *backingFileID, sc *scratch) (Status, 
 	if err := sc.sizes.read(h, &s); err != nil {
 		return Status{}, false, err
 	}
-	file, ok, err := backingFile(block, n, sc)
+	file, ok, err := backingFile(block, n, held, sc)
 	if !ok {
 		return Status{}, false, err
 	}
@@ -225,7 +234,8 @@ func readStatus(block blockDir, n int, id *backingFileID, sc *scratch) (Status, 
 	return s, true, nil
 }
 
-// backingFile reads loop/backing_file of device n relative to block. It
+// backingFile reads loop/backing_file of device n relative to block, or
+// through held, the descriptor backingFiles holds for it, if not nil. It
 // reports false, with a nil error, for a device that is not bound: no
 // loop/ directory, or one unbound meanwhile, or an empty name, once a
 // teardown has let go of the file.
@@ -235,18 +245,15 @@ func readStatus(block blockDir, n int, id *backingFileID, sc *scratch) (Status, 
 // this read is most of List's work. A descriptor held from an earlier
 // binding reads ENODEV (its loop/ directory went at the unbinding), and is
 // replaced.
-func backingFile(block blockDir, n int, sc *scratch) (string, bool, error) {
+func backingFile(block blockDir, n int, held *fileHandle, sc *scratch) (string, bool, error) {
 	name := strconv.AppendInt(append(sc.name[:0], "loop"...), int64(n), 10)
 	name = append(append(name, "/loop/backing_file"...), 0)
-	if block.sysfs {
-		if h := backingFiles.get(block.path, n); h != nil {
-			b, err := sysfs.Reread(h.fd, block.path, name, sc.attr[:])
-			h.release()
-			if !errors.Is(err, syscall.ENODEV) {
-				return backingName(b, err)
-			}
-			backingFiles.drop(n, h)
+	if held != nil {
+		b, err := sysfs.Reread(held.fd, block.path, name, sc.attr[:])
+		if !errors.Is(err, syscall.ENODEV) {
+			return backingName(b, err)
 		}
+		backingFiles.drop(n, held)
 	}
 	fd, err := sysfs.OpenAttrAt(block.fd, block.path, name)
 	if err != nil {
@@ -281,15 +288,25 @@ type heldFiles struct {
 	files map[int]*fileHandle
 }
 
-// get returns device n's attribute, relative to dir, with a reference
-// that the caller releases; nil if none is held.
-func (c *heldFiles) get(dir string, n int) *fileHandle {
+// take puts in reads[i].held, with a reference that the caller releases,
+// the attribute held for device nums[i], relative to dir, and closes those
+// of devices not in nums (in order): removed since.
+func (c *heldFiles) take(dir string, nums []int, reads []deviceRead) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if h := c.files[n]; h != nil && c.dir == dir && h.acquire() {
-		return h
+	if c.dir != dir {
+		c.closeAll()
+		c.dir = dir
 	}
-	return nil
+	for n, h := range c.files {
+		i, found := slices.BinarySearch(nums, n)
+		if !found {
+			delete(c.files, n)
+			h.Close()
+		} else if h.acquire() {
+			reads[i].held = h
+		}
+	}
 }
 
 // put holds fd as device n's attribute, relative to dir, reporting false
@@ -298,7 +315,7 @@ func (c *heldFiles) put(dir string, n, fd int) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.dir != dir {
-		c.closeIf(func(int) bool { return true })
+		c.closeAll()
 		c.dir = dir
 	}
 	if c.files == nil {
@@ -311,8 +328,12 @@ func (c *heldFiles) put(dir string, n, fd int) bool {
 	return true
 }
 
-// drop closes h, device n's attribute, unless another look has already.
+// drop closes h, device n's attribute, unless it is nil or another look
+// has closed it already.
 func (c *heldFiles) drop(n int, h *fileHandle) {
+	if h == nil {
+		return
+	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.files[n] == h {
@@ -321,35 +342,11 @@ func (c *heldFiles) drop(n int, h *fileHandle) {
 	}
 }
 
-// forget closes device n's attribute, if one is held.
-func (c *heldFiles) forget(n int) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if h := c.files[n]; h != nil {
+// closeAll closes every attribute held. The caller holds c.mu.
+func (c *heldFiles) closeAll() {
+	for n, h := range c.files {
 		delete(c.files, n)
 		h.Close()
-	}
-}
-
-// keepOnly closes the attributes of the devices that are not in nums, the
-// numbers (in order) of the devices now in dir.
-func (c *heldFiles) keepOnly(dir string, nums []int) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.closeIf(func(n int) bool {
-		_, found := slices.BinarySearch(nums, n)
-		return c.dir != dir || !found
-	})
-}
-
-// closeIf closes the attributes of the devices n for which gone is true.
-// The caller holds c.mu.
-func (c *heldFiles) closeIf(gone func(n int) bool) {
-	for n, h := range c.files {
-		if gone(n) {
-			delete(c.files, n)
-			h.Close()
-		}
 	}
 }
 
@@ -450,8 +447,8 @@ func sysfsLoopAttr(n int, attr string) string {
 // devices' sysfs directory), into a Status, for a process that may not
 // open the device. It reports false for an unbound device, and for one
 // unbound or being torn down while it reads.
-func sysfsStatus(block blockDir, n int, sc *scratch) (Status, bool, error) {
-	file, ok, err := backingFile(block, n, sc)
+func sysfsStatus(block blockDir, n int, held *fileHandle, sc *scratch) (Status, bool, error) {
+	file, ok, err := backingFile(block, n, held, sc)
 	if !ok {
 		return Status{}, false, err
 	}

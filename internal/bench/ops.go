@@ -270,8 +270,10 @@ type floorStatus struct {
 // on one goroutine, as floor.c does it: for a search a stat of the file;
 // the devices from /sys/devices/virtual/block; per device open,
 // LOOP_GET_STATUS64 and, for a device bound (to the file), BLKSSZGET,
-// BLKGETSIZE64 and the backing_file read, then close.
+// BLKGETSIZE64 and the backing_file read, then close. As loopctl does, it
+// holds each backing_file open from one list to the next and rereads it.
 func floorList(file string) (func() error, func(), error) {
+	held := map[int]int{} // device number: its backing_file
 	statuses := make([]floorStatus, 1<<12)
 	dirent := make([]byte, 8192)
 	var nums []int
@@ -310,13 +312,18 @@ func floorList(file string) (func() error, func(), error) {
 		found := 0
 		var path [64]byte
 		for _, m := range nums {
-			if floorDevice(block, m, &statuses[found], want, path[:]) {
+			if floorDevice(block, m, &statuses[found], want, path[:], held) {
 				found++
 			}
 		}
 		return nil
 	}
-	return run, func() {}, nil
+	done := func() {
+		for _, fd := range held {
+			unix.Close(fd)
+		}
+	}
+	return run, done, nil
 }
 
 // loopName parses a NUL-padded "loopN" directory entry name.
@@ -337,7 +344,18 @@ func loopName(b []byte) (int, bool) {
 	return n, true
 }
 
-func floorBacking(block, m int, s *floorStatus, path []byte) bool {
+// floorBacking reads device m's backing_file into s, through the
+// descriptor held for it if there is one and it is of the binding of now.
+func floorBacking(block, m int, s *floorStatus, path []byte, held map[int]int) bool {
+	if fd, ok := held[m]; ok {
+		n, err := unix.Pread(fd, s.file[:], 0)
+		if err != unix.ENODEV {
+			s.fileLen = n
+			return err == nil && n > 0
+		}
+		unix.Close(fd)
+		delete(held, m)
+	}
 	p := strconv.AppendInt(append(path[:0], "loop"...), int64(m), 10)
 	p = append(append(p, "/loop/backing_file"...), 0)
 	fd, _, errno := unix.Syscall6(unix.SYS_OPENAT, uintptr(block), uintptr(unsafe.Pointer(&p[0])),
@@ -345,15 +363,15 @@ func floorBacking(block, m int, s *floorStatus, path []byte) bool {
 	if errno != 0 {
 		return false
 	}
-	n, _, errno := unix.Syscall(unix.SYS_READ, fd, uintptr(unsafe.Pointer(&s.file[0])), uintptr(len(s.file)))
-	unix.Close(int(fd))
-	s.fileLen = int(n)
-	return errno == 0 && n > 0
+	held[m] = int(fd)
+	n, err := unix.Pread(int(fd), s.file[:], 0)
+	s.fileLen = n
+	return err == nil && n > 0
 }
 
 // floorDevice asks device m for its status and, while it holds the device
 // open, reads its backing file's name; false if it is not bound (to want).
-func floorDevice(block, m int, s *floorStatus, want *unix.Stat_t, scratch []byte) bool {
+func floorDevice(block, m int, s *floorStatus, want *unix.Stat_t, scratch []byte, held map[int]int) bool {
 	var path [32]byte
 	p := append(strconv.AppendInt(append(path[:0], "/dev/loop"...), int64(m), 10), 0)
 	fd, _, errno := unix.Syscall6(unix.SYS_OPENAT, atFDCWD, uintptr(unsafe.Pointer(&p[0])),
@@ -374,7 +392,7 @@ func floorDevice(block, m int, s *floorStatus, want *unix.Stat_t, scratch []byte
 	if _, _, errno := unix.Syscall(unix.SYS_IOCTL, fd, unix.BLKGETSIZE64, uintptr(unsafe.Pointer(&s.size))); errno != 0 {
 		return false
 	}
-	return floorBacking(block, m, s, scratch)
+	return floorBacking(block, m, s, scratch, held)
 }
 
 func floorFind(file string) (func() error, func(), error) { return floorList(file) }

@@ -46,9 +46,10 @@ func (h *harness) cycleTable() *table {
 func (h *harness) listTable(n int) *table {
 	return &table{
 		title: fmt.Sprintf("List, %d bound devices", n), op: "list",
-		note: "Every bound device's status with the backing file's full path. C and Go's floor make List's calls on one thread: per device open, LOOP_GET_STATUS64 (ENXIO for an unbound device) and, for a bound one, BLKSSZGET, BLKGETSIZE64 and the backing_file read relative to /sys/devices/virtual/block while the device is open, then close. loopctl.List makes the same calls, spread over GOMAXPROCS goroutines. The losetup rows run `losetup --json --list`.",
+		note: "Every bound device's status with the backing file's full path. C and Go's floor make List's calls on one thread: per device open, LOOP_GET_STATUS64 (ENXIO for an unbound device) and, for a bound one, BLKSSZGET, BLKGETSIZE64 and a read of backing_file while the device is open, then close. The backing_file attribute is held open from one list to the next and read again at offset 0 (opened relative to /sys/devices/virtual/block the first time, or when the device was bound anew since); the fresh row opens and closes it each time instead, as losetup does. loopctl.List makes the held rows' calls, spread over GOMAXPROCS goroutines. The losetup rows run `losetup --json --list`.",
 		rows: []*row{
 			{impl: "C (one thread)", cOp: "list"},
+			{impl: "C, backing_file opened afresh (one thread)", cOp: "list-fresh"},
 			{impl: "Go floor (one goroutine)", goOp: "list/go"},
 			{impl: "loopctl List", goOp: "list/loopctl"},
 			{impl: "util-linux losetup --json --list", procs: [][]string{{h.losetup, "--json", "--list"}}},
@@ -60,9 +61,10 @@ func (h *harness) listTable(n int) *table {
 func (h *harness) findTable(n int) *table {
 	return &table{
 		title: fmt.Sprintf("FindByBackingFile, one file bound to %d devices", n), op: "find",
-		note: "The devices of one file, found by its device and inode: stat of the file, then per device open, LOOP_GET_STATUS64 and, for the file's devices, BLKSSZGET, BLKGETSIZE64 and the backing_file read. The losetup rows run `losetup -j FILE`.",
+		note: "The devices of one file, found by its device and inode: stat of the file, then per device open, LOOP_GET_STATUS64 and, for the file's devices, BLKSSZGET, BLKGETSIZE64 and the backing_file read (held open, or opened afresh in the fresh row, as in the List table). The losetup rows run `losetup -j FILE`.",
 		rows: []*row{
 			{impl: "C (one thread)", cOp: "find", file: true},
+			{impl: "C, backing_file opened afresh (one thread)", cOp: "find-fresh", file: true},
 			{impl: "Go floor (one goroutine)", goOp: "find/go"},
 			{impl: "loopctl FindByBackingFile", goOp: "find/loopctl"},
 			{impl: "util-linux losetup -j FILE", procs: [][]string{{h.losetup, "-j", "{file}"}}},

@@ -9,8 +9,11 @@
 //            loopctl.AttachFile, Device.ClearFD and Device.Close do
 //   scan     find a free device the old way: open /dev/loop0, 1, 2... and
 //            ask LOOP_GET_STATUS64 until one answers ENXIO
-//   list     every bound device's status, as loopctl.List reads it
+//   list     every bound device's status, as loopctl.List reads it: the
+//            backing_file attributes held open from one list to the next
 //   find     the devices of FILE, as loopctl.FindByBackingFile reads them
+//   list-fresh, find-fresh  the same, opening each backing_file afresh,
+//            as losetup does
 #define _GNU_SOURCE
 #include <dirent.h>
 #include <errno.h>
@@ -150,16 +153,32 @@ static int numbers(int block, int *nums, int max) {
 	return count;
 }
 
+// held[m] is device m's loop/backing_file held open, plus one; 0 if none.
+static int held[1 << 16];
+static int hold;
+
 // backing reads loopN/loop/backing_file relative to the open
-// /sys/devices/virtual/block; 0 if unbound.
+// /sys/devices/virtual/block; 0 if unbound. With hold, it keeps the
+// attribute open and rereads it next time, from offset 0, as loopctl does;
+// a descriptor of an earlier binding answers ENODEV and is replaced.
 static int backing(int block, int m, char *out, size_t size) {
+	if (hold && m < (1 << 16) && held[m]) {
+		ssize_t got = pread(held[m] - 1, out, size - 1, 0);
+		if (got >= 0 || errno != ENODEV)
+			return got > 0;
+		close(held[m] - 1);
+		held[m] = 0;
+	}
 	char path[64];
 	snprintf(path, sizeof path, "loop%d/loop/backing_file", m);
 	int fd = openat(block, path, O_RDONLY | O_CLOEXEC);
 	if (fd < 0)
 		return 0;
-	ssize_t got = read(fd, out, size - 1);
-	close(fd);
+	ssize_t got = pread(fd, out, size - 1, 0);
+	if (hold && m < (1 << 16))
+		held[m] = fd + 1;
+	else
+		close(fd);
 	return got > 0;
 }
 
@@ -216,10 +235,13 @@ int main(int argc, char **argv) {
 		cycle(n, argv[3]);
 	else if (strcmp(op, "scan") == 0)
 		scan(n);
-	else if (strcmp(op, "list") == 0)
+	else if (strcmp(op, "list") == 0 || strcmp(op, "list-fresh") == 0) {
+		hold = strcmp(op, "list") == 0;
 		list(n, NULL);
-	else if (strcmp(op, "find") == 0 && argc > 3)
+	} else if ((strcmp(op, "find") == 0 || strcmp(op, "find-fresh") == 0) && argc > 3) {
+		hold = strcmp(op, "find") == 0;
 		list(n, argv[3]);
+	}
 	else
 		return 2;
 	clock_gettime(CLOCK_MONOTONIC, &t1);
