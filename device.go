@@ -165,11 +165,14 @@ func OpenDevice(n int) (*Device, error) {
 // openDevice opens the loop device at path read-write, explaining ENXIO.
 func openDevice(path string) (handle, error) {
 	h, err := sys.open(path, readWrite)
+	if err == nil {
+		return h, nil
+	}
 	var pe *os.PathError
 	if errors.As(err, &pe) && pe.Err == syscall.ENXIO {
 		return nil, &os.PathError{Op: pe.Op, Path: pe.Path, Err: errTornDown}
 	}
-	return h, err
+	return nil, err
 }
 
 // OpenDevicePath opens the loop device at path, following symlinks. Only a

@@ -6,6 +6,7 @@ import (
 	"os"
 	"runtime"
 	"strconv"
+	"strings"
 	"sync/atomic"
 	"time"
 	"unsafe"
@@ -83,18 +84,34 @@ func (osKernel) probe(n int, buf *probeBuf) (handle, error) {
 var atFDCWD = func() uintptr { fd := unix.AT_FDCWD; return uintptr(fd) }()
 
 // openFD opens path with flags and O_CLOEXEC, and nothing more: for a
-// descriptor this package holds only for the length of a call. An error is
-// an *os.PathError.
+// descriptor this package holds only for the length of a call. A short
+// path is handed to the kernel from the stack, not copied to the heap as
+// unix.Open copies it. An error is an *os.PathError.
 func openFD(path string, flags int) (int, error) {
-	var fd int
-	err := ignoringEINTR(func() (err error) {
-		fd, err = unix.Open(path, flags|unix.O_CLOEXEC, 0)
-		return err
-	})
-	if err != nil {
-		return -1, &os.PathError{Op: "open", Path: path, Err: err}
+	var buf [64]byte
+	if len(path) >= len(buf) || strings.IndexByte(path, 0) >= 0 {
+		var fd int
+		err := ignoringEINTR(func() (err error) {
+			fd, err = unix.Open(path, flags|unix.O_CLOEXEC, 0)
+			return err
+		})
+		if err != nil {
+			return -1, &os.PathError{Op: "open", Path: path, Err: err}
+		}
+		return fd, nil
 	}
-	return fd, nil
+	copy(buf[:], path) // and its NUL
+	for {
+		r, _, errno := unix.Syscall6(unix.SYS_OPENAT, atFDCWD, uintptr(unsafe.Pointer(&buf[0])),
+			uintptr(flags|unix.O_CLOEXEC), 0, 0, 0)
+		switch errno {
+		case 0:
+			return int(r), nil
+		case unix.EINTR:
+			continue
+		}
+		return -1, &os.PathError{Op: "open", Path: path, Err: errno}
+	}
 }
 
 // closeFD closes a descriptor from openFD.
