@@ -131,6 +131,12 @@
 // place, which is closed once the Control is unreachable. Close is
 // idempotent.
 //
+// Besides the descriptors of the Controls and Devices it returns, the
+// package holds two kinds of its own: the control device that Attach
+// shares, and, once List, FindByBackingFile or Options.Reuse has looked,
+// each bound device's sysfs backing_file, read again by the next look
+// (see List) and closed by a look that finds the device unbound or gone.
+//
 // On systems other than Linux the package builds, and every call returns
 // an error matching errors.ErrUnsupported.
 package loopctl

@@ -799,11 +799,11 @@ func openFDs(t *testing.T) map[int]string {
 // heldNames returns the descriptors that List holds, and the device
 // number of each.
 func heldNames() map[int]int {
-	backingFiles.mu.Lock()
-	defer backingFiles.mu.Unlock()
+	backingFiles.mu.RLock()
+	defer backingFiles.mu.RUnlock()
 	held := map[int]int{}
-	for n, h := range backingFiles.files {
-		held[h.fd] = n
+	for n, fd := range backingFiles.fds {
+		held[fd] = n
 	}
 	return held
 }

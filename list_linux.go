@@ -41,6 +41,13 @@ import (
 // path (zero when it is deleted or out of reach). sysfs shows a device
 // being detached as bound until its teardown ends, so such a device is
 // then listed.
+//
+// The process keeps each backing_file it reads open, one close-on-exec
+// descriptor a bound device, and reads it again at the next List,
+// FindByBackingFile or Options.Reuse look: the kernel formats the
+// attribute anew for each read, and opening it costs several times what
+// reading it does. A look closes the descriptor of a device it finds
+// unbound, bound anew (whose attribute is a new one) or removed.
 func List() ([]Status, error) {
 	return list(nil)
 }
@@ -92,11 +99,10 @@ func list(id *backingFileID) ([]Status, error) {
 
 // A deviceRead is what readStatus found of device n.
 type deviceRead struct {
-	n    int
-	held *fileHandle // its backing_file as backingFiles held it, or nil
-	s    Status
-	ok   bool // bound (to the file asked for)
-	err  error
+	n   int
+	s   Status
+	ok  bool // bound (to the file asked for)
+	err error
 }
 
 // devicesPerWorker is the share of the devices below which another
@@ -119,20 +125,13 @@ func readDevices(id *backingFileID) ([]deviceRead, error) {
 		return nil, &os.PathError{Op: "readdirent", Path: dir.path, Err: err}
 	}
 	reads := make([]deviceRead, len(nums))
-	if dir.sysfs {
-		backingFiles.take(dir.path, nums, reads)
-		defer func() {
-			for i := range reads {
-				if h := reads[i].held; h != nil {
-					h.release()
-				}
-			}
-		}()
-	}
+	look := backingFiles.begin(dir)
 	const batch = 8
 	var next atomic.Int64
-	work := func() {
-		sc := new(scratch)
+	workers := min(runtime.GOMAXPROCS(0), (len(nums)+devicesPerWorker-1)/devicesPerWorker)
+	scratches := make([]scratch, max(workers, 1))
+	work := func(sc *scratch) {
+		sc.look = look
 		for {
 			i := int(next.Add(batch)) - batch
 			if i >= len(nums) {
@@ -141,16 +140,17 @@ func readDevices(id *backingFileID) ([]deviceRead, error) {
 			for j := i; j < min(i+batch, len(nums)); j++ {
 				r := &reads[j]
 				r.n = nums[j]
-				r.s, r.ok, r.err = readStatus(dir, r.n, r.held, id, sc)
+				r.s, r.ok, r.err = readStatus(dir, r.n, id, sc)
 			}
 		}
 	}
 	var wg sync.WaitGroup
-	for range min(runtime.GOMAXPROCS(0), (len(nums)+devicesPerWorker-1)/devicesPerWorker) - 1 {
-		wg.Go(work)
+	for w := 1; w < workers; w++ {
+		wg.Go(func() { work(&scratches[w]) })
 	}
-	work()
+	work(&scratches[0])
 	wg.Wait()
+	backingFiles.end(look, nums, scratches)
 	return reads, nil
 }
 
@@ -182,38 +182,47 @@ func openBlockDir() (blockDir, error) {
 }
 
 // A scratch is one reader's buffers, so that reading a device allocates
-// only the Status's own strings.
+// only the Status's own strings, and its share of a look at backingFiles.
 type scratch struct {
 	info  unix.LoopInfo64 // LOOP_GET_STATUS64's answer
 	sizes sizes
 	attr  [sysfs.BufSize]byte // an attribute's text
 	probe probeBuf
 	name  [64]byte // loopN/loop/backing_file, NUL-terminated
+	// look is the reader's share of a look at backingFiles: fd is the
+	// descriptor held for the device being read, if hasFD; changes are the
+	// descriptors to hold and to close once the look is over; found counts
+	// the devices read that had one.
+	look    *heldLook
+	fd      int
+	hasFD   bool
+	changes []heldChange
+	found   int
 }
 
 // readStatus reads device n's Status, reporting false when it is not bound
 // (to the file id, if not nil), from the device if this process may open
-// it, else from sysfs. block is the devices' sysfs directory, held the
-// device's backing_file if backingFiles holds it.
+// it, else from sysfs. block is the devices' sysfs directory.
 //
 // The backing file's name is read while the device is open: a device
 // cleared meanwhile is torn down only at its last close, so the name and
 // the answers of LOOP_GET_STATUS64 are of one binding.
-func readStatus(block blockDir, n int, held *fileHandle, id *backingFileID, sc *scratch) (Status, bool, error) {
+func readStatus(block blockDir, n int, id *backingFileID, sc *scratch) (Status, bool, error) {
+	sc.lookUp(n)
 	h, err := sys.probe(n, &sc.probe)
 	if errors.Is(err, syscall.ENXIO) {
-		backingFiles.drop(n, held)
+		sc.drop(n)
 		return Status{}, false, nil // being torn down
 	}
 	if err != nil {
-		s, ok, err := sysfsStatus(block, n, held, sc)
+		s, ok, err := sysfsStatus(block, n, sc)
 		return s, ok && (id == nil || *id == backingFileID{s.BackingDevice, s.BackingInode}), err
 	}
 	defer h.Close()
 	info := &sc.info
 	if err := ioctlPtr(h, reqGetStatus64, unsafe.Pointer(info)); err != nil {
 		if errors.Is(err, syscall.ENXIO) {
-			backingFiles.drop(n, held)
+			sc.drop(n)
 			return Status{}, false, nil // unbound
 		}
 		return Status{}, false, inStep("LOOP_GET_STATUS64", err)
@@ -226,7 +235,7 @@ func readStatus(block blockDir, n int, held *fileHandle, id *backingFileID, sc *
 	if err := sc.sizes.read(h, &s); err != nil {
 		return Status{}, false, err
 	}
-	file, ok, err := backingFile(block, n, held, sc)
+	file, ok, err := backingFile(block, n, sc)
 	if !ok {
 		return Status{}, false, err
 	}
@@ -234,34 +243,36 @@ func readStatus(block blockDir, n int, held *fileHandle, id *backingFileID, sc *
 	return s, true, nil
 }
 
-// backingFile reads loop/backing_file of device n relative to block, or
-// through held, the descriptor backingFiles holds for it, if not nil. It
+// backingFile reads loop/backing_file of device n relative to block. It
 // reports false, with a nil error, for a device that is not bound: no
 // loop/ directory, or one unbound meanwhile, or an empty name, once a
 // teardown has let go of the file.
 //
-// On sysfs it keeps the attribute open for the next call: opening a sysfs
-// attribute costs the kernel four times what reading it again costs, and
-// this read is most of List's work. A descriptor held from an earlier
+// On sysfs it reads the attribute through the descriptor backingFiles
+// holds, and holds the one it opens otherwise: opening a sysfs attribute
+// costs the kernel several times what reading it again costs, and this
+// read is a large part of List's work. A descriptor held from an earlier
 // binding reads ENODEV (its loop/ directory went at the unbinding), and is
 // replaced.
-func backingFile(block blockDir, n int, held *fileHandle, sc *scratch) (string, bool, error) {
+func backingFile(block blockDir, n int, sc *scratch) (string, bool, error) {
 	name := strconv.AppendInt(append(sc.name[:0], "loop"...), int64(n), 10)
 	name = append(append(name, "/loop/backing_file"...), 0)
-	if held != nil {
-		b, err := sysfs.Reread(held.fd, block.path, name, sc.attr[:])
+	if sc.hasFD {
+		b, err := sysfs.Reread(sc.fd, block.path, name, sc.attr[:])
 		if !errors.Is(err, syscall.ENODEV) {
 			return backingName(b, err)
 		}
-		backingFiles.drop(n, held)
+		sc.drop(n)
 	}
 	fd, err := sysfs.OpenAttrAt(block.fd, block.path, name)
 	if err != nil {
 		return "", false, unbinding(err)
 	}
 	b, err := sysfs.Reread(fd, block.path, name, sc.attr[:])
-	if err != nil || !block.sysfs || !backingFiles.put(block.path, n, fd) {
+	if err != nil || !block.sysfs {
 		closeFD(fd)
+	} else {
+		sc.changes = append(sc.changes, heldChange{n: n, fd: fd, put: true})
 	}
 	return backingName(b, err)
 }
@@ -275,78 +286,133 @@ func backingName(b []byte, err error) (string, bool, error) {
 	return sysfs.Value(b), true, nil
 }
 
-// backingFiles holds the descriptors backingFile keeps: one a device
-// listed bound, closed once a look finds the device unbound or gone.
+// backingFiles holds the descriptors backingFile keeps, one a device that
+// a look (List, FindByBackingFile, Reuse) found bound, until a look finds
+// the device unbound, bound anew or gone.
 var backingFiles heldFiles
 
-// heldFiles is a set of open attributes by device number, all relative to
-// one directory. Its handles count references, so that a look closing one
-// never closes it under another look's read.
+// heldFiles is a set of open attributes by device number, all in one
+// directory.
+//
+// A look holds mu for reading from its start to its end, and reads fds
+// freely meanwhile; what it finds to change it changes at its end, holding
+// mu for writing. So no descriptor is ever closed while a look may read
+// it, and a look costs the set two atomic operations, and a lock only when
+// bindings have changed.
 type heldFiles struct {
-	mu    sync.Mutex
-	dir   string // the sysfs directory the attributes are in
-	files map[int]*fileHandle
+	mu  sync.RWMutex
+	dir string      // the directory of the attributes
+	fds map[int]int // descriptor by device number
 }
 
-// take puts in reads[i].held, with a reference that the caller releases,
-// the attribute held for device nums[i], relative to dir, and closes those
-// of devices not in nums (in order): removed since.
-func (c *heldFiles) take(dir string, nums []int, reads []deviceRead) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.dir != dir {
-		c.closeAll()
-		c.dir = dir
+// A heldLook is a look at heldFiles, in dir.
+type heldLook struct {
+	fds  map[int]int // nil if those held are in another directory
+	dir  string
+	held int // len(fds) at the look's start
+}
+
+// A heldChange is a descriptor that a look opened, to hold, or found of an
+// earlier binding, to close.
+type heldChange struct {
+	n, fd int
+	put   bool
+}
+
+// begin starts a look at the attributes in dir, if it is on sysfs (a fake
+// tree in tests is not, and holds nothing); end ends it.
+func (c *heldFiles) begin(dir blockDir) *heldLook {
+	if !dir.sysfs {
+		return nil
 	}
-	for n, h := range c.files {
-		i, found := slices.BinarySearch(nums, n)
-		if !found {
-			delete(c.files, n)
-			h.Close()
-		} else if h.acquire() {
-			reads[i].held = h
+	c.mu.RLock()
+	look := &heldLook{dir: dir.path}
+	if c.dir == dir.path {
+		look.fds, look.held = c.fds, len(c.fds)
+	}
+	return look
+}
+
+// lookUp finds the descriptor held for device n, which the reader reads
+// next.
+func (sc *scratch) lookUp(n int) {
+	sc.fd, sc.hasFD = -1, false
+	if sc.look != nil {
+		if sc.fd, sc.hasFD = sc.look.fds[n]; sc.hasFD {
+			sc.found++
 		}
 	}
 }
 
-// put holds fd as device n's attribute, relative to dir, reporting false
-// (fd is then the caller's to close) if another look put one first.
-func (c *heldFiles) put(dir string, n, fd int) bool {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.dir != dir {
-		c.closeAll()
-		c.dir = dir
+// drop asks the look's end to close the descriptor held for device n, the
+// device being read.
+func (sc *scratch) drop(n int) {
+	if sc.hasFD {
+		sc.changes = append(sc.changes, heldChange{n: n, fd: sc.fd})
+		sc.hasFD = false
 	}
-	if c.files == nil {
-		c.files = make(map[int]*fileHandle)
-	}
-	if c.files[n] != nil {
-		return false
-	}
-	c.files[n] = newFileHandle(fd)
-	return true
 }
 
-// drop closes h, device n's attribute, unless it is nil or another look
-// has closed it already.
-func (c *heldFiles) drop(n int, h *fileHandle) {
-	if h == nil {
+// end ends look, which listed the devices nums (in order), making the
+// changes its readers found: it closes descriptors of earlier bindings,
+// of devices unbound and of devices not in nums (removed), and holds those
+// opened, unless another look held one for the device first.
+func (c *heldFiles) end(look *heldLook, nums []int, readers []scratch) {
+	if look == nil {
+		return
+	}
+	found, changed := 0, look.fds == nil
+	for i := range readers {
+		found += readers[i].found
+		changed = changed || len(readers[i].changes) > 0
+	}
+	c.mu.RUnlock()
+	if !changed && found == look.held {
 		return
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.files[n] == h {
-		delete(c.files, n)
-		h.Close()
+	if c.dir != look.dir {
+		c.closeIf(func(int) bool { return true })
+		c.dir = look.dir
 	}
+	if c.fds == nil {
+		c.fds = make(map[int]int)
+	}
+	for i := range readers {
+		for _, ch := range readers[i].changes {
+			if !ch.put && c.fds[ch.n] == ch.fd {
+				delete(c.fds, ch.n)
+				closeFD(ch.fd)
+			}
+		}
+	}
+	for i := range readers {
+		for _, ch := range readers[i].changes {
+			if !ch.put {
+				continue
+			}
+			if _, ok := c.fds[ch.n]; ok {
+				closeFD(ch.fd)
+			} else {
+				c.fds[ch.n] = ch.fd
+			}
+		}
+	}
+	c.closeIf(func(n int) bool {
+		_, listed := slices.BinarySearch(nums, n)
+		return !listed
+	})
 }
 
-// closeAll closes every attribute held. The caller holds c.mu.
-func (c *heldFiles) closeAll() {
-	for n, h := range c.files {
-		delete(c.files, n)
-		h.Close()
+// closeIf closes the descriptors of the devices n for which gone is true.
+// The caller holds c.mu for writing.
+func (c *heldFiles) closeIf(gone func(n int) bool) {
+	for n, fd := range c.fds {
+		if gone(n) {
+			delete(c.fds, n)
+			closeFD(fd)
+		}
 	}
 }
 
@@ -447,8 +513,8 @@ func sysfsLoopAttr(n int, attr string) string {
 // devices' sysfs directory), into a Status, for a process that may not
 // open the device. It reports false for an unbound device, and for one
 // unbound or being torn down while it reads.
-func sysfsStatus(block blockDir, n int, held *fileHandle, sc *scratch) (Status, bool, error) {
-	file, ok, err := backingFile(block, n, held, sc)
+func sysfsStatus(block blockDir, n int, sc *scratch) (Status, bool, error) {
+	file, ok, err := backingFile(block, n, sc)
 	if !ok {
 		return Status{}, false, err
 	}

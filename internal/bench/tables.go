@@ -46,10 +46,11 @@ func (h *harness) cycleTable() *table {
 func (h *harness) listTable(n int) *table {
 	return &table{
 		title: fmt.Sprintf("List, %d bound devices", n), op: "list",
-		note: "Every bound device's status with the backing file's full path. C and Go's floor make List's calls on one thread: per device open, LOOP_GET_STATUS64 (ENXIO for an unbound device) and, for a bound one, BLKSSZGET, BLKGETSIZE64 and a read of backing_file while the device is open, then close. The backing_file attribute is held open from one list to the next and read again at offset 0 (opened relative to /sys/devices/virtual/block the first time, or when the device was bound anew since); the fresh row opens and closes it each time instead, as losetup does. loopctl.List makes the held rows' calls, spread over GOMAXPROCS goroutines. The losetup rows run `losetup --json --list`.",
+		note: "Every bound device's status with the backing file's full path. C and Go's floor make List's calls on one thread: per device open, LOOP_GET_STATUS64 (ENXIO for an unbound device) and, for a bound one, BLKSSZGET, BLKGETSIZE64 and a read of backing_file while the device is open, then close. The backing_file attribute is held open from one list to the next and read again at offset 0 (opened relative to /sys/devices/virtual/block the first time, or when the device was bound anew since); the fresh row opens and closes it each time instead, as losetup does. The two-thread row shares the devices between two threads, every other device each: what the kernel gives a second core. loopctl.List makes the held rows' calls, spread over GOMAXPROCS goroutines. The losetup rows run `losetup --json --list`.",
 		rows: []*row{
 			{impl: "C (one thread)", cOp: "list"},
 			{impl: "C, backing_file opened afresh (one thread)", cOp: "list-fresh"},
+			{impl: "C (two threads)", cOp: "list-2threads"},
 			{impl: "Go floor (one goroutine)", goOp: "list/go"},
 			{impl: "loopctl List", goOp: "list/loopctl"},
 			{impl: "util-linux losetup --json --list", procs: [][]string{{h.losetup, "--json", "--list"}}},
@@ -65,6 +66,7 @@ func (h *harness) findTable(n int) *table {
 		rows: []*row{
 			{impl: "C (one thread)", cOp: "find", file: true},
 			{impl: "C, backing_file opened afresh (one thread)", cOp: "find-fresh", file: true},
+			{impl: "C (two threads)", cOp: "find-2threads", file: true},
 			{impl: "Go floor (one goroutine)", goOp: "find/go"},
 			{impl: "loopctl FindByBackingFile", goOp: "find/loopctl"},
 			{impl: "util-linux losetup -j FILE", procs: [][]string{{h.losetup, "-j", "{file}"}}},

@@ -14,12 +14,15 @@
 //   find     the devices of FILE, as loopctl.FindByBackingFile reads them
 //   list-fresh, find-fresh  the same, opening each backing_file afresh,
 //            as losetup does
+//   list-2threads, find-2threads  list and find on two threads, each
+//            taking every other device
 #define _GNU_SOURCE
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/fs.h>
 #include <linux/loop.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -198,26 +201,67 @@ static int device(int block, int m, struct status *s, const struct stat *want) {
 	return ok;
 }
 
-// list lists the bound devices, or with file those of that file, stated
-// anew each time as loopctl.FindByBackingFile does.
-static int list(int n, const char *file) {
-	static int nums[1 << 12];
-	struct stat st, *want = NULL;
+// The devices of one list, and the threads that share them: thread t of
+// threads reads devices t, t + threads, ...
+static int nums[1 << 12], count, block, threads = 1, stop;
+static struct stat *want;
+static int found_by[2];
+static pthread_barrier_t begun, ended;
+
+static int pass(int t) {
 	int found = 0;
+	for (int j = t; j < count; j += threads)
+		found += device(block, nums[j], &statuses[j], want);
+	return found;
+}
+
+static void *worker(void *arg) {
+	int t = (int)(long)arg;
+	for (;;) {
+		pthread_barrier_wait(&begun);
+		if (stop)
+			return NULL;
+		found_by[t] = pass(t);
+		pthread_barrier_wait(&ended);
+	}
+}
+
+// list lists the bound devices, or with file those of that file, stated
+// anew each time as loopctl.FindByBackingFile does, on threads threads
+// (1 or 2).
+static int list(int n, const char *file) {
+	struct stat st;
+	int found = 0;
+	pthread_t other;
+	if (threads == 2) {
+		pthread_barrier_init(&begun, NULL, 2);
+		pthread_barrier_init(&ended, NULL, 2);
+		pthread_create(&other, NULL, worker, (void *)1L);
+	}
 	for (int i = 0; i < n; i++) {
 		if (file) {
 			if (stat(file, &st) < 0)
 				die(file);
 			want = &st;
 		}
-		int block = open("/sys/devices/virtual/block", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+		block = open("/sys/devices/virtual/block", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
 		if (block < 0)
 			die("/sys/devices/virtual/block");
-		int count = numbers(block, nums, 1 << 12);
-		found = 0;
-		for (int j = 0; j < count; j++)
-			found += device(block, nums[j], &statuses[found], want);
+		count = numbers(block, nums, 1 << 12);
+		if (threads == 2) {
+			pthread_barrier_wait(&begun);
+			found = pass(0);
+			pthread_barrier_wait(&ended);
+			found += found_by[1];
+		} else {
+			found = pass(0);
+		}
 		close(block);
+	}
+	if (threads == 2) {
+		stop = 1;
+		pthread_barrier_wait(&begun);
+		pthread_join(other, NULL);
 	}
 	return found;
 }
@@ -235,12 +279,13 @@ int main(int argc, char **argv) {
 		cycle(n, argv[3]);
 	else if (strcmp(op, "scan") == 0)
 		scan(n);
-	else if (strcmp(op, "list") == 0 || strcmp(op, "list-fresh") == 0) {
-		hold = strcmp(op, "list") == 0;
-		list(n, NULL);
-	} else if ((strcmp(op, "find") == 0 || strcmp(op, "find-fresh") == 0) && argc > 3) {
-		hold = strcmp(op, "find") == 0;
-		list(n, argv[3]);
+	else if (strncmp(op, "list", 4) == 0 || (strncmp(op, "find", 4) == 0 && argc > 3)) {
+		const char *how = op + 4;
+		if (strcmp(how, "") != 0 && strcmp(how, "-fresh") != 0 && strcmp(how, "-2threads") != 0)
+			return 2;
+		hold = strcmp(how, "-fresh") != 0;
+		threads = strcmp(how, "-2threads") == 0 ? 2 : 1;
+		list(n, op[0] == 'f' ? argv[3] : NULL);
 	}
 	else
 		return 2;
