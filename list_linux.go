@@ -129,9 +129,14 @@ func readDevices(id *backingFileID) ([]deviceRead, error) {
 	const batch = 8
 	var next atomic.Int64
 	workers := min(runtime.GOMAXPROCS(0), (len(nums)+devicesPerWorker-1)/devicesPerWorker)
-	scratches := make([]scratch, max(workers, 1))
+	// Each reader's scratch is an allocation of its own: in one array, the
+	// fields one reader writes for every device would share cache lines with
+	// those the next reader's ioctls fill.
+	scratches := make([]*scratch, max(workers, 1))
+	for w := range scratches {
+		scratches[w] = &scratch{look: look}
+	}
 	work := func(sc *scratch) {
-		sc.look = look
 		for {
 			i := int(next.Add(batch)) - batch
 			if i >= len(nums) {
@@ -146,9 +151,9 @@ func readDevices(id *backingFileID) ([]deviceRead, error) {
 	}
 	var wg sync.WaitGroup
 	for w := 1; w < workers; w++ {
-		wg.Go(func() { work(&scratches[w]) })
+		wg.Go(func() { work(scratches[w]) })
 	}
-	work(&scratches[0])
+	work(scratches[0])
 	wg.Wait()
 	backingFiles.end(look, nums, scratches)
 	return reads, nil
@@ -357,7 +362,7 @@ func (sc *scratch) drop(n int) {
 // changes its readers found: it closes descriptors of earlier bindings,
 // of devices unbound and of devices not in nums (removed), and holds those
 // opened, unless another look held one for the device first.
-func (c *heldFiles) end(look *heldLook, nums []int, readers []scratch) {
+func (c *heldFiles) end(look *heldLook, nums []int, readers []*scratch) {
 	if look == nil {
 		return
 	}
