@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"maps"
 	"os"
 	"path/filepath"
 	"slices"
@@ -435,5 +436,88 @@ func TestDeviceSettersFake(t *testing.T) {
 		if !errors.Is(err, fs.ErrClosed) {
 			t.Errorf("%s after Close = %v, want fs.ErrClosed", name, err)
 		}
+	}
+}
+
+// TestHeldFilesEnd checks what a look's end does to the held descriptors:
+// those of earlier bindings closed unless replaced since, the first
+// descriptor opened for a device kept and a later one closed, those of
+// devices no longer listed closed, all of them closed for another
+// directory.
+func TestHeldFilesEnd(t *testing.T) {
+	open := func() int {
+		fd, err := unix.Open(os.DevNull, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return fd
+	}
+	isOpen := func(fd int) bool {
+		_, err := unix.FcntlInt(uintptr(fd), unix.F_GETFD, 0)
+		return err == nil
+	}
+	var c heldFiles
+	t.Cleanup(func() {
+		c.mu.Lock()
+		c.closeIf(func(int) bool { return true })
+		c.mu.Unlock()
+	})
+	dir := blockDir{path: "/sys/devices/virtual/block", sysfs: true}
+	look := func(nums []int, changes ...heldChange) {
+		t.Helper()
+		l := c.begin(dir)
+		sc := &scratch{look: l, changes: changes}
+		for _, n := range nums {
+			sc.lookUp(n)
+		}
+		c.end(l, nums, []*scratch{sc})
+	}
+	held := func(want map[int]int) {
+		t.Helper()
+		if !maps.Equal(c.fds, want) {
+			t.Fatalf("held %v, want %v", c.fds, want)
+		}
+	}
+
+	a, b := open(), open()
+	look([]int{1, 2}, heldChange{n: 1, fd: a, put: true}, heldChange{n: 2, fd: b, put: true})
+	held(map[int]int{1: a, 2: b})
+
+	// Two readers opened device 1's attribute: the first is held.
+	a2 := open()
+	look([]int{1, 2}, heldChange{n: 1, fd: a}, heldChange{n: 1, fd: a2, put: true})
+	held(map[int]int{1: a2, 2: b})
+	if isOpen(a) {
+		t.Fatalf("descriptor %d of an earlier binding left open", a)
+	}
+	a3 := open()
+	look([]int{1, 2}, heldChange{n: 1, fd: a3, put: true})
+	held(map[int]int{1: a2, 2: b})
+	if isOpen(a3) {
+		t.Fatalf("second descriptor %d of device 1 left open", a3)
+	}
+
+	// A stale drop, of a descriptor replaced since, closes nothing.
+	look([]int{1, 2}, heldChange{n: 1, fd: a})
+	held(map[int]int{1: a2, 2: b})
+
+	// Device 2 removed.
+	look([]int{1})
+	held(map[int]int{1: a2})
+	if isOpen(b) || !isOpen(a2) {
+		t.Fatalf("removed device's descriptor open: %v; listed device's: %v", isOpen(b), isOpen(a2))
+	}
+
+	// Another directory: everything goes.
+	dir = blockDir{path: "/sys/block", sysfs: true}
+	look([]int{1})
+	held(map[int]int{})
+	if isOpen(a2) {
+		t.Fatalf("descriptor %d of another directory left open", a2)
+	}
+
+	// Not sysfs: nothing is held, and a look costs no lock.
+	if l := c.begin(blockDir{path: t.TempDir()}); l != nil {
+		t.Fatalf("a look at a fake tree: %+v", l)
 	}
 }
