@@ -155,10 +155,10 @@ func (h *harness) perDevice() string {
 	if n == 0 {
 		return ""
 	}
-	c, fresh := h.find("list", "C (").median(), h.find("list", "C, backing_file").median()
+	c, fresh, two := h.find("list", "C (one").median(), h.find("list", "C, backing_file").median(), h.find("list", "C (two").median()
 	l, u := h.find("list", "loopctl").median(), h.find("list", "util-linux").median()
 	return fmt.Sprintf(`## What a device costs
 
-The C row of the List table is the kernel's price: List's system calls, made one after another on one thread, cost %s a device here (%s for %.0f devices), with each backing_file held open and read again. Opening and closing backing_file each time instead, as losetup does, costs %s a device. loopctl.List costs %s a device, %.2f× the C row, because it spreads the devices over %d goroutines (GOMAXPROCS); on one goroutine it would be the Go floor's %s a device. util-linux's `+"`losetup --json --list`"+` costs %s a device, start-up included.
-`, duration(c/n), duration(c), n, duration(fresh/n), duration(l/n), l/c, runtime.GOMAXPROCS(0), duration(h.find("list", "Go floor").median()/n), duration(u/n))
+The C row of the List table is the kernel's price: List's system calls, made one after another on one thread, cost %s a device here (%s for %.0f devices), with each backing_file held open and read again. Opening and closing backing_file each time instead, as losetup does, costs %s a device. Two C threads, sharing the devices, cost %s a device, %.2f× the C row: what the kernel gives a second core. loopctl.List costs %s a device, %.2f× the C row, because it spreads the devices over %d goroutines (GOMAXPROCS); on one goroutine it would be the Go floor's %s a device. util-linux's `+"`losetup --json --list`"+` costs %s a device, start-up included.
+`, duration(c/n), duration(c), n, duration(fresh/n), duration(two/n), two/c, duration(l/n), l/c, runtime.GOMAXPROCS(0), duration(h.find("list", "Go floor").median()/n), duration(u/n))
 }
