@@ -66,18 +66,12 @@ func (osKernel) open(path string, mode int) (handle, error) {
 func (osKernel) probe(n int, buf *probeBuf) (handle, error) {
 	p := strconv.AppendInt(append(buf.path[:0], "/dev/loop"...), int64(n), 10)
 	p = append(p, 0)
-	for {
-		r, _, errno := unix.Syscall6(unix.SYS_OPENAT, atFDCWD, uintptr(unsafe.Pointer(&p[0])),
-			unix.O_RDONLY|unix.O_CLOEXEC, 0, 0, 0)
-		switch errno {
-		case 0:
-			buf.fd = fdHandle(r)
-			return &buf.fd, nil
-		case unix.EINTR:
-			continue
-		}
+	fd, errno := openAt(&p[0], unix.O_RDONLY)
+	if errno != 0 {
 		return nil, &os.PathError{Op: "open", Path: DevicePath(n), Err: errno}
 	}
+	buf.fd = fdHandle(fd)
+	return &buf.fd, nil
 }
 
 // atFDCWD is AT_FDCWD as a system call argument.
@@ -89,28 +83,33 @@ var atFDCWD = func() uintptr { fd := unix.AT_FDCWD; return uintptr(fd) }()
 // unix.Open copies it. An error is an *os.PathError.
 func openFD(path string, flags int) (int, error) {
 	var buf [64]byte
-	if len(path) >= len(buf) || strings.IndexByte(path, 0) >= 0 {
-		var fd int
-		err := ignoringEINTR(func() (err error) {
-			fd, err = unix.Open(path, flags|unix.O_CLOEXEC, 0)
-			return err
-		})
-		if err != nil {
+	var p *byte
+	if len(path) < len(buf) && strings.IndexByte(path, 0) < 0 {
+		copy(buf[:], path) // and its NUL
+		p = &buf[0]
+	} else {
+		var err error
+		if p, err = unix.BytePtrFromString(path); err != nil {
 			return -1, &os.PathError{Op: "open", Path: path, Err: err}
 		}
-		return fd, nil
 	}
-	copy(buf[:], path) // and its NUL
-	for {
-		r, _, errno := unix.Syscall6(unix.SYS_OPENAT, atFDCWD, uintptr(unsafe.Pointer(&buf[0])),
-			uintptr(flags|unix.O_CLOEXEC), 0, 0, 0)
-		switch errno {
-		case 0:
-			return int(r), nil
-		case unix.EINTR:
-			continue
-		}
+	fd, errno := openAt(p, flags)
+	if errno != 0 {
 		return -1, &os.PathError{Op: "open", Path: path, Err: errno}
+	}
+	return fd, nil
+}
+
+// openAt is open(2) of the NUL-terminated path at p with flags and
+// O_CLOEXEC, retried while it fails with EINTR: the one place probe and
+// openFD enter the kernel.
+func openAt(p *byte, flags int) (int, unix.Errno) {
+	for {
+		r, _, errno := unix.Syscall6(unix.SYS_OPENAT, atFDCWD, uintptr(unsafe.Pointer(p)),
+			uintptr(flags|unix.O_CLOEXEC), 0, 0, 0)
+		if errno != unix.EINTR {
+			return int(r), errno
+		}
 	}
 }
 
