@@ -310,11 +310,11 @@ type heldFiles struct {
 	fds map[int]int // descriptor by device number
 }
 
-// A heldLook is a look at heldFiles, in dir.
+// A heldLook is a look at heldFiles, in dir. fds does not change while the
+// look holds the read lock.
 type heldLook struct {
-	fds  map[int]int // nil if those held are in another directory
-	dir  string
-	held int // len(fds) at the look's start
+	fds map[int]int // nil if those held are in another directory
+	dir string
 }
 
 // A heldChange is a descriptor that a look opened, to hold, or found of an
@@ -333,7 +333,7 @@ func (c *heldFiles) begin(dir blockDir) *heldLook {
 	c.mu.RLock()
 	look := &heldLook{dir: dir.path}
 	if c.dir == dir.path {
-		look.fds, look.held = c.fds, len(c.fds)
+		look.fds = c.fds
 	}
 	return look
 }
@@ -371,8 +371,9 @@ func (c *heldFiles) end(look *heldLook, nums []int, readers []*scratch) {
 		found += readers[i].found
 		changed = changed || len(readers[i].changes) > 0
 	}
+	removed := found < len(look.fds) // some held device not listed
 	c.mu.RUnlock()
-	if !changed && found == look.held {
+	if !changed && !removed {
 		return
 	}
 	c.mu.Lock()
