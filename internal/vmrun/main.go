@@ -8,7 +8,9 @@
 //	go run ./internal/vmrun -kernel 6.1 -tmp ext4             # one machine
 //	go run ./internal/vmrun -kernel 5.10 -- -test.run 'TestKernelAttach' -test.v
 //
-// Arguments after the flags go to each test binary (default: -test.short).
+// Arguments after the flags go to each test binary (default: -test.short
+// -test.timeout=10m, so that a test that hangs dumps its goroutines before
+// the machine's own timeout stops it silently).
 // It needs root (apt, and the loop devices the tests make inside the
 // machine are the guest's own), qemu-system-x86_64, dpkg-deb, xz, ldd,
 // mkfs.ext4, util-linux, and Go; nothing but Debian's kernel packages is
@@ -71,7 +73,7 @@ func main() {
 	flag.Parse()
 	testArgs := flag.Args()
 	if len(testArgs) == 0 {
-		testArgs = []string{"-test.short"}
+		testArgs = []string{"-test.short", "-test.timeout=10m"}
 	}
 	if os.Geteuid() != 0 {
 		log.Fatal("run as root: apt needs it, and so does the cache in /var/cache")
