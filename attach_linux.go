@@ -21,8 +21,26 @@ import (
 // Attach binds the file at path to a free loop device and returns the
 // device, open. The file is opened read-only with FlagReadOnly and
 // read-write otherwise: a file that cannot be opened for writing is an
-// error matching fs.ErrPermission, never a silent switch to read-only.
-// Attach closes its own descriptor of the file once the device holds it.
+// error matching fs.ErrPermission, never a silent switch to read-only; on
+// a read-only file system the error says that FlagReadOnly binds it, and
+// matches unix.EROFS too. Attach closes its own descriptor of the file
+// once the device holds it.
+//
+// The path is treated as hostile. Only a regular file or a block device
+// can back a loop device, and Attach makes sure of that before it opens
+// the file for reading or writing: it first opens the path with O_PATH,
+// which runs no driver's open code and waits for nobody, and refuses with
+// fs.ErrInvalid, naming what the path is, a directory, a named pipe, a
+// character device, a socket, a regular file of procfs, sysfs or another
+// of the kernel's interface file systems (a device bound read-write to a
+// sysfs attribute would write to the kernel's controls), and a loop device
+// with nothing bound to it. The file it then opens, through /proc/self/fd,
+// is the one it checked, even if the path is switched meanwhile. A lease
+// another process holds on the file (a file server's) is broken as the
+// kernel does it, and waited for only as long as ctx allows. A path with a
+// NUL byte, too long a path and a symbolic link loop match fs.ErrInvalid.
+// Such failures are the backing file's: the error says so, and matches no
+// sentinel about loop devices (ErrBusy, ErrNotBound).
 //
 // Each attempt takes the attach lock (below), asks /dev/loop-control for a
 // free device (LOOP_CTL_GET_FREE), opens it, takes a BSD flock(LOCK_EX) on
@@ -71,8 +89,15 @@ import (
 //
 // On any failure Attach leaves nothing behind: no binding of its own and no
 // open descriptor. Invalid options (fs.ErrInvalid), a missing file
-// (fs.ErrNotExist), a directory and a done ctx (ctx.Err()) fail before any
-// device is touched.
+// (fs.ErrNotExist), a file that cannot back a loop device (above) and a
+// done ctx (ctx.Err()) fail before any device is touched.
+//
+// The kernel binds what passes these checks even where the device will be
+// of little use, as losetup does: a file, or the part of it past Offset,
+// shorter than 512 bytes gives a device of 0 bytes (Status.Size), and one
+// that is not a whole number of 512-byte sectors loses its tail. A file
+// truncated or deleted after Attach opened it is bound as it is at the
+// binding (Status.Deleted).
 //
 // With FlagAutoClear the kernel detaches the device when its last opener
 // closes it. The returned Device is an opener, so the binding lives until
@@ -90,28 +115,18 @@ func Attach(ctx context.Context, path string, o Options) (*Device, error) {
 	if err := o.validate(); err != nil {
 		return nil, newError(op, path, err)
 	}
-	mode := unix.O_RDWR
-	if o.Flags&FlagReadOnly != 0 {
-		mode = unix.O_RDONLY
-	}
-	// A bare descriptor: it lives only for this call, and is nobody else's
-	// to close concurrently.
-	fd, err := openFD(path, mode)
+	fd, err := openBackingFile(ctx, path, o.Flags&FlagReadOnly != 0)
 	if err != nil {
 		return nil, newError(op, path, err)
 	}
 	defer closeFD(fd)
-	// A directory opened read-write has failed with EISDIR already.
-	if mode == unix.O_RDONLY {
-		if err := checkBackingFile(uintptr(fd), path); err != nil {
-			return nil, newError(op, path, err)
-		}
-	}
 	return attach(ctx, uintptr(fd), path, o)
 }
 
 // AttachFile is Attach for a file the caller has open; f stays the
-// caller's to close. A nil, closed or directory f is refused as invalid.
+// caller's to close. A nil or closed f, and one that cannot back a loop
+// device (anything but a regular file or a block device, as Attach checks
+// a path), are refused as invalid before any device is touched.
 // With FlagReadOnly the device is read-only whatever f's mode; without it,
 // a read-only f gives a read-only device, as the kernel decides.
 func AttachFile(ctx context.Context, f *os.File, o Options) (*Device, error) {
@@ -136,18 +151,6 @@ func AttachFile(ctx context.Context, f *os.File, o Options) (*Device, error) {
 		return err
 	})
 	return d, err
-}
-
-// checkBackingFile refuses a directory before any device is touched.
-func checkBackingFile(fd uintptr, name string) error {
-	st, err := fstat(fd)
-	switch {
-	case err != nil:
-		return &os.PathError{Op: "stat", Path: name, Err: err}
-	case st.Mode&unix.S_IFMT == unix.S_IFDIR:
-		return invalid("%s is a directory", name)
-	}
-	return nil
 }
 
 // lostRaces counts the races this process's attachers lost; tests report

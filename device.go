@@ -211,9 +211,16 @@ func (d *Device) Path() string { return d.path }
 // SetFD binds f to the device with LOOP_SET_FD, with no offset, size limit
 // or flags; the device is read-only when f is. Configure binds in one step
 // with options. A bound device is an error matching ErrBusy.
+//
+// f must be a regular file or a block device, as for Attach: anything
+// else is refused before the ioctl with an error matching fs.ErrInvalid.
 func (d *Device) SetFD(f *os.File) error {
-	return withFile("set-fd", d.path, f, func(fd uintptr) error {
-		_, err := d.ioctl("set-fd", reqSetFD, fd)
+	const op = "set-fd"
+	return withFile(op, d.path, f, func(fd uintptr) error {
+		if err := checkBackingFile(fd, f.Name()); err != nil {
+			return newError(op, d.path, err)
+		}
+		_, err := d.ioctl(op, reqSetFD, fd)
 		return err
 	})
 }

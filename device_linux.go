@@ -95,7 +95,9 @@ var noConfigure atomic.Bool
 // clear the binding and fail with ErrNoDirectIO: an option is never
 // dropped in silence.
 //
-// Options are checked before any ioctl. On a kernel without LOOP_CONFIGURE
+// Options, and f as Attach checks a backing file (a regular file or a
+// block device; see Attach), are checked before any ioctl; a refusal
+// matches fs.ErrInvalid. On a kernel without LOOP_CONFIGURE
 // (decided by its answer, then remembered) Configure falls back to
 // LOOP_SET_FD, LOOP_SET_STATUS64, LOOP_SET_BLOCK_SIZE and
 // LOOP_SET_DIRECT_IO; if a step after LOOP_SET_FD fails it clears the
@@ -110,6 +112,9 @@ func (d *Device) Configure(f *os.File, o Options) error {
 		return newError(op, d.path, err)
 	}
 	return withFile(op, d.path, f, func(fd uintptr) error {
+		if err := checkBackingFile(fd, f.Name()); err != nil {
+			return newError(op, d.path, err)
+		}
 		return newError(op, d.path, configure(h, fd, f.Name(), o))
 	})
 }
@@ -155,14 +160,20 @@ func undo(h handle, err error) error {
 }
 
 // explainBlockSize explains the kernel's EINVAL for a block size above the
-// page size, which kernels before 6.15 refuse (6.12 among them).
+// page size: kernels before 6.15 (6.12 among them) take none, later ones
+// up to 64 KiB.
 func explainBlockSize(err error, size uint32) error {
 	if err != unix.EINVAL || int(size) <= os.Getpagesize() {
 		return err
 	}
-	return &explained{text: "this kernel takes no block size above the page size (" + strconv.Itoa(os.Getpagesize()) +
-		"), and " + strconv.Itoa(int(size)) + " is", errno: unix.EINVAL}
+	return &explained{text: "block size " + strconv.FormatUint(uint64(size), 10) + " is above what this kernel takes: the page size (" +
+		strconv.Itoa(os.Getpagesize()) + ") before Linux 6.15, 64 KiB since", errno: unix.EINVAL}
 }
+
+// errCycle explains EBADF from binding a file: it is the device itself,
+// or a loop device stacked on it, and the kernel refuses such a cycle.
+var errCycle error = &explained{text: "it is this loop device, or a loop device stacked on it: a cycle, which the kernel refuses",
+	errno: unix.EBADF}
 
 // lacksConfigure tells whether err, LOOP_CONFIGURE's answer, means that the
 // kernel does not know the request. ENOTTY says so plainly; EINVAL is what
@@ -303,8 +314,8 @@ func (d *Device) SetBlockSize(size uint32) error {
 // LOOP_CHANGE_FD, without unbinding: the way a live system's root image is
 // replaced. The kernel allows it only on a read-only device, and only for
 // a regular file or block device of the same size as the bound one; the
-// first two are checked here, and the kernel's EINVAL for the size is
-// explained.
+// first two are checked here (f as Attach checks a backing file), and the
+// kernel's EINVAL for the size is explained.
 func (d *Device) ChangeFD(f *os.File) error {
 	const op = "change-fd"
 	h, err := d.handle(op)
@@ -312,12 +323,8 @@ func (d *Device) ChangeFD(f *os.File) error {
 		return err
 	}
 	return withFile(op, d.path, f, func(fd uintptr) error {
-		st, err := fstat(fd)
-		if err != nil {
+		if err := checkBackingFile(fd, f.Name()); err != nil {
 			return newError(op, d.path, err)
-		}
-		if m := st.Mode & unix.S_IFMT; m != unix.S_IFREG && m != unix.S_IFBLK {
-			return newError(op, d.path, invalid("%s is not a regular file or block device", f.Name()))
 		}
 		var info unix.LoopInfo64
 		if err := d.status(op, h, &info); err != nil {
@@ -327,8 +334,11 @@ func (d *Device) ChangeFD(f *os.File) error {
 			return newError(op, d.path, invalid("LOOP_CHANGE_FD needs a read-only device"))
 		}
 		_, err = ioctl(h, reqChangeFD, fd)
-		if err == unix.EINVAL {
+		switch err {
+		case unix.EINVAL:
 			err = inStep("LOOP_CHANGE_FD refused "+f.Name()+" (it must be the same size as the bound file)", err)
+		case unix.EBADF:
+			err = fileErr(inStep("backing file "+f.Name(), errCycle))
 		}
 		return newError(op, d.path, err)
 	})

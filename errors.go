@@ -102,9 +102,16 @@ func (e *Error) Unwrap() error { return e.Err }
 // Is maps the kernel's errno onto the sentinels listed on Error. Mappings
 // that syscall.Errno makes itself (EEXIST, ENOENT, EPERM, EACCES) are
 // reached through Unwrap.
+//
+// A failure that lies with the backing file (its open, or a file that
+// cannot back a loop device) is not mapped: its errno says nothing about a
+// loop device, and ENXIO from opening a socket or an absent device is not
+// ErrNotBound. Such an errno keeps only the mappings syscall.Errno makes,
+// and EINVAL, ELOOP and ENAMETOOLONG, a path that cannot be used as
+// given, match fs.ErrInvalid.
 func (e *Error) Is(target error) bool {
 	var errno syscall.Errno
-	if !errors.As(e.Err, &errno) {
+	if !errors.As(e.Err, &errno) || ofBackingFile(e.Err) {
 		return false
 	}
 	switch target {
@@ -169,3 +176,26 @@ func (e *stepError) Error() string { return e.step + ": " + e.err.Error() }
 func (e *stepError) Unwrap() error { return e.err }
 
 func inStep(step string, err error) error { return &stepError{step: step, err: err} }
+
+// A fileError is a failure that lies with the backing file rather than a
+// loop device: Error.Is does not map its errno onto the loop device's
+// sentinels.
+type fileError struct{ err error }
+
+func (e *fileError) Error() string { return e.err.Error() }
+func (e *fileError) Unwrap() error { return e.err }
+
+// Is matches fs.ErrInvalid for a path that cannot be used as given.
+func (e *fileError) Is(target error) bool {
+	var errno syscall.Errno
+	if target != fs.ErrInvalid || !errors.As(e.err, &errno) {
+		return false
+	}
+	return errno == syscall.EINVAL || errno == syscall.ELOOP || errno == syscall.ENAMETOOLONG
+}
+
+// ofBackingFile tells whether err is the backing file's.
+func ofBackingFile(err error) bool {
+	var fe *fileError
+	return errors.As(err, &fe)
+}

@@ -1,0 +1,458 @@
+//go:build integration && !loopctl_stub
+
+package loopctl
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"io/fs"
+	"math"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// Bad input on the real kernel: every path, file and option a hostile
+// caller controls. For each the test checks the error, that Attach
+// answers within its context's deadline, and that nothing is left bound
+// to the file, open, or locked. RELIABILITY.md has the table.
+
+// untouched records what a failed Attach must leave as it was: the
+// descriptors and flocks of this process; and, for a path that names a
+// file, that no device is bound to that file.
+type untouched struct {
+	fds      map[int]string
+	flocks   []string
+	dev, ino uint64
+	hasID    bool
+}
+
+func before(t *testing.T, path string) untouched {
+	t.Helper()
+	u := untouched{fds: openFDs(t), flocks: heldFlocks(t)}
+	var st unix.Stat_t
+	if unix.Stat(path, &st) == nil {
+		u.dev, u.ino, u.hasID = uint64(st.Dev), uint64(st.Ino), true
+	}
+	return u
+}
+
+func (u untouched) check(t *testing.T) {
+	t.Helper()
+	if fds := openFDs(t); len(fds) != len(u.fds) {
+		t.Errorf("descriptors open: %v, before: %v", fds, u.fds)
+	}
+	if l := heldFlocks(t); !slices.Equal(l, u.flocks) {
+		t.Errorf("flocks held: %q, before: %q", l, u.flocks)
+	}
+	if !u.hasID {
+		return
+	}
+	list, err := List()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range list {
+		if s.BackingDevice == u.dev && s.BackingInode == u.ino {
+			t.Errorf("left bound: %+v", s)
+		}
+	}
+}
+
+// heldFlocks returns the lines of /proc/locks for flocks this process
+// holds or waits for (one is internal/testlock's), without their numbers.
+func heldFlocks(t *testing.T) []string {
+	t.Helper()
+	b, err := os.ReadFile("/proc/locks")
+	if err != nil {
+		t.Fatal(err)
+	}
+	pid := strconv.Itoa(os.Getpid())
+	var held []string
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(strings.Replace(line, "->", "", 1))
+		if len(f) > 4 && f[1] == "FLOCK" && f[4] == pid {
+			held = append(held, strings.Join(f[1:], " "))
+		}
+	}
+	return held
+}
+
+// attachWithin attaches path with o under a context that ends after
+// deadline, and fails the test unless Attach answers well within a
+// minute: a hang is what it catches, not a slow answer.
+func attachWithin(t *testing.T, path string, o Options, deadline time.Duration) (*Device, error) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), deadline)
+	defer cancel()
+	d, err := within(t, time.Minute, func() (*Device, error) { return Attach(ctx, path, o) })
+	if err == nil {
+		t.Cleanup(func() { detach(t, d) })
+	}
+	return d, err
+}
+
+// mountT mounts a file system of type fstype on a new directory and
+// returns the directory; the test's cleanup unmounts it.
+func mountT(t *testing.T, fstype string, flags uintptr) string {
+	t.Helper()
+	dir := t.TempDir()
+	if err := unix.Mount(fstype, dir, fstype, flags, ""); err != nil {
+		t.Fatalf("mount %s: %v", fstype, err)
+	}
+	t.Cleanup(func() {
+		if err := unix.Unmount(dir, unix.MNT_DETACH); err != nil {
+			t.Errorf("unmount %s: %v", dir, err)
+		}
+	})
+	return dir
+}
+
+func TestKernelBadBackingFiles(t *testing.T) {
+	requireKernel(t)
+	for _, hp := range hostilePaths(t) {
+		for _, ro := range []bool{false, true} {
+			name := hp.name
+			var o Options
+			if ro {
+				name += ", read-only"
+				o.Flags = FlagReadOnly
+			}
+			t.Run(name, func(t *testing.T) {
+				u := before(t, hp.path)
+				_, err := attachWithin(t, hp.path, o, 2*time.Second)
+				checkFileBlamed(t, err, hp.words, hp.is)
+				u.check(t)
+			})
+		}
+	}
+
+	t.Run("block device with no driver", func(t *testing.T) {
+		// A node of a block major no driver has: its open fails with
+		// ENXIO, which says nothing of the loop device Attach binds.
+		node := filepath.Join(t.TempDir(), "nodriver")
+		if err := unix.Mknod(node, unix.S_IFBLK|0o600, int(unix.Mkdev(unusedBlockMajor(t), 0))); err != nil {
+			t.Fatal(err)
+		}
+		u := before(t, node)
+		_, err := attachWithin(t, node, Options{}, 2*time.Second)
+		checkFileBlamed(t, err, "no such device or address", unix.ENXIO)
+		u.check(t)
+	})
+
+	t.Run("read-only file system", func(t *testing.T) {
+		dir := mountT(t, "tmpfs", 0)
+		file := filepath.Join(dir, "disk.img")
+		if err := os.WriteFile(file, make([]byte, 1<<20), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if err := unix.Mount("", dir, "", unix.MS_REMOUNT|unix.MS_RDONLY, ""); err != nil {
+			t.Fatal(err)
+		}
+		u := before(t, file)
+		_, err := attachWithin(t, file, Options{}, 2*time.Second)
+		checkFileBlamed(t, err, "FlagReadOnly", fs.ErrPermission)
+		if !errors.Is(err, unix.EROFS) {
+			t.Errorf("error %q: want EROFS reachable", err)
+		}
+		u.check(t)
+		d, err := attachWithin(t, file, Options{Flags: FlagReadOnly}, 2*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		checkBound(t, d, file, Options{Flags: FlagReadOnly})
+	})
+
+	t.Run("leased", testKernelLeasedFile)
+
+	// The file changes between Attach's open and its LOOP_CONFIGURE: the
+	// device is bound to the file as it is at the binding.
+	for _, tt := range []struct {
+		name    string
+		o       Options
+		change  func(path string) error
+		size    uint64
+		deleted bool
+		readErr error // of a read of the first block
+	}{
+		{"truncated to 0 after the open", Options{}, func(p string) error { return os.Truncate(p, 0) }, 0, false, nil},
+		// 1000 bytes hold one whole sector and no whole block: the
+		// kernel reads nothing less than a block.
+		{"truncated below a block after the open", Options{BlockSize: 4096}, func(p string) error { return os.Truncate(p, 1000) }, 512, false, unix.EIO},
+		{"deleted after the open", Options{}, os.Remove, 1 << 20, true, nil},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			f := tempFile(t, 1<<20)
+			k := &hookOpen{before: func() {
+				if err := tt.change(f.Name()); err != nil {
+					t.Error(err)
+				}
+			}}
+			useKernel(t, k)
+			d, err := attachWithin(t, f.Name(), tt.o, 10*time.Second)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if k.before != nil {
+				t.Fatal("the file was not changed between open and bind")
+			}
+			s, err := d.Status()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if s.Size != tt.size || s.Deleted() != tt.deleted {
+				t.Fatalf("bound %+v: want %d bytes, deleted %v", s, tt.size, tt.deleted)
+			}
+			// The device reads what the file holds, and no further.
+			buf := make([]byte, 4096)
+			n, err := unix.Pread(mustFd(t, devFile(t, d)), buf, 0)
+			if tt.readErr != nil {
+				if err != tt.readErr {
+					t.Fatalf("read from a device of %d bytes in blocks of %d: %d, %v; want %v", tt.size, s.BlockSize, n, err, tt.readErr)
+				}
+				return
+			}
+			if err != nil || uint64(n) != min(tt.size, 4096) {
+				t.Fatalf("read %d bytes (%v) from a device of %d", n, err, tt.size)
+			}
+		})
+	}
+
+	t.Run("loop devices", testKernelLoopBacking)
+
+	t.Run("no O_DIRECT", func(t *testing.T) {
+		dir := mountT(t, "ramfs", 0)
+		file := filepath.Join(dir, "disk.img")
+		if err := os.WriteFile(file, make([]byte, 1<<20), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		u := before(t, file)
+		_, err := attachWithin(t, file, Options{Flags: FlagDirectIO}, 10*time.Second)
+		if !errors.Is(err, ErrNoDirectIO) || !errors.Is(err, unix.EINVAL) {
+			t.Fatalf("FlagDirectIO on ramfs: %v, want ErrNoDirectIO", err)
+		}
+		u.check(t)
+	})
+
+	t.Run("extremes", testKernelExtremeOptions)
+}
+
+// unusedBlockMajor returns a block major number of those for local use
+// (240-254) that no driver of this kernel has taken.
+func unusedBlockMajor(t *testing.T) uint32 {
+	t.Helper()
+	b, err := os.ReadFile("/proc/devices")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, block, _ := strings.Cut(string(b), "Block devices:")
+	used := map[string]bool{}
+	for _, line := range strings.Split(block, "\n") {
+		if f := strings.Fields(line); len(f) > 0 {
+			used[f[0]] = true
+		}
+	}
+	for m := uint32(240); m <= 254; m++ {
+		if !used[strconv.Itoa(int(m))] {
+			return m
+		}
+	}
+	t.Skip("every block major for local use is taken")
+	return 0
+}
+
+// A hookOpen is the real kernel that runs before, once, when Attach opens
+// a loop device: after it opened the backing file, before it binds it.
+type hookOpen struct{ before func() }
+
+func (k *hookOpen) open(path string, mode int) (handle, error) {
+	if path != ControlPath && k.before != nil {
+		k.before()
+		k.before = nil
+	}
+	return osKernel{}.open(path, mode)
+}
+
+// devFile opens d's node for reading; the test closes it.
+func devFile(t *testing.T, d *Device) *os.File {
+	t.Helper()
+	f, err := os.Open(d.Path())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	return f
+}
+
+// testKernelLeasedFile attaches a file on which the test holds a read
+// lease, as a file server holds one. A read-only Attach does not break
+// it. A read-write Attach does: it waits for the lease to go, and only
+// as long as its context allows, where a plain open would wait the
+// kernel's lease-break-time (45 s).
+func testKernelLeasedFile(t *testing.T) {
+	file := filepath.Join(t.TempDir(), "leased.img")
+	if err := os.WriteFile(file, make([]byte, 1<<20), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	sigio := make(chan os.Signal, 8)
+	signal.Notify(sigio, unix.SIGIO)
+	defer signal.Stop(sigio)
+	lease := func() *os.File {
+		f, err := os.Open(file)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := unix.FcntlInt(f.Fd(), unix.F_SETLEASE, unix.F_RDLCK); err != nil {
+			t.Fatal(err)
+		}
+		return f
+	}
+
+	lf := lease()
+	d, err := attachWithin(t, file, Options{Flags: FlagReadOnly}, 2*time.Second)
+	if err != nil {
+		t.Fatalf("read-only, beside a read lease: %v", err)
+	}
+	detach(t, d)
+
+	u := before(t, file)
+	_, err = attachWithin(t, file, Options{}, 300*time.Millisecond)
+	if !errors.Is(err, context.DeadlineExceeded) || !errors.Is(err, unix.EWOULDBLOCK) || !strings.Contains(err.Error(), "lease") {
+		t.Fatalf("read-write, lease held past the deadline: %v", err)
+	}
+	checkFileBlamed(t, err, "lease", unix.EWOULDBLOCK)
+	u.check(t)
+	lf.Close() // lets go of the lease
+
+	// A lease the holder lets go of when told to: Attach is waiting for
+	// it once the holder hears of the break, and binds when it is gone.
+	lf = lease()
+	defer lf.Close()
+	for len(sigio) > 0 {
+		<-sigio
+	}
+	done := make(chan error, 1)
+	go func() {
+		d, err := Attach(context.Background(), file, Options{})
+		if err == nil {
+			t.Cleanup(func() { detach(t, d) })
+		}
+		done <- err
+	}()
+	select {
+	case <-sigio:
+	case err := <-done:
+		t.Fatalf("Attach answered %v while the lease was held", err)
+	case <-time.After(time.Minute):
+		t.Fatal("no lease break within a minute")
+	}
+	select {
+	case err := <-done:
+		t.Fatalf("Attach answered %v while the lease was held", err)
+	default:
+	}
+	if _, err := unix.FcntlInt(lf.Fd(), unix.F_SETLEASE, unix.F_UNLCK); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(time.Minute):
+		t.Fatal("Attach did not bind within a minute of the lease's release")
+	}
+}
+
+// testKernelLoopBacking backs loop devices with loop devices: a bound one
+// stacks, an unbound one is refused before any device is touched, and
+// the kernel refuses a cycle.
+func testKernelLoopBacking(t *testing.T) {
+	f := tempFile(t, 1<<20)
+	if _, err := f.WriteAt([]byte("bottom"), 8192); err != nil {
+		t.Fatal(err)
+	}
+	a := attachT(t, f.Name(), Options{Flags: FlagReadOnly})
+	b, err := attachWithin(t, a.Path(), Options{Flags: FlagReadOnly}, 10*time.Second)
+	if err != nil {
+		t.Fatalf("a loop device on a bound one: %v", err)
+	}
+	buf := make([]byte, 6)
+	if _, err := unix.Pread(mustFd(t, devFile(t, b)), buf, 8192); err != nil || !bytes.Equal(buf, []byte("bottom")) {
+		t.Fatalf("read %q (%v) through the stack", buf, err)
+	}
+
+	// a and b back each other: the kernel refuses the cycle.
+	bf, err := os.Open(b.Path())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer bf.Close()
+	err = a.ChangeFD(bf)
+	checkFileBlamed(t, err, "cycle", unix.EBADF)
+
+	c := openControl(t)
+	n, err := c.Add(AnyNumber)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Remove(n) })
+	free := DevicePath(n)
+	u := before(t, free)
+	_, err = attachWithin(t, free, Options{}, 2*time.Second)
+	checkFileBlamed(t, err, "a loop device with no file bound to it", fs.ErrInvalid)
+	u.check(t)
+}
+
+// testKernelExtremeOptions binds with the largest and smallest offsets,
+// size limits and block sizes: each binds as the kernel defines it, or is
+// refused with the kernel's errno, explained, and nothing left bound.
+func testKernelExtremeOptions(t *testing.T) {
+	for _, tt := range []struct {
+		name string
+		o    Options
+		size uint64 // of the device bound; or
+		err  error  // what the error matches
+	}{
+		{"offset at 2^63-1", Options{Offset: math.MaxInt64}, 0, nil},
+		{"offset past the end", Options{Offset: 2 << 20}, 0, nil},
+		{"offset past 2^63-1", Options{Offset: math.MaxInt64 + 1}, 0, unix.EOVERFLOW},
+		{"size limit 2^63-1", Options{SizeLimit: math.MaxInt64}, 1 << 20, nil},
+		{"size limit past 2^63-1", Options{SizeLimit: math.MaxUint64}, 0, unix.EOVERFLOW},
+		{"size limit below a sector", Options{SizeLimit: 1}, 0, nil},
+		{"block size 2^31", Options{BlockSize: 1 << 31}, 0, unix.EINVAL},
+		{"block size not a power of two", Options{BlockSize: math.MaxUint32}, 0, fs.ErrInvalid},
+		{"all at once", Options{Offset: math.MaxInt64, SizeLimit: math.MaxInt64, BlockSize: 1 << 31}, 0, unix.EINVAL},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			f := tempFile(t, 1<<20)
+			u := before(t, f.Name())
+			d, err := attachWithin(t, f.Name(), tt.o, 10*time.Second)
+			if tt.err != nil {
+				if !errors.Is(err, tt.err) {
+					t.Fatalf("Attach = %v, want %v", err, tt.err)
+				}
+				u.check(t)
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			s, err := d.Status()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if s.Size != tt.size || s.Offset != tt.o.Offset || s.SizeLimit != tt.o.SizeLimit {
+				t.Fatalf("bound %+v, want %d bytes with %+v", s, tt.size, tt.o)
+			}
+		})
+	}
+}

@@ -1,0 +1,254 @@
+//go:build !loopctl_stub
+
+package loopctl
+
+import (
+	"context"
+	"io/fs"
+	"os"
+	"strconv"
+	"strings"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// The backing file. A caller's path or file may be anything: a named pipe
+// whose open waits for a writer, a device whose open has effects of its
+// own (a watchdog that starts counting, a tape that rewinds), a socket, a
+// file of procfs or sysfs whose "contents" are the kernel's controls. So
+// Attach looks at what a path names before it opens it for reading or
+// writing, only a regular file with data or a block device gets that far,
+// and every refusal names the file, never a loop device, as the cause.
+
+// openBackingFile opens the file at path to back a loop device, read-only
+// or read-write, and returns its descriptor.
+//
+// It opens the path with O_PATH first, which runs no driver's open and
+// waits for no one, and checks what that is (checkKind). Only then does it
+// open the file itself, through /proc/self/fd, so that what it opens is
+// the inode it checked even if the path is switched meanwhile. That open
+// is made with O_NONBLOCK, so that a lease another process holds on the
+// file (a file server's) makes it fail at once rather than wait up to the
+// kernel's lease-break-time (45 s by default): the break has begun, and
+// the open is tried again, with backoff, while ctx allows. O_NONBLOCK is
+// then cleared: the loop driver reads and writes through this file for as
+// long as it is bound, and a file system told not to wait (FUSE passes the
+// flags on to its server) must not answer its reads with EAGAIN.
+//
+// Without a /proc of this process's own (a container or an initramfs that
+// mounts none), the path is opened a second time, and the file opened must
+// be the one checked.
+func openBackingFile(ctx context.Context, path string, readOnly bool) (int, error) {
+	if strings.IndexByte(path, 0) >= 0 {
+		return -1, fileErr(invalid("the path %q has a NUL byte", path))
+	}
+	pfd, err := openFD(path, unix.O_PATH)
+	if err != nil {
+		return -1, fileErr(err)
+	}
+	defer closeFD(pfd)
+	st, err := fstat(uintptr(pfd))
+	if err != nil {
+		return -1, fileErr(&os.PathError{Op: "stat", Path: path, Err: err})
+	}
+	if err := checkKind(pfd, &st, path); err != nil {
+		return -1, err
+	}
+	flags := unix.O_RDWR
+	if readOnly {
+		flags = unix.O_RDONLY
+	}
+	flags |= unix.O_NONBLOCK | unix.O_NOCTTY
+	fd, err := reopen(ctx, pfd, flags)
+	if err == unix.ENOENT {
+		fd, err = openAgain(path, flags, &st)
+	}
+	if err != nil {
+		return -1, fileErr(openError(path, err))
+	}
+	if _, err := unix.FcntlInt(uintptr(fd), unix.F_SETFL, 0); err != nil {
+		closeFD(fd)
+		return -1, fileErr(&os.PathError{Op: "fcntl", Path: path, Err: err})
+	}
+	if err := checkLoopBacking(uintptr(fd), &st, path); err != nil {
+		closeFD(fd)
+		return -1, err
+	}
+	return fd, nil
+}
+
+// reopen opens the file that the O_PATH descriptor pfd stands for, through
+// /proc/self/fd, with flags. While another process holds a lease on the
+// file that the open breaks (EWOULDBLOCK, with O_NONBLOCK), it tries
+// again with backoff, until the holder lets go, the kernel breaks the
+// lease itself, or ctx ends. An error is an errno, or a *leaseError.
+func reopen(ctx context.Context, pfd, flags int) (int, error) {
+	var buf [32]byte
+	p := strconv.AppendInt(append(buf[:0], "/proc/self/fd/"...), int64(pfd), 10)
+	p = append(p, 0)
+	for attempt := 0; ; attempt++ {
+		fd, errno := openAt(&p[0], flags)
+		switch errno {
+		case 0:
+			return fd, nil
+		case unix.EWOULDBLOCK:
+		default:
+			return -1, errno
+		}
+		if err := backoff(ctx, attempt+1); err != nil {
+			return -1, &leaseError{ctx: err}
+		}
+	}
+}
+
+// A leaseError ends an open that waited for another process's lease on
+// the file to be broken, when the context ended first. It matches both
+// the context's error and EWOULDBLOCK.
+type leaseError struct{ ctx error }
+
+func (e *leaseError) Error() string {
+	return "another process holds a lease on the file, and the context ended before it let go: " + e.ctx.Error()
+}
+func (e *leaseError) Unwrap() []error { return []error{e.ctx, unix.EWOULDBLOCK} }
+
+// openAgain opens path with flags once more, for a process with no /proc
+// of its own, and checks that it is the file that st describes: the path
+// may have been switched since it was checked.
+func openAgain(path string, flags int, st *unix.Stat_t) (int, error) {
+	fd, err := openFD(path, flags)
+	if err != nil {
+		return -1, err
+	}
+	got, err := fstat(uintptr(fd))
+	if err != nil || got.Dev != st.Dev || got.Ino != st.Ino || got.Mode&unix.S_IFMT != st.Mode&unix.S_IFMT {
+		closeFD(fd)
+		return -1, errSwitched
+	}
+	return fd, nil
+}
+
+// openError is the error of the open of backing file path: an
+// *os.PathError, with the errnos that a caller can act on explained.
+func openError(path string, err error) error {
+	if pe, ok := err.(*os.PathError); ok {
+		err = pe.Err
+	}
+	switch err {
+	case unix.EROFS:
+		err = errReadOnlyFS
+	}
+	return &os.PathError{Op: "open", Path: path, Err: err}
+}
+
+// errReadOnlyFS explains EROFS from a read-write open of the backing file.
+var errReadOnlyFS error = &explained{text: "the file system is read-only; FlagReadOnly binds the file read-only",
+	errno: unix.EROFS, is: fs.ErrPermission}
+
+// errSwitched reports a path whose file changed between its check and its
+// open, where no /proc lets the file checked be opened itself.
+var errSwitched error = &explained{text: "the path names another file than a moment ago", errno: unix.ESTALE}
+
+// checkBackingFile checks the file open as fd, which a caller handed in
+// (AttachFile, Configure, SetFD, ChangeFD), as openBackingFile checks a
+// path: a regular file with data or a block device, and a loop device only
+// when it is bound. It costs an fstat, and an fstatfs for a regular file.
+func checkBackingFile(fd uintptr, name string) error {
+	st, err := fstat(fd)
+	if err != nil {
+		return fileErr(&os.PathError{Op: "stat", Path: name, Err: err})
+	}
+	if err := checkKind(int(fd), &st, name); err != nil {
+		return err
+	}
+	return checkLoopBacking(fd, &st, name)
+}
+
+// checkKind refuses, from its fstat st, what cannot back a loop device:
+// anything but a regular file or a block device, and a regular file of a
+// file system that is the kernel's interface rather than storage (procfs,
+// sysfs and their kin: a device bound read-write to a sysfs attribute
+// writes to the kernel's controls). fd is the file's descriptor, O_PATH or
+// not, for its fstatfs.
+func checkKind(fd int, st *unix.Stat_t, name string) error {
+	var kind string
+	switch st.Mode & unix.S_IFMT {
+	case unix.S_IFBLK:
+		return nil
+	case unix.S_IFREG:
+		var fs unix.Statfs_t
+		if err := ignoringEINTR(func() error { return unix.Fstatfs(fd, &fs) }); err != nil {
+			return fileErr(&os.PathError{Op: "statfs", Path: name, Err: err})
+		}
+		fsName, ok := pseudoFS[uint32(fs.Type)]
+		if !ok {
+			return nil
+		}
+		return fileErr(invalid("backing file %s is a file of %s, which holds the kernel's interfaces, not data", name, fsName))
+	case unix.S_IFDIR:
+		kind = "a directory"
+	case unix.S_IFIFO:
+		kind = "a named pipe (FIFO)"
+	case unix.S_IFCHR:
+		kind = "a character device"
+	case unix.S_IFSOCK:
+		kind = "a socket"
+	case unix.S_IFLNK:
+		kind = "a symbolic link"
+	default:
+		kind = "a file of type " + strconv.FormatUint(uint64(st.Mode&unix.S_IFMT), 8)
+	}
+	return fileErr(invalid("backing file %s is %s; a loop device needs a regular file or a block device", name, kind))
+}
+
+// pseudoFS names the file systems, by statfs magic, whose regular files
+// are the kernel's interfaces: a loop device reading or writing one would
+// read state or write controls, not data.
+var pseudoFS = map[uint32]string{
+	unix.PROC_SUPER_MAGIC:    "procfs",
+	unix.SYSFS_MAGIC:         "sysfs",
+	unix.DEBUGFS_MAGIC:       "debugfs",
+	unix.TRACEFS_MAGIC:       "tracefs",
+	unix.SECURITYFS_MAGIC:    "securityfs",
+	unix.CGROUP_SUPER_MAGIC:  "cgroupfs",
+	unix.CGROUP2_SUPER_MAGIC: "cgroup2fs",
+	configfsMagic:            "configfs",
+	unix.EFIVARFS_MAGIC:      "efivarfs",
+	unix.BPF_FS_MAGIC:        "bpffs",
+	unix.PSTOREFS_MAGIC:      "pstore",
+	unix.SELINUX_MAGIC:       "selinuxfs",
+	unix.SMACK_MAGIC:         "smackfs",
+	unix.BINFMTFS_MAGIC:      "binfmt_misc",
+	fuseCtlMagic:             "fusectl",
+	unix.NSFS_MAGIC:          "nsfs",
+	unix.PID_FS_MAGIC:        "pidfs",
+	unix.ANON_INODE_FS_MAGIC: "anon_inodefs",
+}
+
+// Magic numbers from linux/magic.h that golang.org/x/sys/unix lacks.
+const (
+	configfsMagic = 0x62656570
+	fuseCtlMagic  = 0x65735543
+)
+
+// checkLoopBacking refuses a loop device with nothing bound to it as a
+// backing file, which the kernel would refuse with an EINVAL that reads as
+// the other device's fault. A bound one is fine: loop devices stack, and
+// the kernel refuses a chain that leads back to the device being bound.
+// fd is the file open for reading or writing, st its fstat.
+func checkLoopBacking(fd uintptr, st *unix.Stat_t, name string) error {
+	if st.Mode&unix.S_IFMT != unix.S_IFBLK || unix.Major(uint64(st.Rdev)) != loopMajor {
+		return nil
+	}
+	var info unix.LoopInfo64
+	if ioctlPtr(fdHandle(fd), reqGetStatus64, unsafe.Pointer(&info)) == unix.ENXIO {
+		return fileErr(invalid("backing file %s is a loop device with no file bound to it", name))
+	}
+	return nil
+}
+
+// loopMajor is the block major number of the loop driver.
+const loopMajor = 7
+
+// fileErr marks err as the backing file's (see Error.Is).
+func fileErr(err error) error { return &fileError{err} }

@@ -1,0 +1,188 @@
+//go:build !loopctl_stub
+
+package loopctl
+
+import (
+	"context"
+	"errors"
+	"io/fs"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// hostilePaths makes, in a directory of the test's own, one path of each
+// kind that cannot back a loop device, with the words its error must
+// have and the sentinel it must match. None needs root.
+func hostilePaths(t *testing.T) []hostilePath {
+	t.Helper()
+	dir := t.TempDir()
+	fifo := filepath.Join(dir, "fifo")
+	if err := unix.Mkfifo(fifo, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	sock := filepath.Join(dir, "sock")
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.Close() })
+	loop := filepath.Join(dir, "loop")
+	if err := os.Symlink(loop, loop); err != nil {
+		t.Fatal(err)
+	}
+	return []hostilePath{
+		{"named pipe", fifo, "is a named pipe (FIFO)", fs.ErrInvalid},
+		{"socket", sock, "is a socket", fs.ErrInvalid},
+		{"character device", "/dev/null", "is a character device", fs.ErrInvalid},
+		{"zero", "/dev/zero", "is a character device", fs.ErrInvalid},
+		{"directory", dir, "is a directory", fs.ErrInvalid},
+		{"procfs", "/proc/self/status", "is a file of procfs", fs.ErrInvalid},
+		{"sysfs", "/sys/kernel/uevent_seqnum", "is a file of sysfs", fs.ErrInvalid},
+		{"NUL byte", filepath.Join(dir, "a\x00b"), "has a NUL byte", fs.ErrInvalid},
+		{"too long", "/" + strings.Repeat("x/", 3000), "file name too long", fs.ErrInvalid},
+		{"name too long", filepath.Join(dir, strings.Repeat("x", 300)), "file name too long", fs.ErrInvalid},
+		{"symlink loop", loop, "too many levels of symbolic links", fs.ErrInvalid},
+		{"missing", filepath.Join(dir, "missing"), "no such file or directory", fs.ErrNotExist},
+	}
+}
+
+type hostilePath struct {
+	name, path, words string
+	is                error
+}
+
+// within runs attach and fails the test unless it returns within d: a
+// hang, not a slow answer, is what it catches.
+func within(t *testing.T, d time.Duration, attach func() (*Device, error)) (*Device, error) {
+	t.Helper()
+	type result struct {
+		d   *Device
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		d, err := attach()
+		done <- result{d, err}
+	}()
+	select {
+	case r := <-done:
+		return r.d, r.err
+	case <-time.After(d):
+		t.Fatalf("no answer after %v", d)
+		return nil, nil
+	}
+}
+
+// checkFileBlamed asserts that err is a refusal of the backing file with
+// words, matching is and no sentinel about loop devices.
+func checkFileBlamed(t *testing.T, err error, words string, is error) {
+	t.Helper()
+	if err == nil {
+		t.Fatal("no error")
+	}
+	if !errors.Is(err, is) || !strings.Contains(err.Error(), words) {
+		t.Fatalf("error %q: want one matching %v that says %q", err, is, words)
+	}
+	for _, s := range []error{ErrBusy, ErrNotBound, ErrNotLoop, ErrNoDirectIO} {
+		if errors.Is(err, s) {
+			t.Fatalf("error %q matches %v: the backing file is blamed on a loop device", err, s)
+		}
+	}
+	var e *Error
+	if !errors.As(err, &e) || !strings.HasPrefix(err.Error(), "loopctl: ") {
+		t.Fatalf("error %q is no *Error", err)
+	}
+}
+
+// fdCount is the number of descriptors this process has open.
+func fdCount(t *testing.T) int {
+	t.Helper()
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(ents)
+}
+
+func TestAttachBadBackingFiles(t *testing.T) {
+	k := useFake(t, 2)
+	for _, hp := range hostilePaths(t) {
+		for _, ro := range []bool{false, true} {
+			name := hp.name
+			var o Options
+			if ro {
+				name += ", read-only"
+				o.Flags = FlagReadOnly
+			}
+			t.Run(name, func(t *testing.T) {
+				fds := fdCount(t)
+				ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+				defer cancel()
+				d, err := within(t, time.Minute, func() (*Device, error) { return Attach(ctx, hp.path, o) })
+				if err == nil {
+					d.Close()
+				}
+				checkFileBlamed(t, err, hp.words, hp.is)
+				if log := k.calls(""); len(log) != 0 {
+					t.Fatalf("devices touched: %q", log)
+				}
+				if n := fdCount(t); n != fds {
+					t.Fatalf("%d descriptors open, %d before", n, fds)
+				}
+			})
+		}
+	}
+}
+
+// TestAttachFileBadBackingFiles hands AttachFile, Configure, SetFD and
+// ChangeFD files of each kind that cannot back a loop device: each is
+// refused before any ioctl.
+func TestAttachFileBadBackingFiles(t *testing.T) {
+	k := useFake(t, 2)
+	var files []hostilePath
+	for _, hp := range hostilePaths(t) {
+		switch hp.name {
+		case "named pipe", "character device", "directory", "procfs", "sysfs":
+			files = append(files, hp)
+		}
+	}
+	d := fakeDevice(t, k, 1)
+	for _, hp := range files {
+		t.Run(hp.name, func(t *testing.T) {
+			f, err := os.OpenFile(hp.path, os.O_RDONLY|unix.O_NONBLOCK, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer f.Close()
+			before := len(k.calls(""))
+			_, err = AttachFile(context.Background(), f, Options{})
+			checkFileBlamed(t, err, hp.words, hp.is)
+			checkFileBlamed(t, d.Configure(f, Options{}), hp.words, hp.is)
+			checkFileBlamed(t, d.SetFD(f), hp.words, hp.is)
+			checkFileBlamed(t, d.ChangeFD(f), hp.words, hp.is)
+			if log := k.calls("")[before:]; len(log) != 0 {
+				t.Fatalf("devices touched: %q", log)
+			}
+		})
+	}
+	t.Run("socket", func(t *testing.T) {
+		l, err := net.Listen("unix", filepath.Join(t.TempDir(), "sock"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer l.Close()
+		f, err := l.(*net.UnixListener).File()
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		_, err = AttachFile(context.Background(), f, Options{})
+		checkFileBlamed(t, err, "is a socket", fs.ErrInvalid)
+	})
+}
