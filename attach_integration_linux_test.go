@@ -21,6 +21,8 @@ import (
 	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/loopctl/loopctl/internal/kerneltest"
 )
 
 // attachT attaches path with o for the test; cleanup detaches and closes.
@@ -93,10 +95,9 @@ func TestKernelAttachAutoClear(t *testing.T) {
 	if err := d.Close(); err != nil {
 		t.Fatal(err)
 	}
-	// Its Close was the last: the kernel has detached the device.
-	if _, err := os.Stat(sysfsLoopAttr(n, "")); !errors.Is(err, fs.ErrNotExist) {
-		t.Fatalf("after the last close: %v, want the device unbound", err)
-	}
+	// Its Close was the last but for udev's probe, if udev runs: the
+	// kernel detaches the device at the last close.
+	kerneltest.WaitUnbound(t, n)
 	if found, err := FindByBackingFile(f.Name()); err != nil || len(found) != 0 {
 		t.Fatalf("FindByBackingFile = %+v, %v; want none", found, err)
 	}
@@ -466,6 +467,11 @@ func TestKernelAttachConcurrent(t *testing.T) {
 			t.Errorf("process %d: %v\n%s", i, err, strings.Join(rest, "\n"))
 		}
 	}
+	// The children bound with autoclear: each device goes once every
+	// opener has closed it, udev's probe too.
+	for n := range owner {
+		kerneltest.WaitUnbound(t, n)
+	}
 	list, err := List()
 	if err != nil {
 		t.Fatal(err)
@@ -592,7 +598,7 @@ func TestKernelAttachLostRace(t *testing.T) {
 			return fd
 		}, false},
 		{"locked", func(t *testing.T, path string) int {
-			// Held under flock(LOCK_EX) by a tool setting it up, or udev.
+			// Held under flock(LOCK_EX) by a tool setting it up.
 			fd, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
 			if err != nil {
 				t.Fatal(err)
@@ -633,6 +639,93 @@ func TestKernelAttachLostRace(t *testing.T) {
 	}
 }
 
+// TestKernelAttachWaitsForProbe: udev holds a shared flock on the device
+// LOOP_CTL_GET_FREE names, probing it after a change. Attach waits for the
+// probe to end, and binds that device, as losetup would; when its context
+// ends first, it returns, leaving nothing bound, and its descriptor of the
+// device goes once the probe ends.
+func TestKernelAttachWaitsForProbe(t *testing.T) {
+	for _, cancelled := range []bool{false, true} {
+		t.Run(fmt.Sprint("cancelled=", cancelled), func(t *testing.T) {
+			type probe struct {
+				path string
+				fd   int
+			}
+			probes := make(chan probe, 1)
+			useKernel(t, &racingKernel{race: func(path string) {
+				fd, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+				if err != nil {
+					t.Error(err)
+				} else if err := unix.Flock(fd, unix.LOCK_SH|unix.LOCK_NB); err != nil {
+					t.Error(err)
+				}
+				probes <- probe{path, fd}
+			}})
+			f := tempFile(t, 1<<20)
+			if _, err := sharedControl(); err != nil { // Attach keeps it open
+				t.Fatal(err)
+			}
+			fds := openFDs(t)
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			type result struct {
+				d   *Device
+				err error
+			}
+			done := make(chan result, 1)
+			go func() {
+				d, err := Attach(ctx, f.Name(), Options{})
+				done <- result{d, err}
+			}()
+			p := <-probes
+			probed := p.path
+			waitLockRequest(t, probed)
+			select {
+			case r := <-done:
+				t.Fatalf("Attach answered (%v, %v) during the probe", r.d, r.err)
+			default:
+			}
+			if cancelled {
+				cancel()
+				if r := <-done; !errors.Is(r.err, context.Canceled) {
+					t.Fatalf("Attach = %v, %v; want context.Canceled", r.d, r.err)
+				}
+				if _, err := os.Stat(sysfsLoopAttr(deviceNumber(t, probed), "")); err == nil {
+					t.Fatalf("%s bound after a cancelled Attach", probed)
+				}
+			}
+			unix.Close(p.fd) // the probe ends
+			if !cancelled {
+				r := <-done
+				if r.err != nil {
+					t.Fatal(r.err)
+				}
+				t.Cleanup(func() { detach(t, r.d) })
+				if r.d.Path() != probed {
+					t.Fatalf("attached %s, want %s, which udev was probing", r.d.Path(), probed)
+				}
+				checkBound(t, r.d, f.Name(), Options{})
+				return
+			}
+			for end := time.Now().Add(10 * time.Second); len(openFDs(t)) != len(fds); runtime.Gosched() {
+				if time.Now().After(end) {
+					t.Fatalf("descriptors %v after the probe ended, %v before Attach", openFDs(t), fds)
+				}
+			}
+		})
+	}
+}
+
+// deviceNumber returns N of the path /dev/loopN.
+func deviceNumber(t *testing.T, path string) int {
+	t.Helper()
+	n, err := strconv.Atoi(strings.TrimPrefix(path, "/dev/loop"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
 // rawBind binds f to the device at path as another program would, and
 // returns its descriptor of the device.
 func rawBind(t *testing.T, path string, f *os.File) int {
@@ -667,7 +760,7 @@ func TestKernelAttachTakesControlLock(t *testing.T) {
 		}
 		done <- err
 	}()
-	waitLockRequest(t)
+	waitLockRequest(t, ControlPath)
 	cancel()
 	if err := <-done; !errors.Is(err, context.Canceled) {
 		t.Fatalf("Attach = %v, want context.Canceled", err)
@@ -682,7 +775,7 @@ func TestKernelAttachTakesControlLock(t *testing.T) {
 		}
 		attached <- d
 	}()
-	waitLockRequest(t)
+	waitLockRequest(t, ControlPath)
 	if found, err := FindByBackingFile(f.Name()); err != nil || len(found) != 0 {
 		t.Fatalf("bound while the control lock was held elsewhere: %+v, %v", found, err)
 	}
@@ -722,11 +815,11 @@ func holdControlLock(t *testing.T) int {
 }
 
 // waitLockRequest waits until /proc/locks shows a request for a flock of
-// /dev/loop-control blocked behind the test's own.
-func waitLockRequest(t *testing.T) {
+// the node at path waiting.
+func waitLockRequest(t *testing.T, path string) {
 	t.Helper()
 	var st unix.Stat_t
-	if err := unix.Stat(ControlPath, &st); err != nil {
+	if err := unix.Stat(path, &st); err != nil {
 		t.Fatal(err)
 	}
 	id := fmt.Sprintf("%02x:%02x:%d", unix.Major(st.Dev), unix.Minor(st.Dev), st.Ino)
@@ -741,5 +834,5 @@ func waitLockRequest(t *testing.T) {
 			}
 		}
 	}
-	t.Fatalf("no flock request on %s (%s) waiting in /proc/locks", ControlPath, id)
+	t.Fatalf("no flock request on %s (%s) waiting in /proc/locks", path, id)
 }

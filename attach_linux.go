@@ -58,9 +58,16 @@ import (
 //     is missing while the device exists (sysfs lists it and
 //     LOOP_CTL_GET_FREE still names it: a container whose /dev is not
 //     devtmpfs) is no race, and fails at once with fs.ErrNotExist.
-//   - EBUSY from the open, the device's flock held elsewhere, or EBUSY from
-//     LOOP_CONFIGURE (LOOP_SET_FD on old kernels): someone holds or bound
-//     the device.
+//   - EBUSY from the open, the device's flock held exclusively elsewhere
+//     (a tool setting it up), or EBUSY from LOOP_CONFIGURE (LOOP_SET_FD on
+//     old kernels): someone holds or bound the device.
+//
+// A shared flock of the device is no race: it is udev, probing the device
+// after a change (it takes LOCK_SH|LOCK_NB for the milliseconds its probe
+// takes, and skips a locked device). Attach waits for it, as systemd's
+// tools do, while ctx allows, and then binds the device LOOP_CTL_GET_FREE
+// named, as losetup would; a cancelled wait leaves a goroutine behind
+// until the probe ends.
 //
 // Every other error (EACCES, EPERM, EINVAL, ENOMEM, ...) fails at once.
 // After 256 lost races Attach gives up with ErrBusy. Without
@@ -223,7 +230,7 @@ func attachOnce(ctx context.Context, fd uintptr, name string, o Options, tried m
 	if err != nil {
 		return nil, -1, false, err
 	}
-	d, lost, err = tryAttach(c, n, fd, name, o)
+	d, lost, err = tryAttach(ctx, c, n, fd, name, o)
 	return d, n, lost, err
 }
 
@@ -253,16 +260,19 @@ func backoff(ctx context.Context, attempt int) error {
 // tryAttach binds the file open as fd to device n under an exclusive flock
 // of the device, and reports whether a failure means that another process
 // got to the device first (see lostOpen and lostBind).
-func tryAttach(c *Control, n int, fd uintptr, name string, o Options) (*Device, bool, error) {
+func tryAttach(ctx context.Context, c *Control, n int, fd uintptr, name string, o Options) (*Device, bool, error) {
 	d, err := OpenDevice(n)
 	if err != nil {
 		return nil, lostOpen(c, n, err), err
 	}
-	if err := d.h.flock(unix.LOCK_EX | unix.LOCK_NB); err != nil {
+	if err := lockDevice(ctx, d); err != nil {
 		d.Close()
 		if err == unix.EWOULDBLOCK {
-			// Held by udev probing it, or by a tool setting it up.
+			// Held by a tool setting it up.
 			return nil, true, newError("lock", d.path, inStep("held by another process", unix.EWOULDBLOCK))
+		}
+		if ctx.Err() != nil {
+			return nil, false, err
 		}
 		return nil, false, newError("lock", d.path, err)
 	}
@@ -278,6 +288,39 @@ func tryAttach(c *Control, n int, fd uintptr, name string, o Options) (*Device, 
 		return nil, false, err
 	}
 	return d, false, nil
+}
+
+// lockDevice takes flock(LOCK_EX) on device d, which LOOP_CTL_GET_FREE
+// named unbound. Another process may hold the lock. A shared holder is
+// udev probing the device after a change: it takes LOCK_SH|LOCK_NB for the
+// milliseconds its probe takes, and skips a device locked otherwise.
+// lockDevice waits for it, as systemd's tools do, while ctx allows, so
+// that Attach binds the device the kernel named, as losetup does. An
+// exclusive holder is a tool setting the device up, which will bind it:
+// EWOULDBLOCK, a lost race.
+func lockDevice(ctx context.Context, d *Device) error {
+	err := d.h.flock(unix.LOCK_EX | unix.LOCK_NB)
+	if err != unix.EWOULDBLOCK {
+		return err
+	}
+	if err := d.h.flock(unix.LOCK_SH | unix.LOCK_NB); err != nil {
+		return err
+	}
+	// Holding a shared lock beside the prober's, ask for the exclusive
+	// one: the kernel drops the shared lock and waits for the others'.
+	if ctx.Done() == nil {
+		return d.h.flock(unix.LOCK_EX)
+	}
+	got := make(chan error, 1)
+	go func() { got <- d.h.flock(unix.LOCK_EX) }()
+	select {
+	case err := <-got:
+		return err
+	case <-ctx.Done():
+		// The caller closes d: the flock in flight keeps the descriptor
+		// until it returns, and the close then drops the lock.
+		return ctx.Err()
+	}
 }
 
 // lostOpen tells whether the open of device n, named free a moment before,

@@ -95,12 +95,19 @@ func TestAttachLostRace(t *testing.T) {
 		want  int
 		check bool // checkAttached: only the returned device is open
 	}{
-		// Another binds loop0 first, then holds loop1's lock; GET_FREE
-		// keeps naming loop0, so Attach turns to sysfs for another.
+		// Another binds loop0 first, then holds loop1's lock
+		// exclusively, setting it up; GET_FREE keeps naming loop0, so
+		// Attach turns to sysfs for another.
 		{"bound, then locked", func(k *fakeKernel) {
 			k.failAt("LOOP_CONFIGURE", 1, unix.EBUSY)
 			k.failAt("flock-ex", 2, unix.EWOULDBLOCK)
+			k.failAt("flock-sh", 1, unix.EWOULDBLOCK)
 		}, 2, true},
+		// udev holds loop0's lock shared, probing it: no race, and
+		// Attach waits for the probe to end.
+		{"probed", func(k *fakeKernel) {
+			k.failAt("flock-ex", 1, unix.EWOULDBLOCK)
+		}, 0, true},
 		// loop0 is removed before Attach opens it: no node, and no longer
 		// in sysfs.
 		{"removed", func(k *fakeKernel) {
@@ -147,7 +154,7 @@ func TestAttachFaults(t *testing.T) {
 	const (
 		fails   outcome = iota // error matching the errno, nothing left behind
 		retried                // the step is tried again and Attach succeeds
-		waits                  // the control lock: held elsewhere, so Attach waits for it
+		waits                  // a lock held elsewhere (shared, for a device), so Attach waits for it
 		ignored                // Attach succeeds all the same
 	)
 	steps := []struct {
@@ -164,7 +171,7 @@ func TestAttachFaults(t *testing.T) {
 		// exclusively (EBUSY). ENOENT while sysfs still lists it and
 		// GET_FREE still names it: a missing node, reported at once.
 		{"open", 2, false, "open", map[unix.Errno]outcome{unix.EBUSY: retried, unix.ENXIO: retried, unix.ENODEV: retried}},
-		{"flock-ex", 1, false, "lock", map[unix.Errno]outcome{unix.EAGAIN: retried}},
+		{"flock-ex", 1, false, "lock", map[unix.Errno]outcome{unix.EAGAIN: waits}},
 		{"LOOP_CONFIGURE", 1, false, "configure", map[unix.Errno]outcome{unix.EBUSY: retried, unix.EINTR: retried}},
 		{"flock-un", 1, false, "unlock", nil},
 		{"ctl-unlock", 1, false, "", nil}, // every errno ignored, see below
@@ -199,8 +206,8 @@ func TestAttachFaults(t *testing.T) {
 					switch n := k.counts[s.step]; {
 					case want == retried && n < 2:
 						t.Fatalf("%s called %d times, want a retry", s.step, n)
-					case want == waits && k.counts["ctl-lock-wait"] != 1:
-						t.Fatalf("%d blocking waits for the control lock, want 1", k.counts["ctl-lock-wait"])
+					case want == waits && k.counts[s.step+"-wait"] != 1:
+						t.Fatalf("%d blocking waits after %s, want 1", k.counts[s.step+"-wait"], s.step)
 					}
 					checkAttached(t, k, d, f.Name())
 					if want == ignored {
@@ -442,6 +449,34 @@ func TestAttachCancelledWhileBusy(t *testing.T) {
 		t.Fatalf("Attach = %v, want context.Canceled", err)
 	}
 	checkNothingLeft(t, k)
+}
+
+// TestAttachCancelledWhileProbed: udev holds the device's lock, shared,
+// past the Attach's context. Attach returns at once with the context's
+// error; its device is closed once the flock it waited for returns.
+func TestAttachCancelledWhileProbed(t *testing.T) {
+	k := useFake(t, 1)
+	k.failAt("flock-ex", 1, unix.EWOULDBLOCK)
+	k.devWait = make(chan struct{})
+	ctx, cancel := context.WithCancel(context.Background())
+	go func() {
+		waitBlocked(t, "lockDevice")
+		cancel()
+	}()
+	_, err := Attach(ctx, tempFile(t, 4096).Name(), Options{})
+	if !errors.Is(err, context.Canceled) {
+		t.Fatalf("Attach = %v, want context.Canceled", err)
+	}
+	if b := k.bound(); len(b) != 0 {
+		t.Fatalf("devices bound: %v", b)
+	}
+	close(k.devWait) // udev's probe ends
+	for k.deviceHandles() != 0 {
+		runtime.Gosched()
+	}
+	if got := k.calls("LOOP_CONFIGURE"); len(got) != 0 {
+		t.Fatalf("bound after the context ended: %q", got)
+	}
 }
 
 func TestAttachGivesUp(t *testing.T) {

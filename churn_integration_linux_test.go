@@ -662,9 +662,7 @@ func systemdConfigure(ctl, file int) (dev int, lost bool, err error) {
 func TestKernelListRundown(t *testing.T) {
 	f := tempFile(t, 1<<20)
 	d := attachT(t, f.Name(), Options{})
-	if err := d.ClearFD(); err != nil {
-		t.Fatal(err)
-	}
+	clearAlone(t, d)
 	inSysfs := len(boundUnder(t, filepath.Dir(f.Name()))) == 1
 	_, err := d.Status()
 	wantErrno(t, err, unix.ENXIO, ErrNotBound)

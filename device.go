@@ -253,7 +253,9 @@ func (d *Device) SetCapacity() error {
 // LOOP_SET_DIRECT_IO. Turning it on needs a backing file system that
 // supports O_DIRECT (tmpfs does since Linux 6.6), and an offset and block
 // size aligned to the blocks of the disk under it; the kernel's refusal is
-// an error matching ErrNoDirectIO.
+// an error matching ErrNoDirectIO. A kernel that refuses the change while
+// the device is held exclusively (mounted) answers with an error matching
+// ErrBusy that says so.
 func (d *Device) SetDirectIO(on bool) error {
 	const op = "set-direct-io"
 	h, err := d.handle(op)
@@ -268,7 +270,7 @@ func (d *Device) SetDirectIO(on bool) error {
 	if on && err == syscall.EINVAL {
 		err = errNoDirectIO
 	}
-	return newError(op, d.path, err)
+	return newError(op, d.path, heldExclusively(err, "direct I/O"))
 }
 
 // Close closes the device. It does not unbind it, unless FlagAutoClear is

@@ -262,7 +262,9 @@ func (d *Device) status(op string, h handle, info *unix.LoopInfo64) error {
 // The kernel silently ignores any other change through this call, so
 // SetStatus refuses one as invalid: FlagReadOnly is fixed when binding,
 // FlagDirectIO changes through SetDirectIO, and FlagPartScan cannot be
-// cleared. EAGAIN from a busy queue is retried with bounded backoff.
+// cleared. EAGAIN from a busy queue is retried with bounded backoff. Since
+// Linux 6.19 the kernel refuses the change while the device is held
+// exclusively (mounted): the error matches ErrBusy and says so.
 func (d *Device) SetStatus(s Status) error {
 	const op = "set-status"
 	h, err := d.handle(op)
@@ -286,15 +288,17 @@ func (d *Device) SetStatus(s Status) error {
 	// info keeps lo_file_name, which LOOP_SET_STATUS64 would otherwise
 	// overwrite.
 	info.Offset, info.Sizelimit, info.Flags = s.Offset, s.SizeLimit, uint32(s.Flags&legacyFlags)
-	return newError(op, d.path, retryAgain(func() error {
+	return newError(op, d.path, heldExclusively(retryAgain(func() error {
 		return ioctlPtr(h, reqSetStatus64, unsafe.Pointer(&info))
-	}))
+	}), "offset, size limit and flags"))
 }
 
 // SetBlockSize sets a bound device's logical block size with
 // LOOP_SET_BLOCK_SIZE. size must be a power of two from 512 up; the kernel
 // judges the upper bound (the page size on older kernels, 64 KiB here).
-// EAGAIN from a busy queue is retried with bounded backoff.
+// EAGAIN from a busy queue is retried with bounded backoff. Since Linux
+// 6.17 the kernel refuses the change while the device is held exclusively
+// (mounted): the error matches ErrBusy and says so.
 func (d *Device) SetBlockSize(size uint32) error {
 	const op = "set-block-size"
 	h, err := d.handle(op)
@@ -304,10 +308,10 @@ func (d *Device) SetBlockSize(size uint32) error {
 	if err := validBlockSize(size, false); err != nil {
 		return newError(op, d.path, err)
 	}
-	return newError(op, d.path, explainBlockSize(retryAgain(func() error {
+	return newError(op, d.path, heldExclusively(explainBlockSize(retryAgain(func() error {
 		_, err := ioctl(h, reqSetBlockSize, uintptr(size))
 		return err
-	}), size))
+	}), size), "block size"))
 }
 
 // ChangeFD swaps the backing file of a bound read-only device for f with

@@ -50,9 +50,10 @@
 // another process before it is opened. Attach treats exactly these as a
 // lost race and asks again: ENXIO, ENODEV and ENOENT from the open (the
 // device is being torn down, or was removed), EBUSY from the open, a flock
-// of the device held elsewhere, and EBUSY from the bind; a node missing
-// while the device exists is reported at once, not retried. Attach's
-// documentation says why each is what it is.
+// of the device held exclusively elsewhere, and EBUSY from the bind; a
+// node missing while the device exists is reported at once, not retried.
+// A shared flock is udev probing the device, which Attach waits for.
+// Attach's documentation says why each is what it is.
 //
 // The lock on /dev/loop-control makes the races rare: attachers that take
 // it (this package, systemd, losetup run under flock(1)) never chase one

@@ -154,6 +154,18 @@ var errTornDown error = &explained{text: "device is being detached or removed", 
 var errNoDirectIO error = &explained{text: "the kernel would not turn direct I/O on: the backing file system lacks " +
 	"O_DIRECT, or the offset or block size is not aligned to its disk's blocks", errno: syscall.EINVAL, is: ErrNoDirectIO}
 
+// heldExclusively explains EBUSY from a change of a bound device's
+// setting: since Linux 6.17 (LOOP_SET_BLOCK_SIZE) and 6.19
+// (LOOP_SET_STATUS64) the kernel refuses one while another opener holds
+// the device exclusively, as a mounted file system does.
+func heldExclusively(err error, setting string) error {
+	if err != syscall.EBUSY {
+		return err
+	}
+	return &explained{text: "the device is held exclusively (mounted, or open with O_EXCL), and the kernel changes its " +
+		setting + " only while nobody does: set it in Options at Attach", errno: syscall.EBUSY, is: ErrBusy}
+}
+
 // An explained error is an errno with what it means in its place.
 type explained struct {
 	text  string

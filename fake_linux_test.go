@@ -45,6 +45,8 @@ type fakeKernel struct {
 	// ctlWait, when set, makes a blocking flock of the control device wait
 	// until it is closed: another process holding the lock.
 	ctlWait chan struct{}
+	// devWait does the same for a blocking flock of a device.
+	devWait chan struct{}
 	// root is the fake sysfs tree, kept in step with devs.
 	root string
 	t    *testing.T
@@ -461,13 +463,17 @@ func (k *fakeKernel) control(req uint, n int) (int, error) {
 	return -1, unix.ENOTTY
 }
 
-// flock records the device's lock steps as flock-ex (always LOCK_NB) and
+// flock records the device's lock steps as flock-ex (LOCK_NB), flock-sh
+// (LOCK_NB), flock-ex-wait (blocking, which waits for k.devWait) and
 // flock-un, and the control device's as ctl-lock (LOCK_NB), ctl-lock-wait
-// (blocking, which waits for k.ctlWait) and ctl-unlock.
+// (blocking, which waits for k.ctlWait) and ctl-unlock. A device's lock
+// held by another process is modelled by failing steps: flock-ex alone
+// for a shared holder (udev), flock-ex and flock-sh for an exclusive one.
 func (h *fakeHandle) flock(how int) error {
 	step := map[bool]map[int]string{
-		false: {unix.LOCK_EX | unix.LOCK_NB: "flock-ex", unix.LOCK_UN: "flock-un"},
-		true:  {unix.LOCK_EX | unix.LOCK_NB: "ctl-lock", unix.LOCK_EX: "ctl-lock-wait", unix.LOCK_UN: "ctl-unlock"},
+		false: {unix.LOCK_EX | unix.LOCK_NB: "flock-ex", unix.LOCK_SH | unix.LOCK_NB: "flock-sh",
+			unix.LOCK_EX: "flock-ex-wait", unix.LOCK_UN: "flock-un"},
+		true: {unix.LOCK_EX | unix.LOCK_NB: "ctl-lock", unix.LOCK_EX: "ctl-lock-wait", unix.LOCK_UN: "ctl-unlock"},
 	}[h.n < 0][how]
 	if step == "" {
 		h.k.t.Errorf("flock(%#x) on %s", how, h.path)
@@ -478,9 +484,9 @@ func (h *fakeHandle) flock(how int) error {
 		return os.ErrClosed
 	}
 	err := h.k.enter(step, h.path)
-	wait := h.k.ctlWait
+	wait := map[string]chan struct{}{"ctl-lock-wait": h.k.ctlWait, "flock-ex-wait": h.k.devWait}[step]
 	h.k.mu.Unlock()
-	if step == "ctl-lock-wait" && err == nil && wait != nil {
+	if err == nil && wait != nil {
 		<-wait
 	}
 	return err

@@ -18,10 +18,12 @@ import (
 	"sync"
 	"syscall"
 	"testing"
+	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
 
+	"github.com/loopctl/loopctl/internal/kerneltest"
 	"github.com/loopctl/loopctl/internal/sysfs"
 )
 
@@ -64,6 +66,9 @@ func newDevice(t *testing.T, c *Control) *Device {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
+		// Detached by the test, or by the cleanup below: gone once its
+		// last opener, udev's probe maybe, closes it.
+		kerneltest.WaitUnbound(t, n)
 		if err := c.Remove(n); err != nil {
 			t.Errorf("removing the test's device: %v", err)
 		}
@@ -82,6 +87,33 @@ func detach(t *testing.T, d *Device) {
 		t.Errorf("detaching %s: %v", d.Path(), err)
 	}
 	d.Close()
+}
+
+// clearAlone clears d as its only opener: the device is then torn down
+// at once (since Linux 6.11: put in rundown until d's Close). Another
+// process may have it open for a moment, udev probing it after its bind,
+// and a ClearFD then only sets autoclear. So clearAlone takes the
+// device's lock, which keeps udev from starting a probe and waits for one
+// under way to end, and clears again until the device is no longer bound
+// for d.
+func clearAlone(t *testing.T, d *Device) {
+	t.Helper()
+	if err := d.h.flock(unix.LOCK_EX); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(time.Minute); ; time.Sleep(time.Millisecond) {
+		if err := d.ClearFD(); err != nil {
+			t.Fatal(err)
+		}
+		_, err := d.Status()
+		if errors.Is(err, ErrNotBound) {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s still bound a minute after ClearFD (%v); held open by %s", d.Path(), err,
+				strings.Join(kerneltest.Openers(d.Number()), ", "))
+		}
+	}
 }
 
 func fileID(t *testing.T, path string) (dev, ino uint64) {
@@ -879,6 +911,7 @@ func TestKernelListHeldNames(t *testing.T) {
 	t.Cleanup(func() {
 		if d, err := OpenDevice(n); err == nil {
 			detach(t, d)
+			kerneltest.WaitUnbound(t, n)
 		}
 		if err := c.Remove(n); err != nil && !errors.Is(err, fs.ErrNotExist) {
 			t.Errorf("removing the test's device: %v", err)
@@ -954,10 +987,11 @@ func TestKernelListHeldNames(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		defer d.Close()
 		if err := d.ClearFD(); err != nil {
 			t.Fatal(err)
 		}
+		d.Close()
+		kerneltest.WaitUnbound(t, n)
 	}
 
 	bind(a)

@@ -431,9 +431,15 @@ var againDelays = []time.Duration{
 // retryAgain runs fn, retrying with bounded backoff while it fails with
 // EAGAIN. It is the one place EAGAIN is retried.
 func retryAgain(fn func() error) error {
+	return retryWhile(fn, func(err error) bool { return err == unix.EAGAIN })
+}
+
+// retryWhile runs fn, and again after each pause of againDelays while
+// again holds for its error; then it returns the error.
+func retryWhile(fn func() error, again func(error) bool) error {
 	for i := 0; ; i++ {
 		err := fn()
-		if err != unix.EAGAIN || i == len(againDelays) {
+		if err == nil || i == len(againDelays) || !again(err) {
 			return err
 		}
 		time.Sleep(againDelays[i])

@@ -20,6 +20,8 @@ import (
 	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/loopctl/loopctl/internal/kerneltest"
 )
 
 // The kill test: a process SIGKILLed anywhere inside Attach. With
@@ -243,6 +245,17 @@ func checkAfterKill(t *testing.T, file, out string, autoClear bool) (left bool) 
 	found, err := FindByBackingFile(file)
 	if err != nil {
 		t.Fatal(err)
+	}
+	if autoClear {
+		// The dead process's descriptors are closed; another opener
+		// (udev probing the device after its bind) may hold it a moment
+		// longer, and the detach waits for it.
+		for _, s := range found {
+			kerneltest.WaitUnbound(t, s.Number)
+		}
+		if found, err = FindByBackingFile(file); err != nil {
+			t.Fatal(err)
+		}
 	}
 	if autoClear && len(found) != 0 || len(found) > 1 {
 		t.Fatalf("left bound to %s: %+v\n%s", file, found, out)

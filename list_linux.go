@@ -452,6 +452,38 @@ func (c *Control) addUnused() (int, error) {
 	return -1, err
 }
 
+// remove is Remove of a valid number: LOOP_CTL_REMOVE, tried again while
+// the kernel refuses it for a device that is open but not bound.
+func (c *Control) remove(n int) error {
+	path := DevicePath(n)
+	bound := false
+	err := retryWhile(func() error {
+		_, err := c.ioctl("remove", path, reqCtlRemove, uintptr(n))
+		return err
+	}, func(err error) bool {
+		if !errors.Is(err, syscall.EBUSY) {
+			return false
+		}
+		_, serr := os.Lstat(sysfsLoopAttr(n, ""))
+		bound = serr == nil
+		return !bound
+	})
+	if e, ok := err.(*Error); ok && e.Err == syscall.EBUSY {
+		e.Err = errOpen
+		if bound {
+			e.Err = errBound
+		}
+	}
+	return err
+}
+
+// Why LOOP_CTL_REMOVE answers EBUSY.
+var (
+	errBound error = &explained{text: "the device is bound: detach it, and let its last opener close it, first",
+		errno: syscall.EBUSY, is: ErrBusy}
+	errOpen error = &explained{text: "the device is open: udev probing it, or another process", errno: syscall.EBUSY, is: ErrBusy}
+)
+
 // loopNumbers returns the numbers of the loop devices sysfs lists, in order.
 func loopNumbers() ([]int, error) {
 	block := sysfsRoot + "/block"

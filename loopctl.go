@@ -89,7 +89,15 @@ func (c *Control) Add(n int) (int, error) {
 }
 
 // Remove deletes loop device n with LOOP_CTL_REMOVE. A bound or open device
-// is an error matching ErrBusy; a missing one matches fs.ErrNotExist.
+// is an error matching ErrBusy, which says which; a missing one matches
+// fs.ErrNotExist.
+//
+// An unbound device is open, mostly, because udev is probing it: udev
+// opens every device that changes, for the milliseconds its probe takes,
+// and on a busy machine its queue runs behind. Remove tries again while
+// the device is unbound and open, with backoff, for about a second in
+// all. A bound device is refused at once: detach it, and wait for its
+// last opener to close it (see Device.ClearFD), first.
 //
 // Removal is slow (the kernel waits for the disk to go away, tens of
 // milliseconds), and the node may linger for a moment after it returns.
@@ -97,8 +105,7 @@ func (c *Control) Remove(n int) error {
 	if n < 0 || n > MaxNumber {
 		return newError("remove", ControlPath, invalid("device number %d is outside [0, %d]", n, MaxNumber))
 	}
-	_, err := c.ioctl("remove", DevicePath(n), reqCtlRemove, uintptr(n))
-	return err
+	return c.remove(n)
 }
 
 // GetFree returns the number of the lowest unbound loop device with

@@ -66,6 +66,49 @@ func fakeDevice(t *testing.T, k *fakeKernel, n int) *Device {
 	return d
 }
 
+// TestRemoveBusy: LOOP_CTL_REMOVE of an unbound device that another
+// process has open (udev probing it) is tried again until it is let go
+// of, or the tries run out; a bound device is refused at once. Each
+// EBUSY says which it is.
+func TestRemoveBusy(t *testing.T) {
+	k := useFake(t, 3)
+	c, err := Open()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+
+	probed := fakeDevice(t, k, 1) // open, unbound: as udev holds it
+	k.actAt("LOOP_CTL_REMOVE", 3, func(k *fakeKernel) { k.devs[1].opens = 0 }, nil)
+	if err := c.Remove(1); err != nil {
+		t.Fatalf("Remove of a device let go of after two tries: %v", err)
+	}
+	if n := k.counts["LOOP_CTL_REMOVE"]; n != 3 {
+		t.Fatalf("%d tries, want 3", n)
+	}
+	probed.Close()
+
+	held := fakeDevice(t, k, 0)
+	err = c.Remove(0)
+	if !errors.Is(err, ErrBusy) || !errors.Is(err, unix.EBUSY) || !strings.Contains(err.Error(), "device is open") {
+		t.Fatalf("Remove of a device held open = %v, want EBUSY saying it is open", err)
+	}
+	if n := k.counts["LOOP_CTL_REMOVE"]; n != 3+len(againDelays)+1 {
+		t.Fatalf("%d tries in all, want %d", n, 3+len(againDelays)+1)
+	}
+	held.Close()
+
+	bindFake(t, k, 2, Options{})
+	before := k.counts["LOOP_CTL_REMOVE"]
+	err = c.Remove(2)
+	if !errors.Is(err, ErrBusy) || !strings.Contains(err.Error(), "device is bound") {
+		t.Fatalf("Remove of a bound device = %v, want EBUSY saying it is bound", err)
+	}
+	if n := k.counts["LOOP_CTL_REMOVE"] - before; n != 1 {
+		t.Fatalf("%d tries for a bound device, want 1", n)
+	}
+}
+
 func TestInvalidInputMakesNoIoctl(t *testing.T) {
 	k := useFake(t, 2)
 	c, err := Open()

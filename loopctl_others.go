@@ -34,6 +34,12 @@ func (c *Control) addUnused() (int, error) {
 	return -1, newError("add", ControlPath, errors.ErrUnsupported)
 }
 
+// remove is Remove of a valid number; here no Control can be open.
+func (c *Control) remove(n int) error {
+	_, err := c.ioctl("remove", DevicePath(n), reqCtlRemove, uintptr(n))
+	return err
+}
+
 // checkBackingFile is never reached here: no Device can be opened.
 func checkBackingFile(fd uintptr, name string) error { return nil }
 

@@ -165,7 +165,7 @@ func TestKernelAttachReuseUnderLock(t *testing.T) {
 		}
 		got <- d
 	}()
-	waitLockRequest(t)
+	waitLockRequest(t, ControlPath)
 	// The other process binds the file, holding the lock.
 	n, err := unix.IoctlRetInt(lock, unix.LOOP_CTL_GET_FREE)
 	if err != nil {

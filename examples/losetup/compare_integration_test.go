@@ -16,6 +16,7 @@ import (
 	"testing"
 
 	"github.com/loopctl/loopctl"
+	"github.com/loopctl/loopctl/internal/kerneltest"
 	"github.com/loopctl/loopctl/internal/testlock"
 )
 
@@ -182,6 +183,7 @@ func removeDevice(t *testing.T, n int) {
 	if d, err := loopctl.OpenDevice(n); err == nil {
 		d.ClearFD()
 		d.Close()
+		kerneltest.WaitUnbound(t, n) // at the last close, maybe udev's
 	}
 	ctl, err := loopctl.Open()
 	if err != nil {
@@ -368,6 +370,8 @@ func (f *fixture) restore(t *testing.T) {
 			}
 			d.ClearFD()
 			d.Close()
+			// The detach runs at the last close, which may be udev's.
+			kerneltest.WaitUnbound(t, s.Number)
 		}
 	}
 	for _, d := range f.devs {
@@ -383,8 +387,9 @@ func (f *fixture) restore(t *testing.T) {
 			continue
 		}
 		// Detached by the run: bind the fixture's file again, on the
-		// same device.
+		// same device, once it is gone.
 		d.Close()
+		kerneltest.WaitUnbound(t, d.Number())
 		file, o := f.plain, loopctl.Options{}
 		if d.Path() == f.devRO {
 			file, o = f.ro, loopctl.Options{Offset: f.offsetRO, SizeLimit: 8192, BlockSize: 4096, Flags: loopctl.FlagReadOnly}
@@ -542,7 +547,8 @@ func TestAdditions(t *testing.T) {
 		t.Fatal(err)
 	}
 	d.Close()
-	expect(run("--remove", strconv.Itoa(n)), 1, "", "losetup: loopctl: remove "+dev+": device or resource busy\n")
+	expect(run("--remove", strconv.Itoa(n)), 1, "",
+		"losetup: loopctl: remove "+dev+": the device is bound: detach it, and let its last opener close it, first (device or resource busy)\n")
 	if d, err = loopctl.OpenDevice(n); err != nil {
 		t.Fatal(err)
 	}
@@ -550,6 +556,7 @@ func TestAdditions(t *testing.T) {
 		t.Fatal(err)
 	}
 	d.Close()
+	kerneltest.WaitUnbound(t, n) // at the last close, maybe udev's
 	expect(run("--remove", strconv.Itoa(n)), 0, "", "")
 	expect(run("--remove", strconv.Itoa(n)), 1, "", "losetup: loopctl: remove "+dev+": no such device\n")
 

@@ -1,0 +1,79 @@
+//go:build integration && !loopctl_stub
+
+package loopctl
+
+import (
+	"errors"
+	"os/exec"
+	"strings"
+	"testing"
+
+	"golang.org/x/sys/unix"
+)
+
+// TestKernelHeldExclusively changes a bound device's settings while
+// another opener holds it exclusively: a mounted file system, or an open
+// with O_EXCL (which needs no mkfs, for the test machines). Since Linux
+// 6.17 the kernel refuses LOOP_SET_BLOCK_SIZE then, and since 6.19
+// LOOP_SET_STATUS64: the error must say what it means and match ErrBusy.
+// Before, the change is made.
+func TestKernelHeldExclusively(t *testing.T) {
+	for _, holder := range []string{"O_EXCL", "mount"} {
+		t.Run(holder, func(t *testing.T) {
+			f := tempFile(t, 16<<20)
+			if holder == "mount" {
+				if _, err := exec.LookPath("mkfs.ext4"); err != nil {
+					t.Skip("no mkfs.ext4 to make a file system to mount")
+				}
+				if out, err := exec.Command("mkfs.ext4", "-q", "-F", f.Name()).CombinedOutput(); err != nil {
+					t.Fatalf("mkfs.ext4: %v\n%s", err, out)
+				}
+			}
+			d := attachT(t, f.Name(), Options{})
+			switch holder {
+			case "O_EXCL":
+				fd, err := unix.Open(d.Path(), unix.O_RDONLY|unix.O_EXCL|unix.O_CLOEXEC, 0)
+				if err != nil {
+					t.Fatal(err)
+				}
+				t.Cleanup(func() { unix.Close(fd) })
+			case "mount":
+				dir := t.TempDir()
+				if err := unix.Mount(d.Path(), dir, "ext4", 0, ""); err != nil {
+					t.Fatal(err)
+				}
+				t.Cleanup(func() {
+					if err := unix.Unmount(dir, 0); err != nil {
+						t.Error(err)
+					}
+				})
+			}
+			s, err := d.Status()
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, change := range []struct {
+				name         string
+				major, minor int // the first kernel that refuses it
+				do           func() error
+			}{
+				{"SetBlockSize", 6, 17, func() error { return d.SetBlockSize(512) }},
+				{"SetStatus", 6, 19, func() error { return d.SetStatus(s) }},
+				// Checked on 5.10 to 7.3: no kernel refuses it.
+				{"SetDirectIO", 99, 0, func() error { return d.SetDirectIO(false) }},
+			} {
+				err := change.do()
+				if !kernelAtLeast(t, change.major, change.minor) {
+					if err != nil {
+						t.Errorf("%s on %s, held by %s: %v", change.name, kernelRelease(), holder, err)
+					}
+					continue
+				}
+				if !errors.Is(err, ErrBusy) || !errors.Is(err, unix.EBUSY) ||
+					!strings.Contains(err.Error(), "held exclusively") || !strings.Contains(err.Error(), "Options at Attach") {
+					t.Errorf("%s on %s, held by %s: %v; want ErrBusy, explained", change.name, kernelRelease(), holder, err)
+				}
+			}
+		})
+	}
+}
