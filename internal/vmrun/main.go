@@ -2,10 +2,13 @@
 
 // Command vmrun runs loopctl's integration tests on the kernels users run,
 // each in a qemu virtual machine: Debian's 5.10 (bullseye), 6.1 (bookworm)
-// and 6.12 (trixie), with /tmp on a tmpfs or on ext4.
+// and 6.12 (trixie), and the newest kernel Debian serves, from
+// trixie-backports, chosen by its version (so that the matrix follows new
+// releases without edits), with /tmp on a tmpfs or on ext4.
 //
 //	go run ./internal/vmrun                                   # every kernel, both /tmp kinds
 //	go run ./internal/vmrun -kernel 6.1 -tmp ext4             # one machine
+//	go run ./internal/vmrun -kernel newest -arch 386          # the tests as 32-bit programs
 //	go run ./internal/vmrun -kernel 5.10 -- -test.run 'TestKernelAttach' -test.v
 //
 // Arguments after the flags go to each test binary (default: -test.short
@@ -18,7 +21,10 @@
 // and packages are kept in -cache between runs.
 //
 // For each kernel it fetches the newest linux-image-VERSION-amd64-unsigned
-// of the Debian release that ships it, builds the integration test binaries
+// of the Debian release that ships it (from Linux 7 on, Debian splits a
+// kernel into linux-binary-unsigned-VERSION-amd64, with the kernel at
+// usr/lib/modules/VERSION/vmlinuz.unsigned, linux-modules-VERSION-amd64 and
+// linux-base-VERSION-amd64, with its config), builds the integration test binaries
 // (the library's, and examples/losetup's comparison with util-linux, which
 // there also compares -D) and a static init (internal/vmrun/guestinit), packs them with the
 // util-linux programs the tests compare against, their libraries and the
@@ -53,17 +59,23 @@ import (
 	"time"
 )
 
-// releases maps a kernel version to the Debian release that ships it.
-var releases = map[string]string{"5.10": "bullseye", "6.1": "bookworm", "6.12": "trixie"}
+// releases maps a kernel version to the Debian release that ships it;
+// "newest" is the newest version the last of them serves.
+var releases = map[string]string{"5.10": "bullseye", "6.1": "bookworm", "6.12": "trixie", newest: "trixie-backports"}
 
-// programs are the util-linux programs the tests run.
-var programs = []string{"losetup", "addpart", "delpart", "flock"}
+// newest names the newest kernel Debian serves, whatever its version.
+const newest = "newest"
+
+// programs are the programs the tests run: util-linux's, and mkfs.ext4
+// for a file system to mount on a loop device.
+var programs = []string{"losetup", "addpart", "delpart", "flock", "mkfs.ext4"}
 
 func main() {
 	log.SetFlags(0)
 	log.SetPrefix("vmrun: ")
-	kernels := flag.String("kernel", "5.10,6.1,6.12", "kernel versions, comma-separated: "+strings.Join(slices.Sorted(maps.Keys(releases)), ", "))
+	kernels := flag.String("kernel", "5.10,6.1,6.12,"+newest, "kernel versions, comma-separated: "+strings.Join(slices.Sorted(maps.Keys(releases)), ", "))
 	tmps := flag.String("tmp", "tmpfs,ext4", "what /tmp is in the guest, comma-separated: tmpfs, ext4")
+	arch := flag.String("arch", "amd64", "the test binaries' GOARCH: amd64, or 386 for the kernel's compat ioctl path")
 	cache := flag.String("cache", cacheDir(), "where kernels and package lists are kept between runs ($LOOPCTL_VM_CACHE)")
 	timeout := flag.Duration("timeout", 15*time.Minute, "the longest one machine may run")
 	flag.Usage = func() {
@@ -78,7 +90,10 @@ func main() {
 	if os.Geteuid() != 0 {
 		log.Fatal("run as root: apt needs it, and so does the cache in /var/cache")
 	}
-	r := &runner{cache: *cache, timeout: *timeout, testArgs: testArgs}
+	if *arch != "amd64" && *arch != "386" {
+		log.Fatalf("unknown -arch %q", *arch)
+	}
+	r := &runner{cache: *cache, timeout: *timeout, testArgs: testArgs, arch: *arch}
 	defer r.cleanup()
 	failed := 0
 	for _, k := range strings.Split(*kernels, ",") {
@@ -112,6 +127,7 @@ type runner struct {
 	cache    string
 	timeout  time.Duration
 	testArgs []string
+	arch     string // of the test binaries
 
 	work      string // this run's scratch directory
 	updated   bool   // the package lists are fresh
@@ -141,7 +157,7 @@ func (r *runner) run(k, tmp string) (int, error) {
 	if err != nil {
 		return 0, err
 	}
-	log.Printf("Linux %s (%s), /tmp on %s", k, kern.release, tmp)
+	log.Printf("Linux %s (%s), /tmp on %s, %s tests", k, kern.release, tmp, r.arch)
 	initrd := filepath.Join(r.work, "initrd-"+k+"-"+tmp+".gz")
 	if err := r.initramfs(initrd, kern, tmp); err != nil {
 		return 0, fmt.Errorf("initramfs: %w", err)
@@ -187,12 +203,13 @@ func (r *runner) prepare() error {
 	r.test, r.init = filepath.Join(work, "loopctl.test"), filepath.Join(work, "init")
 	r.losetup = filepath.Join(work, "losetup.test")
 	for _, c := range [][]string{
-		{"go", "test", "-c", "-tags", "integration", "-o", r.test, "."},
-		{"go", "test", "-c", "-tags", "integration", "-o", r.losetup, "./examples/losetup"},
-		{"go", "build", "-o", r.init, "./internal/vmrun/guestinit"},
+		{r.arch, "go", "test", "-c", "-tags", "integration", "-o", r.test, "."},
+		{r.arch, "go", "test", "-c", "-tags", "integration", "-o", r.losetup, "./examples/losetup"},
+		{"amd64", "go", "build", "-o", r.init, "./internal/vmrun/guestinit"},
 	} {
+		arch, c := c[0], c[1:]
 		cmd := exec.Command(c[0], c[1:]...)
-		cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOOS=linux", "GOARCH=amd64")
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOOS=linux", "GOARCH="+arch)
 		if out, err := cmd.CombinedOutput(); err != nil {
 			return fmt.Errorf("%s: %v\n%s", strings.Join(c, " "), err, out)
 		}
@@ -215,32 +232,52 @@ func (r *runner) kernel(k string) (*kernel, error) {
 	if !ok {
 		return nil, fmt.Errorf("no Debian release known for Linux %s", k)
 	}
-	pkg, err := r.newestPackage(suite, k)
+	pkgs, err := r.newestPackages(suite, k)
 	if err != nil {
 		return nil, err
 	}
-	dir := filepath.Join(r.cache, "kernels", pkg)
+	dir := filepath.Join(r.cache, "kernels", pkgs[0])
 	if _, err := os.Stat(dir); err != nil {
-		if err := r.unpack(pkg, dir); err != nil {
+		if err := r.unpack(pkgs, dir); err != nil {
 			return nil, err
 		}
 	}
-	vmlinuz, _ := filepath.Glob(filepath.Join(dir, "boot", "vmlinuz-*"))
-	if len(vmlinuz) != 1 {
-		return nil, fmt.Errorf("%s: %d kernels in boot/", pkg, len(vmlinuz))
+	return findKernel(dir)
+}
+
+// findKernel finds the kernel, its config and its modules where its
+// packages were unpacked, dir: boot/vmlinuz-RELEASE, boot/config-RELEASE
+// and lib/modules/RELEASE until Linux 6, usr/lib/modules/RELEASE with
+// vmlinuz.unsigned and config in it from 7 on.
+func findKernel(dir string) (*kernel, error) {
+	kern := &kernel{}
+	if vmlinuz, _ := filepath.Glob(filepath.Join(dir, "boot", "vmlinuz-*")); len(vmlinuz) == 1 {
+		kern.vmlinuz = vmlinuz[0]
+		kern.release = strings.TrimPrefix(filepath.Base(vmlinuz[0]), "vmlinuz-")
+		kern.config = filepath.Join(dir, "boot", "config-"+kern.release)
+	} else if vmlinuz, _ := filepath.Glob(filepath.Join(dir, "usr", "lib", "modules", "*", "vmlinuz*")); len(vmlinuz) == 1 {
+		kern.vmlinuz = vmlinuz[0]
+		kern.release = filepath.Base(filepath.Dir(vmlinuz[0]))
+		kern.config = filepath.Join(filepath.Dir(vmlinuz[0]), "config")
+	} else {
+		return nil, fmt.Errorf("%s: no one kernel in boot/ or usr/lib/modules/", dir)
 	}
-	release := strings.TrimPrefix(filepath.Base(vmlinuz[0]), "vmlinuz-")
-	kern := &kernel{release: release, vmlinuz: vmlinuz[0], config: filepath.Join(dir, "boot", "config-"+release)}
 	for _, m := range []string{"lib/modules", "usr/lib/modules"} {
-		if d := filepath.Join(dir, m, release); isDir(d) {
+		if d := filepath.Join(dir, m, kern.release); isDir(d) && hasModules(d) {
 			kern.modules = d
 		}
 	}
 	if kern.modules == "" {
-		return nil, fmt.Errorf("%s: no modules for %s", pkg, release)
+		return nil, fmt.Errorf("%s: no modules for %s", dir, kern.release)
+	}
+	if _, err := os.Stat(kern.config); err != nil {
+		return nil, fmt.Errorf("%s: no config for %s: %w", dir, kern.release, err)
 	}
 	return kern, nil
 }
+
+// hasModules tells whether the modules directory d holds any (kernel/).
+func hasModules(d string) bool { return isDir(filepath.Join(d, "kernel")) }
 
 func isDir(p string) bool {
 	fi, err := os.Stat(p)
@@ -261,7 +298,9 @@ func (r *runner) apt(wd, tool string, args ...string) ([]byte, error) {
 	var b strings.Builder
 	for _, suite := range slices.Sorted(maps.Values(releases)) {
 		fmt.Fprintf(&b, "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian %s main\n", suite)
-		fmt.Fprintf(&b, "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian-security %s-security main\n", suite)
+		if !strings.HasSuffix(suite, "-backports") {
+			fmt.Fprintf(&b, "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian-security %s-security main\n", suite)
+		}
 	}
 	if err := os.WriteFile(list, []byte(b.String()), 0o644); err != nil {
 		return nil, err
@@ -282,10 +321,11 @@ func (r *runner) apt(wd, tool string, args ...string) ([]byte, error) {
 	return out, nil
 }
 
-// newestPackage returns the name of the newest unsigned amd64 kernel
-// package of version k in suite, refreshing the package lists once a run
-// (at most once a day).
-func (r *runner) newestPackage(suite, k string) (string, error) {
+// newestPackages returns the names of the packages of the newest unsigned
+// amd64 kernel of version k (of the newest version Debian serves, for
+// "newest", which is in suite), the kernel's first, refreshing the package
+// lists once a run (at most once a day).
+func (r *runner) newestPackages(suite, k string) ([]string, error) {
 	if !r.updated {
 		stamp := filepath.Join(r.cache, "apt", "updated")
 		if fi, err := os.Stat(stamp); err != nil || time.Since(fi.ModTime()) > 24*time.Hour {
@@ -297,16 +337,22 @@ func (r *runner) newestPackage(suite, k string) (string, error) {
 				r.updateErr = err
 				log.Print(err)
 			} else if err := os.WriteFile(stamp, nil, 0o644); err != nil {
-				return "", err
+				return nil, err
 			}
 		}
 		r.updated = true
 	}
-	// 5.10.0-46-amd64 in bullseye, 6.12.118+deb13-amd64 in trixie.
-	pattern := "^linux-image-" + regexp.QuoteMeta(k) + `\.[0-9.]+(-[0-9]+|\+deb[0-9]+)-amd64-unsigned$`
+	version := regexp.QuoteMeta(k) + `\.[0-9.]+`
+	if k == newest {
+		version = `[0-9]+\.[0-9.]+`
+	}
+	// 5.10.0-46-amd64 in bullseye, 6.12.118+deb13-amd64 in trixie: one
+	// package. 7.3.4+deb13-amd64 in trixie-backports: the kernel, its
+	// modules and its config (in linux-base) apart.
+	pattern := "^(linux-image-" + version + `(-[0-9]+|\+deb[0-9]+)-amd64-unsigned|linux-binary-unsigned-` + version + `\+deb[0-9]+-amd64)$`
 	out, err := r.apt("", "apt-cache", "search", "--names-only", pattern)
 	if err != nil {
-		return "", err
+		return nil, err
 	}
 	var names []string
 	for _, line := range strings.Split(strings.TrimSpace(string(out)), "\n") {
@@ -316,12 +362,25 @@ func (r *runner) newestPackage(suite, k string) (string, error) {
 	}
 	if len(names) == 0 {
 		if r.updateErr != nil {
-			return "", fmt.Errorf("no package matches %s in Debian %s; apt-get update failed: %w", pattern, suite, r.updateErr)
+			return nil, fmt.Errorf("no package matches %s in Debian %s; apt-get update failed: %w", pattern, suite, r.updateErr)
 		}
-		return "", fmt.Errorf("no package matches %s in Debian %s", pattern, suite)
+		return nil, fmt.Errorf("no package matches %s in Debian %s", pattern, suite)
 	}
-	slices.SortFunc(names, compareVersions)
-	return names[len(names)-1], nil
+	slices.SortFunc(names, compareKernels)
+	name := names[len(names)-1]
+	if release, ok := strings.CutPrefix(name, "linux-binary-unsigned-"); ok {
+		return []string{name, "linux-modules-" + release, "linux-base-" + release}, nil
+	}
+	return []string{name}, nil
+}
+
+// compareKernels orders kernel package names by their kernel's version,
+// whichever naming they follow.
+func compareKernels(a, b string) int {
+	strip := func(s string) string {
+		return strings.TrimPrefix(strings.TrimPrefix(s, "linux-image-"), "linux-binary-unsigned-")
+	}
+	return compareVersions(strip(a), strip(b))
 }
 
 // compareVersions orders package names by their numbers: 5.10.0-9 before
@@ -345,29 +404,31 @@ func compareVersions(a, b string) int {
 	return len(as) - len(bs)
 }
 
-// unpack downloads package pkg and unpacks it into dir.
-func (r *runner) unpack(pkg, dir string) error {
+// unpack downloads packages pkgs and unpacks them into dir.
+func (r *runner) unpack(pkgs []string, dir string) error {
 	debs := filepath.Join(r.cache, "debs")
 	if err := os.MkdirAll(debs, 0o755); err != nil {
 		return err
-	}
-	log.Printf("apt-get download %s", pkg)
-	if _, err := r.apt(debs, "apt-get", "download", pkg); err != nil {
-		return err
-	}
-	deb, _ := filepath.Glob(filepath.Join(debs, pkg+"_*.deb"))
-	if len(deb) == 0 {
-		return fmt.Errorf("apt-get download %s left no package", pkg)
 	}
 	tmp := dir + ".partial"
 	os.RemoveAll(tmp)
 	if err := os.MkdirAll(filepath.Dir(tmp), 0o755); err != nil {
 		return err
 	}
-	if out, err := exec.Command("dpkg-deb", "-x", deb[len(deb)-1], tmp).CombinedOutput(); err != nil {
-		return fmt.Errorf("dpkg-deb -x: %v\n%s", err, out)
+	for _, pkg := range pkgs {
+		log.Printf("apt-get download %s", pkg)
+		if _, err := r.apt(debs, "apt-get", "download", pkg); err != nil {
+			return err
+		}
+		deb, _ := filepath.Glob(filepath.Join(debs, pkg+"_*.deb"))
+		if len(deb) == 0 {
+			return fmt.Errorf("apt-get download %s left no package", pkg)
+		}
+		if out, err := exec.Command("dpkg-deb", "-x", deb[len(deb)-1], tmp).CombinedOutput(); err != nil {
+			return fmt.Errorf("dpkg-deb -x: %v\n%s", err, out)
+		}
+		os.Remove(deb[len(deb)-1]) // what is unpacked is kept; the package is not needed again
 	}
-	os.Remove(deb[len(deb)-1]) // what is unpacked is kept; the package is not needed again
 	return os.Rename(tmp, dir)
 }
 
@@ -399,9 +460,9 @@ func (r *runner) initramfs(path string, kern *kernel, tmp string) error {
 			files[l] = l
 		}
 	}
-	want := []string{"loop"}
+	want := []string{"loop", "crc32c_generic", "ext4"} // ext4: for the tests' mounts too
 	if tmp == "ext4" {
-		want = append(want, "virtio_pci", "virtio_blk", "crc32c_generic", "ext4")
+		want = append(want, "virtio_pci", "virtio_blk")
 	}
 	mods, err := moduleOrder(kern.modules, want)
 	if err != nil {

@@ -37,6 +37,69 @@ func TestCompareVersions(t *testing.T) {
 	}
 }
 
+func TestCompareKernels(t *testing.T) {
+	names := []string{
+		"linux-binary-unsigned-7.3.4+deb13-amd64",
+		"linux-image-6.17.8+deb13-amd64-unsigned",
+		"linux-binary-unsigned-7.2.12+deb13-amd64",
+		"linux-binary-unsigned-7.10.1+deb13-amd64",
+		"linux-image-6.12.118+deb13-amd64-unsigned",
+	}
+	slices.SortFunc(names, compareKernels)
+	if got := names[len(names)-1]; got != "linux-binary-unsigned-7.10.1+deb13-amd64" {
+		t.Fatalf("newest of %q: %s", names, got)
+	}
+	if got := names[0]; got != "linux-image-6.12.118+deb13-amd64-unsigned" {
+		t.Fatalf("oldest of %q: %s", names, got)
+	}
+}
+
+// TestFindKernel finds the kernel, config and modules in both of Debian's
+// layouts: one package with boot/ (to 6.x), and three unpacked together
+// with everything under usr/lib/modules/RELEASE (from 7).
+func TestFindKernel(t *testing.T) {
+	for _, tt := range []struct {
+		name  string
+		files []string
+		want  kernel // relative to the directory
+	}{
+		{"6.12", []string{"boot/vmlinuz-6.12.118+deb13-amd64", "boot/config-6.12.118+deb13-amd64",
+			"usr/lib/modules/6.12.118+deb13-amd64/kernel/drivers/block/loop.ko.xz"},
+			kernel{"6.12.118+deb13-amd64", "boot/vmlinuz-6.12.118+deb13-amd64", "boot/config-6.12.118+deb13-amd64",
+				"usr/lib/modules/6.12.118+deb13-amd64"}},
+		{"5.10", []string{"boot/vmlinuz-5.10.0-46-amd64", "boot/config-5.10.0-46-amd64",
+			"lib/modules/5.10.0-46-amd64/kernel/drivers/block/loop.ko"},
+			kernel{"5.10.0-46-amd64", "boot/vmlinuz-5.10.0-46-amd64", "boot/config-5.10.0-46-amd64",
+				"lib/modules/5.10.0-46-amd64"}},
+		{"7.3", []string{"usr/lib/modules/7.3.4+deb13-amd64/vmlinuz.unsigned", "usr/lib/modules/7.3.4+deb13-amd64/config",
+			"usr/lib/modules/7.3.4+deb13-amd64/kernel/drivers/block/loop.ko.xz"},
+			kernel{"7.3.4+deb13-amd64", "usr/lib/modules/7.3.4+deb13-amd64/vmlinuz.unsigned",
+				"usr/lib/modules/7.3.4+deb13-amd64/config", "usr/lib/modules/7.3.4+deb13-amd64"}},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			dir := t.TempDir()
+			for _, f := range tt.files {
+				p := filepath.Join(dir, f)
+				if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+					t.Fatal(err)
+				}
+				if err := os.WriteFile(p, nil, 0o644); err != nil {
+					t.Fatal(err)
+				}
+			}
+			got, err := findKernel(dir)
+			if err != nil {
+				t.Fatal(err)
+			}
+			want := kernel{tt.want.release, filepath.Join(dir, tt.want.vmlinuz), filepath.Join(dir, tt.want.config),
+				filepath.Join(dir, tt.want.modules)}
+			if *got != want {
+				t.Fatalf("found %+v, want %+v", *got, want)
+			}
+		})
+	}
+}
+
 // TestWriteCPIO reads back the archive writeCPIO makes, as the kernel
 // does: newc headers, names and data padded to four bytes, the directories
 // before what they hold, and the trailer.
