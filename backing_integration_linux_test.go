@@ -181,11 +181,12 @@ func TestKernelBadBackingFiles(t *testing.T) {
 		change  func(path string) error
 		size    uint64
 		deleted bool
-		readErr error // of a read of the first block
+		readErr error // what a read of the first block may fail with
 	}{
 		{"truncated to 0 after the open", Options{}, func(p string) error { return os.Truncate(p, 0) }, 0, false, nil},
-		// 1000 bytes hold one whole sector and no whole block: the
-		// kernel reads nothing less than a block.
+		// 1000 bytes hold one whole sector and no whole block: kernels
+		// since 6.12 or so read nothing less than a block (EIO); 5.10
+		// and 6.1 read the sector.
 		{"truncated below a block after the open", Options{BlockSize: 4096}, func(p string) error { return os.Truncate(p, 1000) }, 512, false, unix.EIO},
 		{"deleted after the open", Options{}, os.Remove, 1 << 20, true, nil},
 	} {
@@ -214,10 +215,8 @@ func TestKernelBadBackingFiles(t *testing.T) {
 			// The device reads what the file holds, and no further.
 			buf := make([]byte, 4096)
 			n, err := unix.Pread(mustFd(t, devFile(t, d)), buf, 0)
-			if tt.readErr != nil {
-				if err != tt.readErr {
-					t.Fatalf("read from a device of %d bytes in blocks of %d: %d, %v; want %v", tt.size, s.BlockSize, n, err, tt.readErr)
-				}
+			if err != nil && err == tt.readErr {
+				t.Logf("read from a device of %d bytes in blocks of %d on %s: %v", tt.size, s.BlockSize, kernelRelease(), err)
 				return
 			}
 			if err != nil || uint64(n) != min(tt.size, 4096) {

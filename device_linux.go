@@ -262,9 +262,10 @@ func (d *Device) status(op string, h handle, info *unix.LoopInfo64) error {
 // The kernel silently ignores any other change through this call, so
 // SetStatus refuses one as invalid: FlagReadOnly is fixed when binding,
 // FlagDirectIO changes through SetDirectIO, and FlagPartScan cannot be
-// cleared. EAGAIN from a busy queue is retried with bounded backoff. Since
-// Linux 6.19 the kernel refuses the change while the device is held
-// exclusively (mounted): the error matches ErrBusy and says so.
+// cleared. EAGAIN from a busy queue is retried with bounded backoff. A
+// kernel that refuses the change while the device is held exclusively
+// (mounted) answers EBUSY, and the error says so; none of 5.10 to 7.3
+// does, though one was announced for 6.19.
 func (d *Device) SetStatus(s Status) error {
 	const op = "set-status"
 	h, err := d.handle(op)
@@ -297,8 +298,9 @@ func (d *Device) SetStatus(s Status) error {
 // LOOP_SET_BLOCK_SIZE. size must be a power of two from 512 up; the kernel
 // judges the upper bound (the page size on older kernels, 64 KiB here).
 // EAGAIN from a busy queue is retried with bounded backoff. Since Linux
-// 6.17 the kernel refuses the change while the device is held exclusively
-// (mounted): the error matches ErrBusy and says so.
+// 6.17 (and in stable kernels since: Debian's 6.12.118) the kernel refuses
+// the change while the device is held exclusively (mounted, or open with
+// O_EXCL): the error matches ErrBusy and says so.
 func (d *Device) SetBlockSize(size uint32) error {
 	const op = "set-block-size"
 	h, err := d.handle(op)

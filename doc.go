@@ -96,23 +96,30 @@
 // # Kernels
 //
 // The integration tests run on the project's own kernel (6.18) and, in
-// virtual machines (internal/vmrun), on Debian's 5.10, 6.1 and 6.12, with
-// /tmp on tmpfs and on ext4. What they found to differ, and what the
-// package does about it:
+// virtual machines (internal/vmrun), on Debian's 5.10, 6.1 and 6.12 and
+// the newest kernel Debian serves (7.3 on 2026-11-28, from
+// trixie-backports), with /tmp on tmpfs and on ext4. What they found to
+// differ, and what the package does about it:
 //
-//	                                    5.10     6.1      6.12     6.18
-//	LOOP_CTL_ADD -1, an unbound device  EEXIST   new      new      new       Add picks a number itself
-//	LOOP_CTL_ADD 1<<20                  taken    EINVAL   EINVAL   EINVAL    refused in Go
-//	LOOP_CTL_REMOVE -1                  removes  EINVAL   EINVAL   EINVAL    refused in Go
-//	LOOP_CLR_FD by the only opener      detach   detach   at close at close  see Device.ClearFD
-//	direct I/O on tmpfs                 off      off      on       on        ErrNoDirectIO, not a silent success
-//	block size above the page size      EINVAL   EINVAL   EINVAL   64 KiB    the error says why
-//	MBR and GPT parsers                 yes      yes      yes      no        (Debian's builds; the project's own)
+//	                                    5.10     6.1      6.12     6.18     7.3
+//	LOOP_CTL_ADD -1, an unbound device  EEXIST   new      new      new      new       Add picks a number itself
+//	LOOP_CTL_ADD 1<<20                  taken    EINVAL   EINVAL   EINVAL   EINVAL    refused in Go
+//	LOOP_CTL_REMOVE -1                  removes  EINVAL   EINVAL   EINVAL   EINVAL    refused in Go
+//	LOOP_CLR_FD by the only opener      detach   detach   at close at close at close  see Device.ClearFD
+//	direct I/O on tmpfs                 off      off      on       on       on        ErrNoDirectIO, not a silent success
+//	block size above the page size      EINVAL   EINVAL   EINVAL   64 KiB   64 KiB    the error says why
+//	LOOP_SET_BLOCK_SIZE, held exclusive changed  EBUSY    EBUSY    EBUSY    EBUSY     the error says why (ErrBusy)
+//	LOOP_SET_STATUS64, held exclusive   changed  changed  changed  changed  changed   the error would say why
+//	MBR and GPT parsers                 yes      yes      yes      no       yes       (Debian's builds; the project's own)
 //
 // "taken": 5.10 makes a device whose number overflows into another major's;
 // "removes": 5.10 removes whichever unbound device it finds first. "off":
 // the kernel binds without direct I/O and reports success; a bind with
-// FlagDirectIO then fails instead, with its own binding cleared.
+// FlagDirectIO then fails instead, with its own binding cleared. "held
+// exclusive": while a file system is mounted on the device, or it is open
+// with O_EXCL; upstream refuses LOOP_SET_BLOCK_SIZE then since 6.17, and
+// Debian's 6.1 and 6.12 took that change, while LOOP_SET_STATUS64, said
+// to follow in 6.19, still changes the device on 7.3.
 //
 // # Errors
 //

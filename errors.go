@@ -155,9 +155,9 @@ var errNoDirectIO error = &explained{text: "the kernel would not turn direct I/O
 	"O_DIRECT, or the offset or block size is not aligned to its disk's blocks", errno: syscall.EINVAL, is: ErrNoDirectIO}
 
 // heldExclusively explains EBUSY from a change of a bound device's
-// setting: since Linux 6.17 (LOOP_SET_BLOCK_SIZE) and 6.19
-// (LOOP_SET_STATUS64) the kernel refuses one while another opener holds
-// the device exclusively, as a mounted file system does.
+// setting: since Linux 6.17 the kernel refuses LOOP_SET_BLOCK_SIZE while
+// another opener holds the device exclusively, as a mounted file system
+// does, and LOOP_SET_STATUS64 was announced to follow.
 func heldExclusively(err error, setting string) error {
 	if err != syscall.EBUSY {
 		return err

@@ -1,6 +1,6 @@
 module github.com/loopctl/loopctl/internal/bench
 
-go 1.26.8
+go 1.26.6
 
 replace github.com/loopctl/loopctl => ../..
 

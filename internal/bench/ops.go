@@ -119,8 +119,9 @@ func urootGetFree(string) (func() error, func(), error) {
 }
 
 // floorCycle is attach and detach as loopctl does them, in bare syscalls:
-// fstat of the file, the control device's flock, LOOP_CTL_GET_FREE, open,
-// the device's flock, LOOP_CONFIGURE, both unlocks, LOOP_CLR_FD, close.
+// fstat and fstatfs of the file, the control device's flock,
+// LOOP_CTL_GET_FREE, open, the device's flock, LOOP_CONFIGURE, both
+// unlocks, LOOP_CLR_FD, close.
 func floorCycle(file string) (func() error, func(), error) {
 	c, err := openCtl()
 	if err != nil {
@@ -133,9 +134,13 @@ func floorCycle(file string) (func() error, func(), error) {
 	}
 	var path [32]byte
 	var st unix.Stat_t
+	var sf unix.Statfs_t
 	cfg := unix.LoopConfig{Fd: uint32(f)}
 	attach := func() (int, error) {
 		if err := unix.Fstat(f, &st); err != nil {
+			return -1, err
+		}
+		if err := unix.Fstatfs(f, &sf); err != nil {
 			return -1, err
 		}
 		if err := unix.Flock(c, unix.LOCK_EX|unix.LOCK_NB); err != nil {

@@ -327,8 +327,11 @@ func (r *runner) apt(wd, tool string, args ...string) ([]byte, error) {
 // lists once a run (at most once a day).
 func (r *runner) newestPackages(suite, k string) ([]string, error) {
 	if !r.updated {
+		// The stamp holds the releases the lists are of: a release added
+		// to the matrix has no list until the next update.
 		stamp := filepath.Join(r.cache, "apt", "updated")
-		if fi, err := os.Stat(stamp); err != nil || time.Since(fi.ModTime()) > 24*time.Hour {
+		suites := strings.Join(slices.Sorted(maps.Values(releases)), " ")
+		if fi, err := os.Stat(stamp); err != nil || time.Since(fi.ModTime()) > 24*time.Hour || !stampOf(stamp, suites) {
 			log.Print("apt-get update (Debian ", strings.Join(slices.Sorted(maps.Values(releases)), ", "), ")")
 			// A release gone from the mirror (an old one moves to
 			// archive.debian.org in time) fails its own kernels, below,
@@ -336,7 +339,7 @@ func (r *runner) newestPackages(suite, k string) ([]string, error) {
 			if _, err := r.apt("", "apt-get", "update"); err != nil {
 				r.updateErr = err
 				log.Print(err)
-			} else if err := os.WriteFile(stamp, nil, 0o644); err != nil {
+			} else if err := os.WriteFile(stamp, []byte(suites), 0o644); err != nil {
 				return nil, err
 			}
 		}
@@ -372,6 +375,12 @@ func (r *runner) newestPackages(suite, k string) ([]string, error) {
 		return []string{name, "linux-modules-" + release, "linux-base-" + release}, nil
 	}
 	return []string{name}, nil
+}
+
+// stampOf tells whether the stamp file at path was written for suites.
+func stampOf(path, suites string) bool {
+	b, err := os.ReadFile(path)
+	return err == nil && string(b) == suites
 }
 
 // compareKernels orders kernel package names by their kernel's version,

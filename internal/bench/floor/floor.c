@@ -28,6 +28,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/file.h>
+#include <sys/statfs.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -57,9 +58,12 @@ static int getfree(int n) {
 // attach is one attempt; 0 means a lost race, to be tried again.
 static int attach(int c, int file) {
 	struct stat st;
+	struct statfs sf;
 	char path[32];
 	if (fstat(file, &st) < 0)
 		die("fstat");
+	if (S_ISREG(st.st_mode) && fstatfs(file, &sf) < 0)
+		die("fstatfs");
 	if (flock(c, LOCK_EX | LOCK_NB) < 0 && (errno != EWOULDBLOCK || flock(c, LOCK_EX) < 0))
 		die("flock /dev/loop-control");
 	int n = ioctl(c, LOOP_CTL_GET_FREE);
