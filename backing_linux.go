@@ -84,8 +84,8 @@ func openBackingFile(ctx context.Context, path string, readOnly bool) (int, erro
 // again with backoff, until the holder lets go, the kernel breaks the
 // lease itself, or ctx ends. An error is an errno, or a *leaseError.
 func reopen(ctx context.Context, pfd, flags int) (int, error) {
-	var buf [32]byte
-	p := strconv.AppendInt(append(buf[:0], "/proc/self/fd/"...), int64(pfd), 10)
+	var buf [64]byte
+	p := strconv.AppendInt(append(buf[:0], procSelfFD...), int64(pfd), 10)
 	p = append(p, 0)
 	for attempt := 0; ; attempt++ {
 		fd, errno := openAt(&p[0], flags)
@@ -101,6 +101,10 @@ func reopen(ctx context.Context, pfd, flags int) (int, error) {
 		}
 	}
 }
+
+// procSelfFD is where this process's descriptors are, as paths; a test
+// points it elsewhere, as in a process with no /proc of its own.
+var procSelfFD = "/proc/self/fd/"
 
 // A leaseError ends an open that waited for another process's lease on
 // the file to be broken, when the context ended first. It matches both

@@ -5,6 +5,7 @@ package loopctl
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io/fs"
 	"net"
 	"os"
@@ -184,5 +185,91 @@ func TestAttachFileBadBackingFiles(t *testing.T) {
 		defer f.Close()
 		_, err = AttachFile(context.Background(), f, Options{})
 		checkFileBlamed(t, err, "is a socket", fs.ErrInvalid)
+	})
+}
+
+// TestOpenBackingFile checks the descriptor openBackingFile returns: the
+// access asked for, close-on-exec, and no O_NONBLOCK left for the loop
+// driver's reads and writes; with /proc and without it, where the path is
+// opened again and must still name the file checked.
+func TestOpenBackingFile(t *testing.T) {
+	f := tempFile(t, 1<<20)
+	for _, noProc := range []bool{false, true} {
+		for _, ro := range []bool{false, true} {
+			t.Run(fmt.Sprintf("noProc=%v/readOnly=%v", noProc, ro), func(t *testing.T) {
+				if noProc {
+					defer func(old string) { procSelfFD = old }(procSelfFD)
+					procSelfFD = "/nonexistent/"
+				}
+				fd, err := openBackingFile(context.Background(), f.Name(), ro)
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer closeFD(fd)
+				fl, err := unix.FcntlInt(uintptr(fd), unix.F_GETFL, 0)
+				if err != nil {
+					t.Fatal(err)
+				}
+				want := unix.O_RDWR
+				if ro {
+					want = unix.O_RDONLY
+				}
+				if fl&unix.O_ACCMODE != want || fl&unix.O_NONBLOCK != 0 {
+					t.Fatalf("flags %#o: want access %#o and no O_NONBLOCK", fl, want)
+				}
+				if fdfl, err := unix.FcntlInt(uintptr(fd), unix.F_GETFD, 0); err != nil || fdfl&unix.FD_CLOEXEC == 0 {
+					t.Fatalf("descriptor flags %#x, %v: want FD_CLOEXEC", fdfl, err)
+				}
+				var got, st unix.Stat_t
+				if err := unix.Fstat(fd, &got); err != nil || unix.Stat(f.Name(), &st) != nil || got.Ino != st.Ino {
+					t.Fatalf("opened inode %d, want %d (%v)", got.Ino, st.Ino, err)
+				}
+			})
+		}
+	}
+	// Without /proc, a path that names another file by the time it is
+	// opened again is refused.
+	other := tempFile(t, 4096)
+	var st unix.Stat_t
+	if err := unix.Stat(other.Name(), &st); err != nil {
+		t.Fatal(err)
+	}
+	fd, err := openAgain(f.Name(), unix.O_RDONLY, &st)
+	if err == nil {
+		closeFD(fd)
+	}
+	if !errors.Is(err, unix.ESTALE) || !strings.Contains(err.Error(), "another file") {
+		t.Fatalf("openAgain of a switched path = %v, want it refused", err)
+	}
+}
+
+// BenchmarkOpenBackingFile measures what Attach's checks of a path cost:
+// the O_PATH open, fstat, fstatfs, the open through /proc/self/fd, the
+// fcntl and the closes, against the plain open and close it replaced.
+func BenchmarkOpenBackingFile(b *testing.B) {
+	dir := b.TempDir()
+	path := filepath.Join(dir, "disk.img")
+	if err := os.WriteFile(path, make([]byte, 1<<20), 0o644); err != nil {
+		b.Fatal(err)
+	}
+	b.Run("checked", func(b *testing.B) {
+		b.ReportAllocs()
+		for b.Loop() {
+			fd, err := openBackingFile(context.Background(), path, false)
+			if err != nil {
+				b.Fatal(err)
+			}
+			closeFD(fd)
+		}
+	})
+	b.Run("plain", func(b *testing.B) {
+		b.ReportAllocs()
+		for b.Loop() {
+			fd, err := openFD(path, unix.O_RDWR)
+			if err != nil {
+				b.Fatal(err)
+			}
+			closeFD(fd)
+		}
 	})
 }
