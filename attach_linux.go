@@ -271,7 +271,7 @@ func tryAttach(ctx context.Context, c *Control, n int, fd uintptr, name string, 
 			// Held by a tool setting it up.
 			return nil, true, newError("lock", d.path, inStep("held by another process", unix.EWOULDBLOCK))
 		}
-		if ctx.Err() != nil {
+		if err == ctx.Err() {
 			return nil, false, err
 		}
 		return nil, false, newError("lock", d.path, err)

@@ -18,6 +18,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/loopctl/loopctl/internal/kerneltest"
 )
 
 // Bad input on the real kernel: every path, file and option a hostile
@@ -95,7 +97,10 @@ func attachWithin(t *testing.T, path string, o Options, deadline time.Duration) 
 	defer cancel()
 	d, err := within(t, time.Minute, func() (*Device, error) { return Attach(ctx, path, o) })
 	if err == nil {
-		t.Cleanup(func() { detach(t, d) })
+		t.Cleanup(func() {
+			detach(t, d)
+			kerneltest.WaitUnbound(t, d.Number()) // nothing left bound
+		})
 	}
 	return d, err
 }

@@ -457,7 +457,7 @@ func reopenReadOnly(fd uintptr) (uintptr, func(), error) {
 	if fl&unix.O_ACCMODE == unix.O_RDONLY {
 		return fd, func() {}, nil
 	}
-	ro, err := openFD("/proc/self/fd/"+strconv.Itoa(int(fd)), unix.O_RDONLY)
+	ro, err := openFD(procSelfFD+strconv.Itoa(int(fd)), unix.O_RDONLY)
 	if err != nil {
 		return 0, nil, err
 	}
