@@ -115,7 +115,7 @@ func TestKernelAttachDeletedFile(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := Status{Number: d.Number(), BackingFile: f.Name() + " (deleted)", BackingDevice: dev, BackingInode: ino,
-		BlockSize: 512, Size: 1 << 20}
+		BlockSize: 512, Size: 1 << 20, DiskSeq: sysfsDiskSeq(t, d.Number()), Ref: f.Name()[:63]}
 	var got *Status
 	for i := range list {
 		if list[i].Number == d.Number() {
@@ -288,10 +288,19 @@ func TestKernelChangeFD(t *testing.T) {
 	if err := b.Truncate(1 << 20); err != nil {
 		t.Fatal(err)
 	}
+	seq, err := d.DiskSeq()
+	if err != nil {
+		t.Fatal(err)
+	}
 	if err := d.ChangeFD(b); err != nil {
 		t.Fatal(err)
 	}
-	checkBound(t, d, b.Name(), Options{Flags: FlagReadOnly})
+	// LOOP_CHANGE_FD leaves lo_file_name as the first bind wrote it, and
+	// moves the disk sequence number on: checkBound compares sysfs's.
+	checkBound(t, d, b.Name(), Options{Flags: FlagReadOnly, Ref: a.Name()[:63]})
+	if after, err := d.DiskSeq(); err != nil || kernelAtLeast(t, 5, 15) && after == seq {
+		t.Fatalf("DiskSeq after ChangeFD = %d, %v; before %d", after, err, seq)
+	}
 
 	// Another size: the kernel refuses, and the error says why.
 	c := tempFile(t, 2<<20)
@@ -299,7 +308,7 @@ func TestKernelChangeFD(t *testing.T) {
 	if !errors.Is(err, unix.EINVAL) || !strings.Contains(err.Error(), "same size") {
 		t.Fatalf("ChangeFD(other size) = %v, want EINVAL explained", err)
 	}
-	checkBound(t, d, b.Name(), Options{Flags: FlagReadOnly})
+	checkBound(t, d, b.Name(), Options{Flags: FlagReadOnly, Ref: a.Name()[:63]})
 
 	// A read-write device: refused before the kernel.
 	rw := attachT(t, c.Name(), Options{})

@@ -276,10 +276,12 @@ func tryAttach(ctx context.Context, c *Control, n int, fd uintptr, name string, 
 		}
 		return nil, false, newError("lock", d.path, err)
 	}
-	if err := configure(d.h, fd, name, o); err != nil {
+	seq, err := configure(d.h, fd, name, o)
+	if err != nil {
 		d.Close() // also drops the lock
 		return nil, lostBind(err), newError("configure", d.path, err)
 	}
+	d.seq.Store(seq)
 	if err := d.h.flock(unix.LOCK_UN); err != nil {
 		// The binding is ours: undo it rather than hand out a device
 		// that stays locked.

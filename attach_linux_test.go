@@ -59,12 +59,16 @@ func TestAttachSteps(t *testing.T) {
 		t.Fatal(err)
 	}
 	// systemd's lock protocol: the control device's lock across
-	// GET_FREE, open and bind, the device's inside it.
+	// GET_FREE, open and bind, the device's inside it; the binding's
+	// disk sequence number read under both.
 	want := []string{"open " + ControlPath, "ctl-lock " + ControlPath, "LOOP_CTL_GET_FREE " + ControlPath,
-		"open /dev/loop0", "flock-ex /dev/loop0", "LOOP_CONFIGURE /dev/loop0", "flock-un /dev/loop0",
-		"ctl-unlock " + ControlPath}
+		"open /dev/loop0", "flock-ex /dev/loop0", "LOOP_CONFIGURE /dev/loop0", "BLKGETDISKSEQ /dev/loop0",
+		"flock-un /dev/loop0", "ctl-unlock " + ControlPath}
 	if got := k.calls(""); !slices.Equal(got, want) {
 		t.Fatalf("calls:\n%q\nwant:\n%q", got, want)
+	}
+	if seq, err := d.DiskSeq(); err != nil || seq != k.devs[0].diskSeq || seq == 0 {
+		t.Fatalf("DiskSeq = %d, %v; want the binding's, %d", seq, err, k.devs[0].diskSeq)
 	}
 	if s, _ := d.Status(); s.Flags != FlagAutoClear {
 		t.Fatalf("flags %v", s.Flags)

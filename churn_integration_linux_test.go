@@ -15,6 +15,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -50,6 +51,7 @@ type churnConfig struct {
 	Deadline   time.Time
 	Seed       uint64
 	Observe    bool // run an observer beside the attachers
+	Sweep      bool // run a sweeper beside the attachers
 }
 
 // churnCounts is what a party of the churn test reports. Errors keeps the
@@ -57,6 +59,7 @@ type churnConfig struct {
 type churnCounts struct {
 	Attaches, Failures, Collisions, Cancelled, LostRaces int
 	ReadOnly, AutoClearClose, Observed                   int
+	Swept, Foreign                                       int // Sweep's: its own bindings, and others'
 	LeakedFDs, LeakedGoroutines                          int
 	Errors                                               []string
 }
@@ -70,6 +73,8 @@ func (c *churnCounts) add(o churnCounts) {
 	c.ReadOnly += o.ReadOnly
 	c.AutoClearClose += o.AutoClearClose
 	c.Observed += o.Observed
+	c.Swept += o.Swept
+	c.Foreign += o.Foreign
 	c.LeakedFDs += o.LeakedFDs
 	c.LeakedGoroutines += o.LeakedGoroutines
 	c.Errors = append(c.Errors, o.Errors...)
@@ -197,7 +202,7 @@ func TestKernelChurn(t *testing.T) {
 	for i := range procs {
 		children = append(children, startChild(t, "TestKernelChurn", churnChildEnv,
 			churnConfig{Dir: dir, Goroutines: goroutines, Deadline: deadline, Seed: uint64(start.UnixNano()) + uint64(i),
-				Observe: i%2 == 0}))
+				Observe: i%2 == 0, Sweep: i%2 == 1}))
 	}
 	systemd := startChild(t, "TestKernelChurn", systemdChildEnv, churnConfig{Dir: dir, Goroutines: 2, Deadline: deadline})
 	var plain, locked churnCounts
@@ -215,11 +220,11 @@ func TestKernelChurn(t *testing.T) {
 	leaked := boundUnder(t, dir)
 
 	t.Logf("loopctl: %d processes x %d goroutines, %v: %d attaches (%.0f/s), %d failures, %d collisions, "+
-		"%d lost races retried, %d cancelled, %d read-only, %d closed with autoclear, %d observed by List/OpenDevice, "+
-		"leaked: %d devices, %d fds, %d goroutines",
+		"%d lost races retried, %d cancelled, %d read-only, %d closed with autoclear, %d observed by List/OpenBinding, "+
+		"%d swept, %d foreign bindings swept, leaked: %d devices, %d fds, %d goroutines",
 		procs, goroutines, elapsed.Round(time.Second), total.Attaches, float64(total.Attaches)/elapsed.Seconds(),
 		total.Failures, total.Collisions, total.LostRaces, total.Cancelled, total.ReadOnly, total.AutoClearClose,
-		total.Observed, len(leaked), total.LeakedFDs, total.LeakedGoroutines)
+		total.Observed, total.Swept, total.Foreign, len(leaked), total.LeakedFDs, total.LeakedGoroutines)
 	t.Logf("systemd protocol helper: %d attaches, %d lost races retried, %d failures, %d collisions",
 		sd.Attaches, sd.LostRaces, sd.Failures, sd.Collisions)
 	t.Logf("losetup -f / -d: %d attaches, %d failures, %d collisions; under flock(1): %d attaches, %d failures, %d collisions",
@@ -231,7 +236,8 @@ func TestKernelChurn(t *testing.T) {
 		"loopctl": total, "systemd": sd, "losetup": plain, "flock_losetup": locked,
 		"leaked_devices": len(leaked), "kernel": kernelRelease()})
 
-	if total.Attaches == 0 || total.Failures != 0 || total.Collisions != 0 || total.LeakedFDs != 0 || total.LeakedGoroutines != 0 {
+	if total.Attaches == 0 || total.Failures != 0 || total.Collisions != 0 || total.LeakedFDs != 0 || total.LeakedGoroutines != 0 ||
+		total.Swept == 0 || total.Foreign != 0 {
 		t.Errorf("loopctl churn: %+v", total)
 	}
 	if sd.Attaches == 0 || sd.Failures != 0 || sd.Collisions != 0 {
@@ -309,6 +315,9 @@ func churnProcess(t *testing.T, cfg churnConfig) churnCounts {
 		// preempted: half of them are enough.
 		wg.Go(func() { observe(&tl, cfg) })
 	}
+	if cfg.Sweep {
+		wg.Go(func() { sweeper(&tl, cfg, strconv.Itoa(os.Getpid())) })
+	}
 	wg.Wait()
 	tl.LostRaces = int(lostRaces.Load())
 	if after := len(openFDs(t)); after != fds {
@@ -378,6 +387,7 @@ func churnWorker(tl *tally, cfg churnConfig, id string, rng *rand.Rand) {
 	}
 	for round := 0; time.Now().Before(cfg.Deadline); round++ {
 		o := churnOptions(rng)
+		o.Ref = churnRef()
 		tag := blockTag(id, round, "file")
 		if _, err := f.WriteAt(tag, int64(o.Offset)); err != nil {
 			tl.fail(false, "%v", err)
@@ -416,6 +426,71 @@ func churnWorker(tl *tally, cfg churnConfig, id string, rng *rand.Rand) {
 	}
 }
 
+// churnRef is the owner reference of this churn process's bindings.
+func churnRef() string { return "churn-" + strconv.Itoa(os.Getpid()) }
+
+// sweeper plays a runtime that crashes and starts again, over and over,
+// beside every other party's churn: it binds three files of its own with
+// its owner reference, lets go of them without a detach, as a crash does,
+// and sweeps its reference. Sweep must detach exactly those three, each
+// time: never a binding of another reference, nor one bound anew.
+func sweeper(tl *tally, cfg churnConfig, id string) {
+	ref := "churn-crashed-" + id
+	mine := map[backingFileID]bool{}
+	var files []*os.File
+	for i := range 3 {
+		f, err := os.Create(filepath.Join(cfg.Dir, fmt.Sprintf("sweep-%s-%d.img", id, i)))
+		if err != nil {
+			tl.fail(false, "%v", err)
+			return
+		}
+		defer f.Close()
+		var st unix.Stat_t
+		if err := f.Truncate(256 << 10); err != nil || unix.Fstat(int(f.Fd()), &st) != nil {
+			tl.fail(false, "sweeper's file: %v", err)
+			return
+		}
+		files = append(files, f)
+		mine[backingFileID{uint64(st.Dev), uint64(st.Ino)}] = true
+	}
+	for time.Now().Before(cfg.Deadline) {
+		for _, f := range files {
+			d, err := AttachFile(context.Background(), f, Options{Ref: ref})
+			if err != nil {
+				tl.fail(false, "sweeper's attach: %v", err)
+				return
+			}
+			d.Close() // the crash: bound, held by nobody
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		swept, err := Sweep(ctx, ref)
+		cancel()
+		if err != nil {
+			tl.fail(false, "Sweep: %v", err)
+		}
+		own := 0
+		for _, s := range swept {
+			if s.Ref != ref || !mine[backingFileID{s.BackingDevice, s.BackingInode}] {
+				tl.count(func(c *churnCounts) { c.Foreign++ })
+				tl.fail(true, "Sweep(%s) detached %+v", ref, s)
+				continue
+			}
+			own++
+		}
+		tl.count(func(c *churnCounts) { c.Swept += own })
+		if own != len(files) {
+			tl.fail(false, "Sweep(%s) detached %d of the sweeper's %d bindings: %+v", ref, own, len(files), swept)
+			return
+		}
+		for _, f := range files {
+			if left, err := FindByBackingFile(f.Name()); err != nil || len(left) != 0 {
+				tl.fail(false, "after Sweep(%s), %s: %+v, %v", ref, f.Name(), left, err)
+				return
+			}
+		}
+	}
+}
+
 // blockTag is a 512-byte block naming its writer and round.
 func blockTag(id string, round int, what string) []byte {
 	b := make([]byte, 512)
@@ -433,7 +508,7 @@ func checkChurnDevice(tl *tally, d *Device, f *os.File, st unix.Stat_t, o Option
 		return
 	}
 	if s.BackingDevice != uint64(st.Dev) || s.BackingInode != uint64(st.Ino) || s.BackingFile != f.Name() ||
-		s.Offset != o.Offset || s.SizeLimit != o.SizeLimit || s.Flags&^FlagDirectIO != o.Flags {
+		s.Offset != o.Offset || s.SizeLimit != o.SizeLimit || s.Flags&^FlagDirectIO != o.Flags || s.Ref != o.Ref {
 		tl.fail(true, "%s: %+v, want %s (inode %d) with %+v", d.Path(), s, f.Name(), st.Ino, o)
 		return
 	}
@@ -469,8 +544,9 @@ func checkChurnDevice(tl *tally, d *Device, f *os.File, st unix.Stat_t, o Option
 
 // observe lists the test's devices and opens them while they churn: List
 // must not fail, nor report a binding whose file is not the one it names;
-// OpenDevice and Status of a listed device may find it torn down since, and
-// must then fail with ErrNotBound, and with nothing else. (That List leaves
+// OpenBinding of a listed device may find it detached or bound anew since,
+// and must then fail with ErrChanged, and with nothing else; when it
+// opens one, it is the binding listed. (That List leaves
 // out a device already being torn down is TestKernelListRundown's to show:
 // here a device listed and then refusing its open may have started its
 // teardown after List looked.)
@@ -491,15 +567,18 @@ func observe(tl *tally, cfg churnConfig) {
 				continue
 			}
 			tl.count(func(c *churnCounts) { c.Observed++ })
-			d, err := OpenDevice(s.Number)
+			// The binding listed, or ErrChanged: never another one.
+			d, err := OpenBinding(s)
 			if err != nil {
-				if !errors.Is(err, ErrNotBound) {
-					tl.fail(false, "OpenDevice(%d) of a listed device: %v", s.Number, err)
+				if !errors.Is(err, ErrChanged) {
+					tl.fail(false, "OpenBinding(%d) of a listed device: %v", s.Number, err)
 				}
 				continue
 			}
-			if _, err := d.Status(); err != nil && !errors.Is(err, ErrNotBound) {
+			if got, err := d.Status(); err != nil && !errors.Is(err, ErrNotBound) {
 				tl.fail(false, "Status of %s: %v", d.Path(), err)
+			} else if err == nil && (got.DiskSeq != s.DiskSeq || got.BackingInode != s.BackingInode) {
+				tl.fail(true, "OpenBinding(%+v) opened %+v", s, got)
 			}
 			d.Close()
 		}

@@ -76,7 +76,19 @@ type Options struct {
 	// image, as losetup --nooverlap. Device.Shared tells which happened.
 	// The other flags of a device found are its binder's.
 	Reuse bool
+
+	// Ref is an owner reference written into the device's lo_file_name
+	// in place of the backing file's path, as systemd and util-linux
+	// 2.40 (losetup --loop-ref) do: a name that says whose the binding
+	// is, for FindByRef and Sweep, and for udev, whose rules make
+	// /dev/disk/by-loop-ref/REF from it. At most 63 bytes, no NUL;
+	// checked before any ioctl. Empty: the path's first 63 bytes go
+	// there, as losetup writes them.
+	Ref string
 }
+
+// maxRef is the longest Ref: lo_file_name holds 64 bytes, NUL included.
+const maxRef = 63
 
 // validate refuses, before any ioctl, what the kernel would refuse or
 // silently misread.
@@ -87,11 +99,23 @@ func (o Options) validate() error {
 	if err := validBlockSize(o.BlockSize, true); err != nil {
 		return err
 	}
+	if err := validRef(o.Ref); err != nil {
+		return err
+	}
 	if o.Offset > math.MaxInt64 || o.SizeLimit > math.MaxInt64 {
 		// The kernel's answer is EOVERFLOW: the error carries it, as
 		// tools such as losetup report it.
 		return invalid("%w: offset %d or size limit %d exceeds %d",
 			syscall.EOVERFLOW, o.Offset, o.SizeLimit, int64(math.MaxInt64))
+	}
+	return nil
+}
+
+// validRef accepts an owner reference that fits lo_file_name: at most 63
+// bytes, no NUL.
+func validRef(ref string) error {
+	if len(ref) > maxRef || strings.IndexByte(ref, 0) >= 0 {
+		return invalid("owner reference %q: at most %d bytes, no NUL", ref, maxRef)
 	}
 	return nil
 }
@@ -111,12 +135,28 @@ func validBlockSize(size uint32, zeroOK bool) error {
 // Status describes a bound loop device.
 type Status struct {
 	Number                      int
-	BackingFile                 string // full path, from sysfs; lo_file_name only as fallback
+	BackingFile                 string // full path, from sysfs; where sysfs is missing, lo_file_name: the path's first 63 bytes, or the binder's Ref
 	BackingDevice, BackingInode uint64 // st_dev and st_ino of the backing file
 	Offset, SizeLimit           uint64
 	Flags                       Flags
 	BlockSize                   uint32 // logical block size in bytes: losetup's LOG-SEC
 	Size                        uint64 // in bytes: the file's size less Offset, at most SizeLimit, in whole 512-byte sectors
+
+	// DiskSeq is the device's disk sequence number, which the kernel
+	// raises at every bind and unbind of a loop device (and at
+	// LOOP_CHANGE_FD), unique while the machine runs: with Number it
+	// names this one binding, where a number alone is reused as soon as
+	// the device is free (see OpenBinding). 0 on kernels before 5.15,
+	// which have none.
+	DiskSeq uint64
+
+	// Ref is the device's lo_file_name, verbatim: the owner reference
+	// the binder gave (Options.Ref, losetup --loop-ref), or, for a
+	// device bound without one, the first 63 bytes of the backing
+	// file's path, which loopctl and losetup write there. Empty where
+	// it was read from sysfs, which does not show it (List and
+	// FindByBackingFile without the right to open the devices).
+	Ref string
 }
 
 // A Partition is a partition of a loop device: one the kernel found in the
@@ -142,6 +182,10 @@ type Device struct {
 	path   string
 	shared bool // found bound by Attach with Reuse
 	closed atomic.Bool
+	// seq is the disk sequence number of the binding this Device made
+	// (Attach, Configure, SetFD) or was opened for (OpenBinding): 0 if
+	// none, or on a kernel without.
+	seq atomic.Uint64
 }
 
 var _ io.Closer = (*Device)(nil)

@@ -15,8 +15,9 @@ import (
 	"github.com/loopctl/loopctl/internal/sysfs"
 )
 
-// Status returns the device's binding: LOOP_GET_STATUS64 for the numbers
-// and flags, BLKSSZGET and BLKGETSIZE64 for the block size and the size,
+// Status returns the device's binding: LOOP_GET_STATUS64 for the numbers,
+// the flags and lo_file_name (Status.Ref), BLKSSZGET, BLKGETSIZE64 and
+// BLKGETDISKSEQ for the block size, the size and the disk sequence number,
 // and sysfs for the full backing path (the kernel keeps only 64 bytes of it
 // in lo_file_name, which is the fallback). An unbound device is an error
 // matching ErrNotBound.
@@ -31,7 +32,7 @@ func (d *Device) Status() (Status, error) {
 		return Status{}, err
 	}
 	s := statusFromInfo(&info)
-	if err := new(sizes).read(h, &s); err != nil {
+	if err := new(blockAnswers).read(h, &s); err != nil {
 		return Status{}, newError(op, d.path, err)
 	}
 	var buf [sysfs.BufSize]byte
@@ -43,31 +44,89 @@ func (d *Device) Status() (Status, error) {
 	return s, nil
 }
 
-// sizes is where BLKSSZGET and BLKGETSIZE64 answer. The kernel writes
-// through pointers that pass an interface call, so the compiler puts the
-// answers on the heap: a look through many devices keeps one sizes each
-// reader instead.
-type sizes struct {
-	blockSize int32
-	size      uint64
+// DiskSeq returns the disk sequence number of d's binding: the kernel
+// raises it at every bind and unbind (and at LOOP_CHANGE_FD), so that,
+// with the device's number, it names one binding, where the number alone
+// is reused as soon as the device is free. 0 on kernels before 5.15,
+// which have none; that is no error.
+//
+// For a binding d made (Attach, Configure, ChangeFD) or was opened for
+// (OpenBinding), it is the number read then: right after the bind, while
+// Attach and Configure still hold the device's lock. Otherwise it asks the
+// kernel (BLKGETDISKSEQ). While d is open its binding cannot be replaced
+// by another process, whose ClearFD only defers the detach to the last
+// close, d's among them; only LOOP_CHANGE_FD moves the number on.
+func (d *Device) DiskSeq() (uint64, error) {
+	const op = "disk-seq"
+	h, err := d.handle(op)
+	if err != nil {
+		return 0, err
+	}
+	if seq := d.seq.Load(); seq != 0 {
+		return seq, nil
+	}
+	var b blockAnswers
+	if err := b.readDiskSeq(h); err != nil {
+		return 0, newError(op, d.path, err)
+	}
+	return b.diskSeq, nil
 }
 
-// read sets s.BlockSize and s.Size from the device open as h.
-func (z *sizes) read(h handle, s *Status) error {
+// blockAnswers is where BLKSSZGET, BLKGETSIZE64 and BLKGETDISKSEQ
+// answer. The kernel writes through pointers that pass an interface
+// call, so the compiler puts the answers on the heap: a look through many
+// devices keeps one blockAnswers each reader instead.
+type blockAnswers struct {
+	blockSize int32
+	size      uint64
+	diskSeq   uint64
+}
+
+// read sets s.BlockSize, s.Size and s.DiskSeq from the device open as h.
+func (z *blockAnswers) read(h handle, s *Status) error {
 	if err := ioctlPtr(h, unix.BLKSSZGET, unsafe.Pointer(&z.blockSize)); err != nil {
 		return inStep("BLKSSZGET", err)
 	}
 	if err := ioctlPtr(h, uint(unix.BLKGETSIZE64), unsafe.Pointer(&z.size)); err != nil {
 		return inStep("BLKGETSIZE64", err)
 	}
-	s.BlockSize, s.Size = uint32(z.blockSize), z.size
+	if err := z.readDiskSeq(h); err != nil {
+		return err
+	}
+	s.BlockSize, s.Size, s.DiskSeq = uint32(z.blockSize), z.size, z.diskSeq
+	return nil
+}
+
+// noDiskSeq remembers for the whole process that the kernel has no disk
+// sequence numbers (before 5.15), so that no later read asks.
+var noDiskSeq atomic.Bool
+
+// readDiskSeq sets z.diskSeq from BLKGETDISKSEQ on the block device open
+// as h: 0, and no error, on a kernel that does not know the request
+// (EINVAL or ENOTTY, before 5.15).
+func (z *blockAnswers) readDiskSeq(h handle) error {
+	z.diskSeq = 0
+	if noDiskSeq.Load() {
+		return nil
+	}
+	err := ioctlPtr(h, uint(unix.BLKGETDISKSEQ), unsafe.Pointer(&z.diskSeq))
+	if err == unix.EINVAL || err == unix.ENOTTY {
+		noDiskSeq.Store(true)
+		z.diskSeq = 0
+		return nil
+	}
+	if err != nil {
+		return inStep("BLKGETDISKSEQ", err)
+	}
 	return nil
 }
 
 func statusFromInfo(info *unix.LoopInfo64) Status {
+	name := unix.ByteSliceToString(info.File_name[:])
 	return Status{
 		Number:        int(info.Number),
-		BackingFile:   unix.ByteSliceToString(info.File_name[:]),
+		BackingFile:   name,
+		Ref:           name,
 		BackingDevice: info.Device,
 		BackingInode:  info.Inode,
 		Offset:        info.Offset,
@@ -76,9 +135,13 @@ func statusFromInfo(info *unix.LoopInfo64) Status {
 	}
 }
 
-// loopInfo builds the loop_info64 that binds a file named name with o.
+// loopInfo builds the loop_info64 that binds a file named name with o:
+// lo_file_name is o.Ref, or else the name's first 63 bytes.
 func loopInfo(name string, o Options) unix.LoopInfo64 {
 	info := unix.LoopInfo64{Offset: o.Offset, Sizelimit: o.SizeLimit, Flags: uint32(o.Flags)}
+	if o.Ref != "" {
+		name = o.Ref
+	}
 	copy(info.File_name[:unix.LO_NAME_SIZE-1], name)
 	return info
 }
@@ -115,34 +178,56 @@ func (d *Device) Configure(f *os.File, o Options) error {
 		if err := checkBackingFile(fd, f.Name()); err != nil {
 			return newError(op, d.path, err)
 		}
-		return newError(op, d.path, configure(h, fd, f.Name(), o))
+		seq, err := configure(h, fd, f.Name(), o)
+		if err != nil {
+			return newError(op, d.path, err)
+		}
+		d.seq.Store(seq)
+		return nil
 	})
 }
 
-// configure binds the file open as fd, named name, with valid options o.
-// With FlagDirectIO it checks that the kernel turned direct I/O on: older
-// kernels leave it off, and report success, where the backing file system
-// cannot do it. Then it clears the binding it made.
-func configure(h handle, fd uintptr, name string, o Options) error {
-	if err := bind(h, fd, name, o); err != nil || o.Flags&FlagDirectIO == 0 {
-		return err
+// configure binds the file open as fd, named name, with valid options o,
+// and returns the binding's disk sequence number (0 on kernels without),
+// read right after the bind, by the binder: while it holds the device open
+// no other process can replace the binding. With FlagDirectIO it checks
+// that the kernel turned direct I/O on: older kernels leave it off, and
+// report success, where the backing file system cannot do it. Then, as on
+// any failure after the bind, it clears the binding it made.
+func configure(h handle, fd uintptr, name string, o Options) (uint64, error) {
+	b := new(bindArgs)
+	if err := b.bind(h, fd, name, o); err != nil {
+		return 0, err
 	}
-	var info unix.LoopInfo64
-	if err := ioctlPtr(h, reqGetStatus64, unsafe.Pointer(&info)); err != nil {
-		return undo(h, inStep("LOOP_GET_STATUS64", err))
+	if o.Flags&FlagDirectIO != 0 {
+		info := &b.cfg.Info // done with: the answer goes there
+		if err := ioctlPtr(h, reqGetStatus64, unsafe.Pointer(info)); err != nil {
+			return 0, undo(h, inStep("LOOP_GET_STATUS64", err))
+		}
+		if info.Flags&unix.LO_FLAGS_DIRECT_IO == 0 {
+			return 0, undo(h, errNoDirectIO)
+		}
 	}
-	if info.Flags&unix.LO_FLAGS_DIRECT_IO == 0 {
-		return undo(h, errNoDirectIO)
+	if err := b.answers.readDiskSeq(h); err != nil {
+		return 0, undo(h, err)
 	}
-	return nil
+	return b.answers.diskSeq, nil
+}
+
+// bindArgs is the memory of one bind: the LOOP_CONFIGURE argument, and
+// the kernel's answers after it. They pass an interface call, so the
+// compiler puts them on the heap: in one allocation.
+type bindArgs struct {
+	cfg     unix.LoopConfig
+	answers blockAnswers
 }
 
 // bind binds with one LOOP_CONFIGURE, or the calls before it on a kernel
 // that lacks it.
-func bind(h handle, fd uintptr, name string, o Options) error {
+func (b *bindArgs) bind(h handle, fd uintptr, name string, o Options) error {
 	if !noConfigure.Load() {
-		cfg := unix.LoopConfig{Fd: uint32(fd), Size: o.BlockSize, Info: loopInfo(name, o)}
-		err := ioctlPtr(h, reqConfigure, unsafe.Pointer(&cfg))
+		b.cfg = unix.LoopConfig{Fd: uint32(fd), Size: o.BlockSize, Info: loopInfo(name, o)}
+		err := ioctlPtr(h, reqConfigure, unsafe.Pointer(&b.cfg))
 		if !lacksConfigure(h, err) {
 			return explainBlockSize(err, o.BlockSize)
 		}
@@ -341,6 +426,14 @@ func (d *Device) ChangeFD(f *os.File) error {
 		}
 		_, err = ioctl(h, reqChangeFD, fd)
 		switch err {
+		case nil:
+			var b blockAnswers
+			if err := b.readDiskSeq(h); err != nil {
+				d.seq.Store(0) // the kernel will be asked
+				return nil
+			}
+			d.seq.Store(b.diskSeq)
+			return nil
 		case unix.EINVAL:
 			err = inStep("LOOP_CHANGE_FD refused "+f.Name()+" (it must be the same size as the bound file)", err)
 		case unix.EBADF:

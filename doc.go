@@ -79,6 +79,29 @@
 // read again, and MakeNode creates a missing /dev node, for containers
 // whose /dev is not devtmpfs, when asked to.
 //
+// # Bindings, not numbers
+//
+// A device number is reused as soon as the device is free, so a number
+// alone names no binding: a Status from List, or "loop7" kept in a state
+// file across a restart, may name somebody else's image by the time it is
+// used. Since Linux 5.15 the kernel gives each binding a disk sequence
+// number (Status.DiskSeq, Device.DiskSeq), raised at every bind and
+// unbind and never reused while the machine runs: a (number, diskseq) pair
+// names one binding. OpenBinding opens a device and then checks that it is
+// still the binding a Status described, which it then stays while open
+// (another process's detach waits for the last close); without disk
+// sequence numbers it compares the backing file, offset and size limit.
+// So List, OpenBinding and ClearFD never detach another's binding.
+//
+// Options.Ref writes an owner reference into the device's lo_file_name,
+// as systemd and losetup --loop-ref do; FindByRef finds those bindings,
+// and Sweep, for a runtime starting after a crash, detaches every binding
+// of its reference through OpenBinding, and no other. Device.Detach
+// returns once the kernel has let go of the backing file, waiting, while
+// its context allows, for another opener (a mount, udev's probe) to close
+// the device; when the context ends first it says what holds the device.
+// A detach never breaks another opener's I/O: it waits for its close.
+//
 // For the lower level, a Control is the open /dev/loop-control (Add,
 // Remove, GetFree), and a Device is an open /dev/loopN: SetFD and
 // Configure bind a file, ClearFD unbinds it, Status reports the binding,
@@ -127,7 +150,9 @@
 // *Error naming the operation and the device. The kernel's errno stays
 // reachable (errors.Is(err, unix.EBUSY)) and maps onto portable sentinels:
 // fs.ErrExist, fs.ErrNotExist, fs.ErrPermission, fs.ErrInvalid, ErrBusy,
-// ErrNotBound, errors.ErrUnsupported; calls after Close match fs.ErrClosed.
+// ErrNotBound, errors.ErrUnsupported; calls after Close match fs.ErrClosed,
+// and a binding that is no longer the one a Status described matches
+// ErrChanged (OpenBinding).
 // Opening a node keeps the *os.PathError of the open.
 //
 // # Concurrency and descriptors

@@ -27,6 +27,11 @@ var (
 	// Options.Reuse refuses to add to. The error is an *OverlapError.
 	ErrOverlap = errors.New("an overlapping loop device exists")
 
+	// ErrChanged reports that a loop device is no longer the binding a
+	// Status described: it was detached, or bound anew, since (see
+	// OpenBinding).
+	ErrChanged = errors.New("the device was detached or bound anew since")
+
 	// ErrNoDirectIO reports that the kernel would not turn direct I/O on
 	// for a backing file: its file system lacks O_DIRECT (tmpfs before
 	// Linux 6.6), or the offset or block size is not aligned to the

@@ -5,6 +5,7 @@ package loopctl
 import (
 	"fmt"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -42,6 +43,12 @@ type fakeKernel struct {
 	// flatSysfs lays sysfs out without /sys/devices/virtual/block; see
 	// sync.
 	flatSysfs bool
+	// noDiskSeq is a kernel before 5.15: BLKGETDISKSEQ is unknown
+	// (EINVAL), and sysfs shows no diskseq. Otherwise seq is the
+	// machine's last disk sequence number, raised at every add, bind and
+	// unbind.
+	noDiskSeq bool
+	seq       uint64
 	// ctlWait, when set, makes a blocking flock of the control device wait
 	// until it is closed: another process holding the lock.
 	ctlWait chan struct{}
@@ -53,6 +60,7 @@ type fakeKernel struct {
 }
 
 type fakeDev struct {
+	diskSeq   uint64
 	backing   string // what sysfs shows as loop/backing_file
 	bound     bool
 	rundown   bool // cleared while its only opener held it: torn down at the last close
@@ -86,13 +94,15 @@ func useFake(t *testing.T, n int) *fakeKernel {
 		k.add(i)
 	}
 	resetShared()
-	old, oldRoot, oldNoConfigure, oldDelays, oldBackoff := sys, sysfsRoot, noConfigure.Load(), againDelays, maxBackoff
+	old, oldRoot, oldNoConfigure, oldNoDiskSeq, oldDelays, oldBackoff := sys, sysfsRoot, noConfigure.Load(), noDiskSeq.Load(), againDelays, maxBackoff
 	sys, sysfsRoot, againDelays, maxBackoff = k, k.root, []time.Duration{0, 0, 0}, time.Microsecond
 	noConfigure.Store(false)
+	noDiskSeq.Store(false)
 	t.Cleanup(func() {
 		resetShared()
 		sys, sysfsRoot, againDelays, maxBackoff = old, oldRoot, oldDelays, oldBackoff
 		noConfigure.Store(oldNoConfigure)
+		noDiskSeq.Store(oldNoDiskSeq)
 	})
 	return k
 }
@@ -100,7 +110,14 @@ func useFake(t *testing.T, n int) *fakeKernel {
 // add creates device n and its sysfs directory. k.mu is held or unneeded.
 func (k *fakeKernel) add(n int) {
 	k.devs[n] = &fakeDev{}
+	k.nextSeq(n)
 	k.sync(n)
+}
+
+// nextSeq gives device n the machine's next disk sequence number.
+func (k *fakeKernel) nextSeq(n int) {
+	k.seq++
+	k.devs[n].diskSeq = k.seq
 }
 
 // sync writes device n's sysfs attributes as the kernel shows them, or
@@ -143,6 +160,9 @@ func (k *fakeKernel) sync(n int) {
 		k.t.Error(err)
 	}
 	k.write(dir+"/queue/logical_block_size", fmt.Sprintf("%d\n", d.logicalBlockSize()))
+	if !k.noDiskSeq {
+		k.write(dir+"/diskseq", fmt.Sprintf("%d\n", d.diskSeq))
+	}
 	if !d.bound {
 		os.RemoveAll(dir + "/loop")
 		return
@@ -187,6 +207,7 @@ func (d *fakeDev) logicalBlockSize() uint32 {
 func (k *fakeKernel) bind(n int, fd uintptr, info unix.LoopInfo64, blockSize uint32) {
 	d := k.devs[n]
 	d.bound, d.info, d.blockSize = true, info, blockSize
+	k.nextSeq(n)
 	d.directIO = info.Flags&unix.LO_FLAGS_DIRECT_IO != 0 && !k.noDirectIO
 	d.info.Number = uint32(n)
 	d.backing, _ = os.Readlink(fmt.Sprintf("/proc/self/fd/%d", fd))
@@ -265,6 +286,7 @@ func (k *fakeKernel) bound() []int {
 			out = append(out, n)
 		}
 	}
+	slices.Sort(out)
 	return out
 }
 
@@ -320,6 +342,7 @@ var reqNames = map[uint]string{
 	reqSetDirectIO: "LOOP_SET_DIRECT_IO", reqSetBlockSize: "LOOP_SET_BLOCK_SIZE", reqConfigure: "LOOP_CONFIGURE",
 	reqCtlAdd: "LOOP_CTL_ADD", reqCtlRemove: "LOOP_CTL_REMOVE", reqCtlGetFree: "LOOP_CTL_GET_FREE",
 	unix.BLKSSZGET: "BLKSSZGET", uint(unix.BLKGETSIZE64): "BLKGETSIZE64", unix.BLKRRPART: "BLKRRPART",
+	uint(unix.BLKGETDISKSEQ): "BLKGETDISKSEQ",
 }
 
 func (h *fakeHandle) rawIoctl(req uint, arg uintptr) (int, error) {
@@ -398,6 +421,11 @@ func (h *fakeHandle) do(req uint, arg uintptr, ptr unsafe.Pointer) (int, error) 
 		}
 	case unix.BLKSSZGET:
 		*(*int32)(ptr) = int32(d.logicalBlockSize())
+	case uint(unix.BLKGETDISKSEQ):
+		if k.noDiskSeq {
+			return -1, unix.EINVAL
+		}
+		*(*uint64)(ptr) = d.diskSeq
 	case uint(unix.BLKGETSIZE64):
 		*(*uint64)(ptr) = d.size()
 	case reqSetBlockSize, reqSetDirectIO, reqSetCapacity, reqChangeFD:
@@ -510,6 +538,7 @@ func (h *fakeHandle) Close() error {
 			d.opens--
 			if d.opens == 0 && d.bound && d.info.Flags&unix.LO_FLAGS_AUTOCLEAR != 0 {
 				d.bound, d.rundown, d.info = false, false, unix.LoopInfo64{}
+				k.nextSeq(h.n)
 				k.sync(h.n)
 			}
 		}

@@ -344,7 +344,9 @@ func TestKernelSetFD(t *testing.T) {
 		t.Fatal(err)
 	}
 	dev, ino := fileID(t, f.Name())
-	want := Status{Number: d.Number(), BackingFile: f.Name(), BackingDevice: dev, BackingInode: ino, BlockSize: 512, Size: 1 << 20}
+	// LOOP_SET_FD writes no lo_file_name.
+	want := Status{Number: d.Number(), BackingFile: f.Name(), BackingDevice: dev, BackingInode: ino, BlockSize: 512, Size: 1 << 20,
+		DiskSeq: sysfsDiskSeq(t, d.Number())}
 	if s != want {
 		t.Fatalf("Status = %+v, want %+v", s, want)
 	}
@@ -445,9 +447,12 @@ func checkBound(t *testing.T, d *Device, path string, o Options) {
 	dev, ino := fileID(t, path)
 	want := Status{Number: d.Number(), BackingFile: path, BackingDevice: dev, BackingInode: ino,
 		Offset: o.Offset, SizeLimit: o.SizeLimit, Flags: o.Flags, BlockSize: max(o.BlockSize, 512),
-		Size: deviceSize(t, path, o)}
+		Size: deviceSize(t, path, o), DiskSeq: sysfsDiskSeq(t, d.Number()), Ref: refOfBinding(path, o)}
 	if s != want {
 		t.Fatalf("Status = %+v, want %+v", s, want)
+	}
+	if seq, err := d.DiskSeq(); err != nil || seq != want.DiskSeq {
+		t.Fatalf("DiskSeq = %d, %v; want sysfs's %d", seq, err, want.DiskSeq)
 	}
 	if got := readAttr(t, d.Number(), "size"); got != strconv.FormatUint(want.Size/512, 10) {
 		t.Fatalf("sysfs size %s sectors, want %d bytes", got, want.Size)
@@ -479,6 +484,15 @@ func checkBound(t *testing.T, d *Device, path string, o Options) {
 	if got := readAttr(t, d.Number(), "queue/logical_block_size"); got != strconv.Itoa(int(blockSize)) {
 		t.Fatalf("logical block size %s, want %d", got, blockSize)
 	}
+}
+
+// refOfBinding is what the device's lo_file_name holds after a bind of
+// path with o: o.Ref, or the path's first 63 bytes.
+func refOfBinding(path string, o Options) string {
+	if o.Ref != "" {
+		return o.Ref
+	}
+	return path[:min(len(path), 63)]
 }
 
 // losetupJ returns `losetup -j path`, one "NAME: [DEV]:INO" per device.
@@ -1099,7 +1113,8 @@ func TestKernelNotRoot(t *testing.T) {
 			t.Fatalf("OpenDevice as nobody: %v, want fs.ErrPermission", err)
 		}
 		// List and FindByBackingFile read sysfs instead of the devices,
-		// and give what root gets from the device itself.
+		// and give what root gets from the device itself, but for the
+		// owner reference, which is only in the device.
 		want := os.Getenv("LOOPCTL_AS_NOBODY_WANT")
 		list, err := List()
 		if err != nil {
@@ -1144,6 +1159,7 @@ func TestKernelNotRoot(t *testing.T) {
 	if found, err := FindByBackingFile(file); err != nil || len(found) != 1 {
 		t.Fatalf("FindByBackingFile as root = %+v, %v", found, err)
 	} else {
+		found[0].Ref = ""
 		want = fmt.Sprintf("%+v", found[0])
 	}
 	bin := filepath.Join(dir, "loopctl.test")

@@ -62,16 +62,42 @@ func FindByBackingFile(path string) ([]Status, error) {
 	if err != nil {
 		return nil, newError("find", path, &os.PathError{Op: "stat", Path: path, Err: err})
 	}
-	return list(&backingFileID{dev: uint64(st.Dev), ino: uint64(st.Ino)})
+	return list(&match{file: backingFileID{dev: uint64(st.Dev), ino: uint64(st.Ino)}, byFile: true})
 }
 
 // A backingFileID is a file's device and inode.
 type backingFileID struct{ dev, ino uint64 }
 
-// list returns the bound devices, only those of the file id if it is not
-// nil.
-func list(id *backingFileID) ([]Status, error) {
-	reads, err := readDevices(id)
+// A match is what a look wants of the bindings it reads: those of one
+// file (device and inode), or those with one owner reference
+// (lo_file_name). A nil *match wants them all.
+type match struct {
+	file   backingFileID
+	byFile bool
+	ref    string
+}
+
+// ofInfo tells whether the binding LOOP_GET_STATUS64 answered info for is
+// one m wants.
+func (m *match) ofInfo(info *unix.LoopInfo64) bool {
+	switch {
+	case m == nil:
+		return true
+	case m.byFile && m.file != (backingFileID{info.Device, info.Inode}):
+		return false
+	case m.ref != "":
+		name := info.File_name[:]
+		if i := bytes.IndexByte(name, 0); i >= 0 {
+			name = name[:i]
+		}
+		return string(name) == m.ref
+	}
+	return true
+}
+
+// list returns the bound devices that want matches.
+func list(want *match) ([]Status, error) {
+	reads, err := readDevices(want)
 	if err != nil {
 		return nil, newError("list", sysfsRoot+"/block", err)
 	}
@@ -114,7 +140,7 @@ const devicesPerWorker = 32
 // order of number. The reads are independent syscalls on different
 // devices, so with many devices they are spread over up to GOMAXPROCS
 // goroutines, each taking the next batch of devices as it finishes one.
-func readDevices(id *backingFileID) ([]deviceRead, error) {
+func readDevices(want *match) ([]deviceRead, error) {
 	dir, err := openBlockDir()
 	if err != nil {
 		return nil, err
@@ -145,7 +171,7 @@ func readDevices(id *backingFileID) ([]deviceRead, error) {
 			for j := i; j < min(i+batch, len(nums)); j++ {
 				r := &reads[j]
 				r.n = nums[j]
-				r.s, r.ok, r.err = readStatus(dir, r.n, id, sc)
+				r.s, r.ok, r.err = readStatus(dir, r.n, want, sc)
 			}
 		}
 	}
@@ -190,7 +216,7 @@ func openBlockDir() (blockDir, error) {
 // only the Status's own strings, and its share of a look at backingFiles.
 type scratch struct {
 	info  unix.LoopInfo64 // LOOP_GET_STATUS64's answer
-	sizes sizes
+	block blockAnswers
 	attr  [sysfs.BufSize]byte // an attribute's text
 	probe probeBuf
 	name  [64]byte // loopN/loop/backing_file, NUL-terminated
@@ -206,22 +232,27 @@ type scratch struct {
 }
 
 // readStatus reads device n's Status, reporting false when it is not bound
-// (to the file id, if not nil), from the device if this process may open
-// it, else from sysfs. block is the devices' sysfs directory.
+// (as want wants it), from the device if this process may open it, else
+// from sysfs. block is the devices' sysfs directory. An owner reference is
+// only in the device: a look for one fails with the open's error where
+// the device cannot be opened.
 //
 // The backing file's name is read while the device is open: a device
 // cleared meanwhile is torn down only at its last close, so the name and
 // the answers of LOOP_GET_STATUS64 are of one binding.
-func readStatus(block blockDir, n int, id *backingFileID, sc *scratch) (Status, bool, error) {
+func readStatus(block blockDir, n int, want *match, sc *scratch) (Status, bool, error) {
 	sc.lookUp(n)
 	h, err := sys.probe(n, &sc.probe)
 	if errors.Is(err, syscall.ENXIO) {
 		sc.drop(n)
 		return Status{}, false, nil // being torn down
 	}
+	if err != nil && want != nil && want.ref != "" {
+		return Status{}, false, err
+	}
 	if err != nil {
 		s, ok, err := sysfsStatus(block, n, sc)
-		return s, ok && (id == nil || *id == backingFileID{s.BackingDevice, s.BackingInode}), err
+		return s, ok && (want == nil || !want.byFile || want.file == backingFileID{s.BackingDevice, s.BackingInode}), err
 	}
 	defer h.Close()
 	info := &sc.info
@@ -232,20 +263,35 @@ func readStatus(block blockDir, n int, id *backingFileID, sc *scratch) (Status, 
 		}
 		return Status{}, false, inStep("LOOP_GET_STATUS64", err)
 	}
-	if id != nil && *id != (backingFileID{info.Device, info.Inode}) {
+	if !want.ofInfo(info) {
 		return Status{}, false, nil
 	}
+	ref := info.File_name
 	info.File_name[0] = 0 // sysfs has the whole name
 	s := statusFromInfo(info)
-	if err := sc.sizes.read(h, &s); err != nil {
+	if err := sc.block.read(h, &s); err != nil {
 		return Status{}, false, err
 	}
 	file, ok, err := backingFile(block, n, sc)
 	if !ok {
 		return Status{}, false, err
 	}
-	s.BackingFile = file
+	s.BackingFile, s.Ref = file, refOf(&ref, file)
 	return s, true, nil
+}
+
+// refOf returns lo_file_name, name, as a string: a slice of the backing
+// file's path where it is that path's start, as it is unless the binder
+// gave an owner reference, so that it costs no allocation.
+func refOf(name *[unix.LO_NAME_SIZE]byte, file string) string {
+	n := bytes.IndexByte(name[:], 0)
+	if n < 0 {
+		n = len(name)
+	}
+	if n <= len(file) && file[:n] == unsafe.String(&name[0], n) {
+		return file[:n]
+	}
+	return string(name[:n])
 }
 
 // backingFile reads loop/backing_file of device n relative to block. It
@@ -590,6 +636,12 @@ func sysfsStatus(block blockDir, n int, sc *scratch) (Status, bool, error) {
 		}
 	}
 	s.Size, s.BlockSize = sectors*512, uint32(blockSize)
+	// Kernels before 5.15 have no diskseq: 0.
+	if b, err := sysfs.ReadFileAt(block.fd, block.path, name+"/diskseq", sc.attr[:]); err == nil {
+		if s.DiskSeq, err = sysfs.Uint(b); err != nil {
+			return Status{}, false, &os.PathError{Op: "parse", Path: block.path + "/" + name + "/diskseq", Err: err}
+		}
+	}
 	if !s.Deleted() {
 		s.BackingDevice, s.BackingInode = backingID(s.BackingFile)
 	}

@@ -51,12 +51,24 @@ func TestListFake(t *testing.T) {
 		d2, i2 := id(f2)
 		d9, i9 := id(f9)
 		d10, i10 := id(f10)
+		// lo_file_name, asked of the device; sysfs does not show it.
+		ref := func(f *os.File) string {
+			if noAccess {
+				return ""
+			}
+			return f.Name()[:63]
+		}
+		seq := func(n int) uint64 { return k.devs[n].diskSeq }
 		want := []Status{
 			{Number: 2, BackingFile: f2.Name(), BackingDevice: d2, BackingInode: i2, Offset: 512, Flags: FlagAutoClear,
-				BlockSize: 512, Size: 1<<20 - 512},
-			{Number: 9, BackingFile: f9.Name(), BackingDevice: d9, BackingInode: i9, BlockSize: 4096, Size: 1 << 20},
+				BlockSize: 512, Size: 1<<20 - 512, DiskSeq: seq(2), Ref: ref(f2)},
+			{Number: 9, BackingFile: f9.Name(), BackingDevice: d9, BackingInode: i9, BlockSize: 4096, Size: 1 << 20,
+				DiskSeq: seq(9), Ref: ref(f9)},
 			{Number: 10, BackingFile: f10.Name(), BackingDevice: d10, BackingInode: i10, SizeLimit: 4096,
-				Flags: FlagReadOnly | FlagPartScan | FlagDirectIO, BlockSize: 512, Size: 4096},
+				Flags: FlagReadOnly | FlagPartScan | FlagDirectIO, BlockSize: 512, Size: 4096, DiskSeq: seq(10), Ref: ref(f10)},
+		}
+		if seq(2) == 0 || seq(2) == seq(9) || seq(9) == seq(10) {
+			t.Fatalf("disk sequence numbers %d, %d, %d: want each its own", seq(2), seq(9), seq(10))
 		}
 		if !slices.Equal(list, want) {
 			t.Fatalf("List (no access: %t):\n%+v\nwant:\n%+v", noAccess, list, want)
@@ -71,7 +83,7 @@ func TestListFake(t *testing.T) {
 			}
 			wantLog = append(wantLog, "LOOP_GET_STATUS64 "+dev)
 			if n == 2 || n == 9 || n == 10 {
-				wantLog = append(wantLog, "BLKSSZGET "+dev, "BLKGETSIZE64 "+dev)
+				wantLog = append(wantLog, "BLKSSZGET "+dev, "BLKGETSIZE64 "+dev, "BLKGETDISKSEQ "+dev)
 			}
 			wantLog = append(wantLog, "close "+dev)
 		}

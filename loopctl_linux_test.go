@@ -318,7 +318,7 @@ func TestStatusDecoding(t *testing.T) {
 	info := unix.LoopInfo64{Device: 0xfe00, Inode: 12345, Offset: 4096, Sizelimit: 1 << 20, Number: 3, Flags: 12}
 	copy(info.File_name[:], "/tmp/short.img")
 	want := Status{Number: 3, BackingFile: "/tmp/short.img", BackingDevice: 0xfe00, BackingInode: 12345,
-		Offset: 4096, SizeLimit: 1 << 20, Flags: FlagAutoClear | FlagPartScan}
+		Offset: 4096, SizeLimit: 1 << 20, Flags: FlagAutoClear | FlagPartScan, Ref: "/tmp/short.img"}
 	if got := statusFromInfo(&info); got != want {
 		t.Fatalf("statusFromInfo = %+v, want %+v", got, want)
 	}
@@ -466,7 +466,7 @@ func FuzzStatusDecoding(f *testing.F) {
 			t.Fatalf("name %q from %q", s.BackingFile, info.File_name)
 		}
 		want := Status{Number: int(info.Number), BackingFile: name, BackingDevice: info.Device, BackingInode: info.Inode,
-			Offset: info.Offset, SizeLimit: info.Sizelimit, Flags: Flags(info.Flags)}
+			Offset: info.Offset, SizeLimit: info.Sizelimit, Flags: Flags(info.Flags), Ref: name}
 		if s != want {
 			t.Fatalf("statusFromInfo = %+v, want %+v", s, want)
 		}

@@ -103,3 +103,25 @@ func (p Partition) MakeNode() error { return newError("make node", p.Path, error
 
 // ChangeFD is not supported on this platform.
 func (d *Device) ChangeFD(f *os.File) error { return d.unsupported("change-fd") }
+
+// OpenBinding is not supported on this platform.
+func OpenBinding(s Status) (*Device, error) {
+	return nil, newError("open-binding", DevicePath(s.Number), errors.ErrUnsupported)
+}
+
+// FindByRef is not supported on this platform.
+func FindByRef(ref string) ([]Status, error) {
+	return nil, newError("find", ref, errors.ErrUnsupported)
+}
+
+// Sweep is not supported on this platform.
+func Sweep(ctx context.Context, ref string) ([]Status, error) {
+	return nil, newError("sweep", ref, errors.ErrUnsupported)
+}
+
+// Detach is not supported on this platform.
+func (d *Device) Detach(ctx context.Context) error { return d.unsupported("detach") }
+
+// DiskSeq is not supported on this platform: no Device binds here, so
+// the number it would remember is 0.
+func (d *Device) DiskSeq() (uint64, error) { return d.seq.Load(), d.unsupported("disk-seq") }

@@ -30,6 +30,15 @@ func TestUnsupported(t *testing.T) {
 	if _, err := FindByBackingFile("/tmp/img"); !errors.Is(err, errors.ErrUnsupported) {
 		t.Errorf("FindByBackingFile: %v, want errors.ErrUnsupported", err)
 	}
+	if _, err := FindByRef("ref"); !errors.Is(err, errors.ErrUnsupported) {
+		t.Errorf("FindByRef: %v, want errors.ErrUnsupported", err)
+	}
+	if _, err := OpenBinding(Status{}); !errors.Is(err, errors.ErrUnsupported) {
+		t.Errorf("OpenBinding: %v, want errors.ErrUnsupported", err)
+	}
+	if _, err := Sweep(context.Background(), "ref"); !errors.Is(err, errors.ErrUnsupported) {
+		t.Errorf("Sweep: %v, want errors.ErrUnsupported", err)
+	}
 	if err := MakeNode(0); !errors.Is(err, errors.ErrUnsupported) {
 		t.Errorf("MakeNode: %v, want errors.ErrUnsupported", err)
 	}
@@ -40,7 +49,8 @@ func TestUnsupported(t *testing.T) {
 	var d Device
 	for name, err := range map[string]error{"SetStatus": d.SetStatus(Status{}), "SetBlockSize": d.SetBlockSize(512),
 		"ChangeFD": d.ChangeFD(nil), "SetCapacity": d.SetCapacity(), "SetDirectIO": d.SetDirectIO(true),
-		"Rescan": d.Rescan(), "Partitions": func() error { _, err := d.Partitions(); return err }()} {
+		"Rescan": d.Rescan(), "Partitions": func() error { _, err := d.Partitions(); return err }(),
+		"Detach": d.Detach(context.Background()), "DiskSeq": func() error { _, err := d.DiskSeq(); return err }()} {
 		if err == nil {
 			t.Errorf("%s on a zero Device succeeded", name)
 		}

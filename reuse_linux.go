@@ -28,7 +28,7 @@ func sharedDevice(fd uintptr, o Options) (*Device, error) {
 	id := backingFileID{dev: uint64(st.Dev), ino: uint64(st.Ino)}
 	want := binding{dev: id.dev, ino: id.ino, offset: o.Offset, sizeLimit: o.SizeLimit,
 		readOnly: o.Flags&FlagReadOnly != 0 || readOnlyFD(fd), blockSize: max(o.BlockSize, 512)}
-	reads, err := readDevices(&id)
+	reads, err := readDevices(&match{file: id, byFile: true})
 	if err != nil {
 		return nil, err
 	}
@@ -40,7 +40,7 @@ func sharedDevice(fd uintptr, o Options) (*Device, error) {
 		n, s := r.n, r.s
 		b := bindingOf(s)
 		if b == want {
-			if d := openShared(n, want); d != nil {
+			if d := openShared(s, want); d != nil {
 				return d, nil
 			}
 			continue // torn down, or bound anew, since
@@ -81,10 +81,11 @@ func (b binding) overlaps(c binding) bool {
 	return b.offset < end(c) && c.offset < end(b)
 }
 
-// openShared opens device n read-write and returns it if it still has the
-// binding want, else nil.
-func openShared(n int, want binding) *Device {
-	d, err := OpenDevice(n)
+// openShared opens the device of binding s read-write and returns it if
+// it still is that binding (OpenBinding), with the settings want, else
+// nil.
+func openShared(s Status, want binding) *Device {
+	d, err := OpenBinding(s)
 	if err != nil {
 		return nil
 	}

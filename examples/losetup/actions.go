@@ -218,7 +218,7 @@ func freeDevice() (int, error) {
 // create binds c.file to a free device (-f) or to c.device, as util-linux
 // does: read-write, or read-only when the file cannot be written.
 func (c *config) create(o *out) int {
-	opts := loopctl.Options{Offset: c.offset, SizeLimit: c.sizeLimit, Flags: c.flags}
+	opts := loopctl.Options{Offset: c.offset, SizeLimit: c.sizeLimit, Flags: c.flags, Ref: c.ref}
 	if c.blockSize > 1<<32-1 {
 		o.warn(syscall.EINVAL, "%s: failed to set up loop device", c.file)
 		return 1

@@ -39,6 +39,7 @@ const (
 	colSizeLimit
 	colDIO
 	colLogSec
+	colRef // util-linux 2.40's, not in --output-all
 )
 
 var columns = []column{
@@ -54,6 +55,7 @@ var columns = []column{
 	colSizeLimit:  {"SIZELIMIT", true, jsonNumber, "size limit of the file in bytes"},
 	colDIO:        {"DIO", true, jsonBool, "access backing file with direct-io"},
 	colLogSec:     {"LOG-SEC", true, jsonNumber, "logical sector size in bytes"},
+	colRef:        {"REF", false, jsonString, "loop device reference"},
 }
 
 var defaultColumns = []int{colName, colSizeLimit, colOffset, colAutoClear, colRO, colBackFile, colDIO, colLogSec}
@@ -143,6 +145,8 @@ func (r row) cell(col int) (string, bool) {
 		return strconv.FormatUint(r.s.Offset, 10), true
 	case colSizeLimit:
 		return strconv.FormatUint(r.s.SizeLimit, 10), true
+	case colRef:
+		return r.s.Ref, true
 	}
 	return "", false
 }

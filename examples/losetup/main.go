@@ -85,6 +85,7 @@ type config struct {
 	outputArg string
 	hasOutput bool   // -O given, even empty
 	number    string // --add, --remove
+	ref       string // --loop-ref
 	args      int    // len(argv)
 }
 
@@ -177,9 +178,12 @@ func (c *config) option(p parsed, stdout io.Writer) error {
 	case 'O':
 		c.outputArg, c.hasOutput, c.list = p.arg, true, true
 	case optOutputAll:
+		// util-linux 2.38's columns: 2.40's REF is asked for by name.
 		c.columns = c.columns[:0]
 		for i := range columns {
-			c.columns = append(c.columns, i)
+			if i != colRef {
+				c.columns = append(c.columns, i)
+			}
 		}
 	case 'P':
 		c.flags |= loopctl.FlagPartScan
@@ -213,6 +217,8 @@ func (c *config) option(p parsed, stdout io.Writer) error {
 		c.act, c.number = map[int]action{optAdd: actAdd, optRemove: actRemove}[p.id], p.arg
 	case optGetFree:
 		c.act = actGetFree
+	case optLoopRef:
+		c.ref = p.arg
 	}
 	return err
 }
@@ -397,6 +403,7 @@ Options:
  -r, --read-only               set up a read-only loop device
      --direct-io[=<on|off>]    open backing file with O_DIRECT
      --show                    print device name after setup (with -f)
+     --loop-ref <string>       loop device reference
  -v, --verbose                 verbose mode
 
  -J, --json                    use JSON --list output format

@@ -24,6 +24,7 @@ const (
 	optAdd
 	optRemove
 	optGetFree
+	optLoopRef
 )
 
 type option struct {
@@ -33,7 +34,8 @@ type option struct {
 }
 
 // options are util-linux 2.38's, in its order (which its messages about
-// ambiguous abbreviations follow), and then this tool's own.
+// ambiguous abbreviations follow), 2.40's --loop-ref, and then this
+// tool's own.
 var options = []option{
 	{"all", 'a', noArg},
 	{"set-capacity", 'c', requiredArg},
@@ -58,6 +60,7 @@ var options = []option{
 	{"show", optShow, noArg},
 	{"verbose", 'v', noArg},
 	{"version", 'V', noArg},
+	{"loop-ref", optLoopRef, requiredArg}, // util-linux 2.40's
 	{"add", optAdd, requiredArg},
 	{"remove", optRemove, requiredArg},
 	{"get-free", optGetFree, noArg},

@@ -120,8 +120,8 @@ func urootGetFree(string) (func() error, func(), error) {
 
 // floorCycle is attach and detach as loopctl does them, in bare syscalls:
 // fstat and fstatfs of the file, the control device's flock,
-// LOOP_CTL_GET_FREE, open, the device's flock, LOOP_CONFIGURE, both
-// unlocks, LOOP_CLR_FD, close.
+// LOOP_CTL_GET_FREE, open, the device's flock, LOOP_CONFIGURE,
+// BLKGETDISKSEQ, both unlocks, LOOP_CLR_FD, close.
 func floorCycle(file string) (func() error, func(), error) {
 	c, err := openCtl()
 	if err != nil {
@@ -135,6 +135,7 @@ func floorCycle(file string) (func() error, func(), error) {
 	var path [32]byte
 	var st unix.Stat_t
 	var sf unix.Statfs_t
+	var seq uint64
 	cfg := unix.LoopConfig{Fd: uint32(f)}
 	attach := func() (int, error) {
 		if err := unix.Fstat(f, &st); err != nil {
@@ -170,6 +171,11 @@ func floorCycle(file string) (func() error, func(), error) {
 			if errno == unix.EBUSY {
 				return 0, nil
 			}
+			return -1, errno
+		}
+		if _, _, errno := unix.Syscall(unix.SYS_IOCTL, fd, unix.BLKGETDISKSEQ, uintptr(unsafe.Pointer(&seq))); errno != 0 &&
+			errno != unix.EINVAL && errno != unix.ENOTTY {
+			unix.Close(d)
 			return -1, errno
 		}
 		unix.Flock(d, unix.LOCK_UN)

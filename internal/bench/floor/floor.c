@@ -90,6 +90,9 @@ static int attach(int c, int file) {
 		flock(c, LOCK_UN);
 		return 0;
 	}
+	uint64_t seq; // the binding's disk sequence number, as systemd reads it
+	if (ioctl(d, BLKGETDISKSEQ, &seq) < 0 && errno != EINVAL && errno != ENOTTY)
+		die("BLKGETDISKSEQ");
 	flock(d, LOCK_UN);
 	flock(c, LOCK_UN);
 	return d;

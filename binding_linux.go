@@ -1,0 +1,364 @@
+//go:build !loopctl_stub
+
+package loopctl
+
+import (
+	"context"
+	"errors"
+	"os"
+	"strconv"
+	"strings"
+	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/loopctl/loopctl/internal/sysfs"
+)
+
+// Bindings, not numbers. A loop device's number is reused as soon as the
+// device is free, so a Status from List, or "loop7" kept in a state file
+// across a restart, may name another program's binding by the time it is
+// used. The kernel's disk sequence number (Status.DiskSeq, since Linux
+// 5.15) is raised at every bind and unbind, and with the number names one
+// binding; an open of the device pins the binding, for another process's
+// detach then waits for the last close. So OpenBinding opens first and
+// checks after, and Detach and Sweep go through it.
+
+// OpenBinding opens device s.Number, read-write, and checks that it is
+// still the binding s describes: the same disk sequence number where s
+// and the kernel have one (Linux 5.15 and later), else the same backing
+// file (device and inode), offset and size limit. Otherwise, or when the
+// device is unbound, being torn down or gone, it closes what it opened and
+// fails with an error matching ErrChanged.
+//
+// The check is made after the open because the open pins the binding:
+// another process's ClearFD then only defers the detach to the last close,
+// the returned Device's among them. So List, then OpenBinding, then
+// ClearFD never detaches a binding other than the one listed. Without
+// disk sequence numbers, a device bound anew to the same file with the
+// same offset and size limit passes for the binding s describes.
+func OpenBinding(s Status) (*Device, error) {
+	const op = "open-binding"
+	path := DevicePath(s.Number)
+	if s.Number < 0 || s.Number > MaxNumber {
+		return nil, newError(op, path, invalid("device number %d is outside [0, %d]", s.Number, MaxNumber))
+	}
+	d, err := OpenDevice(s.Number)
+	if errors.Is(err, ErrNotBound) || errors.Is(err, unix.ENODEV) {
+		return nil, newError(op, path, &changedError{"it is being detached or removed", err})
+	}
+	if err != nil {
+		return nil, err
+	}
+	seq, err := d.sameBinding(s)
+	if err != nil {
+		d.Close()
+		return nil, newError(op, path, err)
+	}
+	d.seq.Store(seq)
+	return d, nil
+}
+
+// bindingCheck is the memory of one OpenBinding's questions to the
+// kernel, which pass an interface call: one allocation.
+type bindingCheck struct {
+	info    unix.LoopInfo64
+	answers blockAnswers
+}
+
+// sameBinding tells whether d, open, is the binding s describes, and
+// returns its disk sequence number; a *changedError when it is not.
+func (d *Device) sameBinding(s Status) (uint64, error) {
+	c := new(bindingCheck)
+	if err := ioctlPtr(d.h, reqGetStatus64, unsafe.Pointer(&c.info)); err != nil {
+		if err == unix.ENXIO {
+			return 0, &changedError{"it is not bound", err}
+		}
+		return 0, inStep("LOOP_GET_STATUS64", err)
+	}
+	if err := c.answers.readDiskSeq(d.h); err != nil {
+		return 0, err
+	}
+	seq, info := c.answers.diskSeq, &c.info
+	switch {
+	case s.DiskSeq != 0 && seq != 0:
+		if seq != s.DiskSeq {
+			return 0, &changedError{"disk sequence number " + strconv.FormatUint(seq, 10) + ", not " +
+				strconv.FormatUint(s.DiskSeq, 10), nil}
+		}
+	case info.Device != s.BackingDevice || info.Inode != s.BackingInode:
+		return 0, &changedError{"bound to another file", nil}
+	case info.Offset != s.Offset || info.Sizelimit != s.SizeLimit:
+		return 0, &changedError{"bound to another range of the file", nil}
+	}
+	return seq, nil
+}
+
+// A changedError says how a device is no longer the binding a Status
+// described. It matches ErrChanged, and unwraps to the errno that told,
+// if one did.
+type changedError struct {
+	why string
+	err error
+}
+
+func (e *changedError) Error() string {
+	s := ErrChanged.Error() + ": " + e.why
+	if e.err != nil {
+		s += " (" + errorText(e.err) + ")"
+	}
+	return s
+}
+func (e *changedError) Unwrap() error        { return e.err }
+func (e *changedError) Is(target error) bool { return target == ErrChanged }
+
+// FindByRef returns the status of every bound loop device whose owner
+// reference, lo_file_name, is ref (see Options.Ref). It reads what List
+// reads, and on a device of another reference stops at LOOP_GET_STATUS64.
+// The reference is only in the device, so FindByRef needs the right to
+// open the devices (root, or the disk group): without it, the open's
+// error, matching fs.ErrPermission.
+func FindByRef(ref string) ([]Status, error) {
+	if err := validRef(ref); err != nil || ref == "" {
+		if err == nil {
+			err = invalid("an empty owner reference")
+		}
+		return nil, newError("find", ref, err)
+	}
+	return list(&match{ref: ref})
+}
+
+// Detach detaches the device, closes it, and returns once the kernel has
+// let go of the binding: its loop/ directory has left sysfs, which the
+// kernel removes as it releases the backing file. A caller may then
+// delete the image, or unmount the file system it lives on.
+//
+// ClearFD detaches at once only for the last opener (since Linux 6.11, at
+// the Close that follows it); while another holds the device (a mount, a
+// process, udev probing it for a few milliseconds after each change),
+// the detach waits for that opener's close, and so does Detach, as long as
+// ctx allows. When ctx ends first it fails with an error matching ErrBusy
+// and ctx's error that names what holds the device, where the kernel says
+// (a device stacked on it, from holders/ in sysfs; a file system mounted
+// on it or on a partition, from /proc/self/mountinfo); the detach stays
+// set for the last close. Either way d is closed.
+func (d *Device) Detach(ctx context.Context) error {
+	const op = "detach"
+	w, err := d.startDetach(op)
+	if err != nil {
+		return err
+	}
+	return w.wait(ctx)
+}
+
+// A detaching is a detach under way: device n's binding, and a
+// descriptor of its loop/backing_file, which reads ENODEV once the
+// binding is gone, or, without sysfs, the binding's status, which the
+// device stops answering to.
+type detaching struct {
+	op, path string
+	n        int
+	attr     int
+	status   Status
+}
+
+// startDetach clears d's binding and closes d, and returns what waits for
+// the binding to go.
+func (d *Device) startDetach(op string) (*detaching, error) {
+	h, err := d.handle(op)
+	if err != nil {
+		return nil, err
+	}
+	w := &detaching{op: op, path: d.path, n: d.number, attr: -1}
+	if fd, err := openFD(sysfsLoopAttr(d.number, "backing_file"), unix.O_RDONLY); err == nil {
+		var fs unix.Statfs_t
+		if unix.Fstatfs(fd, &fs) == nil && fs.Type == unix.SYSFS_MAGIC {
+			w.attr = fd
+		} else {
+			closeFD(fd) // not sysfs (a test's tree): it would read on
+		}
+	}
+	if w.attr < 0 {
+		if w.status, err = d.Status(); err != nil {
+			return nil, newError(op, d.path, err)
+		}
+	}
+	if _, err := ioctl(h, reqClearFD, 0); err != nil {
+		w.close()
+		return nil, newError(op, d.path, inStep("LOOP_CLR_FD", err))
+	}
+	if err := d.Close(); err != nil {
+		w.close()
+		return nil, newError(op, d.path, err)
+	}
+	return w, nil
+}
+
+func (w *detaching) close() {
+	if w.attr >= 0 {
+		closeFD(w.attr)
+		w.attr = -1
+	}
+}
+
+// maxDetachPoll caps the pause between two looks at a detach under way.
+const maxDetachPoll = 10 * time.Millisecond
+
+// wait waits until the binding is gone, or ctx ends. No event tells the
+// last close of a device, so it looks again after pauses growing from 50
+// microseconds to maxDetachPoll.
+func (w *detaching) wait(ctx context.Context) error {
+	defer w.close()
+	pause := 50 * time.Microsecond
+	for {
+		gone, err := w.gone()
+		if err != nil || gone {
+			return err
+		}
+		t := time.NewTimer(pause)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return newError(w.op, w.path, &heldError{holders: holdersOf(w.n), ctx: ctx.Err()})
+		case <-t.C:
+		}
+		pause = min(2*pause, maxDetachPoll)
+	}
+}
+
+// gone tells whether the binding has gone: its backing_file reads ENODEV
+// (its loop/ directory was removed), ENOENT or nothing. Without sysfs, the
+// device refuses an open, being torn down, or is bound anew.
+func (w *detaching) gone() (bool, error) {
+	if w.attr < 0 {
+		d, err := OpenBinding(w.status)
+		if errors.Is(err, ErrChanged) || errors.Is(err, os.ErrNotExist) {
+			return true, nil
+		}
+		if err != nil {
+			return false, err
+		}
+		d.Close() // maybe the last close, which detaches
+		return false, nil
+	}
+	var buf [sysfs.BufSize]byte
+	for {
+		n, err := unix.Pread(w.attr, buf[:], 0)
+		switch {
+		case err == unix.EINTR:
+			continue
+		case err == unix.ENODEV || err == unix.ENOENT || err == nil && (n == 0 || buf[0] == '\n'):
+			return true, nil
+		case err != nil:
+			return false, newError(w.op, w.path, &os.PathError{Op: "read", Path: sysfsLoopAttr(w.n, "backing_file"), Err: err})
+		}
+		return false, nil
+	}
+}
+
+// A heldError ends a Detach or Sweep whose context ended while another
+// opener kept the device bound. It matches ErrBusy, the context's error
+// and EBUSY.
+type heldError struct {
+	holders []string
+	ctx     error
+}
+
+func (e *heldError) Error() string {
+	by := "another process has it open (a program, or udev probing it)"
+	if len(e.holders) > 0 {
+		by = "held by " + strings.Join(e.holders, ", ")
+	}
+	return "still bound: " + by + "; the kernel detaches it at its last close: " + e.ctx.Error()
+}
+func (e *heldError) Unwrap() []error      { return []error{e.ctx, unix.EBUSY} }
+func (e *heldError) Is(target error) bool { return target == ErrBusy }
+
+// holdersOf names what the kernel says holds device n: devices stacked on
+// it (holders/ in sysfs), and file systems mounted on it or on one of its
+// partitions (/proc/self/mountinfo).
+func holdersOf(n int) []string {
+	var held []string
+	dir := sysfs.LoopDir(sysfsRoot, n)
+	if ents, err := os.ReadDir(dir + "/holders"); err == nil {
+		for _, e := range ents {
+			held = append(held, "/dev/"+e.Name()+" (stacked on it)")
+		}
+	}
+	devs := map[string]string{}
+	if b, err := os.ReadFile(dir + "/dev"); err == nil {
+		devs[strings.TrimSpace(string(b))] = DevicePath(n)
+	}
+	if ents, err := os.ReadDir(dir); err == nil {
+		for _, e := range ents {
+			if b, err := os.ReadFile(dir + "/" + e.Name() + "/partition"); err == nil && len(b) > 0 {
+				if b, err := os.ReadFile(dir + "/" + e.Name() + "/dev"); err == nil {
+					devs[strings.TrimSpace(string(b))] = "/dev/" + e.Name()
+				}
+			}
+		}
+	}
+	if b, err := os.ReadFile("/proc/self/mountinfo"); err == nil {
+		for _, line := range strings.Split(string(b), "\n") {
+			// ID PARENT MAJ:MIN ROOT MOUNTPOINT ...
+			if f := strings.Fields(line); len(f) > 4 {
+				if dev, ok := devs[f[2]]; ok {
+					held = append(held, "a file system on "+dev+" mounted at "+f[4])
+				}
+			}
+		}
+	}
+	return held
+}
+
+// Sweep detaches every binding whose owner reference (Options.Ref) is
+// ref: what a runtime does at start, for the devices it bound before a
+// crash. It finds them with FindByRef and goes through OpenBinding, so it
+// never detaches a binding whose reference differs, or one bound anew
+// since it looked: a device's reference is checked again once it is
+// open, its binding pinned.
+//
+// It detaches as ClearFD does: a device that another opener holds (a
+// mount, a process doing I/O) keeps its binding, and its I/O, until that
+// opener's last close. Sweep waits for those while ctx allows, and
+// returns the bindings it detached, deferred ones included, with an error
+// that names each one still bound when ctx ended and what holds it
+// (matching ErrBusy), along with any other failure.
+func Sweep(ctx context.Context, ref string) ([]Status, error) {
+	const op = "sweep"
+	found, err := FindByRef(ref)
+	if err != nil {
+		return nil, err
+	}
+	var swept []Status
+	var waits []*detaching
+	var errs []error
+	for _, s := range found {
+		d, err := OpenBinding(s)
+		if errors.Is(err, ErrChanged) {
+			continue // detached, or bound anew, since
+		}
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		cur, err := d.Status()
+		if err != nil || cur.Ref != ref {
+			d.Close() // its reference was rewritten since
+			continue
+		}
+		w, err := d.startDetach(op)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		swept, waits = append(swept, cur), append(waits, w)
+	}
+	for _, w := range waits {
+		if err := w.wait(ctx); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return swept, errors.Join(errs...)
+}
