@@ -141,8 +141,13 @@ func FindByRef(ref string) ([]Status, error) {
 // ctx allows. When ctx ends first it fails with an error matching ErrBusy
 // and ctx's error that names what holds the device, where the kernel says
 // (a device stacked on it, from holders/ in sysfs; a file system mounted
-// on it or on a partition, from /proc/self/mountinfo); the detach stays
-// set for the last close. Either way d is closed.
+// on it or on a partition, from this process's /proc/self/mountinfo);
+// the detach stays set for the last close. Either way d is closed. No
+// event tells a device's last close: Detach looks again at pauses from
+// 50 microseconds up to 10 milliseconds.
+//
+// A Device that Attach shared (Options.Reuse, Device.Shared) is others'
+// binding too: Detach ends it for all of them, at their last close.
 func (d *Device) Detach(ctx context.Context) error {
 	const op = "detach"
 	w, err := d.startDetach(op)
