@@ -8,7 +8,6 @@ import (
 	"os"
 	"strconv"
 	"strings"
-	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -144,7 +143,7 @@ func FindByRef(ref string) ([]Status, error) {
 // on it or on a partition, from this process's /proc/self/mountinfo);
 // the detach stays set for the last close. Either way d is closed. No
 // event tells a device's last close: Detach looks again at pauses from
-// 50 microseconds up to 10 milliseconds.
+// 100 microseconds up to 20 milliseconds.
 //
 // A Device that Attach shared (Options.Reuse, Device.Shared) is others'
 // binding too: Detach ends it for all of them, at their last close.
@@ -207,28 +206,19 @@ func (w *detaching) close() {
 	}
 }
 
-// maxDetachPoll caps the pause between two looks at a detach under way.
-const maxDetachPoll = 10 * time.Millisecond
-
 // wait waits until the binding is gone, or ctx ends. No event tells the
-// last close of a device, so it looks again after pauses growing from 50
-// microseconds to maxDetachPoll.
+// last close of a device, so it looks again after the pauses Attach makes
+// between attempts (backoff).
 func (w *detaching) wait(ctx context.Context) error {
 	defer w.close()
-	pause := 50 * time.Microsecond
-	for {
+	for attempt := 1; ; attempt++ {
 		gone, err := w.gone()
 		if err != nil || gone {
 			return err
 		}
-		t := time.NewTimer(pause)
-		select {
-		case <-ctx.Done():
-			t.Stop()
-			return newError(w.op, w.path, &heldError{holders: holdersOf(w.n), ctx: ctx.Err()})
-		case <-t.C:
+		if err := backoff(ctx, attempt); err != nil {
+			return newError(w.op, w.path, &heldError{holders: holdersOf(w.n), ctx: err})
 		}
-		pause = min(2*pause, maxDetachPoll)
 	}
 }
 
