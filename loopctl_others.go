@@ -6,6 +6,7 @@ import (
 	"context"
 	"errors"
 	"os"
+	"time"
 )
 
 // Loop devices exist only on Linux. Elsewhere the package builds, and every
@@ -125,3 +126,26 @@ func (d *Device) Detach(ctx context.Context) error { return d.unsupported("detac
 // DiskSeq is not supported on this platform: no Device binds here, so
 // the number it would remember is 0.
 func (d *Device) DiskSeq() (uint64, error) { return d.seq.Load(), d.unsupported("disk-seq") }
+
+// A Monitor reports changes of loop devices; on this platform none can
+// be opened.
+type Monitor struct{}
+
+// OpenMonitor is not supported on this platform.
+func OpenMonitor() (*Monitor, error) {
+	return nil, newError("monitor", "uevent socket", errors.ErrUnsupported)
+}
+
+// Next is not supported on this platform.
+func (m *Monitor) Next(ctx context.Context) (Event, error) {
+	return Event{}, newError("monitor", "uevent socket", errors.ErrUnsupported)
+}
+
+// Close is not supported on this platform.
+func (m *Monitor) Close() error { return nil }
+
+// Polling is not supported on this platform.
+func (m *Monitor) Polling() bool { return false }
+
+// SetPollInterval is not supported on this platform.
+func (m *Monitor) SetPollInterval(d time.Duration) {}

@@ -1,0 +1,337 @@
+//go:build integration && !loopctl_stub
+
+package loopctl
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/loopctl/loopctl/internal/kerneltest"
+)
+
+// openMonitor opens a Monitor for the test.
+func openMonitor(t *testing.T) *Monitor {
+	t.Helper()
+	requireKernel(t)
+	m, err := OpenMonitor()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { m.Close() })
+	return m
+}
+
+// nextOf returns m's next event of device n, passing over the others',
+// and fails the test after 30 s without one.
+func nextOf(t *testing.T, m *Monitor, n int) Event {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	for {
+		e, err := m.Next(ctx)
+		if err != nil {
+			t.Fatalf("waiting for an event of loop%d: %v", n, err)
+		}
+		if e.Kind == EventLost {
+			t.Fatalf("events lost")
+		}
+		if e.Number == n {
+			return e
+		}
+	}
+}
+
+// expect checks that m's next events of device n are want, in order.
+func expect(t *testing.T, m *Monitor, n int, what string, want ...Event) {
+	t.Helper()
+	for _, w := range want {
+		e := nextOf(t, m, n)
+		e.Seq = 0
+		if e != w {
+			t.Fatalf("%s: event %+v, want %+v", what, e, w)
+		}
+	}
+}
+
+// TestKernelMonitor: a Monitor sees a device of the test's added, bound,
+// resized, given a partition and rid of it, unbound and removed, with
+// the device's number and the binding's disk sequence number.
+func TestKernelMonitor(t *testing.T) {
+	m := openMonitor(t)
+	if m.Polling() {
+		t.Fatalf("polling, in the machine's own network namespace")
+	}
+	c := openControl(t)
+	n, err := c.Add(AnyNumber)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Remove(n) })
+	expect(t, m, n, "add", Event{Kind: EventAdded, Number: n, DiskSeq: sysfsDiskSeq(t, n)})
+
+	d, err := OpenDevice(n)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := tempFile(t, 8<<20)
+	if err := d.Configure(f, Options{Flags: FlagPartScan}); err != nil {
+		t.Fatal(err)
+	}
+	seq, err := d.DiskSeq()
+	if err != nil {
+		t.Fatal(err)
+	}
+	expect(t, m, n, "bind", Event{Kind: EventBound, Number: n, DiskSeq: seq})
+
+	if err := f.Truncate(16 << 20); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.SetCapacity(); err != nil {
+		t.Fatal(err)
+	}
+	expect(t, m, n, "SetCapacity", Event{Kind: EventResized, Number: n, DiskSeq: seq})
+
+	if out, err := exec.Command("addpart", d.Path(), "1", "2048", "1024").CombinedOutput(); err != nil {
+		t.Fatalf("addpart: %v: %s", err, out)
+	}
+	expect(t, m, n, "addpart", Event{Kind: EventPartitionAdded, Number: n, Partition: 1, DiskSeq: seq})
+	if out, err := exec.Command("delpart", d.Path(), "1").CombinedOutput(); err != nil {
+		t.Fatalf("delpart: %v: %s", err, out)
+	}
+	expect(t, m, n, "delpart", Event{Kind: EventPartitionRemoved, Number: n, Partition: 1, DiskSeq: seq})
+
+	if err := d.Detach(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	expect(t, m, n, "detach", Event{Kind: EventUnbound, Number: n, DiskSeq: seq})
+
+	removed := sysfsDiskSeq(t, n)
+	if err := c.Remove(n); err != nil {
+		t.Fatal(err)
+	}
+	e := nextOf(t, m, n)
+	if e.Kind != EventRemoved || e.Number != n || seq != 0 && e.DiskSeq < removed {
+		t.Fatalf("remove: event %+v, want loop%d removed (diskseq %d or later)", e, n, removed)
+	}
+}
+
+// TestKernelMonitorLate: bindings made and gone before the Monitor reads
+// their events are reported all the same, each Bound and Unbound once and
+// in order, where the kernel numbers bindings (5.15 and later).
+func TestKernelMonitorLate(t *testing.T) {
+	m := openMonitor(t)
+	if !kernelAtLeast(t, 5, 15) {
+		t.Skip("before Linux 5.15 a binding gone before its event is read is not seen")
+	}
+	c := openControl(t)
+	d := newDevice(t, c)
+	n := d.Number()
+	d.Close()
+	expect(t, m, n, "add", Event{Kind: EventAdded, Number: n, DiskSeq: sysfsDiskSeq(t, n)})
+	f := tempFile(t, 1<<20)
+	var seqs []uint64
+	for range 5 {
+		b, err := OpenDevice(n)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := b.Configure(f, Options{}); err != nil {
+			t.Fatal(err)
+		}
+		seq, _ := b.DiskSeq()
+		seqs = append(seqs, seq)
+		if err := b.Detach(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, seq := range seqs {
+		expect(t, m, n, "bind and detach", Event{Kind: EventBound, Number: n, DiskSeq: seq},
+			Event{Kind: EventUnbound, Number: n, DiskSeq: seq})
+	}
+}
+
+// TestKernelMonitorForged: a uevent sent to the kernel's group by a
+// process, root's own, is not the kernel's, and is not reported.
+func TestKernelMonitorForged(t *testing.T) {
+	m := openMonitor(t)
+	c := openControl(t)
+	d := newDevice(t, c)
+	expect(t, m, d.Number(), "add", Event{Kind: EventAdded, Number: d.Number(), DiskSeq: sysfsDiskSeq(t, d.Number())})
+	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.NETLINK_KOBJECT_UEVENT)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fd)
+	path := loopDevpath + strconv.Itoa(d.Number())
+	forged := fmt.Sprintf("remove@%s\x00ACTION=remove\x00DEVPATH=%s\x00SUBSYSTEM=block\x00DEVTYPE=disk\x00SEQNUM=1\x00", path, path)
+	if err := unix.Sendto(fd, []byte(forged), 0, &unix.SockaddrNetlink{Family: unix.AF_NETLINK, Groups: 1}); err != nil {
+		t.Fatalf("sending a forged uevent: %v", err)
+	}
+	// The next event of the device is the real one that follows.
+	f := tempFile(t, 1<<20)
+	if err := d.Configure(f, Options{}); err != nil {
+		t.Fatal(err)
+	}
+	seq, _ := d.DiskSeq()
+	expect(t, m, d.Number(), "bind after a forged remove", Event{Kind: EventBound, Number: d.Number(), DiskSeq: seq})
+}
+
+// TestKernelMonitorBurst: a thousand binds and unbinds while the Monitor
+// reads nothing: its receive buffer holds their events, none is lost,
+// and each binding is reported once.
+func TestKernelMonitorBurst(t *testing.T) {
+	m := openMonitor(t)
+	f := tempFile(t, 1<<20)
+	const binds = 1000
+	numbers := map[int]bool{}
+	for range binds {
+		d, err := AttachFile(context.Background(), f, Options{Flags: FlagAutoClear})
+		if err != nil {
+			t.Fatal(err)
+		}
+		numbers[d.Number()] = true
+		d.Close()
+	}
+	for n := range numbers {
+		kerneltest.WaitUnbound(t, n)
+	}
+	bound, unbound := 0, 0
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	for {
+		e, err := m.Next(ctx)
+		if errors.Is(err, context.DeadlineExceeded) {
+			break
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		switch {
+		case e.Kind == EventLost:
+			t.Fatalf("events lost after %d binds and %d unbinds read", bound, unbound)
+		case !numbers[e.Number]:
+		case e.Kind == EventBound:
+			bound++
+		case e.Kind == EventUnbound:
+			unbound++
+		}
+	}
+	// Before 5.15 a binding gone before its event was read is not seen.
+	if kernelAtLeast(t, 5, 15) && (bound != binds || unbound != binds) {
+		t.Fatalf("%d binds and unbinds made, %d and %d reported", binds, bound, unbound)
+	}
+	t.Logf("%d binds and unbinds, %d and %d reported, on %s", binds, bound, unbound, kernelRelease())
+}
+
+const pollingChildEnv = "LOOPCTL_POLLING_CHILD"
+
+// TestKernelMonitorPolling: in a network namespace of a user namespace of
+// its own, where kernel uevents do not arrive, a Monitor polls, and sees
+// a device that the test binds and unbinds.
+func TestKernelMonitorPolling(t *testing.T) {
+	if os.Getenv(pollingChildEnv) != "" {
+		pollingChild(t)
+		return
+	}
+	requireKernel(t)
+	cmd := exec.Command(os.Args[0], "-test.run=^TestKernelMonitorPolling$", "-test.v")
+	cmd.Env = append(os.Environ(), pollingChildEnv+"=1")
+	cmd.SysProcAttr = &syscall.SysProcAttr{Cloneflags: syscall.CLONE_NEWUSER | syscall.CLONE_NEWNET,
+		UidMappings: []syscall.SysProcIDMap{{ContainerID: 0, HostID: 0, Size: 1}},
+		GidMappings: []syscall.SysProcIDMap{{ContainerID: 0, HostID: 0, Size: 1}}}
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd.Stderr = cmd.Stdout
+	if err := cmd.Start(); err != nil {
+		t.Skipf("no user namespace here: %v", err)
+	}
+	defer cmd.Wait()
+	defer stdin.Close()
+	lines := make(chan string)
+	go func() {
+		defer close(lines)
+		buf := make([]byte, 4096)
+		var rest string
+		for {
+			n, err := out.Read(buf)
+			rest += string(buf[:n])
+			for {
+				line, more, ok := strings.Cut(rest, "\n")
+				if !ok {
+					break
+				}
+				lines <- line
+				rest = more
+			}
+			if err != nil {
+				return
+			}
+		}
+	}()
+	wait := func(prefix string) string {
+		t.Helper()
+		for line := range lines {
+			if strings.HasPrefix(line, prefix) {
+				return line
+			}
+			t.Log(line)
+		}
+		t.Fatalf("the child ended before saying %q", prefix)
+		return ""
+	}
+	wait("polling ready")
+	d := attachT(t, tempFile(t, 1<<20).Name(), Options{})
+	seq, _ := d.DiskSeq()
+	if got, want := wait("event "), fmt.Sprintf("event bound %d %d", d.Number(), seq); got != want {
+		t.Fatalf("polling Monitor: %q, want %q", got, want)
+	}
+	if err := d.Detach(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if got, want := wait("event "), fmt.Sprintf("event unbound %d %d", d.Number(), seq); got != want {
+		t.Fatalf("polling Monitor: %q, want %q", got, want)
+	}
+}
+
+// pollingChild is TestKernelMonitorPolling's Monitor, in its namespaces:
+// it reports the bind and unbind events it sees of bound devices' numbers.
+func pollingChild(t *testing.T) {
+	m, err := OpenMonitor()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	if !m.Polling() {
+		t.Fatal("not polling in a user namespace's network namespace")
+	}
+	m.SetPollInterval(10 * time.Millisecond)
+	fmt.Println("polling ready")
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	for seen := 0; seen < 2; {
+		e, err := m.Next(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if e.Kind == EventBound || e.Kind == EventUnbound {
+			fmt.Printf("event %s %d %d\n", e.Kind, e.Number, e.DiskSeq)
+			seen++
+		}
+	}
+}
