@@ -217,7 +217,10 @@ func (m *Monitor) receive(ctx context.Context) error {
 		return rerr != unix.EAGAIN
 	})
 	switch {
-	case errors.Is(err, os.ErrDeadlineExceeded) && ctx.Err() != nil:
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		// ctx's deadline, which the poller may see a moment before ctx
+		// does, or its cancellation.
+		<-ctx.Done()
 		return ctx.Err()
 	case errors.Is(err, fs.ErrClosed) || m.closed.Load():
 		return newError("monitor", "uevent socket", fs.ErrClosed)
