@@ -2,6 +2,7 @@ package loopctl
 
 import (
 	"bytes"
+	"encoding/binary"
 	"strconv"
 )
 
@@ -144,4 +145,29 @@ func eventNumber(b []byte) (int, bool) {
 		n = n*10 + int(c-'0')
 	}
 	return n, n <= MaxNumber
+}
+
+// parseUdevMessage reads a message udev sent to its group: the
+// "libudev" header, then the event's properties, NUL-separated, at the
+// offset the header gives. It returns DEVPATH and DISKSEQ.
+func parseUdevMessage(b []byte) (devpath string, diskSeq uint64, ok bool) {
+	const headerSize = 40
+	if len(b) < headerSize || !bytes.HasPrefix(b, []byte("libudev\x00")) ||
+		binary.BigEndian.Uint32(b[8:12]) != 0xfeedcafe {
+		return "", 0, false
+	}
+	off, length := binary.NativeEndian.Uint32(b[16:20]), binary.NativeEndian.Uint32(b[20:24])
+	if uint64(off)+uint64(length) > uint64(len(b)) || off < headerSize {
+		return "", 0, false
+	}
+	for _, kv := range bytes.Split(b[off:off+length], []byte{0}) {
+		k, v, _ := bytes.Cut(kv, []byte{'='})
+		switch string(k) {
+		case "DEVPATH":
+			devpath = string(v)
+		case "DISKSEQ":
+			diskSeq, _ = strconv.ParseUint(string(v), 10, 64)
+		}
+	}
+	return devpath, diskSeq, devpath != ""
 }

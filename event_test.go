@@ -1,6 +1,8 @@
 package loopctl
 
 import (
+	"bytes"
+	"encoding/binary"
 	"fmt"
 	"strings"
 	"testing"
@@ -69,6 +71,48 @@ func FuzzParseUevent(f *testing.F) {
 		}
 		if !strings.HasPrefix(string(b), e.action+"@"+devpath+"\x00") && string(b) != e.action+"@"+devpath {
 			t.Fatalf("%+v from %q", e, b)
+		}
+	})
+}
+
+// udevMessage is a message as udev sends it to its group.
+func udevMessage(props ...string) []byte {
+	body := []byte(strings.Join(props, "\x00") + "\x00")
+	h := make([]byte, 40)
+	copy(h, "libudev\x00")
+	binary.BigEndian.PutUint32(h[8:], 0xfeedcafe)
+	binary.NativeEndian.PutUint32(h[12:], 40)
+	binary.NativeEndian.PutUint32(h[16:], 40)
+	binary.NativeEndian.PutUint32(h[20:], uint32(len(body)))
+	return append(h, body...)
+}
+
+func TestParseUdevMessage(t *testing.T) {
+	msg := udevMessage("ACTION=change", "DEVPATH=/devices/virtual/block/loop3", "SUBSYSTEM=block", "DISKSEQ=77",
+		"ID_FS_LABEL=ROOT")
+	if devpath, seq, ok := parseUdevMessage(msg); !ok || devpath != "/devices/virtual/block/loop3" || seq != 77 {
+		t.Fatalf("parseUdevMessage = %q, %d, %v", devpath, seq, ok)
+	}
+	// The kernel's own format, a bad magic, properties past the end.
+	bad := udevMessage("DEVPATH=/x")
+	binary.BigEndian.PutUint32(bad[8:], 0xfeedcafd)
+	short := udevMessage("DEVPATH=/x")
+	binary.NativeEndian.PutUint32(short[20:], 1000)
+	for _, b := range [][]byte{ueventBytes("change@/devices/virtual/block/loop3", "SUBSYSTEM=block"), bad, short, nil} {
+		if _, _, ok := parseUdevMessage(b); ok {
+			t.Fatalf("parseUdevMessage(%q) accepted", b)
+		}
+	}
+}
+
+// FuzzParseUdevMessage: any bytes, no panic, no read past the message.
+func FuzzParseUdevMessage(f *testing.F) {
+	f.Add(udevMessage("DEVPATH=/devices/virtual/block/loop3", "DISKSEQ=77"))
+	f.Add([]byte("libudev\x00"))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		devpath, _, ok := parseUdevMessage(b)
+		if ok && (devpath == "" || !bytes.Contains(b, []byte("DEVPATH="+devpath))) {
+			t.Fatalf("%q from %q", devpath, b)
 		}
 	})
 }

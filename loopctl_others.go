@@ -149,3 +149,6 @@ func (m *Monitor) Polling() bool { return false }
 
 // SetPollInterval is not supported on this platform.
 func (m *Monitor) SetPollInterval(d time.Duration) {}
+
+// WaitUdev is not supported on this platform.
+func (d *Device) WaitUdev(ctx context.Context) error { return d.unsupported("wait-udev") }

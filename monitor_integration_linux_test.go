@@ -8,8 +8,10 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -83,6 +85,7 @@ func TestKernelMonitor(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() { detach(t, d) }) // on failure; Detach below otherwise
 	f := tempFile(t, 8<<20)
 	if err := d.Configure(f, Options{Flags: FlagPartScan}); err != nil {
 		t.Fatal(err)
@@ -145,6 +148,7 @@ func TestKernelMonitorLate(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
+		t.Cleanup(func() { detach(t, b) }) // on failure; Detach below otherwise
 		if err := b.Configure(f, Options{}); err != nil {
 			t.Fatal(err)
 		}
@@ -333,5 +337,108 @@ func pollingChild(t *testing.T) {
 			fmt.Printf("event %s %d %d\n", e.Kind, e.Number, e.DiskSeq)
 			seen++
 		}
+	}
+}
+
+// TestKernelMonitorChurn: goroutines attaching and detaching, and
+// losetup beside them, while a Monitor reads: every binding the
+// goroutines made is reported Bound once and Unbound once, in that order,
+// where the kernel numbers bindings (5.15 and later), unless a loss is
+// reported; and for every device, Bound and Unbound alternate.
+func TestKernelMonitorChurn(t *testing.T) {
+	m := openMonitor(t)
+	dir := t.TempDir()
+	deadline := time.Now().Add(churnDuration(t) / 3)
+	type binding struct {
+		n   int
+		seq uint64
+	}
+	made := make(chan binding, 1<<16)
+	var wg sync.WaitGroup
+	for g := range 8 {
+		wg.Go(func() {
+			f, err := os.Create(filepath.Join(dir, fmt.Sprintf("monitor-%d.img", g)))
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			defer f.Close()
+			f.Truncate(1 << 20)
+			for time.Now().Before(deadline) {
+				d, err := AttachFile(context.Background(), f, Options{})
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				seq, _ := d.DiskSeq()
+				made <- binding{d.Number(), seq}
+				if err := d.Detach(context.Background()); err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		})
+	}
+	wg.Go(func() { losetupChurn(t, dir, deadline, false) })
+
+	type report struct{ bound, unbound int }
+	seen := map[binding]*report{}
+	state := map[int]bool{} // by device: bound, as reported
+	lost := false
+	// Read until a second after the churn ended.
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go func() {
+		wg.Wait()
+		time.AfterFunc(time.Second, cancel)
+	}()
+	for {
+		e, err := m.Next(ctx)
+		if err != nil {
+			if ctx.Err() != nil {
+				break
+			}
+			t.Fatal(err)
+		}
+		switch e.Kind {
+		case EventLost:
+			lost = true
+			clear(state)
+			continue
+		case EventBound, EventUnbound:
+		default:
+			continue
+		}
+		bound := e.Kind == EventBound
+		if was, ok := state[e.Number]; ok && was == bound {
+			t.Errorf("loop%d reported %s twice in a row (%+v)", e.Number, e.Kind, e)
+		}
+		state[e.Number] = bound
+		r := seen[binding{e.Number, e.DiskSeq}]
+		if r == nil {
+			r = &report{}
+			seen[binding{e.Number, e.DiskSeq}] = r
+		}
+		if bound {
+			r.bound++
+		} else {
+			r.unbound++
+		}
+	}
+	close(made)
+	count := 0
+	for b := range made {
+		count++
+		if !kernelAtLeast(t, 5, 15) || lost {
+			continue
+		}
+		if r := seen[b]; r == nil || r.bound != 1 || r.unbound != 1 {
+			t.Errorf("loop%d's binding %d: reported %+v, want bound and unbound once", b.n, b.seq, r)
+		}
+	}
+	t.Logf("%d bindings made by the goroutines beside losetup, %d bindings reported, lost: %v, on %s",
+		count, len(seen), lost, kernelRelease())
+	if count == 0 {
+		t.Fatal("no binding made")
 	}
 }

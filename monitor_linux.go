@@ -191,47 +191,20 @@ func (m *Monitor) Next(ctx context.Context) (Event, error) {
 	return e, nil
 }
 
-// longAgo is a read deadline that has passed: it wakes a read at once.
-var longAgo = time.Unix(1, 0)
-
 // receive reads one message and queues the events it makes.
 func (m *Monitor) receive(ctx context.Context) error {
-	if err := ctx.Err(); err != nil {
-		return err
-	}
-	deadline, _ := ctx.Deadline()
-	if err := m.f.SetReadDeadline(deadline); err != nil {
-		return newError("monitor", "uevent socket", err)
-	}
-	stop := context.AfterFunc(ctx, func() { m.f.SetReadDeadline(longAgo) })
-	defer stop()
-	rc, err := m.f.SyscallConn()
-	if err != nil {
-		return newError("monitor", "uevent socket", err)
-	}
-	var n, oobn int
-	var from unix.Sockaddr
-	var rerr error
-	err = rc.Read(func(fd uintptr) bool {
-		n, oobn, _, from, rerr = unix.Recvmsg(int(fd), m.buf, m.oob, 0)
-		return rerr != unix.EAGAIN
-	})
+	n, oobn, from, err := recvNetlink(ctx, m.f, m.buf, m.oob)
 	switch {
-	case errors.Is(err, os.ErrDeadlineExceeded):
-		// ctx's deadline, which the poller may see a moment before ctx
-		// does, or its cancellation.
-		<-ctx.Done()
-		return ctx.Err()
-	case errors.Is(err, fs.ErrClosed) || m.closed.Load():
+	case err == unix.ENOBUFS:
+		return m.lost()
+	case err == unix.EINTR:
+		return nil
+	case errors.Is(err, fs.ErrClosed) || err != nil && m.closed.Load():
 		return newError("monitor", "uevent socket", fs.ErrClosed)
+	case err == ctx.Err() && err != nil:
+		return err
 	case err != nil:
 		return newError("monitor", "uevent socket", err)
-	case rerr == unix.ENOBUFS:
-		return m.lost()
-	case rerr == unix.EINTR:
-		return nil
-	case rerr != nil:
-		return newError("monitor", "uevent socket", os.NewSyscallError("recvmsg", rerr))
 	}
 	if !fromKernel(from, m.oob[:oobn]) {
 		return nil
@@ -240,6 +213,45 @@ func (m *Monitor) receive(ctx context.Context) error {
 		m.translate(e)
 	}
 	return nil
+}
+
+// longAgo is a read deadline that has passed: it wakes a read at once.
+var longAgo = time.Unix(1, 0)
+
+// recvNetlink receives one message on the netlink socket f, waiting as
+// long as ctx allows: ctx's error when it ends first, and recvmsg's errno
+// (ENOBUFS: messages were dropped) as it is.
+func recvNetlink(ctx context.Context, f *os.File, buf, oob []byte) (n, oobn int, from unix.Sockaddr, err error) {
+	if err := ctx.Err(); err != nil {
+		return 0, 0, nil, err
+	}
+	deadline, _ := ctx.Deadline()
+	if err := f.SetReadDeadline(deadline); err != nil {
+		return 0, 0, nil, err
+	}
+	stop := context.AfterFunc(ctx, func() { f.SetReadDeadline(longAgo) })
+	defer stop()
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return 0, 0, nil, err
+	}
+	var rerr error
+	err = rc.Read(func(fd uintptr) bool {
+		n, oobn, _, from, rerr = unix.Recvmsg(int(fd), buf, oob, 0)
+		return rerr != unix.EAGAIN
+	})
+	switch {
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		// ctx's deadline, which the poller may see a moment before ctx
+		// does, or its cancellation.
+		<-ctx.Done()
+		return 0, 0, nil, ctx.Err()
+	case err != nil:
+		return 0, 0, nil, err
+	case rerr != nil:
+		return 0, 0, nil, rerr
+	}
+	return n, oobn, from, nil
 }
 
 // fromKernel tells whether a message came from the kernel: its sender's

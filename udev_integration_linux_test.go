@@ -1,0 +1,131 @@
+//go:build integration && !loopctl_stub
+
+package loopctl
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"testing"
+	"time"
+)
+
+// udevd makes sure systemd-udevd runs for the test: the one already
+// running, or one the test starts and stops by its pid; it skips the test
+// where Debian's udev is not installed.
+func udevd(t *testing.T) {
+	t.Helper()
+	requireKernel(t)
+	if _, err := os.Stat("/run/udev/control"); err == nil {
+		return
+	}
+	const bin = "/lib/systemd/systemd-udevd"
+	if _, err := os.Stat(bin); err != nil {
+		t.Skip("udev is not installed (apt-get install udev); CI runs the tests with it once")
+	}
+	cmd := exec.Command(bin)
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		cmd.Process.Kill()
+		cmd.Wait()
+		os.RemoveAll("/run/udev")
+	})
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		if _, err := os.Stat("/run/udev/control"); err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("systemd-udevd did not start")
+		}
+	}
+}
+
+// labelled returns an image holding an ext4 file system labelled label,
+// at offset into it.
+func labelled(t *testing.T, label string, offset int64) *os.File {
+	t.Helper()
+	if _, err := exec.LookPath("mkfs.ext4"); err != nil {
+		t.Skip("no mkfs.ext4")
+	}
+	fs := filepath.Join(t.TempDir(), "fs.img")
+	if err := os.WriteFile(fs, nil, 0o644); err != nil || os.Truncate(fs, 8<<20) != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command("mkfs.ext4", "-q", "-F", "-L", label, fs).CombinedOutput(); err != nil {
+		t.Fatalf("mkfs.ext4: %v\n%s", err, out)
+	}
+	f := tempFile(t, offset+8<<20)
+	src, err := os.Open(fs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer src.Close()
+	if _, err := io.Copy(io.NewOffsetWriter(f, offset), src); err != nil {
+		t.Fatal(err)
+	}
+	return f
+}
+
+// TestKernelWaitUdev: once WaitUdev returns, /dev/disk/by-label/LABEL
+// names the device, or its partition, a hundred times in a row.
+func TestKernelWaitUdev(t *testing.T) {
+	udevd(t)
+	label := fmt.Sprintf("LCTL%d", os.Getpid()%100000)
+	link := "/dev/disk/by-label/" + label
+	for _, withPart := range []bool{false, true} {
+		t.Run(fmt.Sprint("partition=", withPart), func(t *testing.T) {
+			offset := int64(0)
+			if withPart {
+				offset = 1 << 20
+			}
+			f := labelled(t, label, offset)
+			for i := range 100 {
+				d, err := AttachFile(context.Background(), f, Options{Flags: FlagPartScan})
+				if err != nil {
+					t.Fatal(err)
+				}
+				t.Cleanup(func() { detach(t, d) }) // on failure; Detach below otherwise
+				want := d.Path()
+				if withPart {
+					// This machine's kernel reads no partition table:
+					// the partition is added as a partitioning tool does.
+					if out, err := exec.Command("addpart", d.Path(), "1", "2048", "16384").CombinedOutput(); err != nil {
+						t.Fatalf("addpart: %v: %s", err, out)
+					}
+					want += "p1"
+				}
+				ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+				err = d.WaitUdev(ctx)
+				cancel()
+				if err != nil {
+					t.Fatal(err)
+				}
+				got, err := filepath.EvalSymlinks(link)
+				if err != nil || got != want {
+					t.Fatalf("round %d: %s is %q, %v once WaitUdev returned; want %s", i, link, got, err, want)
+				}
+				if err := d.Detach(context.Background()); err != nil {
+					t.Fatal(err)
+				}
+			}
+		})
+	}
+}
+
+// TestKernelWaitUdevNone: without udev, WaitUdev returns at once.
+func TestKernelWaitUdevNone(t *testing.T) {
+	requireKernel(t)
+	defer func(old string) { udevRoot = old }(udevRoot)
+	udevRoot = t.TempDir() // no control socket: no udev
+	d := attachT(t, tempFile(t, 1<<20).Name(), Options{})
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel() // it must not even wait
+	if err := d.WaitUdev(ctx); err != nil {
+		t.Fatalf("WaitUdev without udev = %v", err)
+	}
+}

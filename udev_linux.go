@@ -1,0 +1,192 @@
+//go:build !loopctl_stub
+
+package loopctl
+
+import (
+	"context"
+	"os"
+	"strconv"
+	"strings"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/loopctl/loopctl/internal/sysfs"
+)
+
+// udev, which every distribution runs, processes each device's uevent
+// after the kernel sends it: it probes the device (blkid), runs its rules,
+// creates /dev/disk/by-label/..., by-uuid/... and by-diskseq/... links
+// and partition nodes' permissions, writes its database entry
+// (/run/udev/data/bMAJ:MIN), and then sends the event on, with all it
+// learnt, to netlink group 2, where programs listen. A program that binds
+// an image and at once looks for /dev/disk/by-label/NAME looks too soon.
+
+// udevRoot is where udev keeps its state; tests point it elsewhere.
+var udevRoot = "/run/udev"
+
+// WaitUdev returns once udev has processed the device's current binding:
+// its event for the binding's disk sequence number has left udev, or
+// udev's database entry shows the binding's (the disk/by-diskseq/N link
+// udev's rules make), for the device and for each of its partitions. The
+// /dev/disk/by-* links and partition nodes are then in place. With no
+// udev running (no /run/udev/control, as in most containers) it returns
+// at once: nothing will make the links.
+//
+// Before Linux 5.15, which numbers no binding, it returns once udev has an
+// entry for the device and each partition and no event queued: what
+// `udevadm settle` waits for, but for the device alone.
+//
+// It listens to udev's messages (only those of root, uid 0, which udev
+// runs as) while ctx allows; when ctx ends first it returns ctx's error.
+func (d *Device) WaitUdev(ctx context.Context) error {
+	const op = "wait-udev"
+	if _, err := d.handle(op); err != nil {
+		return err
+	}
+	if _, err := os.Stat(udevRoot + "/control"); err != nil {
+		return nil
+	}
+	seq, err := d.DiskSeq()
+	if err != nil {
+		return err
+	}
+	f, err := openNetlinkGroup(udevGroup)
+	if err != nil {
+		return newError(op, d.path, err)
+	}
+	defer f.Close()
+	// What udev has done already, now that no message after it is missed.
+	waiting := udevTargets(d.number)
+	for dev, t := range waiting {
+		if udevDone(dev, t, seq) {
+			delete(waiting, dev)
+		}
+	}
+	buf, oob := make([]byte, 1<<16), make([]byte, unix.CmsgSpace(unix.SizeofUcred))
+	for len(waiting) > 0 {
+		n, oobn, _, err := recvNetlink(ctx, f, buf, oob)
+		switch {
+		case err == unix.ENOBUFS || err == unix.EINTR:
+			// Messages dropped: the database tells.
+			for dev, t := range waiting {
+				if udevDone(dev, t, seq) {
+					delete(waiting, dev)
+				}
+			}
+			continue
+		case err == ctx.Err() && err != nil:
+			return err
+		case err != nil:
+			return newError(op, d.path, err)
+		}
+		if !fromRoot(oob[:oobn]) {
+			continue
+		}
+		devpath, msgSeq, ok := parseUdevMessage(buf[:n])
+		if !ok {
+			continue
+		}
+		// The event of the binding; before 5.15, the device's latest.
+		for dev, t := range waiting {
+			if devpath == t.devpath && msgSeq == seq {
+				delete(waiting, dev)
+			}
+		}
+	}
+	return nil
+}
+
+// udevGroup is the netlink group udev sends its processed events to.
+const udevGroup = 2
+
+// openNetlinkGroup opens a uevent socket on multicast group g, with the
+// senders' credentials passed.
+func openNetlinkGroup(g uint32) (*os.File, error) {
+	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, unix.NETLINK_KOBJECT_UEVENT)
+	if err != nil {
+		return nil, os.NewSyscallError("socket", err)
+	}
+	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_PASSCRED, 1); err != nil {
+		unix.Close(fd)
+		return nil, os.NewSyscallError("setsockopt", err)
+	}
+	if err := unix.Bind(fd, &unix.SockaddrNetlink{Family: unix.AF_NETLINK, Groups: g}); err != nil {
+		unix.Close(fd)
+		return nil, os.NewSyscallError("bind", err)
+	}
+	return os.NewFile(uintptr(fd), "uevent"), nil
+}
+
+// fromRoot tells whether a message's credentials are root's.
+func fromRoot(oob []byte) bool {
+	msgs, err := unix.ParseSocketControlMessage(oob)
+	if err != nil {
+		return false
+	}
+	for i := range msgs {
+		if cred, err := unix.ParseUnixCredentials(&msgs[i]); err == nil {
+			return cred.Uid == 0
+		}
+	}
+	return false
+}
+
+// A udevTarget is a device WaitUdev waits for: device n, or its
+// partition part, at devpath in the kernel's device tree.
+type udevTarget struct {
+	devpath string
+	part    int
+}
+
+// udevTargets returns device n and its partitions, by device number
+// (MAJ:MIN).
+func udevTargets(n int) map[string]udevTarget {
+	name := "loop" + strconv.Itoa(n)
+	dir := sysfs.LoopDir(sysfsRoot, n)
+	devpath := loopDevpath + strconv.Itoa(n)
+	out := map[string]udevTarget{}
+	var buf [sysfs.BufSize]byte
+	if b, err := sysfs.ReadFile(dir+"/dev", buf[:]); err == nil {
+		out[sysfs.Value(b)] = udevTarget{devpath: devpath}
+	}
+	ents, _ := os.ReadDir(dir)
+	for _, e := range ents {
+		m, ok := strings.CutPrefix(e.Name(), name+"p")
+		if !ok {
+			continue
+		}
+		part, err := strconv.Atoi(m)
+		if err != nil {
+			continue
+		}
+		if b, err := sysfs.ReadFile(dir+"/"+e.Name()+"/dev", buf[:]); err == nil {
+			out[sysfs.Value(b)] = udevTarget{devpath: devpath + "/" + e.Name(), part: part}
+		}
+	}
+	return out
+}
+
+// udevDone tells whether udev's database entry of device dev (MAJ:MIN)
+// shows the binding seq processed: its disk/by-diskseq link, SEQ for the
+// disk and SEQ-partM for a partition. For seq 0 (before Linux 5.15), an
+// entry and no event queued.
+func udevDone(dev string, t udevTarget, seq uint64) bool {
+	b, err := os.ReadFile(udevRoot + "/data/b" + dev)
+	if err != nil {
+		return false
+	}
+	if seq == 0 {
+		_, err := os.Stat(udevRoot + "/queue")
+		return os.IsNotExist(err)
+	}
+	link := "S:disk/by-diskseq/" + strconv.FormatUint(seq, 10)
+	if t.part != 0 {
+		link += "-part" + strconv.Itoa(t.part)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if line == link {
+			return true
+		}
+	}
+	return false
+}
