@@ -18,7 +18,9 @@ import (
 // (/sys/block/loopN/loopNpM/start and size). The kernel reads the partition
 // table when the device is bound with FlagPartScan, and again on Rescan;
 // partitions added with BLKPG (addpart) are listed too. A device without
-// any has none, and no error.
+// any has none, and no error. The kernel makes the partitions' nodes on
+// devtmpfs as it finds them; udev, where it runs, names them after
+// (/dev/disk/by-label/...), for which WaitUdev waits.
 func (d *Device) Partitions() ([]Partition, error) {
 	const op = "partitions"
 	if _, err := d.handle(op); err != nil {
