@@ -408,11 +408,13 @@ func TestKernelAttachNoLeak(t *testing.T) {
 	}
 	detach(t, d)
 	before := openFDs(t)
+	used := map[int]bool{}
 	for range 20 {
 		d, err := Attach(context.Background(), f.Name(), Options{Flags: FlagAutoClear})
 		if err != nil {
 			t.Fatal(err)
 		}
+		used[d.Number()] = true
 		d.Close()
 		Attach(context.Background(), filepath.Join(dir, "missing"), Options{})
 		Attach(context.Background(), dir, Options{})
@@ -421,6 +423,9 @@ func TestKernelAttachNoLeak(t *testing.T) {
 	}
 	if after := openFDs(t); len(after) != len(before) {
 		t.Fatalf("descriptors before %v, after %v", before, after)
+	}
+	for n := range used {
+		kerneltest.WaitUnbound(t, n) // autoclear: at the last close, maybe udev's
 	}
 	if found, err := FindByBackingFile(f.Name()); err != nil || len(found) != 0 {
 		t.Fatalf("devices left bound: %+v, %v", found, err)

@@ -54,6 +54,7 @@ type uevent struct {
 	seq         uint64
 	resize      bool // RESIZE=1
 	mediaChange bool // DISK_MEDIA_CHANGE=1
+	synthetic   bool // SYNTH_UUID: written to the device's uevent file, by udev or udevadm trigger
 }
 
 // loopDevpath is where loop devices are in the kernel's device tree.
@@ -117,6 +118,8 @@ func parseUevent(b []byte) (uevent, bool) {
 			e.resize = string(v) == "1"
 		case "DISK_MEDIA_CHANGE":
 			e.mediaChange = string(v) == "1"
+		case "SYNTH_UUID":
+			e.synthetic = true
 		}
 	}
 	if string(subsystem) != "block" {

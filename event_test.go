@@ -30,6 +30,8 @@ func TestParseUevent(t *testing.T) {
 			uevent{action: "add", number: 8, partition: 1, diskSeq: 12, seq: 683}, true},
 		{ueventBytes("remove@/devices/virtual/block/loop1048575", "SUBSYSTEM=block", "DEVTYPE=disk"),
 			uevent{action: "remove", number: 1048575}, true},
+		{ueventBytes("change@/devices/virtual/block/loop2", "SUBSYSTEM=block", "DEVTYPE=disk", "DISKSEQ=31", "SYNTH_UUID=0"),
+			uevent{action: "change", number: 2, diskSeq: 31, synthetic: true}, true},
 		// Not a loop device, not a block device, not a known action, a
 		// malformed name.
 		{ueventBytes("change@/devices/virtual/block/zram0", "SUBSYSTEM=block", "DEVTYPE=disk"), uevent{}, false},

@@ -118,6 +118,11 @@ func TestKernelMonitor(t *testing.T) {
 	}
 	expect(t, m, n, "detach", Event{Kind: EventUnbound, Number: n, DiskSeq: seq})
 
+	// A synthetic "change", as udev writes one when a writer closes a
+	// device, reports nothing: the device's next event is its removal.
+	if err := os.WriteFile(filepath.Join("/sys/block", "loop"+strconv.Itoa(n), "uevent"), []byte("change"), 0); err != nil {
+		t.Fatal(err)
+	}
 	removed := sysfsDiskSeq(t, n)
 	if err := c.Remove(n); err != nil {
 		t.Fatal(err)
@@ -440,5 +445,69 @@ func TestKernelMonitorChurn(t *testing.T) {
 		count, len(seen), lost, kernelRelease())
 	if count == 0 {
 		t.Fatal("no binding made")
+	}
+}
+
+// TestKernelMonitorLost: with a receive buffer too small for the burst
+// (as a process without the right to enlarge it may get), the kernel
+// drops events, and Next says so with an EventLost; what it reports
+// after follows from the devices' state then.
+func TestKernelMonitorLost(t *testing.T) {
+	m := openMonitor(t)
+	rc, err := m.f.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var serr error
+	if err := rc.Control(func(fd uintptr) { serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, 4096) }); err != nil || serr != nil {
+		t.Fatal(err, serr)
+	}
+	f := tempFile(t, 1<<20)
+	numbers := map[int]bool{}
+	for range 300 {
+		d, err := AttachFile(context.Background(), f, Options{Flags: FlagAutoClear})
+		if err != nil {
+			t.Fatal(err)
+		}
+		numbers[d.Number()] = true
+		d.Close()
+	}
+	for n := range numbers {
+		kerneltest.WaitUnbound(t, n)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	lost := 0
+	state := map[int]bool{}
+	for {
+		e, err := m.Next(ctx)
+		if err != nil {
+			if ctx.Err() != nil {
+				break
+			}
+			t.Fatal(err)
+		}
+		switch e.Kind {
+		case EventLost:
+			lost++
+			if e.Number != -1 {
+				t.Fatalf("EventLost of device %d", e.Number)
+			}
+			clear(state)
+		case EventBound, EventUnbound:
+			bound := e.Kind == EventBound
+			if was, ok := state[e.Number]; ok && was == bound {
+				t.Fatalf("loop%d reported %s twice in a row after a loss", e.Number, e.Kind)
+			}
+			state[e.Number] = bound
+		}
+	}
+	if lost == 0 {
+		t.Fatal("300 binds into a 4 KiB buffer, and no EventLost")
+	}
+	for n := range numbers {
+		if state[n] {
+			t.Fatalf("loop%d last reported bound; it is not", n)
+		}
 	}
 }

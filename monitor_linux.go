@@ -209,7 +209,11 @@ func (m *Monitor) receive(ctx context.Context) error {
 	if !fromKernel(from, m.oob[:oobn]) {
 		return nil
 	}
-	if e, ok := parseUevent(m.buf[:n]); ok {
+	// A synthetic event (udev writes "change" to a device's uevent file
+	// when a writer closes it; udevadm trigger does too) reports no
+	// change, and its disk sequence number is the device's, not a
+	// binding's: the kernel sent an event of its own for every change.
+	if e, ok := parseUevent(m.buf[:n]); ok && !e.synthetic {
 		m.translate(e)
 	}
 	return nil
