@@ -69,7 +69,7 @@ func OpenMonitor() (*Monitor, error) {
 	m := &Monitor{buf: make([]byte, 1<<16), oob: make([]byte, unix.CmsgSpace(unix.SizeofUcred))}
 	m.every.Store(int64(defaultPollInterval))
 	if kernelEventsArrive() {
-		f, err := openUeventSocket()
+		f, err := openNetlinkGroup(1, monitorRcvBuf)
 		if err != nil {
 			return nil, newError("monitor", "uevent socket", err)
 		}
@@ -105,23 +105,23 @@ func kernelEventsArrive() bool {
 	return err != nil || st.Ino == initialUserNS
 }
 
-// openUeventSocket opens a socket for the kernel's uevents (multicast
-// group 1), with the senders' credentials passed, non-blocking for the
-// runtime's poller.
-func openUeventSocket() (*os.File, error) {
+// openNetlinkGroup opens a uevent socket on multicast group g (1: the
+// kernel's events; 2: udev's), with the senders' credentials passed,
+// non-blocking for the runtime's poller, and a receive buffer of rcvBuf
+// bytes where that is not 0 (forced as root, else as large as allowed).
+func openNetlinkGroup(g uint32, rcvBuf int) (*os.File, error) {
 	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, unix.NETLINK_KOBJECT_UEVENT)
 	if err != nil {
 		return nil, os.NewSyscallError("socket", err)
 	}
-	if unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, monitorRcvBuf) != nil {
-		// Not root: what the system allows.
-		unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUF, monitorRcvBuf)
+	if rcvBuf != 0 && unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, rcvBuf) != nil {
+		unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUF, rcvBuf)
 	}
 	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_PASSCRED, 1); err != nil {
 		unix.Close(fd)
 		return nil, os.NewSyscallError("setsockopt", err)
 	}
-	if err := unix.Bind(fd, &unix.SockaddrNetlink{Family: unix.AF_NETLINK, Groups: 1}); err != nil {
+	if err := unix.Bind(fd, &unix.SockaddrNetlink{Family: unix.AF_NETLINK, Groups: g}); err != nil {
 		unix.Close(fd)
 		return nil, os.NewSyscallError("bind", err)
 	}
@@ -263,9 +263,11 @@ func recvNetlink(ctx context.Context, f *os.File, buf, oob []byte) (n, oobn int,
 // sender, are uid 0's.
 func fromKernel(from unix.Sockaddr, oob []byte) bool {
 	sa, ok := from.(*unix.SockaddrNetlink)
-	if !ok || sa.Pid != 0 {
-		return false
-	}
+	return ok && sa.Pid == 0 && fromRoot(oob)
+}
+
+// fromRoot tells whether a message's credentials are root's.
+func fromRoot(oob []byte) bool {
 	msgs, err := unix.ParseSocketControlMessage(oob)
 	if err != nil {
 		return false

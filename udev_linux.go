@@ -37,7 +37,8 @@ var udevRoot = "/run/udev"
 // `udevadm settle` waits for, but for the device alone.
 //
 // It listens to udev's messages (only those of root, uid 0, which udev
-// runs as) while ctx allows; when ctx ends first it returns ctx's error.
+// runs as) while ctx allows; when ctx ends first it fails with an error
+// matching ctx's that names what udev has not processed.
 func (d *Device) WaitUdev(ctx context.Context) error {
 	const op = "wait-udev"
 	if _, err := d.handle(op); err != nil {
@@ -50,16 +51,23 @@ func (d *Device) WaitUdev(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	f, err := openNetlinkGroup(udevGroup)
+	f, err := openNetlinkGroup(udevGroup, 0)
 	if err != nil {
 		return newError(op, d.path, err)
 	}
 	defer f.Close()
 	// What udev has done already, now that no message after it is missed.
+	// An entry without the binding's link may be an older binding's, or
+	// this one's made by rules that give it none (a partition outside any
+	// partition table has no by-diskseq link): udev is asked to process
+	// the device again, as `udevadm trigger` does, and its message tells.
 	waiting := udevTargets(d.number)
 	for dev, t := range waiting {
-		if udevDone(dev, t, seq) {
+		switch {
+		case udevDone(dev, t, seq):
 			delete(waiting, dev)
+		case seq != 0 && udevHasEntry(dev):
+			udevTrigger(t.devpath)
 		}
 	}
 	buf, oob := make([]byte, 1<<16), make([]byte, unix.CmsgSpace(unix.SizeofUcred))
@@ -75,7 +83,12 @@ func (d *Device) WaitUdev(ctx context.Context) error {
 			}
 			continue
 		case err == ctx.Err() && err != nil:
-			return err
+			var left []string
+			for dev, t := range waiting {
+				left = append(left, t.devpath+" ("+dev+")")
+			}
+			return newError(op, d.path, inStep("udev has not processed "+strings.Join(left, ", ")+
+				" for disk sequence number "+strconv.FormatUint(seq, 10), err))
 		case err != nil:
 			return newError(op, d.path, err)
 		}
@@ -98,38 +111,6 @@ func (d *Device) WaitUdev(ctx context.Context) error {
 
 // udevGroup is the netlink group udev sends its processed events to.
 const udevGroup = 2
-
-// openNetlinkGroup opens a uevent socket on multicast group g, with the
-// senders' credentials passed.
-func openNetlinkGroup(g uint32) (*os.File, error) {
-	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, unix.NETLINK_KOBJECT_UEVENT)
-	if err != nil {
-		return nil, os.NewSyscallError("socket", err)
-	}
-	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_PASSCRED, 1); err != nil {
-		unix.Close(fd)
-		return nil, os.NewSyscallError("setsockopt", err)
-	}
-	if err := unix.Bind(fd, &unix.SockaddrNetlink{Family: unix.AF_NETLINK, Groups: g}); err != nil {
-		unix.Close(fd)
-		return nil, os.NewSyscallError("bind", err)
-	}
-	return os.NewFile(uintptr(fd), "uevent"), nil
-}
-
-// fromRoot tells whether a message's credentials are root's.
-func fromRoot(oob []byte) bool {
-	msgs, err := unix.ParseSocketControlMessage(oob)
-	if err != nil {
-		return false
-	}
-	for i := range msgs {
-		if cred, err := unix.ParseUnixCredentials(&msgs[i]); err == nil {
-			return cred.Uid == 0
-		}
-	}
-	return false
-}
 
 // A udevTarget is a device WaitUdev waits for: device n, or its
 // partition part, at devpath in the kernel's device tree.
@@ -164,6 +145,19 @@ func udevTargets(n int) map[string]udevTarget {
 		}
 	}
 	return out
+}
+
+// udevHasEntry tells whether udev's database has an entry of device dev.
+func udevHasEntry(dev string) bool {
+	_, err := os.Stat(udevRoot + "/data/b" + dev)
+	return err == nil
+}
+
+// udevTrigger has udev process the device at devpath again: a "change"
+// written to its uevent file makes the kernel send a synthetic event.
+// Where that fails (not root), messages alone tell.
+func udevTrigger(devpath string) {
+	os.WriteFile(sysfsRoot+devpath+"/uevent", []byte("change"), 0)
 }
 
 // udevDone tells whether udev's database entry of device dev (MAJ:MIN)
