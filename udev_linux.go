@@ -28,9 +28,12 @@ var udevRoot = "/run/udev"
 // its event for the binding's disk sequence number has left udev, or
 // udev's database entry shows the binding's (the disk/by-diskseq/N link
 // udev's rules make), for the device and for each of its partitions. The
-// /dev/disk/by-* links and partition nodes are then in place. With no
-// udev running (no /run/udev/control, as in most containers) it returns
-// at once: nothing will make the links.
+// /dev/disk/by-* links and partition nodes are then in place. Where an
+// entry cannot tell (no such link: a partition outside any partition
+// table has none), WaitUdev has udev process the device again, as
+// `udevadm trigger` does, and waits for that. With no udev running (no
+// /run/udev/control, as in most containers) it returns at once: nothing
+// will make the links.
 //
 // Before Linux 5.15, which numbers no binding, it returns once udev has an
 // entry for the device and each partition and no event queued: what
