@@ -53,6 +53,93 @@ func nextOf(t *testing.T, m *Monitor, n int) Event {
 	}
 }
 
+// readUntil hands m's events to f until f says it has what it waits for,
+// and reports false after a minute without.
+func readUntil(t *testing.T, m *Monitor, f func(Event) bool) bool {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	for {
+		e, err := m.Next(ctx)
+		if errors.Is(err, context.DeadlineExceeded) {
+			return false
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		if f(e) {
+			return true
+		}
+	}
+}
+
+// readPastSentinel hands f m's events up to that of a device it adds
+// (and removes after): the kernel sends its events in order, so every
+// event of a change made before is among them.
+func readPastSentinel(t *testing.T, m *Monitor, f func(Event)) {
+	t.Helper()
+	c := openControl(t)
+	n, err := c.Add(AnyNumber)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Remove(n)
+	added := readUntil(t, m, func(e Event) bool {
+		if e.Number == n && e.Kind == EventAdded {
+			return true
+		}
+		f(e)
+		return false
+	})
+	if !added {
+		t.Fatalf("no EventAdded of the sentinel loop%d in a minute", n)
+	}
+}
+
+// drainQueued hands f the events m holds and those the kernel has queued
+// for it, waiting for no more: all that it will read, once nothing
+// changes. The socket reads ready with a message queued, or an overflow
+// (ENOBUFS) to report, which a poll leaves for the read.
+func drainQueued(t *testing.T, m *Monitor, f func(Event)) {
+	t.Helper()
+	rc, err := m.f.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for {
+		m.mu.Lock()
+		queued := len(m.pending)
+		if queued == 0 {
+			ready := false
+			if err := rc.Control(func(fd uintptr) {
+				pfd := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
+				n, perr := unix.Poll(pfd, 0)
+				ready = perr == nil && n > 0
+			}); err != nil {
+				m.mu.Unlock()
+				t.Fatal(err)
+			}
+			if !ready {
+				m.mu.Unlock()
+				return
+			}
+			if err := m.receive(context.Background()); err != nil {
+				m.mu.Unlock()
+				t.Fatal(err)
+			}
+			queued = len(m.pending)
+		}
+		m.mu.Unlock()
+		for range queued {
+			e, err := m.Next(context.Background())
+			if err != nil {
+				t.Fatal(err)
+			}
+			f(e)
+		}
+	}
+}
+
 // expect checks that m's next events of device n are want, in order.
 func expect(t *testing.T, m *Monitor, n int, what string, want ...Event) {
 	t.Helper()
@@ -227,16 +314,7 @@ func TestKernelMonitorBurst(t *testing.T) {
 		kerneltest.WaitUnbound(t, n)
 	}
 	bound, unbound := 0, 0
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-	defer cancel()
-	for {
-		e, err := m.Next(ctx)
-		if errors.Is(err, context.DeadlineExceeded) {
-			break
-		}
-		if err != nil {
-			t.Fatal(err)
-		}
+	count := func(e Event) {
 		switch {
 		case e.Kind == EventLost:
 			t.Fatalf("events lost after %d binds and %d unbinds read", bound, unbound)
@@ -247,6 +325,15 @@ func TestKernelMonitorBurst(t *testing.T) {
 			unbound++
 		}
 	}
+	if kernelAtLeast(t, 5, 15) {
+		// Every binding is reported: read until they are, or a minute
+		// has passed; then on, for any reported twice.
+		readUntil(t, m, func(e Event) bool {
+			count(e)
+			return bound >= binds && unbound >= binds
+		})
+	}
+	readPastSentinel(t, m, count)
 	// Before 5.15 a binding gone before its event was read is not seen.
 	if kernelAtLeast(t, 5, 15) && (bound != binds || unbound != binds) {
 		t.Fatalf("%d binds and unbinds made, %d and %d reported", binds, bound, unbound)
@@ -402,29 +489,15 @@ func TestKernelMonitorChurn(t *testing.T) {
 	seen := map[binding]*report{}
 	state := map[int]bool{} // by device: bound, as reported
 	lost := false
-	// Read until a second after the churn ended.
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	go func() {
-		wg.Wait()
-		time.AfterFunc(time.Second, cancel)
-	}()
-	for {
-		e, err := m.Next(ctx)
-		if err != nil {
-			if ctx.Err() != nil {
-				break
-			}
-			t.Fatal(err)
-		}
+	handle := func(e Event) {
 		switch e.Kind {
 		case EventLost:
 			lost = true
 			clear(state)
-			continue
+			return
 		case EventBound, EventUnbound:
 		default:
-			continue
+			return
 		}
 		bound := e.Kind == EventBound
 		if was, ok := state[e.Number]; ok && was == bound {
@@ -442,12 +515,51 @@ func TestKernelMonitorChurn(t *testing.T) {
 			r.unbound++
 		}
 	}
+	// Read while the churn runs; then until every binding the goroutines
+	// made is reported gone (where the kernel numbers bindings), and past
+	// a sentinel, for any reported twice.
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go func() {
+		wg.Wait()
+		cancel()
+	}()
+	for {
+		e, err := m.Next(ctx)
+		if err != nil {
+			if ctx.Err() != nil {
+				break
+			}
+			t.Fatal(err)
+		}
+		handle(e)
+	}
 	close(made)
-	count := 0
+	var all []binding
 	for b := range made {
-		count++
-		if !kernelAtLeast(t, 5, 15) || lost {
-			continue
+		all = append(all, b)
+	}
+	numbered := kernelAtLeast(t, 5, 15)
+	if numbered && !lost {
+		left := map[binding]bool{}
+		for _, b := range all {
+			if r := seen[b]; r == nil || r.unbound == 0 {
+				left[b] = true
+			}
+		}
+		readUntil(t, m, func(e Event) bool {
+			handle(e)
+			if e.Kind == EventUnbound {
+				delete(left, binding{e.Number, e.DiskSeq})
+			}
+			return len(left) == 0 || lost
+		})
+	}
+	readPastSentinel(t, m, handle)
+	count := len(all)
+	for _, b := range all {
+		if !numbered || lost {
+			break
 		}
 		if r := seen[b]; r == nil || r.bound != 1 || r.unbound != 1 {
 			t.Errorf("loop%d's binding %d: reported %+v, want bound and unbound once", b.n, b.seq, r)
@@ -487,18 +599,9 @@ func TestKernelMonitorLost(t *testing.T) {
 	for n := range numbers {
 		kerneltest.WaitUnbound(t, n)
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-	defer cancel()
 	lost := 0
 	state := map[int]bool{}
-	for {
-		e, err := m.Next(ctx)
-		if err != nil {
-			if ctx.Err() != nil {
-				break
-			}
-			t.Fatal(err)
-		}
+	handle := func(e Event) {
 		switch e.Kind {
 		case EventLost:
 			lost++
@@ -514,6 +617,10 @@ func TestKernelMonitorLost(t *testing.T) {
 			state[e.Number] = bound
 		}
 	}
+	// All that is queued, the overflow with it; then, with room in the
+	// buffer again, up to a sentinel's event.
+	drainQueued(t, m, handle)
+	readPastSentinel(t, m, handle)
 	if lost == 0 {
 		t.Fatal("300 binds into a 4 KiB buffer, and no EventLost")
 	}
