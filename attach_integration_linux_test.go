@@ -4,6 +4,7 @@ package loopctl
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -849,4 +850,80 @@ func waitLockRequest(t *testing.T, path string) {
 		}
 	}
 	t.Fatalf("no flock request on %s (%s) waiting in /proc/locks", path, id)
+}
+
+// TestKernelPreferDirectIO: PreferDirectIO binds with direct I/O where
+// the backing file system takes O_DIRECT and the offset is aligned, and
+// buffered elsewhere (tmpfs before Linux 6.6, an offset of 256 bytes),
+// without an error, through LOOP_CONFIGURE and through the calls before
+// it; Status and sysfs say which it got. With FlagDirectIO, which demands
+// it, a file system without O_DIRECT is still an error.
+func TestKernelPreferDirectIO(t *testing.T) {
+	requireKernel(t)
+	dirs := map[string]string{"/tmp": t.TempDir(), "tmpfs": mountT(t, "tmpfs", 0)}
+	for _, legacy := range []bool{false, true} {
+		for fsName, dir := range dirs {
+			for _, offset := range []uint64{0, 256} {
+				name := fmt.Sprintf("%s,offset=%d,legacy=%v", fsName, offset, legacy)
+				t.Run(name, func(t *testing.T) {
+					if legacy {
+						useForced(t, map[uint]error{reqConfigure: unix.ENOTTY})
+					}
+					f, err := os.CreateTemp(dir, "prefer-*.img")
+					if err != nil {
+						t.Fatal(err)
+					}
+					t.Cleanup(func() { f.Close(); os.Remove(f.Name()) })
+					if err := f.Truncate(2 << 20); err != nil {
+						t.Fatal(err)
+					}
+					o := Options{Offset: offset, BlockSize: 4096, PreferDirectIO: true}
+					d := attachT(t, f.Name(), o)
+					s, err := d.Status()
+					if err != nil {
+						t.Fatal(err)
+					}
+					got := s.Flags&FlagDirectIO != 0
+					want := offset == 0 && directIOOK(t, dir)
+					if got != want {
+						t.Fatalf("kernel %s, %s: direct I/O %v, want %v (Status %+v)", kernelRelease(), name, got, want, s)
+					}
+					if dio := readAttr(t, d.Number(), "loop/dio"); dio != map[bool]string{false: "0", true: "1"}[got] {
+						t.Fatalf("sysfs loop/dio %s, Status says %v", dio, got)
+					}
+					// The device works either way: a block written through
+					// it is in the file.
+					block := bytes.Repeat([]byte{0xa5}, 4096)
+					if err := writeDevice(d, block, 4096); err != nil {
+						t.Fatal(err)
+					}
+					back := make([]byte, 4096)
+					if _, err := f.ReadAt(back, int64(offset)+4096); err != nil || !bytes.Equal(back, block) {
+						t.Fatalf("the block written through the device is not in the file: %v", err)
+					}
+					t.Logf("kernel %s, %s: direct I/O %v", kernelRelease(), name, got)
+
+					if !want && offset == 0 {
+						o.Flags |= FlagDirectIO
+						_, err := Attach(context.Background(), f.Name(), o)
+						wantNoDirectIO(t, err, f.Name())
+					}
+				})
+			}
+		}
+	}
+}
+
+// writeDevice writes b at off through d's node, and syncs it, which
+// writes it through to the backing file.
+func writeDevice(d *Device, b []byte, off int64) error {
+	w, err := os.OpenFile(d.Path(), os.O_WRONLY, 0)
+	if err != nil {
+		return err
+	}
+	defer w.Close()
+	if _, err := w.WriteAt(b, off); err != nil {
+		return err
+	}
+	return w.Sync()
 }

@@ -85,6 +85,16 @@ type Options struct {
 	// checked before any ioctl. Empty: the path's first 63 bytes go
 	// there, as losetup writes them.
 	Ref string
+
+	// PreferDirectIO binds with direct I/O to the backing file where the
+	// kernel can (the file system takes O_DIRECT, and Offset and the
+	// block size are aligned to its blocks), and buffered elsewhere, in
+	// one bind and with no error; Status.Flags has FlagDirectIO when the
+	// device got it. Direct I/O keeps the backing file's pages out of the
+	// page cache, which a buffered device fills beside its own: the same
+	// data cached twice (BENCHMARKS.md measures both). FlagDirectIO, which
+	// demands direct I/O, overrides it.
+	PreferDirectIO bool
 }
 
 // maxRef is the longest Ref: lo_file_name holds 64 bytes, NUL included.

@@ -227,6 +227,10 @@ type bindArgs struct {
 func (b *bindArgs) bind(h handle, fd uintptr, name string, o Options) error {
 	if !noConfigure.Load() {
 		b.cfg = unix.LoopConfig{Fd: uint32(fd), Size: o.BlockSize, Info: loopInfo(name, o)}
+		if o.PreferDirectIO {
+			// Where direct I/O is impossible the kernel binds buffered.
+			b.cfg.Info.Flags |= unix.LO_FLAGS_DIRECT_IO
+		}
 		err := ioctlPtr(h, reqConfigure, unsafe.Pointer(&b.cfg))
 		if !lacksConfigure(h, err) {
 			return explainBlockSize(err, o.BlockSize)
@@ -320,9 +324,15 @@ func legacySettings(h handle, name string, o Options) error {
 			return inStep("LOOP_SET_BLOCK_SIZE", explainBlockSize(err, o.BlockSize))
 		}
 	}
-	if o.Flags&FlagDirectIO != 0 {
+	switch {
+	case o.Flags&FlagDirectIO != 0:
 		if _, err := ioctl(h, reqSetDirectIO, 1); err != nil {
 			return inStep("LOOP_SET_DIRECT_IO", explainDirectIO(err))
+		}
+	case o.PreferDirectIO:
+		// EINVAL: the kernel cannot, and the device stays buffered.
+		if _, err := ioctl(h, reqSetDirectIO, 1); err != nil && err != unix.EINVAL {
+			return inStep("LOOP_SET_DIRECT_IO", err)
 		}
 	}
 	return nil
