@@ -164,7 +164,12 @@ var noConfigure atomic.Bool
 // (decided by its answer, then remembered) Configure falls back to
 // LOOP_SET_FD, LOOP_SET_STATUS64, LOOP_SET_BLOCK_SIZE and
 // LOOP_SET_DIRECT_IO; if a step after LOOP_SET_FD fails it clears the
-// binding it made. A bound device is an error matching ErrBusy.
+// binding it made (which, as after ClearFD, the kernel lets go at the
+// device's last close since Linux 6.11: udev may be probing it). A bound
+// device is an error matching ErrBusy.
+//
+// With PreferDirectIO and not FlagDirectIO, the device gets direct I/O
+// where the kernel can give it, and is bound buffered elsewhere.
 func (d *Device) Configure(f *os.File, o Options) error {
 	const op = "configure"
 	h, err := d.handle(op)

@@ -11,6 +11,8 @@ import (
 	"path/filepath"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // udevd makes sure systemd-udevd runs for the test: the one already
@@ -97,7 +99,16 @@ func TestKernelWaitUdev(t *testing.T) {
 				}
 				t.Cleanup(func() { detach(t, d) }) // on failure; Detach below otherwise
 				want := d.Path()
+				release := func() {}
 				if withPart {
+					// udev re-reads a disk's partition table
+					// (BLKRRPART) when a writer closes it, the
+					// previous round's maybe, and would drop a
+					// partition added by hand; a shared lock, which
+					// udev's probes share, tells it to leave the
+					// table alone, as systemd's locking protocol has
+					// it.
+					release = lockShared(t, d.Path())
 					// This machine's kernel reads no partition table:
 					// the partition is added as a partitioning tool does.
 					if out, err := exec.Command("addpart", d.Path(), "1", "2048", "16384").CombinedOutput(); err != nil {
@@ -113,8 +124,10 @@ func TestKernelWaitUdev(t *testing.T) {
 				}
 				got, err := filepath.EvalSymlinks(link)
 				if err != nil || got != want {
-					t.Fatalf("round %d: %s is %q, %v once WaitUdev returned; want %s", i, link, got, err, want)
+					_, perr := os.Stat(want)
+					t.Fatalf("round %d: %s is %q, %v once WaitUdev returned; want %s (%v)", i, link, got, err, want, perr)
 				}
+				release()
 				if i == 0 {
 					// Again, udev's messages long gone: its database tells,
 					// or, for the partition, whose entry has no by-diskseq
@@ -146,4 +159,19 @@ func TestKernelWaitUdevNone(t *testing.T) {
 	if err := d.WaitUdev(ctx); err != nil {
 		t.Fatalf("WaitUdev without udev = %v", err)
 	}
+}
+
+// lockShared takes a shared lock (flock) of the device at path, on a
+// read-only descriptor of its own, and returns what releases it.
+func lockShared(t *testing.T, path string) func() {
+	t.Helper()
+	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Flock(fd, unix.LOCK_SH); err != nil {
+		unix.Close(fd)
+		t.Fatal(err)
+	}
+	return func() { unix.Close(fd) }
 }

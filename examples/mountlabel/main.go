@@ -23,6 +23,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"sync"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -75,9 +76,18 @@ func run() error {
 	if err != nil {
 		return err
 	}
+	unlock := func() {}
+	defer func() { unlock() }()
 	if len(parts) == 0 {
 		// A kernel built without the MBR parser (CONFIG_MSDOS_PARTITION)
-		// reads no table: the partition is added as partx would.
+		// reads no table: the partition is added as partx would. udev
+		// re-reads a disk's table (BLKRRPART), which would drop it, when
+		// a writer closes the disk, unless someone holds a lock on the
+		// disk: a shared one, as here, which udev's probes share, until
+		// the file system is mounted (a mounted partition stays).
+		if unlock, err = lockShared(d.Path()); err != nil {
+			return err
+		}
 		fmt.Println("the kernel read no partition table: adding partition 1 with BLKPG (addpart)")
 		size := strconv.Itoa((imageSize - partStart) / sectorSize)
 		if out, err := exec.Command("addpart", d.Path(), "1", strconv.Itoa(partStart/sectorSize), size).CombinedOutput(); err != nil {
@@ -103,6 +113,7 @@ func run() error {
 	if err := unix.Mount(link, mnt, "ext4", 0, ""); err != nil {
 		return &os.PathError{Op: "mount", Path: link, Err: err}
 	}
+	unlock() // mounted, the partition stays; Detach would wait for the lock's descriptor
 	if err := os.WriteFile(filepath.Join(mnt, "hello"), []byte("written through "+node+"\n"), 0o644); err != nil {
 		unix.Unmount(mnt, 0)
 		return err
@@ -149,4 +160,19 @@ func makeImage(path, label string) error {
 		return err
 	}
 	return f.Close()
+}
+
+// lockShared takes a shared lock (flock) of the device at path, on a
+// read-only descriptor of its own, and returns what releases it.
+func lockShared(path string) (func(), error) {
+	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, &os.PathError{Op: "open", Path: path, Err: err}
+	}
+	if err := unix.Flock(fd, unix.LOCK_SH); err != nil {
+		unix.Close(fd)
+		return nil, &os.PathError{Op: "flock", Path: path, Err: err}
+	}
+	var once sync.Once
+	return func() { once.Do(func() { unix.Close(fd) }) }, nil
 }

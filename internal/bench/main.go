@@ -64,6 +64,7 @@ func main() {
 	}
 	if *quick {
 		*rounds, *budget, *counts = 1, 20*time.Millisecond, "8,64"
+		*dataSize, *dataRounds = 16<<20, 1
 	}
 	h, err := newHarness()
 	if err != nil {
@@ -118,6 +119,7 @@ type harness struct {
 	tables   []*table
 	sweep    []sweepPoint
 	conc     []concRow
+	data     []*dataRow
 	devCount int // loop devices on the machine when the run began
 }
 
@@ -199,6 +201,9 @@ func (h *harness) run() error {
 		return err
 	}
 	h.unbind(0)
+	if err := h.dataPath(); err != nil {
+		return err
+	}
 	h.removeNew()
 	h.before = nil
 	h.print(os.Stdout)
@@ -206,6 +211,9 @@ func (h *harness) run() error {
 		return nil
 	}
 	if err := h.plots(); err != nil {
+		return err
+	}
+	if err := h.dataPlots(); err != nil {
 		return err
 	}
 	return h.writeReport()
@@ -304,6 +312,9 @@ type row struct {
 	cOp   string     // an operation of floor.c
 	procs [][]string // commands run in turn for one operation; "{prev}" is the previous one's output
 	file  bool       // pass the backing file
+	// cold runs goOp once in each of several new processes instead: the
+	// first call a short-lived program makes.
+	cold bool
 
 	times    []float64 // ns per operation, one a round
 	allocs   float64   // per operation; -1 when not counted
@@ -354,6 +365,8 @@ func (h *harness) time(r *row) (float64, error) {
 		return 0, fmt.Errorf("no operation %q", r.goOp)
 	}
 	switch {
+	case r.cold:
+		return h.firstCall(r.goOp)
 	case r.goOp != "":
 		run, done, err := ops[r.goOp].setup(h.file)
 		if err != nil {
@@ -371,6 +384,33 @@ func (h *harness) time(r *row) (float64, error) {
 	default:
 		return timeLoop(func() error { _, err := h.runProcs(r.procs, nil); return err })
 	}
+}
+
+// coldProcs is how many new processes one measurement of a cold row
+// starts; it gives their median.
+const coldProcs = 7
+
+// firstCall times op's first call in new processes (this program in child
+// mode, with -n 1): the median of coldProcs.
+func (h *harness) firstCall(op string) (float64, error) {
+	self, err := os.Executable()
+	if err != nil {
+		return 0, err
+	}
+	var ns []float64
+	for range coldProcs {
+		out, err := exec.Command(self, "-op", op, "-n", "1", "-file", h.file).Output()
+		if err != nil {
+			return 0, fmt.Errorf("%s -op %s -n 1: %w", self, op, err)
+		}
+		v, err := strconv.ParseFloat(strings.TrimSpace(string(out)), 64)
+		if err != nil {
+			return 0, err
+		}
+		ns = append(ns, v)
+	}
+	sort.Float64s(ns)
+	return ns[len(ns)/2], nil
 }
 
 // timeLoop runs fn for about the budget and returns its ns per call.
@@ -425,7 +465,7 @@ func (h *harness) runProcs(procs [][]string, wrap func(i int) []string) (string,
 
 // allocs counts an in-process row's heap allocations per operation.
 func (h *harness) allocs(r *row) (float64, error) {
-	if r.goOp == "" {
+	if r.goOp == "" || r.cold {
 		return -1, nil
 	}
 	run, done, err := ops[r.goOp].setup(h.file)
@@ -465,6 +505,8 @@ var runtimeCalls = map[string]bool{
 func (h *harness) syscalls(r *row) (float64, error) {
 	const n = 200
 	switch {
+	case r.cold:
+		return -1, nil // as the warm row's
 	case r.goOp != "" || r.cOp != "":
 		var calls [2]float64
 		for i, k := range []int{n, 0} {

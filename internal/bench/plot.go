@@ -1,10 +1,12 @@
 package main
 
 import (
+	"fmt"
 	"image/color"
 	"math"
 	"path/filepath"
 	"strconv"
+	"strings"
 
 	"gonum.org/v1/plot"
 	"gonum.org/v1/plot/plotter"
@@ -87,3 +89,65 @@ var plotColors = []color.Color{
 }
 
 var plotShapes = []draw.GlyphDrawer{draw.CircleGlyph{}, draw.TriangleGlyph{}, draw.SquareGlyph{}}
+
+// The data-path plots: throughput by mode, and the page cache each leaves.
+const (
+	dataPlot      = "datapath-throughput.svg"
+	dataCachePlot = "datapath-cache.svg"
+)
+
+// dataPlots draws the data-path table: bars by file system and mode.
+func (h *harness) dataPlots() error {
+	var rows []*dataRow
+	for _, r := range h.data {
+		if r.skipped == "" {
+			rows = append(rows, r)
+		}
+	}
+	if len(rows) == 0 {
+		return nil
+	}
+	labels := make([]string, len(rows))
+	for i, r := range rows {
+		labels[i] = r.fs + "\n" + strings.NewReplacer("backing file, read directly", "file itself", "loop device, ", "", ", 4096-byte blocks", ",\n4096 blocks").Replace(r.mode)
+	}
+	type series struct {
+		name string
+		v    func(*dataRow) float64
+	}
+	bars := func(title, ylabel, file string, ss []series) error {
+		p := plot.New()
+		p.Title.Text = title
+		p.Y.Label.Text = ylabel
+		w := vg.Points(14)
+		for i, s := range ss {
+			vals := make(plotter.Values, len(rows))
+			for j, r := range rows {
+				vals[j] = s.v(r)
+			}
+			b, err := plotter.NewBarChart(vals, w)
+			if err != nil {
+				return err
+			}
+			b.Color = plotColors[i%len(plotColors)]
+			b.LineStyle.Width = 0
+			b.Offset = w * vg.Length(float64(i)-float64(len(ss)-1)/2)
+			p.Add(b)
+			p.Legend.Add(s.name, b)
+		}
+		p.Legend.Top = true
+		p.NominalX(labels...)
+		p.Add(plotter.NewGrid())
+		return p.Save(9*vg.Inch, 4.5*vg.Inch, filepath.Join(*svgDir, file))
+	}
+	if err := bars(fmt.Sprintf("Moving %d MiB through a loop device", *dataSize>>20), "MB/s", dataPlot, []series{
+		{"sequential read", func(r *dataRow) float64 { return medianOf(r.seqRead) }},
+		{"sequential write, synced", func(r *dataRow) float64 { return medianOf(r.seqWrite) }},
+	}); err != nil {
+		return err
+	}
+	return bars(fmt.Sprintf("Page cache added by reading %d MiB from a dropped cache", *dataSize>>20), "MiB", dataCachePlot, []series{
+		{"Cached (files: the backing file)", func(r *dataRow) float64 { return medianOf(r.cached) }},
+		{"Buffers (block devices: the loop device)", func(r *dataRow) float64 { return medianOf(r.buffers) }},
+	})
+}

@@ -53,6 +53,7 @@ func (h *harness) listTable(n int) *table {
 			{impl: "C (two threads)", cOp: "list-2threads"},
 			{impl: "Go floor (one goroutine)", goOp: "list/go"},
 			{impl: "loopctl List", goOp: "list/loopctl"},
+			{impl: "loopctl List, first call in a new process", goOp: "list/loopctl", cold: true},
 			{impl: "util-linux losetup --json --list", procs: [][]string{{h.losetup, "--json", "--list"}}},
 			{impl: "example losetup --json --list", procs: [][]string{{h.example, "--json", "--list"}}},
 		},
@@ -69,6 +70,7 @@ func (h *harness) findTable(n int) *table {
 			{impl: "C (two threads)", cOp: "find-2threads", file: true},
 			{impl: "Go floor (one goroutine)", goOp: "find/go"},
 			{impl: "loopctl FindByBackingFile", goOp: "find/loopctl"},
+			{impl: "loopctl FindByBackingFile, first call in a new process", goOp: "find/loopctl", cold: true},
 			{impl: "util-linux losetup -j FILE", procs: [][]string{{h.losetup, "-j", "{file}"}}},
 			{impl: "example losetup -j FILE", procs: [][]string{{h.example, "-j", "{file}"}}},
 		},
@@ -189,6 +191,7 @@ func (h *harness) print(w io.Writer) {
 	h.printTables(w)
 	h.printConcurrency(w)
 	h.printSweep(w)
+	h.printData(w)
 }
 
 func (h *harness) printTables(w io.Writer) {
