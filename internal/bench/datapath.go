@@ -306,7 +306,7 @@ func (h *harness) printData(w io.Writer) {
 			fmt.Fprintf(w, "| %s | %s | %s | | | | |\n", r.fs, r.mode, r.skipped)
 			continue
 		}
-		fmt.Fprintf(w, "| %s | %s | %.0f MB/s | %.0f MB/s | %.0f /s | +%.0f MiB | +%.0f MiB |\n", r.fs, r.mode,
+		fmt.Fprintf(w, "| %s | %s | %.0f MB/s | %.0f MB/s | %.0f /s | %+.0f MiB | %+.0f MiB |\n", r.fs, r.mode,
 			medianOf(r.seqRead), medianOf(r.seqWrite), medianOf(r.randRead), medianOf(r.cached), medianOf(r.buffers))
 	}
 	fmt.Fprintln(w)
