@@ -158,7 +158,9 @@
 // "taken": 5.10 makes a device whose number overflows into another major's;
 // "removes": 5.10 removes whichever unbound device it finds first. "off":
 // the kernel binds without direct I/O and reports success; a bind with
-// FlagDirectIO then fails instead, with its own binding cleared. "held
+// FlagDirectIO then fails instead, with its own binding cleared, and one
+// with PreferDirectIO is buffered, as it is on every kernel where the
+// offset is not aligned to the file system's blocks. "held
 // exclusive": while a file system is mounted on the device, or it is open
 // with O_EXCL; upstream refuses LOOP_SET_BLOCK_SIZE then since 6.17, and
 // Debian's 6.1 and 6.12 took that change, while LOOP_SET_STATUS64, said
