@@ -707,6 +707,25 @@ func containsReq(seen []uint, req uint) bool {
 	return false
 }
 
+// addPartition adds partition num of d by hand, as partitioning tools do
+// (BLKPG, through util-linux's addpart), start and size in sectors: the
+// kernel may have no partition table parsers built in. udev re-reads a
+// disk's partition table (BLKRRPART) when a writer closes it, and that
+// drops partitions added by hand, unless someone holds a lock of the
+// disk: addPartition holds a shared one, which udev's probes share, until
+// release, or the test's end.
+func addPartition(t *testing.T, d *Device, num, start, size int) (release func()) {
+	t.Helper()
+	release = lockShared(t, d.Path())
+	t.Cleanup(release)
+	args := []string{d.Path(), strconv.Itoa(num), strconv.Itoa(start), strconv.Itoa(size)}
+	if out, err := exec.Command("addpart", args...).CombinedOutput(); err != nil {
+		release()
+		t.Fatalf("addpart %v: %v: %s", args, err, out)
+	}
+	return release
+}
+
 func TestKernelOpenDevicePath(t *testing.T) {
 	c := openControl(t)
 	d := newDevice(t, c)
@@ -714,12 +733,8 @@ func TestKernelOpenDevicePath(t *testing.T) {
 	if err := d.Configure(f, Options{Flags: FlagPartScan}); err != nil {
 		t.Fatal(err)
 	}
-	// Add partition 1 by hand (BLKPG, through util-linux's addpart): the
-	// kernel may have no partition table parsers built in.
 	part := d.Path() + "p1"
-	if out, err := exec.Command("addpart", d.Path(), "1", "2048", "4096").CombinedOutput(); err != nil {
-		t.Fatalf("addpart: %v: %s", err, out)
-	}
+	addPartition(t, d, 1, 2048, 4096)
 	if fi, err := os.Stat(part); err != nil || fi.Mode()&fs.ModeDevice == 0 {
 		t.Fatalf("partition node: %v", err)
 	}

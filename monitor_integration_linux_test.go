@@ -191,9 +191,7 @@ func TestKernelMonitor(t *testing.T) {
 	}
 	expect(t, m, n, "SetCapacity", Event{Kind: EventResized, Number: n, DiskSeq: seq})
 
-	if out, err := exec.Command("addpart", d.Path(), "1", "2048", "1024").CombinedOutput(); err != nil {
-		t.Fatalf("addpart: %v: %s", err, out)
-	}
+	release := addPartition(t, d, 1, 2048, 1024)
 	expect(t, m, n, "addpart", Event{Kind: EventPartitionAdded, Number: n, Partition: 1, DiskSeq: seq})
 	// udev, where it runs, opens the new partition to probe it, and the
 	// kernel refuses to delete an open partition (EBUSY): wait until udev
@@ -211,6 +209,7 @@ func TestKernelMonitor(t *testing.T) {
 		t.Fatalf("delpart: %v: %s", err, out)
 	}
 	expect(t, m, n, "delpart", Event{Kind: EventPartitionRemoved, Number: n, Partition: 1, DiskSeq: seq})
+	release()
 
 	if err := d.Detach(context.Background()); err != nil {
 		t.Fatal(err)

@@ -9,7 +9,6 @@ import (
 	"hash/crc32"
 	"io/fs"
 	"os"
-	"os/exec"
 	"slices"
 	"strconv"
 	"strings"
@@ -102,10 +101,7 @@ func TestKernelPartitionsBLKPG(t *testing.T) {
 	}
 	parts := []part{{start: 2048, sectors: 4096}, {start: 8192, sectors: 2048}}
 	for i, p := range parts {
-		args := []string{d.Path(), strconv.Itoa(i + 1), strconv.FormatUint(p.start, 10), strconv.FormatUint(p.sectors, 10)}
-		if out, err := exec.Command("addpart", args...).CombinedOutput(); err != nil {
-			t.Fatalf("addpart %v: %v: %s", args, err, out)
-		}
+		addPartition(t, d, i+1, int(p.start), int(p.sectors))
 	}
 	checkPartitions(t, d, parts)
 	got, _ := d.Partitions()

@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"sync"
 	"testing"
 	"time"
 
@@ -162,7 +163,8 @@ func TestKernelWaitUdevNone(t *testing.T) {
 }
 
 // lockShared takes a shared lock (flock) of the device at path, on a
-// read-only descriptor of its own, and returns what releases it.
+// read-only descriptor of its own, and returns what releases it (once,
+// however often it is called).
 func lockShared(t *testing.T, path string) func() {
 	t.Helper()
 	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
@@ -173,5 +175,6 @@ func lockShared(t *testing.T, path string) func() {
 		unix.Close(fd)
 		t.Fatal(err)
 	}
-	return func() { unix.Close(fd) }
+	var once sync.Once
+	return func() { once.Do(func() { unix.Close(fd) }) }
 }
