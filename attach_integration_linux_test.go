@@ -904,9 +904,18 @@ func TestKernelPreferDirectIO(t *testing.T) {
 					t.Logf("kernel %s, %s: direct I/O %v", kernelRelease(), name, got)
 
 					if !want && offset == 0 {
+						// Another file: this one is bound, buffered.
+						g, err := os.CreateTemp(dir, "demand-*.img")
+						if err != nil {
+							t.Fatal(err)
+						}
+						t.Cleanup(func() { g.Close(); os.Remove(g.Name()) })
+						if err := g.Truncate(2 << 20); err != nil {
+							t.Fatal(err)
+						}
 						o.Flags |= FlagDirectIO
-						_, err := Attach(context.Background(), f.Name(), o)
-						wantNoDirectIO(t, err, f.Name())
+						_, err = Attach(context.Background(), g.Name(), o)
+						wantNoDirectIO(t, err, g.Name())
 					}
 				})
 			}
