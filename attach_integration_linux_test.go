@@ -870,14 +870,7 @@ func TestKernelPreferDirectIO(t *testing.T) {
 					if legacy {
 						useForced(t, map[uint]error{reqConfigure: unix.ENOTTY})
 					}
-					f, err := os.CreateTemp(dir, "prefer-*.img")
-					if err != nil {
-						t.Fatal(err)
-					}
-					t.Cleanup(func() { f.Close(); os.Remove(f.Name()) })
-					if err := f.Truncate(2 << 20); err != nil {
-						t.Fatal(err)
-					}
+					f := fileIn(t, dir, 2<<20)
 					o := Options{Offset: offset, BlockSize: 4096, PreferDirectIO: true}
 					d := attachT(t, f.Name(), o)
 					s, err := d.Status()
@@ -917,22 +910,29 @@ func TestKernelPreferDirectIO(t *testing.T) {
 
 					if !want && offset == 0 {
 						// Another file: this one is bound, buffered.
-						g, err := os.CreateTemp(dir, "demand-*.img")
-						if err != nil {
-							t.Fatal(err)
-						}
-						t.Cleanup(func() { g.Close(); os.Remove(g.Name()) })
-						if err := g.Truncate(2 << 20); err != nil {
-							t.Fatal(err)
-						}
+						g := fileIn(t, dir, 2<<20)
 						o.Flags |= FlagDirectIO
-						_, err = Attach(context.Background(), g.Name(), o)
+						_, err := Attach(context.Background(), g.Name(), o)
 						wantNoDirectIO(t, err, g.Name())
 					}
 				})
 			}
 		}
 	}
+}
+
+// fileIn makes a file of size bytes in dir for the test.
+func fileIn(t *testing.T, dir string, size int64) *os.File {
+	t.Helper()
+	f, err := os.CreateTemp(dir, "image-*.img")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close(); os.Remove(f.Name()) })
+	if err := f.Truncate(size); err != nil {
+		t.Fatal(err)
+	}
+	return f
 }
 
 // writeDevice writes b at off through d's node, and syncs it, which

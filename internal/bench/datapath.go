@@ -174,23 +174,14 @@ func (h *harness) dataRound(img string, mode dataMode, r *dataRow) error {
 }
 
 // fillImage writes size bytes that are not zero (a file system may store
-// zeros as holes, which cost nothing to read) to path, synced.
+// zeros as holes, which cost nothing to read) to a new file at path.
 func fillImage(path string, size int64) error {
 	f, err := os.Create(path)
 	if err != nil {
 		return err
 	}
 	defer f.Close()
-	buf := make([]byte, 1<<20)
-	for i := range buf {
-		buf[i] = byte(i*7 + 1)
-	}
-	for off := int64(0); off < size; off += int64(len(buf)) {
-		if _, err := f.Write(buf[:min(int64(len(buf)), size-off)]); err != nil {
-			return err
-		}
-	}
-	return f.Sync()
+	return writeBytes(f, size, 7)
 }
 
 // readAll reads size bytes of path in 1 MiB reads.
@@ -218,9 +209,15 @@ func writeAll(path string, size int64) error {
 		return err
 	}
 	defer f.Close()
+	return writeBytes(f, size, 13)
+}
+
+// writeBytes writes size bytes of a pattern made with step, none zero, to
+// f in 1 MiB writes, and syncs them.
+func writeBytes(f *os.File, size int64, step int) error {
 	buf := make([]byte, 1<<20)
 	for i := range buf {
-		buf[i] = byte(i*13 + 5)
+		buf[i] = byte(i*step) | 1
 	}
 	for off := int64(0); off < size; off += int64(len(buf)) {
 		if _, err := f.Write(buf[:min(int64(len(buf)), size-off)]); err != nil {
@@ -299,6 +296,8 @@ func (h *harness) printData(w io.Writer) {
 		return
 	}
 	fmt.Fprintf(w, "### The data path: %d MiB through a loop device, and the page cache it leaves\n\n", *dataSize>>20)
+	fmt.Fprintf(w, "An image of %d MiB (not sparse) on ext4 (%s) and on a tmpfs of the harness's own, reached four ways: the file itself, and a loop device bound buffered, with direct I/O (FlagDirectIO), and with direct I/O at 4096-byte blocks. Sequential read: the caches dropped, the whole image read through the node in 1 MiB reads, buffered, as a file system reads its device (with the default readahead: which is why a device with direct I/O, which reads the file in larger pieces, can beat the file read buffered); Cached (files' pages, the backing file's among them) and Buffers (block devices' pages, the loop device's) in /proc/meminfo are read before and after. Random reads: %d reads of 4 KiB at random aligned offsets with O_DIRECT on the node, so that each reaches the loop driver, from dropped caches. Sequential write: the whole image in 1 MiB writes, then fsync. The median of %d rounds, the modes taken in turn.\n\n",
+		*dataSize>>20, *dataDir, randomReads, *dataRounds)
 	fmt.Fprintln(w, "| file system | how | sequential read | sequential write | 4 KiB random reads | page cache after the read: Cached | Buffers |")
 	fmt.Fprintln(w, "| --- | --- | ---: | ---: | ---: | ---: | ---: |")
 	for _, r := range h.data {

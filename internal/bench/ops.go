@@ -272,7 +272,7 @@ func floorScan() (int, error) {
 type floorStatus struct {
 	info      unix.LoopInfo64
 	blockSize int32
-	size      uint64
+	size, seq uint64
 	file      [4096 + 16]byte
 	fileLen   int
 }
@@ -401,6 +401,10 @@ func floorDevice(block, m int, s *floorStatus, want *unix.Stat_t, scratch []byte
 		return false
 	}
 	if _, _, errno := unix.Syscall(unix.SYS_IOCTL, fd, unix.BLKGETSIZE64, uintptr(unsafe.Pointer(&s.size))); errno != 0 {
+		return false
+	}
+	if _, _, errno := unix.Syscall(unix.SYS_IOCTL, fd, unix.BLKGETDISKSEQ, uintptr(unsafe.Pointer(&s.seq))); errno != 0 &&
+		errno != unix.EINVAL && errno != unix.ENOTTY {
 		return false
 	}
 	return floorBacking(block, m, s, scratch, held)

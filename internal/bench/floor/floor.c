@@ -138,7 +138,7 @@ static int scan(int n) {
 struct status {
 	struct loop_info64 info;
 	int block_size;
-	uint64_t size;
+	uint64_t size, seq;
 	char file[4096 + 16];
 };
 
@@ -192,6 +192,13 @@ static int backing(int block, int m, char *out, size_t size) {
 	return got > 0;
 }
 
+// diskseq reads the binding's disk sequence number, 0 on a kernel without
+// (before 5.15), as loopctl does.
+static int diskseq(int d, uint64_t *seq) {
+	*seq = 0;
+	return ioctl(d, BLKGETDISKSEQ, seq) == 0 || errno == EINVAL || errno == ENOTTY;
+}
+
 // device asks device m for its status and, while it holds the device
 // open, reads its backing file's name; 0 if it is not bound (to want).
 static int device(int block, int m, struct status *s, const struct stat *want) {
@@ -203,7 +210,7 @@ static int device(int block, int m, struct status *s, const struct stat *want) {
 	int ok = ioctl(d, LOOP_GET_STATUS64, &s->info) == 0 &&
 		 (!want || (s->info.lo_device == want->st_dev && s->info.lo_inode == want->st_ino)) &&
 		 ioctl(d, BLKSSZGET, &s->block_size) == 0 && ioctl(d, BLKGETSIZE64, &s->size) == 0 &&
-		 backing(block, m, s->file, sizeof s->file);
+		 diskseq(d, &s->seq) && backing(block, m, s->file, sizeof s->file);
 	close(d);
 	return ok;
 }
