@@ -135,10 +135,21 @@ func (h *harness) dataPlots() error {
 			p.Add(b)
 			p.Legend.Add(s.name, b)
 		}
-		p.Legend.Top = true
+		// The legend goes top left, above bars given room by a higher
+		// axis; the labels get room at either end.
+		top := 0.0
+		for _, s := range ss {
+			for _, r := range rows {
+				top = max(top, s.v(r))
+			}
+		}
+		p.Y.Min, p.Y.Max = 0, top*1.3
+		p.Legend.Top, p.Legend.Left = true, true
+		p.Legend.XOffs, p.Legend.YOffs = vg.Points(6), -vg.Points(4)
 		p.NominalX(labels...)
+		p.X.Min, p.X.Max = -0.7, float64(len(rows))-0.3
 		p.Add(plotter.NewGrid())
-		return p.Save(9*vg.Inch, 4.5*vg.Inch, filepath.Join(*svgDir, file))
+		return p.Save(10*vg.Inch, 4.5*vg.Inch, filepath.Join(*svgDir, file))
 	}
 	if err := bars(fmt.Sprintf("Moving %d MiB through a loop device", *dataSize>>20), "MB/s", dataPlot, []series{
 		{"sequential read", func(r *dataRow) float64 { return medianOf(r.seqRead) }},

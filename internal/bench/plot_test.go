@@ -6,7 +6,7 @@ import (
 	"testing"
 )
 
-// TestPlots draws both plots from made-up figures; with BENCH_PLOT_DIR
+// TestPlots draws every plot from made-up figures; with BENCH_PLOT_DIR
 // set, it leaves them there to be looked at.
 func TestPlots(t *testing.T) {
 	dir := os.Getenv("BENCH_PLOT_DIR")
@@ -22,10 +22,20 @@ func TestPlots(t *testing.T) {
 		{bound: 256, getFree: 3.5e3, scanC: 321e3, scanGo: 384e3, list: 965e3, listC: 1.05e6, losetup: 10e6},
 		{bound: 1024, getFree: 13e3, scanC: 1.43e6, scanGo: 1.53e6, list: 3.7e6, listC: 4.5e6, losetup: 40e6},
 	}}
+	for i, m := range dataModes {
+		for _, fs := range []string{"ext4", "tmpfs"} {
+			v := float64(500 * (i + 1))
+			h.data = append(h.data, &dataRow{fs: fs, mode: m.name, seqRead: []float64{v}, seqWrite: []float64{v / 2},
+				randRead: []float64{v * 10}, cached: []float64{256}, buffers: []float64{256}})
+		}
+	}
 	if err := h.plots(); err != nil {
 		t.Fatal(err)
 	}
-	for _, name := range []string{scanPlot, listPlot} {
+	if err := h.dataPlots(); err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range []string{scanPlot, listPlot, dataPlot, dataCachePlot} {
 		if st, err := os.Stat(filepath.Join(dir, name)); err != nil || st.Size() == 0 {
 			t.Errorf("%s: %v", name, err)
 		}

@@ -129,8 +129,10 @@ func (h *harness) targets() []target {
 	ratio("FindByBackingFile, one file on 256 devices, ≥ 10× faster than `losetup -j FILE`", "find", "loopctl", "util-linux", 10)
 	cold := func(what, op, name string) {
 		c, w := h.find(op, name+", first call"), h.find(op, name)
+		cc, cw := h.find(op, "C (two threads), first"), h.find(op, "C (two threads)")
 		q := c.ratio(w)
-		ts = append(ts, target{what, fmt.Sprintf("%s against %s: %.2f×", duration(c.median()), duration(w.median()), q), q <= 2})
+		ts = append(ts, target{what, fmt.Sprintf("%s against %s: %.2f× (C on two threads, the same calls: %s against %s, %.2f×)",
+			duration(c.median()), duration(w.median()), q, duration(cc.median()), duration(cw.median()), cc.ratio(cw)), q <= 2})
 	}
 	cold("List, 256 bound: the first call in a new process within 2× of a later one", "list", "loopctl List")
 	cold("FindByBackingFile, 256 bound: the first call in a new process within 2× of a later one", "find", "loopctl FindByBackingFile")

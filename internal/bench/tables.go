@@ -46,11 +46,12 @@ func (h *harness) cycleTable() *table {
 func (h *harness) listTable(n int) *table {
 	return &table{
 		title: fmt.Sprintf("List, %d bound devices", n), op: "list",
-		note: "Every bound device's status with the backing file's full path. C and Go's floor make List's calls on one thread: per device open, LOOP_GET_STATUS64 (ENXIO for an unbound device) and, for a bound one, BLKSSZGET, BLKGETSIZE64, BLKGETDISKSEQ and a read of backing_file while the device is open, then close. The backing_file attribute is held open from one list to the next and read again at offset 0 (opened relative to /sys/devices/virtual/block the first time, or when the device was bound anew since); the fresh row opens and closes it each time instead, as losetup does. The two-thread row shares the devices between two threads, every other device each: what the kernel gives a second core. loopctl.List makes the held rows' calls, spread over GOMAXPROCS goroutines; its first call in a new process (the median of 7 processes a round) opens every backing_file, as the fresh row does, and starts its second goroutine's thread. The losetup rows run `losetup --json --list`.",
+		note: "Every bound device's status with the backing file's full path. C and Go's floor make List's calls on one thread: per device open, LOOP_GET_STATUS64 (ENXIO for an unbound device) and, for a bound one, BLKSSZGET, BLKGETSIZE64, BLKGETDISKSEQ and a read of backing_file while the device is open, then close. The backing_file attribute is held open from one list to the next and read again at offset 0 (opened relative to /sys/devices/virtual/block the first time, or when the device was bound anew since); the fresh row opens and closes it each time instead, as losetup does. The two-thread row shares the devices between two threads, every other device each: what the kernel gives a second core. loopctl.List makes the held rows' calls, spread over GOMAXPROCS goroutines; its first call in a new process (the median of 7 processes a round) opens every backing_file, as the fresh row does, and starts its second goroutine's thread; the C row of a new process does the same on two threads, its second thread's start included. The losetup rows run `losetup --json --list`.",
 		rows: []*row{
 			{impl: "C (one thread)", cOp: "list"},
 			{impl: "C, backing_file opened afresh (one thread)", cOp: "list-fresh"},
 			{impl: "C (two threads)", cOp: "list-2threads"},
+			{impl: "C (two threads), first list of a new process", cOp: "list-2threads", cold: true},
 			{impl: "Go floor (one goroutine)", goOp: "list/go"},
 			{impl: "loopctl List", goOp: "list/loopctl"},
 			{impl: "loopctl List, first call in a new process", goOp: "list/loopctl", cold: true},
@@ -68,6 +69,7 @@ func (h *harness) findTable(n int) *table {
 			{impl: "C (one thread)", cOp: "find", file: true},
 			{impl: "C, backing_file opened afresh (one thread)", cOp: "find-fresh", file: true},
 			{impl: "C (two threads)", cOp: "find-2threads", file: true},
+			{impl: "C (two threads), first look of a new process", cOp: "find-2threads", file: true, cold: true},
 			{impl: "Go floor (one goroutine)", goOp: "find/go"},
 			{impl: "loopctl FindByBackingFile", goOp: "find/loopctl"},
 			{impl: "loopctl FindByBackingFile, first call in a new process", goOp: "find/loopctl", cold: true},

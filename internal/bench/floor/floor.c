@@ -139,7 +139,9 @@ struct status {
 	struct loop_info64 info;
 	int block_size;
 	uint64_t size, seq;
-	char file[4096 + 16];
+	char *file; // the backing file's name, allocated to its length as a
+		    // Go string is: a first list then touches no more memory
+		    // than loopctl's does
 };
 
 static struct status statuses[1 << 12];
@@ -174,8 +176,10 @@ static int hold;
 static int backing(int block, int m, char *out, size_t size) {
 	if (hold && m < (1 << 16) && held[m]) {
 		ssize_t got = pread(held[m] - 1, out, size - 1, 0);
-		if (got >= 0 || errno != ENODEV)
+		if (got >= 0 || errno != ENODEV) {
+			out[got > 0 ? got : 0] = 0;
 			return got > 0;
+		}
 		close(held[m] - 1);
 		held[m] = 0;
 	}
@@ -185,6 +189,7 @@ static int backing(int block, int m, char *out, size_t size) {
 	if (fd < 0)
 		return 0;
 	ssize_t got = pread(fd, out, size - 1, 0);
+	out[got > 0 ? got : 0] = 0;
 	if (hold && m < (1 << 16))
 		held[m] = fd + 1;
 	else
@@ -207,11 +212,14 @@ static int device(int block, int m, struct status *s, const struct stat *want) {
 	int d = open(path, O_RDONLY | O_CLOEXEC);
 	if (d < 0)
 		return 0;
+	char name[4096 + 16];
 	int ok = ioctl(d, LOOP_GET_STATUS64, &s->info) == 0 &&
 		 (!want || (s->info.lo_device == want->st_dev && s->info.lo_inode == want->st_ino)) &&
 		 ioctl(d, BLKSSZGET, &s->block_size) == 0 && ioctl(d, BLKGETSIZE64, &s->size) == 0 &&
-		 diskseq(d, &s->seq) && backing(block, m, s->file, sizeof s->file);
+		 diskseq(d, &s->seq) && backing(block, m, name, sizeof name);
 	close(d);
+	free(s->file);
+	s->file = ok ? strdup(name) : NULL;
 	return ok;
 }
 
