@@ -293,13 +293,12 @@ func TestKernelMonitorForged(t *testing.T) {
 	expect(t, m, d.Number(), "bind after a forged remove", Event{Kind: EventBound, Number: d.Number(), DiskSeq: seq})
 }
 
-// TestKernelMonitorBurst: a thousand binds and unbinds while the Monitor
-// reads nothing: its receive buffer holds their events, none is lost,
-// and each binding is reported once.
-func TestKernelMonitorBurst(t *testing.T) {
-	m := openMonitor(t)
+// bindAndClose binds a file of the test's binds times, each with autoclear
+// and closed at once, and returns once every device it used is unbound:
+// the devices' numbers.
+func bindAndClose(t *testing.T, binds int) map[int]bool {
+	t.Helper()
 	f := tempFile(t, 1<<20)
-	const binds = 1000
 	numbers := map[int]bool{}
 	for range binds {
 		d, err := AttachFile(context.Background(), f, Options{Flags: FlagAutoClear})
@@ -312,6 +311,16 @@ func TestKernelMonitorBurst(t *testing.T) {
 	for n := range numbers {
 		kerneltest.WaitUnbound(t, n)
 	}
+	return numbers
+}
+
+// TestKernelMonitorBurst: a thousand binds and unbinds while the Monitor
+// reads nothing: its receive buffer holds their events, none is lost,
+// and each binding is reported once.
+func TestKernelMonitorBurst(t *testing.T) {
+	m := openMonitor(t)
+	const binds = 1000
+	numbers := bindAndClose(t, binds)
 	bound, unbound := 0, 0
 	count := func(e Event) {
 		switch {
@@ -585,19 +594,7 @@ func TestKernelMonitorLost(t *testing.T) {
 	if err := rc.Control(func(fd uintptr) { serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, 4096) }); err != nil || serr != nil {
 		t.Fatal(err, serr)
 	}
-	f := tempFile(t, 1<<20)
-	numbers := map[int]bool{}
-	for range 300 {
-		d, err := AttachFile(context.Background(), f, Options{Flags: FlagAutoClear})
-		if err != nil {
-			t.Fatal(err)
-		}
-		numbers[d.Number()] = true
-		d.Close()
-	}
-	for n := range numbers {
-		kerneltest.WaitUnbound(t, n)
-	}
+	numbers := bindAndClose(t, 300)
 	lost := 0
 	state := map[int]bool{}
 	handle := func(e Event) {

@@ -366,16 +366,7 @@ func (h *harness) time(r *row) (float64, error) {
 	}
 	switch {
 	case r.cold && r.cOp != "":
-		var ns []float64
-		for range coldProcs {
-			v, err := h.cFloor(r, 1)
-			if err != nil {
-				return 0, err
-			}
-			ns = append(ns, v)
-		}
-		sort.Float64s(ns)
-		return ns[len(ns)/2], nil
+		return medianOfProcs(func() (float64, error) { return h.cFloor(r, 1) })
 	case r.cold:
 		return h.firstCall(r.goOp)
 	case r.goOp != "":
@@ -401,20 +392,12 @@ func (h *harness) time(r *row) (float64, error) {
 // starts; it gives their median.
 const coldProcs = 7
 
-// firstCall times op's first call in new processes (this program in child
-// mode, with -n 1): the median of coldProcs.
-func (h *harness) firstCall(op string) (float64, error) {
-	self, err := os.Executable()
-	if err != nil {
-		return 0, err
-	}
-	var ns []float64
+// medianOfProcs runs one, which times an operation in a new process,
+// coldProcs times and returns the median.
+func medianOfProcs(one func() (float64, error)) (float64, error) {
+	ns := make([]float64, 0, coldProcs)
 	for range coldProcs {
-		out, err := exec.Command(self, "-op", op, "-n", "1", "-file", h.file).Output()
-		if err != nil {
-			return 0, fmt.Errorf("%s -op %s -n 1: %w", self, op, err)
-		}
-		v, err := strconv.ParseFloat(strings.TrimSpace(string(out)), 64)
+		v, err := one()
 		if err != nil {
 			return 0, err
 		}
@@ -422,6 +405,22 @@ func (h *harness) firstCall(op string) (float64, error) {
 	}
 	sort.Float64s(ns)
 	return ns[len(ns)/2], nil
+}
+
+// firstCall times op's first call in new processes (this program in child
+// mode, with -n 1): the median of coldProcs.
+func (h *harness) firstCall(op string) (float64, error) {
+	self, err := os.Executable()
+	if err != nil {
+		return 0, err
+	}
+	return medianOfProcs(func() (float64, error) {
+		out, err := exec.Command(self, "-op", op, "-n", "1", "-file", h.file).Output()
+		if err != nil {
+			return 0, fmt.Errorf("%s -op %s -n 1: %w", self, op, err)
+		}
+		return strconv.ParseFloat(strings.TrimSpace(string(out)), 64)
+	})
 }
 
 // timeLoop runs fn for about the budget and returns its ns per call.
