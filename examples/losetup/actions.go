@@ -3,7 +3,9 @@
 package main
 
 import (
+	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"io/fs"
 	"os"
@@ -71,30 +73,65 @@ func usedDevices() ([]loopctl.Status, error) {
 	if err != nil {
 		return nil, err
 	}
-	order := map[int]int{}
-	if f, err := os.Open("/sys/block"); err == nil {
-		names, _ := f.Readdirnames(-1) // in the directory's order
-		f.Close()
-		for i, name := range names {
-			if n, err := strconv.Atoi(name[min(4, len(name)):]); err == nil && name[:min(4, len(name))] == "loop" {
-				order[n] = i
+	sysfsOrder(list)
+	return list, nil
+}
+
+// sysfsOrder sorts list, which is in order of number, in the order
+// /sys/block lists the devices. It reads the directory's records itself:
+// a string for every block device's name would cost a one-shot listing
+// more than the sort does.
+func sysfsOrder(list []loopctl.Status) {
+	if len(list) < 2 {
+		return
+	}
+	fd, err := unix.Open("/sys/block", unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return // in order of number
+	}
+	defer unix.Close(fd)
+	rank := make(map[int]int, len(list))
+	var buf [8192]byte
+	for i := 0; ; {
+		n, err := unix.ReadDirent(fd, buf[:])
+		if err != nil || n <= 0 {
+			break
+		}
+		// d_ino (8 bytes), d_off (8), d_reclen (2), d_type (1), d_name.
+		for b := buf[:n]; len(b) > 19; {
+			reclen := int(binary.NativeEndian.Uint16(b[16:18]))
+			if reclen <= 19 || reclen > len(b) {
+				break
 			}
+			name := b[19:reclen]
+			if end := bytes.IndexByte(name, 0); end >= 0 {
+				name = name[:end]
+			}
+			if num, ok := bytes.CutPrefix(name, []byte("loop")); ok {
+				if m, err := strconv.Atoi(string(num)); err == nil {
+					rank[m] = i
+					i++
+				}
+			}
+			b = b[reclen:]
 		}
 	}
-	slices.SortStableFunc(list, func(a, b loopctl.Status) int { return order[a.Number] - order[b.Number] })
-	return list, nil
+	slices.SortStableFunc(list, func(a, b loopctl.Status) int { return rank[a.Number] - rank[b.Number] })
 }
 
 // show lists every bound device, or those of c.file (-j), one line each or
 // as a table.
 func (c *config) show(o *out) int {
-	list, err := usedDevices()
+	var list []loopctl.Status
+	var err error
+	if c.file != "" {
+		list, err = c.associated()
+	} else {
+		list, err = usedDevices()
+	}
 	if err != nil {
 		o.warn(err, "failed to list loop devices")
 		return 1
-	}
-	if c.file != "" {
-		list = slices.DeleteFunc(list, func(s loopctl.Status) bool { return !c.associated(s) })
 	}
 	var rows []row
 	for _, s := range list {
@@ -110,18 +147,26 @@ func (c *config) show(o *out) int {
 	return 0
 }
 
-// associated tells whether device s is bound to c.file, as util-linux's
-// loopcxt_is_used: the same file (device and inode) if it exists, else the
-// same name; and with -o, at that offset.
-func (c *config) associated(s loopctl.Status) bool {
-	if c.hasOffset && s.Offset != c.offset {
-		return false
-	}
+// associated returns the devices bound to c.file, as util-linux's
+// loopcxt_is_used finds them: the same file (device and inode) if it
+// exists, else the same name; and with -o, at that offset.
+func (c *config) associated() ([]loopctl.Status, error) {
+	var list []loopctl.Status
+	var err error
 	var st unix.Stat_t
 	if unix.Stat(c.file, &st) == nil {
-		return s.BackingDevice == uint64(st.Dev) && s.BackingInode == st.Ino
+		list, err = loopctl.FindByBackingFile(c.file)
+	} else if list, err = loopctl.List(); err == nil {
+		list = slices.DeleteFunc(list, func(s loopctl.Status) bool { return s.BackingFile != c.file })
 	}
-	return s.BackingFile == c.file
+	if err != nil {
+		return nil, err
+	}
+	if c.hasOffset {
+		list = slices.DeleteFunc(list, func(s loopctl.Status) bool { return s.Offset != c.offset })
+	}
+	sysfsOrder(list)
+	return list, nil
 }
 
 // showOne prints one device, as a line or a table.

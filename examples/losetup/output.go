@@ -127,41 +127,49 @@ func (o *out) rawTable(c *config, rows []row) {
 }
 
 func (o *out) jsonTable(c *config, rows []row) {
-	var b strings.Builder
-	b.WriteString("{\n   \"loopdevices\": [\n")
+	// One buffer, written once: a table of many devices is most of what a
+	// one-shot --json --list does after the kernel's part.
+	keys := make([]string, len(c.columns))
+	for i, id := range c.columns {
+		keys[i] = "         " + jsonQuote(strings.ToLower(columns[id].name)) + ": "
+	}
+	b := make([]byte, 0, 64+len(rows)*len(c.columns)*48)
+	b = append(b, "{\n   \"loopdevices\": [\n"...)
 	if len(rows) == 0 {
-		b.WriteString("\n") // as libsmartcols 2.38 does
+		b = append(b, '\n') // as libsmartcols 2.38 does
 	}
 	for n, r := range rows {
 		if n == 0 {
-			b.WriteString("      {\n")
+			b = append(b, "      {\n"...)
 		} else {
-			b.WriteString("      },{\n")
+			b = append(b, "      },{\n"...)
 		}
 		for i, id := range c.columns {
-			fmt.Fprintf(&b, "         %s: ", jsonQuote(strings.ToLower(columns[id].name)))
+			b = append(b, keys[i]...)
 			text, ok := r.cell(id)
 			switch {
 			case !ok || text == "":
-				b.WriteString("null")
+				b = append(b, "null"...)
 			case columns[id].json == jsonNumber:
-				b.WriteString(text)
+				b = append(b, text...)
+			case columns[id].json == jsonBool && text == "1":
+				b = append(b, "true"...)
 			case columns[id].json == jsonBool:
-				b.WriteString(map[bool]string{true: "true", false: "false"}[text == "1"])
+				b = append(b, "false"...)
 			default:
-				b.WriteString(jsonQuote(text))
+				b = appendJSONQuote(b, text)
 			}
 			if i < len(c.columns)-1 {
-				b.WriteByte(',')
+				b = append(b, ',')
 			}
-			b.WriteByte('\n')
+			b = append(b, '\n')
 		}
 	}
 	if len(rows) > 0 {
-		b.WriteString("      }\n")
+		b = append(b, "      }\n"...)
 	}
-	b.WriteString("   ]\n}\n")
-	io.WriteString(o.w, b.String())
+	b = append(b, "   ]\n}\n"...)
+	o.w.Write(b)
 }
 
 // safe returns text as a table shows it, and its width on a terminal:
@@ -235,31 +243,34 @@ func rawEscape(text string) string {
 // jsonQuote quotes s as libsmartcols does: quotes and backslashes escaped,
 // control characters as \b \f \n \r \t or \u00XX, other bytes as they are.
 func jsonQuote(s string) string {
-	var b strings.Builder
-	b.WriteByte('"')
+	return string(appendJSONQuote(nil, s))
+}
+
+// appendJSONQuote appends s, quoted as jsonQuote does, to b.
+func appendJSONQuote(b []byte, s string) []byte {
+	const hex = "0123456789abcdef"
+	b = append(b, '"')
 	for i := 0; i < len(s); i++ {
 		switch c := s[i]; c {
 		case '"', '\\':
-			b.WriteByte('\\')
-			b.WriteByte(c)
+			b = append(b, '\\', c)
 		case '\b':
-			b.WriteString(`\b`)
+			b = append(b, `\b`...)
 		case '\f':
-			b.WriteString(`\f`)
+			b = append(b, `\f`...)
 		case '\n':
-			b.WriteString(`\n`)
+			b = append(b, `\n`...)
 		case '\r':
-			b.WriteString(`\r`)
+			b = append(b, `\r`...)
 		case '\t':
-			b.WriteString(`\t`)
+			b = append(b, `\t`...)
 		default:
 			if c < 0x20 {
-				fmt.Fprintf(&b, `\u%04x`, c)
+				b = append(b, '\\', 'u', '0', '0', hex[c>>4], hex[c&0xf])
 			} else {
-				b.WriteByte(c)
+				b = append(b, c)
 			}
 		}
 	}
-	b.WriteByte('"')
-	return b.String()
+	return append(b, '"')
 }

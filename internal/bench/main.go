@@ -112,6 +112,7 @@ type harness struct {
 	dir      string // scratch: programs and the backing file
 	floor    string // floor.c, built
 	example  string // examples/losetup, built
+	empty    string // a Go program that does nothing, built
 	losetup  string // util-linux's
 	file     string // a 1 MiB backing file
 	before   map[int]bool
@@ -121,6 +122,25 @@ type harness struct {
 	conc     []concRow
 	data     []*dataRow
 	devCount int // loop devices on the machine when the run began
+}
+
+// buildEmpty builds, in dir, a Go program whose main does nothing: the
+// start and exit of a Go process, which no Go program goes below.
+func buildEmpty(dir string) (string, error) {
+	src := filepath.Join(dir, "empty")
+	if err := os.MkdirAll(src, 0o755); err != nil {
+		return "", err
+	}
+	for name, text := range map[string]string{"go.mod": "module empty\n", "main.go": "package main\n\nfunc main() {}\n"} {
+		if err := os.WriteFile(filepath.Join(src, name), []byte(text), 0o644); err != nil {
+			return "", err
+		}
+	}
+	bin := filepath.Join(dir, "empty-go")
+	if out, err := exec.Command("go", "build", "-C", src, "-o", bin, ".").CombinedOutput(); err != nil {
+		return "", fmt.Errorf("go build of an empty program: %v\n%s", err, out)
+	}
+	return bin, nil
 }
 
 func newHarness() (*harness, error) {
@@ -139,6 +159,9 @@ func newHarness() (*harness, error) {
 	h.example = filepath.Join(h.dir, "losetup")
 	if out, err := exec.Command("go", "build", "-C", "../..", "-o", h.example, "./examples/losetup").CombinedOutput(); err != nil {
 		return h, fmt.Errorf("go build examples/losetup: %v\n%s", err, out)
+	}
+	if h.empty, err = buildEmpty(h.dir); err != nil {
+		return h, err
 	}
 	h.file = filepath.Join(h.dir, "backing.img")
 	if err := os.WriteFile(h.file, make([]byte, 1<<20), 0o644); err != nil {

@@ -46,7 +46,7 @@ func (h *harness) cycleTable() *table {
 func (h *harness) listTable(n int) *table {
 	return &table{
 		title: fmt.Sprintf("List, %d bound devices", n), op: "list",
-		note: "Every bound device's status with the backing file's full path. C and Go's floor make List's calls on one thread: per device open, LOOP_GET_STATUS64 (ENXIO for an unbound device) and, for a bound one, BLKSSZGET, BLKGETSIZE64, BLKGETDISKSEQ and a read of backing_file while the device is open, then close. The backing_file attribute is held open from one list to the next and read again at offset 0 (opened relative to /sys/devices/virtual/block the first time, or when the device was bound anew since); the fresh row opens and closes it each time instead, as losetup does. The two-thread row shares the devices between two threads, every other device each: what the kernel gives a second core. loopctl.List makes the held rows' calls, spread over GOMAXPROCS goroutines; its first call in a new process (the median of 7 processes a round) opens every backing_file, as the fresh row does, and starts its second goroutine's thread; the C row of a new process does the same on two threads, its second thread's start included. The losetup rows run `losetup --json --list`.",
+		note: "Every bound device's status with the backing file's full path. C and Go's floor make List's calls on one thread: per device open, LOOP_GET_STATUS64 (ENXIO for an unbound device) and, for a bound one, BLKSSZGET, BLKGETSIZE64, BLKGETDISKSEQ and a read of backing_file while the device is open, then close. The backing_file attribute is held open from one list to the next and read again at offset 0 (opened relative to /sys/devices/virtual/block the first time, or when the device was bound anew since); the fresh row opens and closes it each time instead, as losetup does. The two-thread row shares the devices between two threads, every other device each: what the kernel gives a second core. loopctl.List makes the held rows' calls, spread over GOMAXPROCS goroutines; its first call in a new process (the median of 7 processes a round) opens every backing_file, as the fresh row does, and starts its second goroutine's thread; the C row of a new process does the same on two threads, its second thread's start included. The losetup rows run `losetup --json --list`. The last two rows are what no program can go below as a process here: the C floor listing once on two threads, started as a process, and a Go program that does nothing.",
 		rows: []*row{
 			{impl: "C (one thread)", cOp: "list"},
 			{impl: "C, backing_file opened afresh (one thread)", cOp: "list-fresh"},
@@ -57,6 +57,8 @@ func (h *harness) listTable(n int) *table {
 			{impl: "loopctl List, first call in a new process", goOp: "list/loopctl", cold: true},
 			{impl: "util-linux losetup --json --list", procs: [][]string{{h.losetup, "--json", "--list"}}},
 			{impl: "example losetup --json --list", procs: [][]string{{h.example, "--json", "--list"}}},
+			{impl: "C making the C rows' calls once, as a process (no output)", procs: [][]string{{h.floor, "list-2threads", "1"}}},
+			{impl: "empty Go program, as a process", procs: [][]string{{h.empty}}},
 		},
 	}
 }
@@ -64,7 +66,7 @@ func (h *harness) listTable(n int) *table {
 func (h *harness) findTable(n int) *table {
 	return &table{
 		title: fmt.Sprintf("FindByBackingFile, one file bound to %d devices", n), op: "find",
-		note: "The devices of one file, found by its device and inode: stat of the file, then per device open, LOOP_GET_STATUS64 and, for the file's devices, BLKSSZGET, BLKGETSIZE64, BLKGETDISKSEQ and the backing_file read (held open, or opened afresh in the fresh row, as in the List table). The losetup rows run `losetup -j FILE`.",
+		note: "The devices of one file, found by its device and inode: stat of the file, then per device open, LOOP_GET_STATUS64 and, for the file's devices, BLKSSZGET, BLKGETSIZE64, BLKGETDISKSEQ and the backing_file read (held open, or opened afresh in the fresh row, as in the List table). The losetup rows run `losetup -j FILE`. The last two rows are what no program can go below as a process here: the C floor looking once on two threads, started as a process, and a Go program that does nothing.",
 		rows: []*row{
 			{impl: "C (one thread)", cOp: "find", file: true},
 			{impl: "C, backing_file opened afresh (one thread)", cOp: "find-fresh", file: true},
@@ -75,6 +77,8 @@ func (h *harness) findTable(n int) *table {
 			{impl: "loopctl FindByBackingFile, first call in a new process", goOp: "find/loopctl", cold: true},
 			{impl: "util-linux losetup -j FILE", procs: [][]string{{h.losetup, "-j", "{file}"}}},
 			{impl: "example losetup -j FILE", procs: [][]string{{h.example, "-j", "{file}"}}},
+			{impl: "C making the C rows' calls once, as a process (no output)", procs: [][]string{{h.floor, "find-2threads", "1", "{file}"}}},
+			{impl: "empty Go program, as a process", procs: [][]string{{h.empty}}},
 		},
 	}
 }
