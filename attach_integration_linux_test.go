@@ -17,6 +17,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 	"unsafe"
@@ -343,29 +344,42 @@ func (k forceOpen) open(path string, mode int) (handle, error) {
 func TestKernelAttachWithoutControl(t *testing.T) {
 	useKernel(t, forceOpen{prefix: ControlPath, err: unix.ENOENT})
 	f := tempFile(t, 1<<20)
+	// Without the control device, Attach binds the lowest device that
+	// sysfs shows unbound. A device of an earlier test may still be
+	// going (udev holding it open past its detach): sysfs shows it bound
+	// until its last close, so it may be unbound after Attach and bound
+	// at its scan. Devices only go that way while the tests take turns
+	// (internal/testlock): one unbound both before and after Attach was
+	// unbound at its scan.
+	before := sysfsUnbound(t)
 	d := attachT(t, f.Name(), Options{Offset: 512})
 	checkBound(t, d, f.Name(), Options{Offset: 512})
-	// sysfs named the lowest unbound device.
-	list, err := List()
-	if err != nil {
-		t.Fatal(err)
+	after := sysfsUnbound(t)
+	if !before[d.Number()] {
+		t.Fatalf("attached loop%d, which sysfs showed bound before", d.Number())
 	}
-	bound := map[int]bool{}
-	for _, s := range list {
-		bound[s.Number] = true
+	for n := range before {
+		if n < d.Number() && after[n] {
+			t.Fatalf("attached loop%d while loop%d was unbound before and after", d.Number(), n)
+		}
 	}
+}
+
+// sysfsUnbound returns the devices that sysfs shows unbound (no loop/
+// directory), as Attach without the control device reads them.
+func sysfsUnbound(t *testing.T) map[int]bool {
+	t.Helper()
 	nums, err := loopNumbers()
 	if err != nil {
 		t.Fatal(err)
 	}
+	unbound := map[int]bool{}
 	for _, n := range nums {
-		if n == d.Number() {
-			break
-		}
-		if !bound[n] {
-			t.Fatalf("attached loop%d while loop%d was unbound", d.Number(), n)
+		if _, err := os.Lstat(sysfsLoopAttr(n, "")); errors.Is(err, fs.ErrNotExist) {
+			unbound[n] = true
 		}
 	}
+	return unbound
 }
 
 func TestKernelAttachMissingNode(t *testing.T) {
@@ -509,8 +523,16 @@ type pipedChild struct {
 // startPiped runs test again in a child process with env added.
 func startPiped(t *testing.T, test string, env ...string) *pipedChild {
 	t.Helper()
+	return startPipedIn(t, nil, test, env...)
+}
+
+// startPipedIn is startPiped with the child started with attr: in
+// namespaces of its own, for one.
+func startPipedIn(t *testing.T, attr *syscall.SysProcAttr, test string, env ...string) *pipedChild {
+	t.Helper()
 	cmd := exec.Command(os.Args[0], "-test.run=^"+test+"$", "-test.count=1", "-test.v")
 	cmd.Env = append(os.Environ(), env...)
+	cmd.SysProcAttr = attr
 	cmd.Stderr = os.Stderr
 	stdin, err := cmd.StdinPipe()
 	if err != nil {
