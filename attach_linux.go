@@ -263,7 +263,17 @@ func backoff(ctx context.Context, attempt int) error {
 func tryAttach(ctx context.Context, c *Control, n int, fd uintptr, name string, o Options) (*Device, bool, error) {
 	d, err := OpenDevice(n)
 	if err != nil {
-		return nil, lostOpen(c, n, err), err
+		var missing *NodeMissingError
+		if !errors.As(err, &missing) || !stillFree(c, n) {
+			return nil, lostOpen(err), err
+		}
+		// No race: the device is there and free, its node is not.
+		if !o.MakeNode {
+			return nil, false, err
+		}
+		if d, err = makeAndOpen(n); err != nil {
+			return nil, false, err
+		}
 	}
 	if err := lockDevice(ctx, d); err != nil {
 		d.Close()
@@ -282,6 +292,13 @@ func tryAttach(ctx context.Context, c *Control, n int, fd uintptr, name string, 
 		return nil, lostBind(err), newError("configure", d.path, err)
 	}
 	d.seq.Store(seq)
+	if o.MakeNode && o.Flags&FlagPartScan != 0 {
+		if err := makePartitionNodes(d); err != nil {
+			err = undo(d.h, err)
+			d.Close()
+			return nil, false, err
+		}
+	}
 	if err := d.h.flock(unix.LOCK_UN); err != nil {
 		// The binding is ours: undo it rather than hand out a device
 		// that stays locked.
@@ -325,41 +342,71 @@ func lockDevice(ctx context.Context, d *Device) error {
 	}
 }
 
-// lostOpen tells whether the open of device n, named free a moment before,
-// failed because another process got there first. ENXIO: the device is
-// being torn down (bound and detached since, on Linux 6.11 and later, or
-// being removed); ENODEV and ENOENT: it was removed. EBUSY: it is held
-// exclusively. A node that is missing while the device still exists (a
-// container whose /dev is not devtmpfs) is no race, and is reported at
-// once.
-func lostOpen(c *Control, n int, err error) bool {
+// lostOpen tells whether the open of a device, named free a moment
+// before, failed because another process got there first. ENXIO: the
+// device is being torn down (bound and detached since, on Linux 6.11 and
+// later, or being removed); ENODEV and ENOENT: it was removed. EBUSY: it
+// is held exclusively. (A node missing while the device is there and
+// free, in a container whose /dev is not devtmpfs, is no race: tryAttach
+// tells it apart first.)
+func lostOpen(err error) bool {
 	var errno unix.Errno
 	if !errors.As(err, &errno) {
 		return false
 	}
 	switch errno {
-	case unix.ENXIO, unix.ENODEV, unix.EBUSY:
+	case unix.ENXIO, unix.ENODEV, unix.EBUSY, unix.ENOENT:
 		return true
-	case unix.ENOENT:
-		return !nodeMissing(c, n)
 	}
 	return false
 }
 
-// nodeMissing tells, after /dev/loopN was not found, whether device n
-// exists without its node. The kernel stops naming a device as free the
-// moment its removal starts, while its sysfs entry may linger a little
-// longer: so a device in sysfs that LOOP_CTL_GET_FREE still names is one
-// whose node is missing. Without the control device, sysfs alone decides.
-func nodeMissing(c *Control, n int) bool {
-	if _, err := os.Lstat(sysfs.LoopDir(sysfsRoot, n)); err != nil {
-		return false
-	}
+// stillFree tells, after the node of device n was found missing while
+// sysfs lists the device, whether the device is still there and free:
+// the kernel stops naming a device as free the moment its removal starts,
+// while its sysfs entry may linger a little longer. Without the control
+// device, sysfs alone decides.
+func stillFree(c *Control, n int) bool {
 	if c == nil {
 		return true
 	}
 	m, err := c.GetFree()
 	return err != nil || m == n
+}
+
+// makeAndOpen makes the missing node of device n and opens it. A node it
+// made that cannot be opened (a device cgroup refusing the device, a /dev
+// that takes no device nodes) is of no use to anyone: it removes it again.
+func makeAndOpen(n int) (*Device, error) {
+	path := DevicePath(n)
+	rdev, made, err := makeNodeOf(path, sysfs.LoopDir(sysfsRoot, n)+"/dev")
+	if err != nil {
+		return nil, err
+	}
+	d, err := OpenDevice(n)
+	if err == nil {
+		return d, nil
+	}
+	if made && (errors.Is(err, unix.EPERM) || errors.Is(err, unix.EACCES)) {
+		removeNode(path, rdev)
+		err = explainNodeOpen(err, rdev)
+	}
+	return nil, err
+}
+
+// makePartitionNodes makes the missing nodes of the partitions the kernel
+// found on d.
+func makePartitionNodes(d *Device) error {
+	parts, err := d.Partitions()
+	if err != nil {
+		return err
+	}
+	for _, p := range parts {
+		if err := p.MakeNode(); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // lostBind tells whether err from binding means that another process bound

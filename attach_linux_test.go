@@ -547,6 +547,10 @@ func TestAttachMissingNode(t *testing.T) {
 		if !errors.Is(err, fs.ErrNotExist) || !errors.As(err, &pe) || pe.Path != "/dev/loop0" {
 			t.Fatalf("noControl=%v: Attach = %v, want the missing /dev/loop0", noControl, err)
 		}
+		var missing *NodeMissingError
+		if !errors.As(err, &missing) || missing.Number != 0 || missing.Partition != 0 || missing.Path != "/dev/loop0" {
+			t.Fatalf("noControl=%v: Attach = %v, want a *NodeMissingError for loop0", noControl, err)
+		}
 		checkNothingLeft(t, k)
 	}
 }
@@ -585,4 +589,46 @@ func TestAttachConcurrentFake(t *testing.T) {
 		d.Close()
 	}
 	checkNothingLeft(t, k)
+}
+
+func TestOpenDeviceMissingNode(t *testing.T) {
+	k := useFake(t, 2)
+	k.noNode[1] = true
+	_, err := OpenDevice(1)
+	var missing *NodeMissingError
+	if !errors.As(err, &missing) || missing.Number != 1 || !errors.Is(err, fs.ErrNotExist) || !errors.Is(err, unix.ENOENT) {
+		t.Fatalf("OpenDevice(1) = %v, want a *NodeMissingError for loop1 matching fs.ErrNotExist and ENOENT", err)
+	}
+	if msg := err.Error(); !strings.Contains(msg, "/dev/loop1") || !strings.Contains(msg, "MakeNode") {
+		t.Errorf("message %q names neither the node nor the remedy", msg)
+	}
+	// A device that does not exist has no node to make.
+	_, err = OpenDevice(5)
+	if !errors.Is(err, fs.ErrNotExist) || errors.As(err, &missing) {
+		t.Fatalf("OpenDevice(5) = %v, want fs.ErrNotExist, no *NodeMissingError", err)
+	}
+}
+
+// TestExplainNodeOpen checks what an open of a node just made says when a
+// device cgroup refuses the device (EPERM), or /dev takes no device nodes
+// (EACCES): no test here runs under a device cgroup.
+func TestExplainNodeOpen(t *testing.T) {
+	rdev := unix.Mkdev(7, 3)
+	for _, c := range []struct {
+		errno unix.Errno
+		want  string
+	}{
+		{unix.EPERM, `device cgroup (the container's device rules) refuses block device 7:3: allow "b 7:* rw"`},
+		{unix.EACCES, "takes no device nodes (mounted nodev"},
+	} {
+		err := explainNodeOpen(&os.PathError{Op: "open", Path: "/dev/loop3", Err: c.errno}, rdev)
+		if !strings.Contains(err.Error(), c.want) || !strings.Contains(err.Error(), "/dev/loop3") ||
+			!errors.Is(err, c.errno) || !errors.Is(err, fs.ErrPermission) {
+			t.Errorf("%v: %v, want it to say %q and match the errno and fs.ErrPermission", c.errno, err, c.want)
+		}
+	}
+	if err := explainNodeOpen(&os.PathError{Op: "open", Path: "/dev/loop3", Err: unix.ENXIO}, rdev); !errors.Is(err, unix.ENXIO) ||
+		strings.Contains(err.Error(), "cgroup") {
+		t.Errorf("ENXIO: %v, want it as it was", err)
+	}
 }

@@ -95,6 +95,20 @@ type Options struct {
 	// data cached twice (BENCHMARKS.md measures both). FlagDirectIO, which
 	// demands direct I/O, overrides it.
 	PreferDirectIO bool
+
+	// MakeNode makes Attach create the node of the device it binds,
+	// /dev/loopN, when the device exists but its node does not: a
+	// container whose /dev is a tmpfs rather than devtmpfs, where the
+	// kernel makes no nodes. The node gets the device number sysfs gives
+	// and mode 0660, as MakeNode makes it, under the attach lock. With
+	// FlagPartScan, Attach also makes the nodes of the partitions the
+	// kernel found. A node Attach makes stays, as devtmpfs would keep it,
+	// unless it cannot be opened (a device cgroup refusing the device),
+	// when Attach removes it again. Without MakeNode a missing node fails
+	// Attach at once with a *NodeMissingError. Making a node needs
+	// CAP_MKNOD in the initial user namespace, and the container's device
+	// rules must allow block devices 7:* (and 259:* for partitions).
+	MakeNode bool
 }
 
 // maxRef is the longest Ref: lo_file_name holds 64 bytes, NUL included.
@@ -145,7 +159,7 @@ func validBlockSize(size uint32, zeroOK bool) error {
 // Status describes a bound loop device.
 type Status struct {
 	Number                      int
-	BackingFile                 string // full path, from sysfs; where sysfs is missing, lo_file_name: the path's first 63 bytes, or the binder's Ref
+	BackingFile                 string // full path, from sysfs, as seen in the binder's mount namespace (see the package documentation, In a container); where sysfs is missing, lo_file_name: the path's first 63 bytes, or the binder's Ref
 	BackingDevice, BackingInode uint64 // st_dev and st_ino of the backing file
 	Offset, SizeLimit           uint64
 	Flags                       Flags
@@ -201,7 +215,8 @@ type Device struct {
 var _ io.Closer = (*Device)(nil)
 
 // OpenDevice opens /dev/loopN read-write. A missing node is an
-// *os.PathError matching fs.ErrNotExist. A device that the kernel is
+// *os.PathError matching fs.ErrNotExist, within a *NodeMissingError when
+// the device exists (a container's /dev): MakeNode makes the node. A device that the kernel is
 // tearing down (detached by its last close, or being removed) refuses the
 // open: the *os.PathError then says so and matches ErrNotBound and ENXIO.
 func OpenDevice(n int) (*Device, error) {
@@ -211,7 +226,7 @@ func OpenDevice(n int) (*Device, error) {
 	}
 	h, err := openDevice(path)
 	if err != nil {
-		return nil, err
+		return nil, missingNode(n, err)
 	}
 	return &Device{h: h, number: n, path: path}, nil
 }

@@ -76,8 +76,26 @@
 // overlaps another of the same file with other settings (a corruption in
 // waiting) is refused with ErrOverlap. Device.Partitions lists what the
 // kernel found in a partition table (FlagPartScan), Device.Rescan has it
-// read again, and MakeNode creates a missing /dev node, for containers
-// whose /dev is not devtmpfs, when asked to.
+// read again.
+//
+// # In a container
+//
+// A container's /dev is usually a tmpfs, not devtmpfs: the kernel makes no
+// /dev/loopN there, and a container given only /dev/loop-control finds
+// that LOOP_CTL_GET_FREE names devices it cannot open. Attach then fails
+// at once with a *NodeMissingError, which carries the device's number;
+// with Options.MakeNode it makes the node (and, with FlagPartScan, the
+// partitions' nodes) from the numbers sysfs gives, which needs CAP_MKNOD
+// and device rules allowing block devices 7:* and 259:*. In a user
+// namespace no device node can be made, and the error says so. MakeNode
+// and Partition.MakeNode make a node by hand.
+//
+// A backing file's path (Status.BackingFile) is the one the kernel
+// resolves in the mount namespace the file was opened in, the binder's:
+// a file bound inside a container from a directory bind-mounted at
+// /example reads as /example/..., from the host too, and a host's binding
+// may name a path a container cannot reach. FindByBackingFile matches by
+// device and inode, not by path, so it finds a binding from either side.
 //
 // # Bindings, not numbers
 //

@@ -39,6 +39,40 @@ var (
 	ErrNoDirectIO = errors.New("direct I/O not possible for this backing file")
 )
 
+// A NodeMissingError reports a loop device, or a partition of one, that
+// exists (sysfs lists it) while its node in /dev does not: a container
+// whose /dev is a tmpfs rather than devtmpfs, where the kernel makes no
+// nodes. It carries the numbers, so that a caller can make the node
+// (MakeNode, or the error's own MakeNode) and try again, or bind with
+// Options.MakeNode, which makes it. It matches fs.ErrNotExist, and
+// unwraps to the open's *os.PathError and ENOENT.
+type NodeMissingError struct {
+	Number    int    // the loop device: N of /dev/loopN
+	Partition int    // the partition's number; 0 for the device itself
+	Path      string // the node that is missing
+	Err       error  // the open's error
+}
+
+func (e *NodeMissingError) Error() string {
+	what := "loop" + strconv.Itoa(e.Number)
+	if e.Partition > 0 {
+		what += "p" + strconv.Itoa(e.Partition)
+	}
+	return e.Err.Error() + ": " + what + " exists, but its node does not (/dev is not devtmpfs, as in a container): " +
+		"Options.MakeNode or MakeNode makes it, or pass the node in"
+}
+
+func (e *NodeMissingError) Unwrap() error { return e.Err }
+
+// MakeNode makes the missing node, as the function MakeNode, or
+// Partition.MakeNode for a partition, does.
+func (e *NodeMissingError) MakeNode() error {
+	if e.Partition > 0 {
+		return Partition{Number: e.Partition, Path: e.Path}.MakeNode()
+	}
+	return MakeNode(e.Number)
+}
+
 // An OverlapError names the device that holds a range of the file that
 // overlaps the one Attach was asked for, with other settings. It matches
 // ErrOverlap.

@@ -44,6 +44,9 @@ func (c *Control) remove(n int) error {
 // checkBackingFile is never reached here: no Device can be opened.
 func checkBackingFile(fd uintptr, name string) error { return nil }
 
+// missingNode has nothing to add to an open's error here.
+func missingNode(n int, err error) error { return err }
+
 // ioctl is never reached here: no handle can be opened.
 func ioctl(h handle, req uint, arg uintptr) (int, error) { return h.rawIoctl(req, arg) }
 
