@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -79,6 +80,10 @@ func TestKernelContainer(t *testing.T) {
 		containerDev(t, true)
 		withoutCapMknod(t)
 		return
+	case "cgroup":
+		containerDev(t, false)
+		underDeviceRules(t)
+		return
 	case "bindmount":
 		containerDev(t, false)
 		bindMountChild(t)
@@ -100,7 +105,74 @@ func TestKernelContainer(t *testing.T) {
 			}
 		})
 	}
+	t.Run("cgroup", func(t *testing.T) {
+		cg := devicesCgroup(t)
+		cmd := exec.Command(os.Args[0], "-test.run=^TestKernelContainer$", "-test.count=1", "-test.v")
+		cmd.Env = append(os.Environ(), containerEnv+"=cgroup", containerDirEnv+"="+cg)
+		cmd.SysProcAttr = &syscall.SysProcAttr{Unshareflags: syscall.CLONE_NEWNS}
+		out, err := cmd.CombinedOutput()
+		if err != nil || !bytes.Contains(out, []byte("--- PASS: TestKernelContainer")) {
+			t.Fatalf("in the container: %v\n%s", err, out)
+		}
+		t.Logf("in the container:\n%s", out)
+	})
 	t.Run("bindmount", testBindMounted)
+}
+
+// devicesCgroup makes a cgroup of the (version 1) devices controller for
+// the test, mounting the controller's hierarchy where it is not (a VM's
+// init mounts none); it skips where there is no such controller (a
+// machine with cgroup version 2 alone, whose device rules are BPF
+// programs).
+func devicesCgroup(t *testing.T) string {
+	root := "/sys/fs/cgroup/devices"
+	if _, err := os.Stat(root + "/devices.deny"); err != nil {
+		root = t.TempDir()
+		if err := unix.Mount("cgroup", root, "cgroup", 0, "devices"); err != nil {
+			t.Skipf("no devices cgroup controller of version 1 here (mount: %v)", err)
+		}
+		t.Cleanup(func() { unix.Unmount(root, 0) })
+	}
+	cg := filepath.Join(root, fmt.Sprintf("loopctl-test-%d", os.Getpid()))
+	if err := os.Mkdir(cg, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := os.Remove(cg); err != nil {
+			t.Errorf("cgroup left behind: %v", err)
+		}
+	})
+	return cg
+}
+
+// underDeviceRules runs in a container whose device rules (a devices
+// cgroup, which it joins) refuse loop devices: first making their nodes,
+// then, with that allowed, opening them.
+func underDeviceRules(t *testing.T) {
+	cg := os.Getenv(containerDirEnv)
+	rule := func(file, rule string) {
+		t.Helper()
+		if err := os.WriteFile(filepath.Join(cg, file), []byte(rule), 0); err != nil {
+			t.Fatalf("%s %q: %v", file, rule, err)
+		}
+	}
+	rule("cgroup.procs", strconv.Itoa(os.Getpid()))
+	f := tempFile(t, 1<<20)
+
+	rule("devices.deny", "b 7:* m")
+	_, err := attachInContainer(t, f.Name(), Options{MakeNode: true}, fs.ErrPermission)
+	if !errors.Is(err, unix.EPERM) || !strings.Contains(err.Error(), `a device cgroup (the container's device rules) refuses to make block device 7:`) {
+		t.Fatalf("Attach with MakeNode, mknod refused = %v, want EPERM, said to be the device rules'", err)
+	}
+	t.Logf("mknod refused: %v", err)
+
+	rule("devices.allow", "b 7:* m")
+	rule("devices.deny", "b 7:* rw")
+	_, err = attachInContainer(t, f.Name(), Options{MakeNode: true}, fs.ErrPermission)
+	if !errors.Is(err, unix.EPERM) || !strings.Contains(err.Error(), `made the node, but a device cgroup (the container's device rules) refuses block device 7:`) {
+		t.Fatalf("Attach with MakeNode, open refused = %v, want EPERM, said to be the device rules'", err)
+	}
+	t.Logf("open refused: %v", err)
 }
 
 // containerDev puts a tmpfs over /dev holding only loop-control, null and
@@ -178,7 +250,13 @@ func attachInContainer(t *testing.T, path string, o Options, want error) (*Devic
 		if err != nil {
 			t.Fatal(err)
 		}
-		t.Cleanup(func() { detach(t, d) })
+		t.Cleanup(func() {
+			detach(t, d)
+			kerneltest.WaitUnbound(t, d.Number())
+			if found, err := FindByBackingFile(path); err != nil || len(found) != 0 {
+				t.Errorf("left bound: %+v, %v", found, err)
+			}
+		})
 		return d, nil
 	}
 	if err == nil {
@@ -239,6 +317,27 @@ func inMountNS(t *testing.T) {
 		d, _ := attachInContainer(t, f.Name(), Options{MakeNode: true}, nil)
 		checkNode(t, d.Path(), fmt.Sprintf("loop%d/dev", d.Number()))
 		checkData(t, d.Path(), f, 0)
+	})
+	t.Run("MakeNode, Reuse", func(t *testing.T) {
+		f := tempFile(t, 1<<20)
+		o := Options{MakeNode: true, Reuse: true}
+		d, _ := attachInContainer(t, f.Name(), o, nil)
+		// Another process of the container comes to the same image
+		// without the node: it must find the device, make its node, and
+		// share it.
+		if err := os.Remove(d.Path()); err != nil {
+			t.Fatal(err)
+		}
+		d2, err := Attach(context.Background(), f.Name(), o)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer d2.Close()
+		if d2.Number() != d.Number() || !d2.Shared() {
+			d2.ClearFD()
+			t.Fatalf("Attach with Reuse gave loop%d (shared %v), want loop%d shared", d2.Number(), d2.Shared(), d.Number())
+		}
+		checkNode(t, d.Path(), fmt.Sprintf("loop%d/dev", d.Number()))
 	})
 	t.Run("MakeNode, partitions added", func(t *testing.T) {
 		f := tempFile(t, 4<<20)

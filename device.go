@@ -102,9 +102,10 @@ type Options struct {
 	// kernel makes no nodes. The node gets the device number sysfs gives
 	// and mode 0660, as MakeNode makes it, under the attach lock. With
 	// FlagPartScan, Attach also makes the nodes of the partitions the
-	// kernel found. A node Attach makes stays, as devtmpfs would keep it,
-	// unless it cannot be opened (a device cgroup refusing the device),
-	// when Attach removes it again. Without MakeNode a missing node fails
+	// kernel found, and with Reuse the node of a device it shares. A
+	// node Attach makes stays, as devtmpfs would keep it, unless it
+	// cannot be opened (a device cgroup refusing the device), when
+	// Attach removes it again. Without MakeNode a missing node fails
 	// Attach at once with a *NodeMissingError. Making a node needs
 	// CAP_MKNOD in the initial user namespace, and the container's device
 	// rules must allow block devices 7:* (and 259:* for partitions).

@@ -96,6 +96,11 @@
 // /example reads as /example/..., from the host too, and a host's binding
 // may name a path a container cannot reach. FindByBackingFile matches by
 // device and inode, not by path, so it finds a binding from either side.
+// That takes the devices' nodes: where they are missing, List and
+// FindByBackingFile read sysfs, which gives no inode, and take the
+// backing file's device and inode from a stat of its path in this
+// process's mount namespace, so that a binding made in another is missed,
+// or, where another file has that path here, taken for that file's.
 //
 // # Bindings, not numbers
 //

@@ -40,7 +40,7 @@ func sharedDevice(fd uintptr, o Options) (*Device, error) {
 		n, s := r.n, r.s
 		b := bindingOf(s)
 		if b == want {
-			if d := openShared(s, want); d != nil {
+			if d := openShared(s, want, o.MakeNode); d != nil {
 				return d, nil
 			}
 			continue // torn down, or bound anew, since
@@ -83,8 +83,12 @@ func (b binding) overlaps(c binding) bool {
 
 // openShared opens the device of binding s read-write and returns it if
 // it still is that binding (OpenBinding), with the settings want, else
-// nil.
-func openShared(s Status, want binding) *Device {
+// nil. With makeNode it first makes the device's node if it is missing
+// (a container's /dev), as Attach would for a device it binds.
+func openShared(s Status, want binding, makeNode bool) *Device {
+	if makeNode {
+		MakeNode(s.Number) // if it fails, so does the open
+	}
 	d, err := OpenBinding(s)
 	if err != nil {
 		return nil
