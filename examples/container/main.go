@@ -3,8 +3,8 @@
 // Command container binds a disk image inside a container whose /dev is a
 // tmpfs, as container runtimes give it: there the kernel makes no
 // /dev/loopN nodes, and a program given only /dev/loop-control
-// (`docker run --device /dev/loop-control --cap-add SYS_ADMIN --cap-add
-// MKNOD ...`) finds that LOOP_CTL_GET_FREE names a device it cannot open.
+// (`docker run --device /dev/loop-control --cap-add MKNOD
+// --device-cgroup-rule 'b 7:* rwm' ...`) finds that LOOP_CTL_GET_FREE names a device it cannot open.
 // With Options.MakeNode, Attach makes the device's node (and, with
 // FlagPartScan, its partitions'), from the numbers sysfs gives, and goes
 // on; without it, the error carries the device's number
@@ -61,7 +61,7 @@ func main() {
 		err = withImage(startContainer)
 	}
 	if errors.Is(err, fs.ErrPermission) {
-		log.Print("it needs root, and in a container CAP_SYS_ADMIN and CAP_MKNOD " +
+		log.Print("it needs root, and in a container CAP_MKNOD " +
 			"and a device rule for block devices 7:* and 259:* (see the README)")
 	}
 	if err != nil {
