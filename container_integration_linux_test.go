@@ -40,6 +40,9 @@ var containers = map[string]*syscall.SysProcAttr{
 	// Root without CAP_MKNOD, as a runtime that drops it starts a
 	// container (Kubernetes' restricted profile drops every capability).
 	"nocap": {Unshareflags: syscall.CLONE_NEWNS},
+	// Root under device rules (a devices cgroup it joins) that refuse
+	// loop devices.
+	"cgroup": {Unshareflags: syscall.CLONE_NEWNS},
 	// A new user namespace too, root in it mapped to root outside:
 	// `unshare -U -r -m`, a rootless container. No device node can be
 	// made there.
@@ -53,10 +56,10 @@ var containers = map[string]*syscall.SysProcAttr{
 // zero, as a container runtime gives it: the kernel makes no /dev/loopN
 // there. In a mount namespace, Attach without MakeNode fails at once
 // with the device's number, and with it binds, writes and reads, with
-// partitions; in a user namespace, where mknod is refused, MakeNode's
-// EPERM is reported as such, at once. A binding made in the container
-// from a bind-mounted directory is found from here by FindByBackingFile on
-// this side's path.
+// partitions. In a user namespace, as root without CAP_MKNOD and under
+// device rules that refuse loop devices, MakeNode's EPERM says which, at
+// once. A binding made in the container from a bind-mounted directory is
+// found from here by FindByBackingFile on this side's path.
 func TestKernelContainer(t *testing.T) {
 	switch os.Getenv(containerEnv) {
 	case "mount":
@@ -91,32 +94,24 @@ func TestKernelContainer(t *testing.T) {
 	}
 	requireKernel(t)
 	for _, kind := range []string{"mount", "nocap", "user"} {
-		t.Run(kind, func(t *testing.T) {
-			cmd := exec.Command(os.Args[0], "-test.run=^TestKernelContainer$", "-test.count=1", "-test.v")
-			cmd.Env = append(os.Environ(), containerEnv+"="+kind)
-			cmd.SysProcAttr = containers[kind]
-			out, err := cmd.CombinedOutput()
-			if err != nil {
-				t.Fatalf("in the container: %v\n%s", err, out)
-			}
-			t.Logf("in the container:\n%s", out)
-			if !bytes.Contains(out, []byte("--- PASS: TestKernelContainer")) {
-				t.Fatal("the container's test did not pass")
-			}
-		})
+		t.Run(kind, func(t *testing.T) { runContainer(t, kind) })
 	}
-	t.Run("cgroup", func(t *testing.T) {
-		cg := devicesCgroup(t)
-		cmd := exec.Command(os.Args[0], "-test.run=^TestKernelContainer$", "-test.count=1", "-test.v")
-		cmd.Env = append(os.Environ(), containerEnv+"=cgroup", containerDirEnv+"="+cg)
-		cmd.SysProcAttr = &syscall.SysProcAttr{Unshareflags: syscall.CLONE_NEWNS}
-		out, err := cmd.CombinedOutput()
-		if err != nil || !bytes.Contains(out, []byte("--- PASS: TestKernelContainer")) {
-			t.Fatalf("in the container: %v\n%s", err, out)
-		}
-		t.Logf("in the container:\n%s", out)
-	})
+	t.Run("cgroup", func(t *testing.T) { runContainer(t, "cgroup", containerDirEnv+"="+devicesCgroup(t)) })
 	t.Run("bindmount", testBindMounted)
+}
+
+// runContainer runs the test again in the container kind, with env
+// added, and fails unless it passes there.
+func runContainer(t *testing.T, kind string, env ...string) {
+	t.Helper()
+	cmd := exec.Command(os.Args[0], "-test.run=^TestKernelContainer$", "-test.count=1", "-test.v")
+	cmd.Env = append(append(os.Environ(), containerEnv+"="+kind), env...)
+	cmd.SysProcAttr = containers[kind]
+	out, err := cmd.CombinedOutput()
+	if err != nil || !bytes.Contains(out, []byte("--- PASS: TestKernelContainer")) {
+		t.Fatalf("in the container: %v\n%s", err, out)
+	}
+	t.Logf("in the container:\n%s", out)
 }
 
 // devicesCgroup makes a cgroup of the (version 1) devices controller for
