@@ -487,8 +487,23 @@ func testBindMounted(t *testing.T) {
 		t.Fatalf("FindByBackingFile(%s) = %+v, want loop%d, bound in the container", f.Name(), found, n)
 	}
 	// The path is the one the binder saw, in its mount namespace.
-	if want := bindMountPoint + "/" + filepath.Base(f.Name()); found[0].BackingFile != want {
+	want := bindMountPoint + "/" + filepath.Base(f.Name())
+	if found[0].BackingFile != want {
 		t.Errorf("BackingFile %q, want the container's %q", found[0].BackingFile, want)
+	}
+	// So do List, and Status of the device opened here.
+	list, err := List()
+	if i := slices.IndexFunc(list, func(s Status) bool { return s.Number == n }); err != nil || i < 0 || list[i] != found[0] {
+		t.Errorf("List = %+v, %v; want loop%d as FindByBackingFile gave it", list, err, n)
+	}
+	d, err := OpenDevice(n)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := d.Status()
+	d.Close()
+	if err != nil || s != found[0] {
+		t.Errorf("Status from here = %+v, %v; want %+v", s, err, found[0])
 	}
 	c.stdin.Close() // the child detaches
 	if err := c.cmd.Wait(); err != nil {
@@ -528,6 +543,9 @@ func bindMountChild(t *testing.T) {
 	defer detach(t, d)
 	if found, err := FindByBackingFile(path); err != nil || len(found) != 1 || found[0].BackingFile != path {
 		t.Errorf("in the container, FindByBackingFile(%s) = %+v, %v", path, found, err)
+	}
+	if s, err := d.Status(); err != nil || s.BackingFile != path {
+		t.Errorf("in the container, Status = %+v, %v; want the backing file %s", s, err, path)
 	}
 	fmt.Printf("bound %d\n", d.Number())
 	var b [1]byte
