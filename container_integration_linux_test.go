@@ -17,7 +17,6 @@ import (
 	"strings"
 	"syscall"
 	"testing"
-	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -290,6 +289,43 @@ func missingNodeOf(t *testing.T, err error) *NodeMissingError {
 	return missing
 }
 
+// machineDev mounts the machine's devtmpfs, which the container's /dev
+// hides, on a directory of its own, within the container's mount
+// namespace, and returns the directory: its nodes are the ones udev opens
+// and locks. The directory is removed, never emptied: were the unmount
+// to fail, its contents would be the machine's nodes.
+func machineDev(t *testing.T) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "machine-dev-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Mount("devtmpfs", dir, "devtmpfs", unix.MS_NOSUID|unix.MS_NOEXEC, ""); err != nil {
+		os.Remove(dir)
+		t.Fatalf("mount devtmpfs: %v", err)
+	}
+	t.Cleanup(func() {
+		unix.Unmount(dir, unix.MNT_DETACH)
+		os.Remove(dir)
+	})
+	return dir
+}
+
+// lockExclusive takes an exclusive flock of the node at path, waiting for
+// any holder of a shared one (udev probing), and returns its release.
+func lockExclusive(t *testing.T, path string) func() {
+	t.Helper()
+	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Flock(fd, unix.LOCK_EX); err != nil {
+		unix.Close(fd)
+		t.Fatal(err)
+	}
+	return func() { unix.Close(fd) }
+}
+
 // inMountNS runs in a container that may make nodes.
 func inMountNS(t *testing.T) {
 	t.Run("without MakeNode", func(t *testing.T) {
@@ -337,15 +373,17 @@ func inMountNS(t *testing.T) {
 	t.Run("MakeNode, partitions added", func(t *testing.T) {
 		f := tempFile(t, 4<<20)
 		d, _ := attachInContainer(t, f.Name(), Options{MakeNode: true}, nil)
-		addPartition(t, d, 1, 2048, 2048) // in sectors: 1 MiB at 1 MiB
+		host := fmt.Sprintf("%s/loop%d", machineDev(t), d.Number())
+		release := addPartitionLocking(t, d, host, 1, 2048, 2048) // in sectors: 1 MiB at 1 MiB
 		// A partition added by hand outlives the binding: delete it
-		// before the device is detached, once udev is done with it.
+		// before the device is detached. udev probes a new partition
+		// holding a shared lock of its disk, and the kernel refuses to
+		// delete an open partition: an exclusive lock waits out the
+		// probe and keeps the next one off.
 		t.Cleanup(func() {
-			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
-			defer cancel()
-			if err := d.WaitUdev(ctx); err != nil {
-				t.Error(err)
-			}
+			release()
+			unlock := lockExclusive(t, host)
+			defer unlock()
 			if out, err := exec.Command("delpart", d.Path(), "1").CombinedOutput(); err != nil {
 				t.Errorf("delpart: %v: %s", err, out)
 			}

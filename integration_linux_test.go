@@ -717,7 +717,15 @@ func containsReq(seen []uint, req uint) bool {
 // release, or the test's end.
 func addPartition(t *testing.T, d *Device, num, start, size int) (release func()) {
 	t.Helper()
-	release = lockShared(t, d.Path())
+	return addPartitionLocking(t, d, d.Path(), num, start, size)
+}
+
+// addPartitionLocking is addPartition locking the disk through the node
+// at lockPath: udev locks the machine's node, and a container's node of
+// the same disk is another inode, whose lock holds udev off nothing.
+func addPartitionLocking(t *testing.T, d *Device, lockPath string, num, start, size int) (release func()) {
+	t.Helper()
+	release = lockShared(t, lockPath)
 	t.Cleanup(release)
 	args := []string{d.Path(), strconv.Itoa(num), strconv.Itoa(start), strconv.Itoa(size)}
 	if out, err := exec.Command("addpart", args...).CombinedOutput(); err != nil {
