@@ -178,3 +178,18 @@ func lockShared(t *testing.T, path string) func() {
 	var once sync.Once
 	return func() { once.Do(func() { unix.Close(fd) }) }
 }
+
+// lockExclusive takes an exclusive flock of the node at path, waiting for
+// any holder of a shared one (udev probing), and returns its release.
+func lockExclusive(t *testing.T, path string) func() {
+	t.Helper()
+	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Flock(fd, unix.LOCK_EX); err != nil {
+		unix.Close(fd)
+		t.Fatal(err)
+	}
+	return func() { unix.Close(fd) }
+}
