@@ -217,9 +217,10 @@ var _ io.Closer = (*Device)(nil)
 
 // OpenDevice opens /dev/loopN read-write. A missing node is an
 // *os.PathError matching fs.ErrNotExist, within a *NodeMissingError when
-// the device exists (a container's /dev): MakeNode makes the node. A device that the kernel is
-// tearing down (detached by its last close, or being removed) refuses the
-// open: the *os.PathError then says so and matches ErrNotBound and ENXIO.
+// the device exists (a container's /dev): MakeNode makes the node. A
+// device that the kernel is tearing down (detached by its last close, or
+// being removed) refuses the open: the *os.PathError then says so and
+// matches ErrNotBound and ENXIO.
 func OpenDevice(n int) (*Device, error) {
 	path := DevicePath(n)
 	if n < 0 || n > MaxNumber {
