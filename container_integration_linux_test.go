@@ -121,11 +121,9 @@ func runContainer(t *testing.T, kind string, env ...string) {
 func devicesCgroup(t *testing.T) string {
 	root := "/sys/fs/cgroup/devices"
 	if _, err := os.Stat(root + "/devices.deny"); err != nil {
-		root = t.TempDir()
-		if err := unix.Mount("cgroup", root, "cgroup", 0, "devices"); err != nil {
+		if root, err = mountOnTemp(t, "cgroup", 0, "devices"); err != nil {
 			t.Skipf("no devices cgroup controller of version 1 here (mount: %v)", err)
 		}
-		t.Cleanup(func() { unix.Unmount(root, 0) })
 	}
 	cg := filepath.Join(root, fmt.Sprintf("loopctl-test-%d", os.Getpid()))
 	if err := os.Mkdir(cg, 0o755); err != nil {
@@ -290,25 +288,36 @@ func missingNodeOf(t *testing.T, err error) *NodeMissingError {
 }
 
 // machineDev mounts the machine's devtmpfs, which the container's /dev
-// hides, on a directory of its own, within the container's mount
-// namespace, and returns the directory: its nodes are the ones udev opens
-// and locks. The directory is removed, never emptied: were the unmount
-// to fail, its contents would be the machine's nodes.
+// hides, within the container's mount namespace, and returns where: its
+// nodes are the ones udev opens and locks.
 func machineDev(t *testing.T) string {
 	t.Helper()
-	dir, err := os.MkdirTemp("", "machine-dev-")
+	dir, err := mountOnTemp(t, "devtmpfs", unix.MS_NOSUID|unix.MS_NOEXEC, "")
+	if err != nil {
+		t.Fatalf("mount devtmpfs: %v", err)
+	}
+	return dir
+}
+
+// mountOnTemp mounts a file system of type fstype on a new directory of
+// its own until the test ends, and returns the directory. The directory is
+// removed, never emptied: were the unmount to fail, its contents would be
+// the mounted file system's (the machine's device nodes, its cgroups).
+func mountOnTemp(t *testing.T, fstype string, flags uintptr, data string) (string, error) {
+	t.Helper()
+	dir, err := os.MkdirTemp("", fstype+"-")
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := unix.Mount("devtmpfs", dir, "devtmpfs", unix.MS_NOSUID|unix.MS_NOEXEC, ""); err != nil {
+	if err := unix.Mount(fstype, dir, fstype, flags, data); err != nil {
 		os.Remove(dir)
-		t.Fatalf("mount devtmpfs: %v", err)
+		return "", err
 	}
 	t.Cleanup(func() {
 		unix.Unmount(dir, unix.MNT_DETACH)
 		os.Remove(dir)
 	})
-	return dir
+	return dir, nil
 }
 
 // inMountNS runs in a container that may make nodes.
@@ -331,7 +340,7 @@ func inMountNS(t *testing.T) {
 	t.Run("MakeNode", func(t *testing.T) {
 		f := tempFile(t, 1<<20)
 		d, _ := attachInContainer(t, f.Name(), Options{MakeNode: true}, nil)
-		checkNode(t, d.Path(), fmt.Sprintf("loop%d/dev", d.Number()))
+		checkNode(t, d.Path(), d.Number(), "dev")
 		checkData(t, d.Path(), f, 0)
 	})
 	t.Run("MakeNode, Reuse", func(t *testing.T) {
@@ -353,7 +362,7 @@ func inMountNS(t *testing.T) {
 			d2.ClearFD()
 			t.Fatalf("Attach with Reuse gave loop%d (shared %v), want loop%d shared", d2.Number(), d2.Shared(), d.Number())
 		}
-		checkNode(t, d.Path(), fmt.Sprintf("loop%d/dev", d.Number()))
+		checkNode(t, d.Path(), d.Number(), "dev")
 	})
 	t.Run("MakeNode, partitions added", func(t *testing.T) {
 		f := tempFile(t, 4<<20)
@@ -384,7 +393,7 @@ func inMountNS(t *testing.T) {
 		if err := parts[0].MakeNode(); err != nil {
 			t.Fatal(err)
 		}
-		checkNode(t, parts[0].Path, fmt.Sprintf("loop%d/loop%dp1/dev", d.Number(), d.Number()))
+		checkNode(t, parts[0].Path, d.Number(), fmt.Sprintf("loop%dp1/dev", d.Number()))
 		checkData(t, parts[0].Path, f, int64(parts[0].Start))
 	})
 	t.Run("MakeNode, partitions scanned", func(t *testing.T) {
@@ -399,7 +408,7 @@ func inMountNS(t *testing.T) {
 			t.Fatalf("partitions %+v, %v; want 2", parts, err)
 		}
 		for i, p := range parts {
-			checkNode(t, p.Path, fmt.Sprintf("loop%d/loop%dp%d/dev", d.Number(), d.Number(), i+1))
+			checkNode(t, p.Path, d.Number(), fmt.Sprintf("loop%dp%d/dev", d.Number(), i+1))
 			checkData(t, p.Path, f, int64(p.Start))
 		}
 	})
@@ -427,11 +436,11 @@ func withoutCapMknod(t *testing.T) {
 	t.Logf("Attach with MakeNode: %v", err)
 }
 
-// checkNode checks that path is the block device node sysfs attribute
-// attr (relative to /sys/block) gives, with mode 0660.
-func checkNode(t *testing.T, path, attr string) {
+// checkNode checks that path is the block device node that attribute attr
+// of loop device n's sysfs directory gives, with mode 0660.
+func checkNode(t *testing.T, path string, n int, attr string) {
 	t.Helper()
-	want := strings.TrimSpace(readFile(t, "/sys/block/"+attr))
+	want := readAttr(t, n, attr)
 	var st unix.Stat_t
 	if err := unix.Stat(path, &st); err != nil {
 		t.Fatal(err)
@@ -471,15 +480,6 @@ func checkData(t *testing.T, path string, f *os.File, off int64) {
 			t.Fatalf("%s at %d: %q..., want the block written through %s", r.what, r.off, got[:16], path)
 		}
 	}
-}
-
-func readFile(t *testing.T, path string) string {
-	t.Helper()
-	b, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return string(b)
 }
 
 // bindMountPoint is where the container sees the host's directory: in a

@@ -167,29 +167,29 @@ func TestKernelWaitUdevNone(t *testing.T) {
 // however often it is called).
 func lockShared(t *testing.T, path string) func() {
 	t.Helper()
-	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := unix.Flock(fd, unix.LOCK_SH); err != nil {
-		unix.Close(fd)
-		t.Fatal(err)
-	}
-	var once sync.Once
-	return func() { once.Do(func() { unix.Close(fd) }) }
+	return lockNode(t, path, unix.LOCK_SH)
 }
 
 // lockExclusive takes an exclusive flock of the node at path, waiting for
 // any holder of a shared one (udev probing), and returns its release.
 func lockExclusive(t *testing.T, path string) func() {
 	t.Helper()
+	return lockNode(t, path, unix.LOCK_EX)
+}
+
+// lockNode takes flock how of the node at path, on a read-only descriptor
+// of its own, and returns what releases it (once, however often it is
+// called).
+func lockNode(t *testing.T, path string, how int) func() {
+	t.Helper()
 	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := unix.Flock(fd, unix.LOCK_EX); err != nil {
+	if err := unix.Flock(fd, how); err != nil {
 		unix.Close(fd)
 		t.Fatal(err)
 	}
-	return func() { unix.Close(fd) }
+	var once sync.Once
+	return func() { once.Do(func() { unix.Close(fd) }) }
 }
