@@ -37,9 +37,14 @@ func (d *Device) Status() (Status, error) {
 	}
 	var buf [sysfs.BufSize]byte
 	// Empty, or gone, once a teardown that began since has let go of the
-	// file: lo_file_name then stands.
-	if b, err := sysfs.ReadFile(sysfsLoopAttr(s.Number, "backing_file"), buf[:]); err == nil && sysfs.Value(b) != "" {
-		s.BackingFile = sysfs.Value(b)
+	// file: lo_file_name then stands. Any other failure (EMFILE) is an
+	// error, not a reason to give the short name.
+	b, err := sysfs.ReadFile(sysfsLoopAttr(s.Number, "backing_file"), buf[:])
+	if err := unbinding(err); err != nil {
+		return Status{}, newError(op, d.path, err)
+	}
+	if v := sysfs.Value(b); v != "" {
+		s.BackingFile = v
 	}
 	return s, nil
 }

@@ -173,7 +173,7 @@ func newError(op, path string, err error) error {
 	if err == nil {
 		return nil
 	}
-	return &Error{Op: op, Path: path, Err: err}
+	return &Error{Op: op, Path: path, Err: explainLimits(err)}
 }
 
 // invalid returns a cause for input refused before any ioctl; it matches

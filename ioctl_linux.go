@@ -463,3 +463,42 @@ func reopenReadOnly(fd uintptr) (uintptr, func(), error) {
 	}
 	return uintptr(ro), func() { closeFD(ro) }, nil
 }
+
+// explainLimits returns err with an EMFILE or ENFILE in it, from an open
+// or a socket, explained: which limit ran out, and the process's own
+// limit. The errno stays reachable with errors.Is; the rest of err, an
+// *os.PathError naming the file, a step, the backing file's failure, is
+// kept around it.
+func explainLimits(err error) error {
+	switch e := err.(type) {
+	case unix.Errno:
+		switch e {
+		case unix.EMFILE:
+			text := "this process has no file descriptor left"
+			var lim unix.Rlimit
+			if unix.Getrlimit(unix.RLIMIT_NOFILE, &lim) == nil {
+				text += " (its limit, RLIMIT_NOFILE, is " + strconv.FormatUint(lim.Cur, 10) + ")"
+			}
+			return &explained{text: text, errno: e}
+		case unix.ENFILE:
+			return &explained{text: "the machine has no file left to open (its limit is fs.file-max)", errno: e}
+		}
+	case *os.PathError:
+		if x := explainLimits(e.Err); x != e.Err {
+			return &os.PathError{Op: e.Op, Path: e.Path, Err: x}
+		}
+	case *os.SyscallError:
+		if x := explainLimits(e.Err); x != e.Err {
+			return &os.SyscallError{Syscall: e.Syscall, Err: x}
+		}
+	case *stepError:
+		if x := explainLimits(e.err); x != e.err {
+			return &stepError{step: e.step, err: x}
+		}
+	case *fileError:
+		if x := explainLimits(e.err); x != e.err {
+			return &fileError{err: x}
+		}
+	}
+	return err
+}

@@ -25,10 +25,13 @@ import (
 // backing file's full path (a file unlinked since binding reads with a
 // " (deleted)" suffix; see Status.Deleted).
 //
-// Where this process may open the devices (root, or the disk group), List
-// asks each one, on a read-only open: LOOP_GET_STATUS64 gives the binding
-// and the backing file's device and inode, BLKSSZGET and BLKGETSIZE64 the
-// block size and the size; sysfs gives only the full path
+// List tells a bound device from sysfs, without opening it: only a bound
+// device has a loop/ directory. So its cost grows with the bound devices,
+// not with every device the machine has. Where this process may open the
+// devices (root, or the disk group), List asks each bound one, on a
+// read-only open: LOOP_GET_STATUS64 gives the binding and the backing
+// file's device and inode, BLKSSZGET and BLKGETSIZE64 the block size and
+// the size; sysfs gives only the full path
 // (/sys/block/loopN/loop/backing_file). A device being detached refuses
 // the open (since Linux 6.11 until its last close; see Device.ClearFD) and
 // is left out, as is one unbound while List reads it. Such an open can
@@ -36,18 +39,19 @@ import (
 // close can be the last one of a device whose owner cleared it while it
 // was open elsewhere, which then runs that detach.
 //
-// Without that access, List reads everything from sysfs, which needs no
+// Without that access (EACCES or EPERM), or where /dev/loopN is missing
+// (a container), List reads everything from sysfs, which needs no
 // privilege, and takes BackingDevice and BackingInode from a stat of the
 // path (zero when it is deleted or out of reach). sysfs shows a device
 // being detached as bound until its teardown ends, so such a device is
-// then listed.
+// then listed. Any other error ends List: a process out of file
+// descriptors (EMFILE) or a machine out of files (ENFILE) gets an error
+// that says so, never an answer read another way.
 //
-// The process keeps each backing_file it reads open, one close-on-exec
-// descriptor a bound device, and reads it again at the next List,
-// FindByBackingFile or Options.Reuse look: the kernel formats the
-// attribute anew for each read, and opening it costs several times what
-// reading it does. A look closes the descriptor of a device it finds
-// unbound, bound anew (whose attribute is a new one) or removed.
+// List holds nothing between calls: it opens what it reads and closes it
+// before it returns. While it runs it holds the sysfs directory of the
+// devices and at most two descriptors a reading goroutine (one of up to
+// GOMAXPROCS), whatever the number of devices.
 func List() ([]Status, error) {
 	return list(nil)
 }
@@ -95,40 +99,9 @@ func (m *match) ofInfo(info *unix.LoopInfo64) bool {
 	return true
 }
 
-// list returns the bound devices that want matches.
+// list returns the bound devices that want matches, in order of number.
 func list(want *match) ([]Status, error) {
-	reads, err := readDevices(want)
-	if err != nil {
-		return nil, newError("list", sysfsRoot+"/block", err)
-	}
-	bound := 0
-	for i := range reads {
-		r := &reads[i]
-		if r.err != nil {
-			return nil, newError("list", DevicePath(r.n), r.err)
-		}
-		if r.ok {
-			bound++
-		}
-	}
-	if bound == 0 {
-		return nil, nil
-	}
-	out := make([]Status, 0, bound)
-	for i := range reads {
-		if reads[i].ok {
-			out = append(out, reads[i].s)
-		}
-	}
-	return out, nil
-}
-
-// A deviceRead is what readStatus found of device n.
-type deviceRead struct {
-	n   int
-	s   Status
-	ok  bool // bound (to the file asked for)
-	err error
+	return readDevices(want)
 }
 
 // devicesPerWorker is the share of the devices below which another
@@ -136,62 +109,104 @@ type deviceRead struct {
 // of syscalls, a goroutine about one to start.
 const devicesPerWorker = 32
 
-// readDevices reads every loop device that sysfs lists with readStatus, in
-// order of number. The reads are independent syscalls on different
-// devices, so with many devices they are spread over up to GOMAXPROCS
-// goroutines, each taking the next batch of devices as it finishes one.
-func readDevices(want *match) ([]deviceRead, error) {
+// A reader is one goroutine's share of a look: its buffers, and what it
+// found, in order of number.
+type reader struct {
+	scratch
+	found []Status
+	err   error // the first error, which ends the look
+}
+
+// readDevices returns the status of each bound loop device that want
+// matches, in order of number, read with readStatus. The reads are
+// independent syscalls on different devices, so with many devices they
+// are spread over up to GOMAXPROCS goroutines, each taking the next batch
+// of devices as it finishes one. An error ends every reader's work, and
+// is returned; each has closed what it opened by then.
+func readDevices(want *match) ([]Status, error) {
 	dir, err := openBlockDir()
 	if err != nil {
-		return nil, err
+		return nil, newError("list", sysfsRoot+"/block", err)
 	}
 	defer closeFD(dir.fd)
 	nums, err := loopNumbersIn(dir.fd)
 	if err != nil {
-		return nil, &os.PathError{Op: "readdirent", Path: dir.path, Err: err}
+		return nil, newError("list", dir.path, &os.PathError{Op: "readdirent", Path: dir.path, Err: err})
 	}
-	reads := make([]deviceRead, len(nums))
-	look := backingFiles.begin(dir)
 	const batch = 8
 	var next atomic.Int64
-	workers := min(runtime.GOMAXPROCS(0), (len(nums)+devicesPerWorker-1)/devicesPerWorker)
-	// Each reader's scratch is an allocation of its own: in one array, the
-	// fields one reader writes for every device would share cache lines with
+	var failed atomic.Bool
+	// Each reader is an allocation of its own: in one array, the fields
+	// one reader writes for every device would share cache lines with
 	// those the next reader's ioctls fill.
-	scratches := make([]*scratch, max(workers, 1))
-	for w := range scratches {
-		scratches[w] = &scratch{look: look}
-	}
-	work := func(sc *scratch) {
-		for {
+	readers := make([]*reader, max(1, min(runtime.GOMAXPROCS(0), (len(nums)+devicesPerWorker-1)/devicesPerWorker)))
+	work := func(r *reader) {
+		for !failed.Load() {
 			i := int(next.Add(batch)) - batch
 			if i >= len(nums) {
 				return
 			}
-			for j := i; j < min(i+batch, len(nums)); j++ {
-				r := &reads[j]
-				r.n = nums[j]
-				r.s, r.ok, r.err = readStatus(dir, r.n, want, sc)
+			for _, n := range nums[i:min(i+batch, len(nums))] {
+				s, ok, err := readStatus(dir, n, want, &r.scratch)
+				if err != nil {
+					r.err = newError("list", DevicePath(n), err)
+					failed.Store(true)
+					return
+				}
+				if ok {
+					r.found = append(r.found, s)
+				}
 			}
 		}
 	}
 	var wg sync.WaitGroup
-	for w := 1; w < workers; w++ {
-		wg.Go(func() { work(scratches[w]) })
+	for w := range readers {
+		readers[w] = new(reader)
+		if w > 0 {
+			wg.Go(func() { work(readers[w]) })
+		}
 	}
-	work(scratches[0])
+	work(readers[0])
 	wg.Wait()
-	backingFiles.end(look, nums, scratches)
-	return reads, nil
+	for _, r := range readers {
+		if r.err != nil {
+			return nil, r.err
+		}
+	}
+	return mergeFound(readers), nil
+}
+
+// mergeFound merges the readers' finds, each in order of number, into one
+// list in order of number; nil when there are none.
+func mergeFound(readers []*reader) []Status {
+	total := 0
+	for _, r := range readers {
+		total += len(r.found)
+	}
+	switch {
+	case total == 0:
+		return nil
+	case len(readers) == 1:
+		return readers[0].found
+	}
+	out := make([]Status, 0, total)
+	for len(out) < total {
+		first := -1
+		for i, r := range readers {
+			if len(r.found) > 0 && (first < 0 || r.found[0].Number < readers[first].found[0].Number) {
+				first = i
+			}
+		}
+		out = append(out, readers[first].found[0])
+		readers[first].found = readers[first].found[1:]
+	}
+	return out
 }
 
 // A blockDir is the open sysfs directory of the loop devices.
 type blockDir struct {
 	fd   int
 	path string
-	// sysfs is true when the directory is on sysfs, whose attributes
-	// backingFile may hold open (a fake tree in tests is not).
-	sysfs bool
 }
 
 // openBlockDir opens the directory where the loop devices' sysfs entries
@@ -204,31 +219,33 @@ func openBlockDir() (blockDir, error) {
 	for _, path := range []string{sysfsRoot + "/devices/virtual/block", sysfsRoot + "/block"} {
 		var fd int
 		if fd, err = openFD(path, unix.O_RDONLY|unix.O_DIRECTORY); err == nil {
-			var fs unix.Statfs_t
-			onSysfs := unix.Fstatfs(fd, &fs) == nil && fs.Type == unix.SYSFS_MAGIC
-			return blockDir{fd, path, onSysfs}, nil
+			return blockDir{fd, path}, nil
+		}
+		if !errors.Is(err, fs.ErrNotExist) {
+			break // out of descriptors, say: /sys/block would fail alike
 		}
 	}
 	return blockDir{}, err
 }
 
 // A scratch is one reader's buffers, so that reading a device allocates
-// only the Status's own strings, and its share of a look at backingFiles.
+// only the Status's own strings.
 type scratch struct {
 	info  unix.LoopInfo64 // LOOP_GET_STATUS64's answer
 	block blockAnswers
 	attr  [sysfs.BufSize]byte // an attribute's text
 	probe probeBuf
 	name  [64]byte // loopN/loop/backing_file, NUL-terminated
-	// look is the reader's share of a look at backingFiles: fd is the
-	// descriptor held for the device being read, if hasFD; changes are the
-	// descriptors to hold and to close once the look is over; found counts
-	// the devices read that had one.
-	look    *heldLook
-	fd      int
-	hasFD   bool
-	changes []heldChange
-	found   int
+}
+
+// loopAttr returns the name of device n's loop/backing_file relative to
+// the devices' directory, NUL-terminated, in sc.name, and the length of
+// the part "loopN/loop".
+func (sc *scratch) loopAttr(n int) (name []byte, dirLen int) {
+	name = strconv.AppendInt(append(sc.name[:0], "loop"...), int64(n), 10)
+	name = append(name, "/loop"...)
+	dirLen = len(name)
+	return append(name, "/backing_file\x00"...), dirLen
 }
 
 // readStatus reads device n's Status, reporting false when it is not bound
@@ -237,28 +254,56 @@ type scratch struct {
 // only in the device: a look for one fails with the open's error where
 // the device cannot be opened.
 //
+// An unbound device is told from sysfs, without opening it: it has no
+// loop/ directory. List, which reads every bound device's backing_file,
+// tells it by opening that; a search for a file or a reference, which
+// reads the backing_file of its matches alone, by an faccessat of the
+// directory.
+//
 // The backing file's name is read while the device is open: a device
 // cleared meanwhile is torn down only at its last close, so the name and
-// the answers of LOOP_GET_STATUS64 are of one binding.
+// the answers of LOOP_GET_STATUS64 are of one binding. An attribute opened
+// before the device may be of an earlier binding (the device unbound and
+// bound anew in between); it then reads ENODEV, and is opened again.
+//
+// Whatever it returns, readStatus has closed what it opened.
 func readStatus(block blockDir, n int, want *match, sc *scratch) (Status, bool, error) {
-	sc.lookUp(n)
-	h, err := sys.probe(n, &sc.probe)
-	if errors.Is(err, syscall.ENXIO) {
-		sc.drop(n)
-		return Status{}, false, nil // being torn down
+	name, dirLen := sc.loopAttr(n)
+	attr := -1
+	defer func() {
+		if attr >= 0 {
+			closeFD(attr)
+		}
+	}()
+	if want == nil {
+		fd, err := sysfs.OpenAttrAt(block.fd, block.path, name)
+		if err != nil {
+			return Status{}, false, unbinding(err)
+		}
+		attr = fd
+	} else {
+		name[dirLen] = 0
+		bound, err := sysfs.ExistsAt(block.fd, block.path, name[:dirLen+1])
+		name[dirLen] = '/'
+		if !bound {
+			return Status{}, false, err
+		}
 	}
-	if err != nil && want != nil && want.ref != "" {
+	h, err := sys.probe(n, &sc.probe)
+	switch {
+	case err == nil:
+		defer h.Close()
+	case errors.Is(err, syscall.ENXIO) || errors.Is(err, syscall.ENODEV):
+		return Status{}, false, nil // being torn down, or removed
+	case readSysfsInstead(err) && (want == nil || want.ref == ""):
+		s, ok, err := sysfsStatus(block, n, name, &attr, sc)
+		return s, ok && (want == nil || !want.byFile || want.file == backingFileID{s.BackingDevice, s.BackingInode}), err
+	default:
 		return Status{}, false, err
 	}
-	if err != nil {
-		s, ok, err := sysfsStatus(block, n, sc)
-		return s, ok && (want == nil || !want.byFile || want.file == backingFileID{s.BackingDevice, s.BackingInode}), err
-	}
-	defer h.Close()
 	info := &sc.info
 	if err := ioctlPtr(h, reqGetStatus64, unsafe.Pointer(info)); err != nil {
 		if errors.Is(err, syscall.ENXIO) {
-			sc.drop(n)
 			return Status{}, false, nil // unbound
 		}
 		return Status{}, false, inStep("LOOP_GET_STATUS64", err)
@@ -272,12 +317,22 @@ func readStatus(block blockDir, n int, want *match, sc *scratch) (Status, bool, 
 	if err := sc.block.read(h, &s); err != nil {
 		return Status{}, false, err
 	}
-	file, ok, err := backingFile(block, n, sc)
+	file, ok, err := sc.backingFile(block, name, &attr)
 	if !ok {
 		return Status{}, false, err
 	}
 	s.BackingFile, s.Ref = file, refOf(&ref, file)
 	return s, true, nil
+}
+
+// readSysfsInstead tells whether err, from opening a device, means that
+// the device is out of this process's reach, so that sysfs must tell what
+// it can: no right to open it (EACCES, EPERM), or no node (ENOENT: a
+// container's /dev; or the device was removed, which sysfs then shows).
+// Any other error (EMFILE, ENFILE, ENOMEM) is not a reason to read a
+// device another way.
+func readSysfsInstead(err error) bool {
+	return errors.Is(err, syscall.EACCES) || errors.Is(err, syscall.EPERM) || errors.Is(err, syscall.ENOENT)
 }
 
 // refOf returns lo_file_name, name, as a string: a slice of the backing
@@ -294,177 +349,32 @@ func refOf(name *[unix.LO_NAME_SIZE]byte, file string) string {
 	return string(name[:n])
 }
 
-// backingFile reads loop/backing_file of device n relative to block. It
-// reports false, with a nil error, for a device that is not bound: no
-// loop/ directory, or one unbound meanwhile, or an empty name, once a
-// teardown has let go of the file.
-//
-// On sysfs it reads the attribute through the descriptor backingFiles
-// holds, and holds the one it opens otherwise: opening a sysfs attribute
-// costs the kernel several times what reading it again costs, and this
-// read is a large part of List's work. A descriptor held from an earlier
-// binding reads ENODEV (its loop/ directory went at the unbinding), and is
-// replaced.
-func backingFile(block blockDir, n int, sc *scratch) (string, bool, error) {
-	name := strconv.AppendInt(append(sc.name[:0], "loop"...), int64(n), 10)
-	name = append(append(name, "/loop/backing_file"...), 0)
-	if sc.hasFD {
-		b, err := sysfs.Reread(sc.fd, block.path, name, sc.attr[:])
-		if !errors.Is(err, syscall.ENODEV) {
-			return backingName(b, err)
-		}
-		sc.drop(n)
-	}
-	fd, err := sysfs.OpenAttrAt(block.fd, block.path, name)
-	if err != nil {
-		return "", false, unbinding(err)
-	}
-	b, err := sysfs.Reread(fd, block.path, name, sc.attr[:])
-	if err != nil || !block.sysfs {
-		closeFD(fd)
-	} else {
-		sc.changes = append(sc.changes, heldChange{n: n, fd: fd, put: true})
-	}
-	return backingName(b, err)
-}
-
-// backingName is backingFile's answer for the attribute's text b, read
-// with err.
-func backingName(b []byte, err error) (string, bool, error) {
-	if err != nil || len(b) == 0 || b[0] == '\n' {
-		return "", false, unbinding(err)
-	}
-	return sysfs.Value(b), true, nil
-}
-
-// backingFiles holds the descriptors backingFile keeps, one a device that
-// a look (List, FindByBackingFile, Reuse) found bound, until a look finds
-// the device unbound, bound anew or gone.
-var backingFiles heldFiles
-
-// heldFiles is a set of open attributes by device number, all in one
-// directory.
-//
-// A look holds mu for reading from its start to its end, and reads fds
-// freely meanwhile; what it finds to change it changes at its end, holding
-// mu for writing. So no descriptor is ever closed while a look may read
-// it, and a look costs the set two atomic operations, and a lock only when
-// bindings have changed.
-type heldFiles struct {
-	mu  sync.RWMutex
-	dir string      // the directory of the attributes
-	fds map[int]int // descriptor by device number
-}
-
-// A heldLook is a look at heldFiles, in dir. fds does not change while the
-// look holds the read lock.
-type heldLook struct {
-	fds map[int]int // nil if those held are in another directory
-	dir string
-}
-
-// A heldChange is a descriptor that a look opened, to hold, or found of an
-// earlier binding, to close.
-type heldChange struct {
-	n, fd int
-	put   bool
-}
-
-// begin starts a look at the attributes in dir, if it is on sysfs (a fake
-// tree in tests is not, and holds nothing); end ends it.
-func (c *heldFiles) begin(dir blockDir) *heldLook {
-	if !dir.sysfs {
-		return nil
-	}
-	c.mu.RLock()
-	look := &heldLook{dir: dir.path}
-	if c.dir == dir.path {
-		look.fds = c.fds
-	}
-	return look
-}
-
-// lookUp finds the descriptor held for device n, which the reader reads
-// next.
-func (sc *scratch) lookUp(n int) {
-	sc.fd, sc.hasFD = -1, false
-	if sc.look != nil {
-		if sc.fd, sc.hasFD = sc.look.fds[n]; sc.hasFD {
-			sc.found++
-		}
-	}
-}
-
-// drop asks the look's end to close the descriptor held for device n, the
-// device being read.
-func (sc *scratch) drop(n int) {
-	if sc.hasFD {
-		sc.changes = append(sc.changes, heldChange{n: n, fd: sc.fd})
-		sc.hasFD = false
-	}
-}
-
-// end ends look, which listed the devices nums (in order), making the
-// changes its readers found: it closes descriptors of earlier bindings,
-// of devices unbound and of devices not in nums (removed), and holds those
-// opened, unless another look held one for the device first.
-func (c *heldFiles) end(look *heldLook, nums []int, readers []*scratch) {
-	if look == nil {
-		return
-	}
-	found, changed := 0, look.fds == nil
-	for i := range readers {
-		found += readers[i].found
-		changed = changed || len(readers[i].changes) > 0
-	}
-	removed := found < len(look.fds) // some held device not listed
-	c.mu.RUnlock()
-	if !changed && !removed {
-		return
-	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.dir != look.dir {
-		c.closeIf(func(int) bool { return true })
-		c.dir = look.dir
-	}
-	if c.fds == nil {
-		c.fds = make(map[int]int)
-	}
-	for i := range readers {
-		for _, ch := range readers[i].changes {
-			if !ch.put && c.fds[ch.n] == ch.fd {
-				delete(c.fds, ch.n)
-				closeFD(ch.fd)
+// backingFile reads the attribute loop/backing_file, name relative to
+// block, through *attr, which it opens first if it is -1; the caller
+// closes it. It reports false, with a nil error, for a device that is not
+// bound: no loop/ directory, or one unbound meanwhile, or an empty name,
+// once a teardown has let go of the file. A descriptor of an earlier
+// binding reads ENODEV (its loop/ directory went at the unbinding), and
+// is replaced.
+func (sc *scratch) backingFile(block blockDir, name []byte, attr *int) (string, bool, error) {
+	for again := *attr >= 0; ; again = false {
+		if *attr < 0 {
+			fd, err := sysfs.OpenAttrAt(block.fd, block.path, name)
+			if err != nil {
+				return "", false, unbinding(err)
 			}
+			*attr = fd
 		}
-	}
-	for i := range readers {
-		for _, ch := range readers[i].changes {
-			if !ch.put {
-				continue
-			}
-			if _, ok := c.fds[ch.n]; ok {
-				closeFD(ch.fd)
-			} else {
-				c.fds[ch.n] = ch.fd
-			}
+		b, err := sysfs.Reread(*attr, block.path, name, sc.attr[:])
+		if again && errors.Is(err, syscall.ENODEV) {
+			closeFD(*attr)
+			*attr = -1
+			continue
 		}
-	}
-	c.closeIf(func(n int) bool {
-		_, listed := slices.BinarySearch(nums, n)
-		return !listed
-	})
-}
-
-// closeIf closes the descriptors of the devices n for which gone is true.
-// The caller holds c.mu for writing.
-func (c *heldFiles) closeIf(gone func(n int) bool) {
-	for n, fd := range c.fds {
-		if gone(n) {
-			delete(c.fds, n)
-			closeFD(fd)
+		if err != nil || len(b) == 0 || b[0] == '\n' {
+			return "", false, unbinding(err)
 		}
+		return sysfs.Value(b), true, nil
 	}
 }
 
@@ -595,14 +505,15 @@ func sysfsLoopAttr(n int, attr string) string {
 
 // sysfsStatus reads device n's binding from sysfs, relative to block (the
 // devices' sysfs directory), into a Status, for a process that may not
-// open the device. It reports false for an unbound device, and for one
-// unbound or being torn down while it reads.
-func sysfsStatus(block blockDir, n int, sc *scratch) (Status, bool, error) {
-	file, ok, err := backingFile(block, n, sc)
+// open the device. name and attr are backingFile's. It reports false for
+// an unbound device, and for one unbound or being torn down while it
+// reads.
+func sysfsStatus(block blockDir, n int, name []byte, attr *int, sc *scratch) (Status, bool, error) {
+	file, ok, err := sc.backingFile(block, name, attr)
 	if !ok {
 		return Status{}, false, err
 	}
-	name := "loop" + strconv.Itoa(n)
+	dev := "loop" + strconv.Itoa(n)
 	s := Status{Number: n, BackingFile: file}
 	var sectors, blockSize uint64
 	for _, a := range [...]struct {
@@ -619,7 +530,7 @@ func sysfsStatus(block blockDir, n int, sc *scratch) (Status, bool, error) {
 		{"/size", &sectors, 0},
 		{"/queue/logical_block_size", &blockSize, 0},
 	} {
-		b, err := sysfs.ReadFileAt(block.fd, block.path, name+a.attr, sc.attr[:])
+		b, err := sysfs.ReadFileAt(block.fd, block.path, dev+a.attr, sc.attr[:])
 		if err != nil {
 			return Status{}, false, unbinding(err)
 		}
@@ -632,14 +543,14 @@ func sysfsStatus(block blockDir, n int, sc *scratch) (Status, bool, error) {
 			}
 		}
 		if err != nil {
-			return Status{}, false, &os.PathError{Op: "parse", Path: block.path + "/" + name + a.attr, Err: err}
+			return Status{}, false, &os.PathError{Op: "parse", Path: block.path + "/" + dev + a.attr, Err: err}
 		}
 	}
 	s.Size, s.BlockSize = sectors*512, uint32(blockSize)
 	// Kernels before 5.15 have no diskseq: 0.
-	if b, err := sysfs.ReadFileAt(block.fd, block.path, name+"/diskseq", sc.attr[:]); err == nil {
+	if b, err := sysfs.ReadFileAt(block.fd, block.path, dev+"/diskseq", sc.attr[:]); err == nil {
 		if s.DiskSeq, err = sysfs.Uint(b); err != nil {
-			return Status{}, false, &os.PathError{Op: "parse", Path: block.path + "/" + name + "/diskseq", Err: err}
+			return Status{}, false, &os.PathError{Op: "parse", Path: block.path + "/" + dev + "/diskseq", Err: err}
 		}
 	}
 	if !s.Deleted() {

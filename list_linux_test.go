@@ -3,14 +3,15 @@
 package loopctl
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io/fs"
-	"maps"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
+	"syscall"
 	"testing"
 
 	"golang.org/x/sys/unix"
@@ -73,19 +74,17 @@ func TestListFake(t *testing.T) {
 		if !slices.Equal(list, want) {
 			t.Fatalf("List (no access: %t):\n%+v\nwant:\n%+v", noAccess, list, want)
 		}
-		// Each device is opened once, asked, and closed.
+		// Each bound device is opened once, asked, and closed; the
+		// others, which sysfs shows unbound, are not opened.
 		var wantLog []string
-		for n := range 12 {
+		for _, n := range []int{2, 9, 10} {
 			dev := DevicePath(n)
 			wantLog = append(wantLog, "open "+dev)
 			if noAccess {
 				continue
 			}
-			wantLog = append(wantLog, "LOOP_GET_STATUS64 "+dev)
-			if n == 2 || n == 9 || n == 10 {
-				wantLog = append(wantLog, "BLKSSZGET "+dev, "BLKGETSIZE64 "+dev, "BLKGETDISKSEQ "+dev)
-			}
-			wantLog = append(wantLog, "close "+dev)
+			wantLog = append(wantLog, "LOOP_GET_STATUS64 "+dev, "BLKSSZGET "+dev, "BLKGETSIZE64 "+dev,
+				"BLKGETDISKSEQ "+dev, "close "+dev)
 		}
 		if log := k.calls("")[before:]; !slices.Equal(log, wantLog) {
 			t.Fatalf("List (no access: %t) made calls %q", noAccess, log)
@@ -293,9 +292,8 @@ func TestListMidTeardown(t *testing.T) {
 func TestStatusMidTeardown(t *testing.T) {
 	k := useFake(t, 1)
 	d, f := bindFake(t, k, 0, Options{})
-	k.mu.Lock()
-	k.devs[0].backing = "" // what sysfs shows from the kernel's next sync on
-	k.mu.Unlock()
+	// Begun as LOOP_GET_STATUS64 answers: sysfs shows it at once.
+	k.actAt("BLKSSZGET", k.counts["BLKSSZGET"]+1, func(k *fakeKernel) { k.devs[0].backing = ""; k.sync(0) }, nil)
 	s, err := d.Status()
 	if want := f.Name()[:unix.LO_NAME_SIZE-1]; err != nil || s.BackingFile != want {
 		t.Fatalf("Status = %+v, %v; want lo_file_name %q", s, err, want)
@@ -451,85 +449,157 @@ func TestDeviceSettersFake(t *testing.T) {
 	}
 }
 
-// TestHeldFilesEnd checks what a look's end does to the held descriptors:
-// those of earlier bindings closed unless replaced since, the first
-// descriptor opened for a device kept and a later one closed, those of
-// devices no longer listed closed, all of them closed for another
-// directory.
-func TestHeldFilesEnd(t *testing.T) {
-	open := func() int {
-		fd, err := unix.Open(os.DevNull, unix.O_RDONLY|unix.O_CLOEXEC, 0)
-		if err != nil {
+// openDescriptors returns the descriptors open in this process, found
+// with fcntl, which opens none itself.
+func openDescriptors(t *testing.T) []int {
+	t.Helper()
+	var lim unix.Rlimit
+	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &lim); err != nil {
+		t.Fatal(err)
+	}
+	var fds []int
+	for fd := range int(min(lim.Cur, 1<<16)) {
+		if _, err := unix.FcntlInt(uintptr(fd), unix.F_GETFD, 0); err == nil {
+			fds = append(fds, fd)
+		}
+	}
+	return fds
+}
+
+// withDescriptors runs fn with the process allowed extra descriptors
+// beyond those it has open: RLIMIT_NOFILE is lowered to the number below
+// which exactly extra are free, and set back after.
+func withDescriptors(t *testing.T, extra int, fn func()) {
+	t.Helper()
+	var lim syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
+		t.Fatal(err)
+	}
+	open := openDescriptors(t)
+	limit := 0
+	for free := 0; ; limit++ {
+		if !slices.Contains(open, limit) {
+			if free == extra {
+				break
+			}
+			free++
+		}
+	}
+	low := lim
+	low.Cur = uint64(limit)
+	if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &low); err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
 			t.Fatal(err)
 		}
-		return fd
-	}
-	isOpen := func(fd int) bool {
-		_, err := unix.FcntlInt(uintptr(fd), unix.F_GETFD, 0)
-		return err == nil
-	}
-	var c heldFiles
-	t.Cleanup(func() {
-		c.mu.Lock()
-		c.closeIf(func(int) bool { return true })
-		c.mu.Unlock()
-	})
-	dir := blockDir{path: "/sys/devices/virtual/block", sysfs: true}
-	look := func(nums []int, changes ...heldChange) {
-		t.Helper()
-		l := c.begin(dir)
-		sc := &scratch{look: l, changes: changes}
-		for _, n := range nums {
-			sc.lookUp(n)
+	}()
+	fn()
+}
+
+// TestLookupsOutOfDescriptors runs each lookup with ever more descriptors
+// to spare, so that each open it makes in turn fails with EMFILE (the
+// sysfs directory, the attributes; the device's open, which the fake
+// kernel serves, through a fault): each such failure is an *Error that
+// says what ran out and matches EMFILE, and leaves no descriptor open and
+// no device bound. None is taken for a reason to read a device another
+// way: a device whose open fails with EMFILE or ENFILE is never read from
+// sysfs instead.
+func TestLookupsOutOfDescriptors(t *testing.T) {
+	for _, noAccess := range []bool{false, true} {
+		k := useFake(t, 4)
+		_, f1 := bindFake(t, k, 1, Options{Ref: "mine"})
+		_, f3 := bindFake(t, k, 3, Options{})
+		k.noAccess = noAccess
+		lookups := []struct {
+			name  string
+			run   func() (int, error) // how many it found
+			found int
+			// opens is what the paths of the opens that fail must
+			// include, by their ends: the devices' sysfs directory, and
+			// the backing_file of a device read.
+			opens []string
+		}{
+			{"List", func() (int, error) { s, err := List(); return len(s), err }, 2, []string{"/block", "/loop/backing_file"}},
+			{"FindByBackingFile", func() (int, error) { s, err := FindByBackingFile(f3.Name()); return len(s), err }, 1,
+				[]string{"/block", "/loop/backing_file"}},
+			{"FindByRef", func() (int, error) { s, err := FindByRef("mine"); return len(s), err }, 1,
+				[]string{"/block", "/loop/backing_file"}},
+			{"Attach with Reuse", func() (int, error) {
+				d, err := Attach(context.Background(), f1.Name(), Options{Ref: "mine", Reuse: true})
+				if err != nil {
+					return 0, err
+				}
+				defer d.Close()
+				if !d.Shared() {
+					t.Errorf("Attach with Reuse bound %s anew", d.Path())
+				}
+				return 1, nil
+			}, 1, []string{f1.Name(), "/loop/backing_file"}},
+			// A reference that matches nothing reads no backing_file.
+			{"Sweep", func() (int, error) { s, err := Sweep(context.Background(), "nobody's"); return len(s), err }, 0,
+				[]string{"/block"}},
 		}
-		c.end(l, nums, []*scratch{sc})
-	}
-	held := func(want map[int]int) {
-		t.Helper()
-		if !maps.Equal(c.fds, want) {
-			t.Fatalf("held %v, want %v", c.fds, want)
+		for _, l := range lookups {
+			if noAccess && (l.name != "List" && l.name != "FindByBackingFile") {
+				continue // the reference is only in the device
+			}
+			var failed []string // the paths whose open failed, in turn
+			for extra := 0; ; extra++ {
+				if extra == 8 {
+					t.Fatalf("no access %t: %s failed with 8 descriptors to spare: %v", noAccess, l.name, failed)
+				}
+				before, bound := openDescriptors(t), k.bound()
+				var found int
+				var err error
+				withDescriptors(t, extra, func() { found, err = l.run() })
+				if after := openDescriptors(t); !slices.Equal(after, before) {
+					t.Fatalf("no access %t: %s with %d to spare left descriptors %v, had %v", noAccess, l.name, extra, after, before)
+				}
+				if now := k.bound(); !slices.Equal(now, bound) {
+					t.Fatalf("no access %t: %s with %d to spare: bound %v, was %v", noAccess, l.name, extra, now, bound)
+				}
+				if err == nil {
+					if found != l.found {
+						t.Fatalf("no access %t: %s found %d, want %d", noAccess, l.name, found, l.found)
+					}
+					break
+				}
+				var e *Error
+				var pe *os.PathError
+				if !errors.As(err, &e) || !errors.Is(err, unix.EMFILE) || !errors.As(err, &pe) ||
+					!strings.Contains(err.Error(), "no file descriptor left (its limit, RLIMIT_NOFILE, is ") {
+					t.Fatalf("no access %t: %s with %d to spare = %v; want an *Error of an open, matching EMFILE, saying what ran out", noAccess, l.name, extra, err)
+				}
+				failed = append(failed, pe.Path)
+			}
+			for _, end := range l.opens {
+				if !slices.ContainsFunc(failed, func(p string) bool { return strings.HasSuffix(p, end) }) {
+					t.Errorf("no access %t: %s failed at the opens of %q; want one of ...%s among them", noAccess, l.name, failed, end)
+				}
+			}
 		}
-	}
 
-	a, b := open(), open()
-	look([]int{1, 2}, heldChange{n: 1, fd: a, put: true}, heldChange{n: 2, fd: b, put: true})
-	held(map[int]int{1: a, 2: b})
-
-	// Two readers opened device 1's attribute: the first is held.
-	a2 := open()
-	look([]int{1, 2}, heldChange{n: 1, fd: a}, heldChange{n: 1, fd: a2, put: true})
-	held(map[int]int{1: a2, 2: b})
-	if isOpen(a) {
-		t.Fatalf("descriptor %d of an earlier binding left open", a)
-	}
-	a3 := open()
-	look([]int{1, 2}, heldChange{n: 1, fd: a3, put: true})
-	held(map[int]int{1: a2, 2: b})
-	if isOpen(a3) {
-		t.Fatalf("second descriptor %d of device 1 left open", a3)
-	}
-
-	// A stale drop, of a descriptor replaced since, closes nothing.
-	look([]int{1, 2}, heldChange{n: 1, fd: a})
-	held(map[int]int{1: a2, 2: b})
-
-	// Device 2 removed.
-	look([]int{1})
-	held(map[int]int{1: a2})
-	if isOpen(b) || !isOpen(a2) {
-		t.Fatalf("removed device's descriptor open: %v; listed device's: %v", isOpen(b), isOpen(a2))
-	}
-
-	// Another directory: everything goes.
-	dir = blockDir{path: "/sys/block", sysfs: true}
-	look([]int{1})
-	held(map[int]int{})
-	if isOpen(a2) {
-		t.Fatalf("descriptor %d of another directory left open", a2)
-	}
-
-	// Not sysfs: nothing is held, and a look costs no lock.
-	if l := c.begin(blockDir{path: t.TempDir()}); l != nil {
-		t.Fatalf("a look at a fake tree: %+v", l)
+		// The device's own open.
+		for _, errno := range []unix.Errno{unix.EMFILE, unix.ENFILE} {
+			k.failAt("open /dev/loop3", k.counts["open /dev/loop3"]+1, errno)
+			before := openDescriptors(t)
+			list, err := List()
+			var e *Error
+			switch {
+			case noAccess:
+				// Without access the open fails with EACCES first: sysfs.
+				continue
+			case err == nil:
+				t.Fatalf("List with %v from the open of loop3 = %+v; want the error, not sysfs's answer", errno, list)
+			case !errors.As(err, &e) || e.Path != "/dev/loop3" || !errors.Is(err, errno) ||
+				!strings.Contains(err.Error(), map[unix.Errno]string{unix.EMFILE: "no file descriptor left", unix.ENFILE: "no file left"}[errno]):
+				t.Fatalf("List with %v from the open of loop3 = %v; want an *Error of /dev/loop3 saying what ran out", errno, err)
+			}
+			if after := openDescriptors(t); !slices.Equal(after, before) {
+				t.Fatalf("List left descriptors %v, had %v", after, before)
+			}
+		}
 	}
 }

@@ -214,7 +214,7 @@ func (m *Monitor) receive(ctx context.Context) error {
 	// change, and its disk sequence number is the device's, not a
 	// binding's: the kernel sent an event of its own for every change.
 	if e, ok := parseUevent(m.buf[:n]); ok && !e.synthetic {
-		m.translate(e)
+		return m.translate(e)
 	}
 	return nil
 }
@@ -293,7 +293,8 @@ func (m *Monitor) lost() error {
 }
 
 // translate queues the events uevent e makes, checked against the kernel.
-func (m *Monitor) translate(e uevent) {
+// An error reading the kernel's state ends it, and the event is lost.
+func (m *Monitor) translate(e uevent) error {
 	ev := Event{Number: e.number, Partition: e.partition, DiskSeq: e.diskSeq, Seq: e.seq}
 	if e.partition != 0 {
 		switch e.action {
@@ -302,17 +303,17 @@ func (m *Monitor) translate(e uevent) {
 		case "remove":
 			ev.Kind = EventPartitionRemoved
 		default:
-			return
+			return nil
 		}
 		m.pending = append(m.pending, ev)
-		return
+		return nil
 	}
 	switch e.action {
 	case "add":
 		ev.Kind = EventAdded
 		m.last[e.number] = devState{diskSeq: e.diskSeq}
 		m.pending = append(m.pending, ev)
-		return
+		return nil
 	case "remove":
 		if last := m.last[e.number]; last.bound {
 			m.pending = append(m.pending, Event{Kind: EventUnbound, Number: e.number, DiskSeq: last.diskSeq, Seq: e.seq})
@@ -320,17 +321,21 @@ func (m *Monitor) translate(e uevent) {
 		delete(m.last, e.number)
 		ev.Kind = EventRemoved
 		m.pending = append(m.pending, ev)
-		return
+		return nil
 	}
 	if e.resize {
 		ev.Kind = EventResized
 		m.pending = append(m.pending, ev)
-		return
+		return nil
 	}
-	now := readDevState(e.number, false)
+	now, err := readDevState(e.number, false)
+	if err != nil {
+		return newError("monitor", sysfs.LoopDir(sysfsRoot, e.number), err)
+	}
 	events, last := changes(m.last[e.number], now, e, ev)
 	m.pending = append(m.pending, events...)
 	m.last[e.number] = last
+	return nil
 }
 
 // changes returns the Bound and Unbound events that a change uevent e
@@ -451,39 +456,56 @@ func scanDevices(full bool) (map[int]devState, error) {
 	}
 	out := make(map[int]devState, len(nums))
 	for _, n := range nums {
-		out[n] = readDevState(n, full)
+		s, err := readDevState(n, full)
+		if err != nil {
+			return nil, err
+		}
+		out[n] = s
 	}
 	return out, nil
 }
 
 // readDevState reads from sysfs what the kernel shows of device n now:
 // bound or not, its disk sequence number (0 before 5.15); with full, its
-// size and partitions.
-func readDevState(n int, full bool) devState {
+// size and partitions. What is missing is so (the device removed
+// meanwhile, a kernel without diskseq); any other failure to read (EMFILE,
+// say) is an error, never a state.
+func readDevState(n int, full bool) (devState, error) {
 	var s devState
 	dir := sysfs.LoopDir(sysfsRoot, n)
 	_, err := os.Lstat(dir + "/loop")
-	s.bound = err == nil
+	if s.bound = err == nil; err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return devState{}, err
+	}
 	var buf [sysfs.BufSize]byte
-	if b, err := sysfs.ReadFile(dir+"/diskseq", buf[:]); err == nil {
-		s.diskSeq, _ = sysfs.Uint(b)
+	read := func(attr string, v *uint64) error {
+		b, err := sysfs.ReadFile(dir+"/"+attr, buf[:])
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil
+		}
+		if err == nil {
+			*v, _ = sysfs.Uint(b)
+		}
+		return err
 	}
-	if !full {
-		return s
+	if err := read("diskseq", &s.diskSeq); err != nil || !full {
+		return s, err
 	}
-	if b, err := sysfs.ReadFile(dir+"/size", buf[:]); err == nil {
-		s.size, _ = sysfs.Uint(b)
+	if err := read("size", &s.size); err != nil {
+		return devState{}, err
 	}
-	if ents, err := os.ReadDir(dir); err == nil {
-		prefix := "loop" + strconv.Itoa(n) + "p"
-		for _, e := range ents {
-			if m, ok := strings.CutPrefix(e.Name(), prefix); ok {
-				if p, err := strconv.Atoi(m); err == nil {
-					s.parts = append(s.parts, p)
-				}
+	ents, err := os.ReadDir(dir)
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return devState{}, err
+	}
+	prefix := "loop" + strconv.Itoa(n) + "p"
+	for _, e := range ents {
+		if m, ok := strings.CutPrefix(e.Name(), prefix); ok {
+			if p, err := strconv.Atoi(m); err == nil {
+				s.parts = append(s.parts, p)
 			}
 		}
-		slices.Sort(s.parts)
 	}
-	return s
+	slices.Sort(s.parts)
+	return s, nil
 }

@@ -17,7 +17,9 @@ import (
 // Each device is read as List reads it (readDevices): LOOP_GET_STATUS64 on
 // a read-only open gives the backing file's device and inode at once, and
 // a device of another file goes no further. A device being torn down
-// refuses the open and is passed over, and so is one that cannot be read.
+// refuses the open and is passed over; a device that cannot be read
+// (EMFILE, say) fails the look, which cannot then tell that no device is
+// to be shared.
 // One found is opened again, read-write, and its binding checked again
 // before it is returned.
 func sharedDevice(fd uintptr, o Options) (*Device, error) {
@@ -28,16 +30,12 @@ func sharedDevice(fd uintptr, o Options) (*Device, error) {
 	id := backingFileID{dev: uint64(st.Dev), ino: uint64(st.Ino)}
 	want := binding{dev: id.dev, ino: id.ino, offset: o.Offset, sizeLimit: o.SizeLimit,
 		readOnly: o.Flags&FlagReadOnly != 0 || readOnlyFD(fd), blockSize: max(o.BlockSize, 512)}
-	reads, err := readDevices(&match{file: id, byFile: true})
+	found, err := readDevices(&match{file: id, byFile: true})
 	if err != nil {
 		return nil, err
 	}
 	var overlap *OverlapError
-	for _, r := range reads {
-		if r.err != nil || !r.ok {
-			continue
-		}
-		n, s := r.n, r.s
+	for _, s := range found {
 		b := bindingOf(s)
 		if b == want {
 			if d := openShared(s, want, o.MakeNode); d != nil {
@@ -46,7 +44,7 @@ func sharedDevice(fd uintptr, o Options) (*Device, error) {
 			continue // torn down, or bound anew, since
 		}
 		if overlap == nil && b.overlaps(want) {
-			overlap = &OverlapError{Device: DevicePath(n), Status: s}
+			overlap = &OverlapError{Device: DevicePath(s.Number), Status: s}
 		}
 	}
 	if overlap != nil {

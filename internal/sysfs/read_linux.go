@@ -96,3 +96,28 @@ func retry(fn func() (int, error)) (int, error) {
 		}
 	}
 }
+
+// ExistsAt reports whether name (bytes ending in a NUL) exists relative to
+// the directory open as dir, with one faccessat and no descriptor: false,
+// and no error, when it does not (ENOENT). dirPath names the directory in
+// an error, an *os.PathError.
+func ExistsAt(dir int, dirPath string, name []byte) (bool, error) {
+	if len(name) == 0 || name[len(name)-1] != 0 {
+		return false, &os.PathError{Op: "access", Path: join(dirPath, string(name)), Err: unix.EINVAL}
+	}
+	_, err := retry(func() (int, error) {
+		_, _, errno := unix.Syscall6(unix.SYS_FACCESSAT, uintptr(dir), uintptr(unsafe.Pointer(&name[0])),
+			unix.F_OK, 0, 0, 0)
+		if errno != 0 {
+			return -1, errno
+		}
+		return 0, nil
+	})
+	switch err {
+	case nil:
+		return true, nil
+	case unix.ENOENT:
+		return false, nil
+	}
+	return false, &os.PathError{Op: "access", Path: join(dirPath, string(name[:len(name)-1])), Err: err}
+}

@@ -1,21 +1,37 @@
 // floor.c: the C side of the loopctl benchmark harness. Each operation
-// makes the same system calls as loopctl's, in a tight loop, and prints the
-// nanoseconds per operation: the limit that Go code making those calls can
-// approach. Built by the harness with cc at run time.
+// makes the same system calls as loopctl's, in a tight loop, holding
+// nothing from one operation to the next, and prints the nanoseconds per
+// operation: the limit that Go code making those calls can approach. Built
+// by the harness with cc at run time.
 //
-// usage: floor OP N [FILE]
+// usage: floor OP N [THREADS [ARG [FIRST]]]
 //   getfree  LOOP_CTL_GET_FREE on a control device opened once
-//   cycle    attach FILE and detach it, with systemd's lock protocol, as
+//   cycle    attach ARG and detach it, with systemd's lock protocol, as
 //            loopctl.AttachFile, Device.ClearFD and Device.Close do
 //   scan     find a free device the old way: open /dev/loop0, 1, 2... and
 //            ask LOOP_GET_STATUS64 until one answers ENXIO
-//   list     every bound device's status, as loopctl.List reads it: the
-//            backing_file attributes held open from one list to the next
-//   find     the devices of FILE, as loopctl.FindByBackingFile reads them
-//   list-fresh, find-fresh  the same, opening each backing_file afresh,
-//            as losetup does
-//   list-2threads, find-2threads  list and find on two threads, each
-//            taking every other device
+//   list     every bound device's status, as loopctl.List reads it, on
+//            THREADS threads: per device the backing_file opened relative
+//            to /sys/devices/virtual/block (ENOENT: not bound, and nothing
+//            more), then open, LOOP_GET_STATUS64, BLKSSZGET, BLKGETSIZE64,
+//            BLKGETDISKSEQ, the backing_file read, and both closes
+//   list-open  the same, telling a bound device by opening it, as
+//            programs did before: open and LOOP_GET_STATUS64 of every
+//            device (ENXIO: not bound), then the rest for a bound one
+//   find     the devices of the file ARG, as loopctl.FindByBackingFile
+//            reads them: a stat of ARG; per device an faccessat of
+//            loopN/loop (ENOENT: not bound), open, LOOP_GET_STATUS64, and
+//            for ARG's devices the rest as in list; close
+//   ref      the devices whose lo_file_name is ARG, as loopctl.FindByRef
+//            (and Sweep, which then detaches what it found) reads them
+//   attach   one attach of ARG, timed, as loopctl.AttachFile makes it;
+//            then, untimed, its detach, and the removal of the device if
+//            its number is FIRST or above (one LOOP_CTL_GET_FREE made
+//            because every device was bound)
+//   attach-reuse  the same, after looking for a device bound to ARG as
+//            find does (loopctl.AttachFile with Options.Reuse, when there
+//            is none to share)
+// THREADS is 1 unless given; the threads take the devices in batches of 8.
 #define _GNU_SOURCE
 #include <dirent.h>
 #include <errno.h>
@@ -23,14 +39,15 @@
 #include <linux/fs.h>
 #include <linux/loop.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/file.h>
-#include <sys/statfs.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -38,6 +55,12 @@
 static void die(const char *what) {
 	perror(what);
 	exit(1);
+}
+
+static double now(void) {
+	struct timespec t;
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return t.tv_sec * 1e9 + t.tv_nsec;
 }
 
 static int ctl(void) {
@@ -140,18 +163,17 @@ struct status {
 	int block_size;
 	uint64_t size, seq;
 	char *file; // the backing file's name, allocated to its length as a
-		    // Go string is: a first list then touches no more memory
-		    // than loopctl's does
+		    // Go string is
 };
 
-static struct status statuses[1 << 12];
+#define MAXDEVS (1 << 16)
+static struct status statuses[MAXDEVS];
 
 // numbers lists the loop devices in the open /sys/devices/virtual/block.
 static int numbers(int block, int *nums, int max) {
 	char buf[8192];
 	int count = 0;
 	long got;
-	lseek(block, 0, SEEK_SET);
 	while ((got = syscall(SYS_getdents64, block, buf, sizeof buf)) > 0) {
 		for (long off = 0; off < got;) {
 			struct dirent64 *e = (struct dirent64 *)(buf + off);
@@ -165,127 +187,166 @@ static int numbers(int block, int *nums, int max) {
 	return count;
 }
 
-// held[m] is device m's loop/backing_file held open, plus one; 0 if none.
-static int held[1 << 16];
-static int hold;
+// What one look wants, and how it tells a bound device.
+enum how { LIST, LIST_OPEN, FIND, REF };
+static enum how how;
+static struct stat want_file;
+static const char *want_ref;
+static int block;
 
-// backing reads loopN/loop/backing_file relative to the open
-// /sys/devices/virtual/block; 0 if unbound. With hold, it keeps the
-// attribute open and rereads it next time, from offset 0, as loopctl does;
-// a descriptor of an earlier binding answers ENODEV and is replaced.
-static int backing(int block, int m, char *out, size_t size) {
-	if (hold && m < (1 << 16) && held[m]) {
-		ssize_t got = pread(held[m] - 1, out, size - 1, 0);
-		if (got >= 0 || errno != ENODEV) {
-			out[got > 0 ? got : 0] = 0;
-			return got > 0;
-		}
-		close(held[m] - 1);
-		held[m] = 0;
-	}
-	char path[64];
-	snprintf(path, sizeof path, "loop%d/loop/backing_file", m);
-	int fd = openat(block, path, O_RDONLY | O_CLOEXEC);
-	if (fd < 0)
+// readattr reads the backing_file open as fd into s; 0 if it is empty.
+static int readattr(int fd, struct status *s) {
+	char name[4096 + 16];
+	ssize_t got = pread(fd, name, sizeof name - 1, 0);
+	if (got <= 0)
 		return 0;
-	ssize_t got = pread(fd, out, size - 1, 0);
-	out[got > 0 ? got : 0] = 0;
-	if (hold && m < (1 << 16))
-		held[m] = fd + 1;
-	else
-		close(fd);
-	return got > 0;
+	name[got] = 0;
+	s->file = strdup(name);
+	return 1;
 }
 
-// diskseq reads the binding's disk sequence number, 0 on a kernel without
-// (before 5.15), as loopctl does.
-static int diskseq(int d, uint64_t *seq) {
-	*seq = 0;
-	return ioctl(d, BLKGETDISKSEQ, seq) == 0 || errno == EINVAL || errno == ENOTTY;
-}
-
-// device asks device m for its status and, while it holds the device
-// open, reads its backing file's name; 0 if it is not bound (to want).
-static int device(int block, int m, struct status *s, const struct stat *want) {
-	char path[32];
+// device reads device m's status into s, as loopctl does; 0 if it is not
+// bound (as the look wants it). It holds nothing when it returns.
+static int device(int m, struct status *s) {
+	char path[64];
+	int attr = -1;
+	free(s->file);
+	s->file = NULL;
+	if (how == LIST) {
+		snprintf(path, sizeof path, "loop%d/loop/backing_file", m);
+		if ((attr = openat(block, path, O_RDONLY | O_CLOEXEC)) < 0)
+			return 0;
+	} else if (how != LIST_OPEN) {
+		snprintf(path, sizeof path, "loop%d/loop", m);
+		if (faccessat(block, path, F_OK, 0) < 0)
+			return 0;
+	}
 	snprintf(path, sizeof path, "/dev/loop%d", m);
 	int d = open(path, O_RDONLY | O_CLOEXEC);
-	if (d < 0)
-		return 0;
-	char name[4096 + 16];
-	int ok = ioctl(d, LOOP_GET_STATUS64, &s->info) == 0 &&
-		 (!want || (s->info.lo_device == want->st_dev && s->info.lo_inode == want->st_ino)) &&
-		 ioctl(d, BLKSSZGET, &s->block_size) == 0 && ioctl(d, BLKGETSIZE64, &s->size) == 0 &&
-		 diskseq(d, &s->seq) && backing(block, m, name, sizeof name);
-	close(d);
-	free(s->file);
-	s->file = ok ? strdup(name) : NULL;
+	int ok = d >= 0 && ioctl(d, LOOP_GET_STATUS64, &s->info) == 0;
+	if (ok && how == FIND)
+		ok = s->info.lo_device == want_file.st_dev && s->info.lo_inode == want_file.st_ino;
+	if (ok && how == REF)
+		ok = strcmp((char *)s->info.lo_file_name, want_ref) == 0;
+	if (ok) {
+		s->seq = 0;
+		ok = ioctl(d, BLKSSZGET, &s->block_size) == 0 && ioctl(d, BLKGETSIZE64, &s->size) == 0 &&
+		     (ioctl(d, BLKGETDISKSEQ, &s->seq) == 0 || errno == EINVAL || errno == ENOTTY);
+	}
+	if (ok && attr < 0) {
+		snprintf(path, sizeof path, "loop%d/loop/backing_file", m);
+		attr = openat(block, path, O_RDONLY | O_CLOEXEC);
+	}
+	ok = ok && attr >= 0 && readattr(attr, s);
+	if (d >= 0)
+		close(d);
+	if (attr >= 0)
+		close(attr);
 	return ok;
 }
 
-// The devices of one list, and the threads that share them: thread t of
-// threads reads devices t, t + threads, ...
-static int nums[1 << 12], count, block, threads = 1, stop;
-static struct stat *want;
-static int found_by[2];
+// The devices of one look, shared by the threads in batches of 8.
+static int nums[MAXDEVS], count, threads = 1, stop;
+static atomic_int next, found;
 static pthread_barrier_t begun, ended;
 
-static int pass(int t) {
-	int found = 0;
-	for (int j = t; j < count; j += threads)
-		found += device(block, nums[j], &statuses[j], want);
-	return found;
+static void pass(void) {
+	int mine = 0;
+	for (;;) {
+		int i = atomic_fetch_add(&next, 8);
+		if (i >= count)
+			break;
+		for (int j = i; j < i + 8 && j < count; j++)
+			mine += device(nums[j], &statuses[j]);
+	}
+	atomic_fetch_add(&found, mine);
 }
 
 static void *worker(void *arg) {
-	int t = (int)(long)arg;
+	(void)arg;
 	for (;;) {
 		pthread_barrier_wait(&begun);
 		if (stop)
 			return NULL;
-		found_by[t] = pass(t);
+		pass();
 		pthread_barrier_wait(&ended);
 	}
 }
 
-// list lists the bound devices, or with file those of that file, stated
-// anew each time as loopctl.FindByBackingFile does, on threads threads
-// (1 or 2).
-static int list(int n, const char *file) {
-	struct stat st;
-	int found = 0;
-	pthread_t other;
-	if (threads == 2) {
-		pthread_barrier_init(&begun, NULL, 2);
-		pthread_barrier_init(&ended, NULL, 2);
-		pthread_create(&other, NULL, worker, (void *)1L);
+static pthread_t others[64];
+
+// look makes one look: the devices from the sysfs directory, then each
+// read on the threads. Threads beyond the first are started at the first
+// look (a first call in a new process pays for them, as a Go program's
+// first pays for its threads) and kept for the next.
+static int look(const char *arg) {
+	static int started;
+	if (threads > 1 && !started) {
+		started = 1;
+		pthread_barrier_init(&begun, NULL, threads);
+		pthread_barrier_init(&ended, NULL, threads);
+		for (long t = 1; t < threads; t++)
+			pthread_create(&others[t], NULL, worker, NULL);
 	}
-	for (int i = 0; i < n; i++) {
-		if (file) {
-			if (stat(file, &st) < 0)
-				die(file);
-			want = &st;
-		}
-		block = open("/sys/devices/virtual/block", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-		if (block < 0)
-			die("/sys/devices/virtual/block");
-		count = numbers(block, nums, 1 << 12);
-		if (threads == 2) {
-			pthread_barrier_wait(&begun);
-			found = pass(0);
-			pthread_barrier_wait(&ended);
-			found += found_by[1];
-		} else {
-			found = pass(0);
-		}
-		close(block);
+	if (how == FIND && stat(arg, &want_file) < 0)
+		die(arg);
+	want_ref = arg;
+	block = open("/sys/devices/virtual/block", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (block < 0)
+		die("/sys/devices/virtual/block");
+	count = numbers(block, nums, MAXDEVS);
+	atomic_store(&next, 0);
+	atomic_store(&found, 0);
+	if (threads > 1) {
+		pthread_barrier_wait(&begun);
+		pass();
+		pthread_barrier_wait(&ended);
+	} else {
+		pass();
 	}
-	if (threads == 2) {
+	close(block);
+	return atomic_load(&found);
+}
+
+static void end_threads(void) {
+	if (threads > 1) {
 		stop = 1;
 		pthread_barrier_wait(&begun);
-		pthread_join(other, NULL);
+		for (int t = 1; t < threads; t++)
+			pthread_join(others[t], NULL);
 	}
-	return found;
+}
+
+// attach_once attaches name, timed, and returns the nanoseconds; then it
+// detaches, and removes a device numbered first or above.
+static double attach_once(int c, int file, const char *name, int reuse, int first) {
+	double t0 = now();
+	if (reuse) {
+		how = FIND;
+		if (look(name) != 0) {
+			fprintf(stderr, "%s is bound already: nothing to attach\n", name);
+			exit(1);
+		}
+	}
+	int d;
+	while ((d = attach(c, file)) == 0)
+		;
+	double t = now() - t0;
+	struct loop_info64 info;
+	if (ioctl(d, LOOP_GET_STATUS64, &info) < 0)
+		die("LOOP_GET_STATUS64");
+	if (ioctl(d, LOOP_CLR_FD) < 0)
+		die("LOOP_CLR_FD");
+	close(d);
+	if ((int)info.lo_number >= first) {
+		// The teardown ends at the last close; udev may hold it a moment.
+		for (int i = 0; ioctl(c, LOOP_CTL_REMOVE, info.lo_number) < 0; i++) {
+			if (errno != EBUSY || i == 10000)
+				die("LOOP_CTL_REMOVE");
+			usleep(100);
+		}
+	}
+	return t;
 }
 
 int main(int argc, char **argv) {
@@ -293,26 +354,37 @@ int main(int argc, char **argv) {
 		return 2;
 	const char *op = argv[1];
 	int n = atoi(argv[2]);
-	struct timespec t0, t1;
-	clock_gettime(CLOCK_MONOTONIC, &t0);
+	if (argc > 3)
+		threads = atoi(argv[3]);
+	if (threads < 1 || threads > 64)
+		return 2;
+	const char *arg = argc > 4 ? argv[4] : NULL;
+	double t0 = now(), ns = -1;
 	if (strcmp(op, "getfree") == 0)
 		getfree(n);
-	else if (strcmp(op, "cycle") == 0 && argc > 3)
-		cycle(n, argv[3]);
+	else if (strcmp(op, "cycle") == 0 && arg)
+		cycle(n, arg);
 	else if (strcmp(op, "scan") == 0)
 		scan(n);
-	else if (strncmp(op, "list", 4) == 0 || (strncmp(op, "find", 4) == 0 && argc > 3)) {
-		const char *how = op + 4;
-		if (strcmp(how, "") != 0 && strcmp(how, "-fresh") != 0 && strcmp(how, "-2threads") != 0)
-			return 2;
-		hold = strcmp(how, "-fresh") != 0;
-		threads = strcmp(how, "-2threads") == 0 ? 2 : 1;
-		list(n, op[0] == 'f' ? argv[3] : NULL);
-	}
-	else
+	else if (strcmp(op, "list") == 0 || strcmp(op, "list-open") == 0 || (strcmp(op, "find") == 0 && arg) ||
+		 (strcmp(op, "ref") == 0 && arg)) {
+		how = op[0] == 'f' ? FIND : op[0] == 'r' ? REF : op[4] ? LIST_OPEN : LIST;
+		for (int i = 0; i < n; i++)
+			look(arg);
+		end_threads();
+	} else if ((strcmp(op, "attach") == 0 || strcmp(op, "attach-reuse") == 0) && arg && argc > 5) {
+		int c = ctl(), first = atoi(argv[5]);
+		int file = open(arg, O_RDWR | O_CLOEXEC);
+		if (file < 0)
+			die(arg);
+		ns = 0;
+		for (int i = 0; i < n; i++)
+			ns += attach_once(c, file, arg, op[6] == '-', first);
+		end_threads();
+	} else
 		return 2;
-	clock_gettime(CLOCK_MONOTONIC, &t1);
-	double ns = (t1.tv_sec - t0.tv_sec) * 1e9 + (t1.tv_nsec - t0.tv_nsec);
+	if (ns < 0)
+		ns = now() - t0;
 	printf("%.1f\n", n > 0 ? ns / n : 0);
 	return 0;
 }
