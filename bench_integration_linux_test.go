@@ -103,6 +103,26 @@ func BenchmarkList(b *testing.B) {
 	}
 }
 
+// BenchmarkListUnbound lists with 4,096 devices of its own on the
+// machine, none of them bound: a look's cost, which grows with the bound
+// devices, here a path lookup in sysfs a device.
+func BenchmarkListUnbound(b *testing.B) {
+	requireKernel(b)
+	c, err := Open()
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { c.Close() })
+	nums := addDevices(b, c, 4096)
+	b.Cleanup(func() { removeAll(b, c, nums) })
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := List(); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
 // BenchmarkAttachConcurrent measures attach throughput: attachers
 // goroutines each loop Attach, ClearFD, Close on a file of their own, with
 // and without a second process doing the same with 8 goroutines, and with

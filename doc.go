@@ -210,10 +210,11 @@
 // idempotent.
 //
 // Besides the descriptors of the Controls and Devices it returns, the
-// package holds two kinds of its own: the control device that Attach
-// shares, and, once List, FindByBackingFile or Options.Reuse has looked,
-// each bound device's sysfs backing_file, read again by the next look
-// (see List) and closed by a look that finds the device unbound or gone.
+// package holds one of its own: the control device that Attach shares.
+// Lookups (List, FindByBackingFile, FindByRef, Options.Reuse, Sweep) hold
+// nothing between calls, and during one at most two descriptors a reading
+// goroutine: a process's file table grows only by waiting for an RCU grace
+// period, and its file limit is the caller's.
 //
 // On systems other than Linux the package builds, and every call returns
 // an error matching errors.ErrUnsupported.

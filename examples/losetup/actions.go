@@ -78,9 +78,11 @@ func usedDevices() ([]loopctl.Status, error) {
 }
 
 // sysfsOrder sorts list, which is in order of number, in the order
-// /sys/block lists the devices. It reads the directory's records itself:
-// a string for every block device's name would cost a one-shot listing
-// more than the sort does.
+// /sys/block lists the devices. It reads the directory's records itself,
+// finds each loop device's name in list by its number, and moves the
+// statuses into that order in place: a string for every block device's
+// name, or a map of ranks to sort by, or a second copy of thousands of
+// statuses, would cost a one-shot listing more than its system calls.
 func sysfsOrder(list []loopctl.Status) {
 	if len(list) < 2 {
 		return
@@ -90,11 +92,14 @@ func sysfsOrder(list []loopctl.Status) {
 		return // in order of number
 	}
 	defer unix.Close(fd)
-	rank := make(map[int]int, len(list))
-	var buf [8192]byte
-	for i := 0; ; {
-		n, err := unix.ReadDirent(fd, buf[:])
-		if err != nil || n <= 0 {
+	from := make([]int, 0, len(list)) // from[k]: the index in list of the k-th in sysfs's order
+	buf := make([]byte, 64<<10)
+	for {
+		n, err := unix.ReadDirent(fd, buf)
+		if err != nil {
+			return // in order of number
+		}
+		if n <= 0 {
 			break
 		}
 		// d_ino (8 bytes), d_off (8), d_reclen (2), d_type (1), d_name.
@@ -103,20 +108,48 @@ func sysfsOrder(list []loopctl.Status) {
 			if reclen <= 19 || reclen > len(b) {
 				break
 			}
-			name := b[19:reclen]
-			if end := bytes.IndexByte(name, 0); end >= 0 {
-				name = name[:end]
-			}
-			if num, ok := bytes.CutPrefix(name, []byte("loop")); ok {
-				if m, err := strconv.Atoi(string(num)); err == nil {
-					rank[m] = i
-					i++
+			if m, ok := loopNumber(b[19:reclen]); ok {
+				if i, found := slices.BinarySearchFunc(list, m, func(s loopctl.Status, m int) int { return s.Number - m }); found {
+					from = append(from, i)
 				}
 			}
 			b = b[reclen:]
 		}
 	}
-	slices.SortStableFunc(list, func(a, b loopctl.Status) int { return rank[a.Number] - rank[b.Number] })
+	if len(from) != len(list) {
+		return // a device came or went: in order of number
+	}
+	// Each cycle of the permutation, moved along; from[k] = -1 once
+	// list[k] holds its status.
+	for start := range from {
+		if from[start] < 0 {
+			continue
+		}
+		first, k := list[start], start
+		for from[k] != start {
+			list[k], from[k], k = list[from[k]], -1, from[k]
+		}
+		list[k], from[k] = first, -1
+	}
+}
+
+// loopNumber parses a directory entry's NUL-padded name, "loopN".
+func loopNumber(name []byte) (int, bool) {
+	if end := bytes.IndexByte(name, 0); end >= 0 {
+		name = name[:end]
+	}
+	digits, ok := bytes.CutPrefix(name, []byte("loop"))
+	if !ok || len(digits) == 0 || len(digits) > 7 {
+		return 0, false
+	}
+	n := 0
+	for _, c := range digits {
+		if c < '0' || c > '9' {
+			return 0, false
+		}
+		n = n*10 + int(c-'0')
+	}
+	return n, true
 }
 
 // show lists every bound device, or those of c.file (-j), one line each or
@@ -133,7 +166,7 @@ func (c *config) show(o *out) int {
 		o.warn(err, "failed to list loop devices")
 		return 1
 	}
-	var rows []row
+	rows := make([]row, 0, len(list))
 	for _, s := range list {
 		rows = append(rows, row{path: loopctl.DevicePath(s.Number), s: s, bound: true})
 	}

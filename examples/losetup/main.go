@@ -14,6 +14,7 @@
 package main
 
 import (
+	"bufio"
 	"errors"
 	"fmt"
 	"io"
@@ -32,7 +33,16 @@ import (
 const version = "losetup (loopctl example) 1.0, compatible with util-linux losetup 2.38"
 
 func main() {
-	os.Exit(run(os.Args, os.Stdout, os.Stderr))
+	// Standard output is buffered, as C's stdio buffers it: a line a
+	// write would cost a listing of thousands of devices a system call
+	// a line.
+	stdout := bufio.NewWriterSize(os.Stdout, 64<<10)
+	code := run(os.Args, stdout, os.Stderr)
+	if err := stdout.Flush(); err != nil && code == 0 {
+		fmt.Fprintf(os.Stderr, "%s: write error: %v\n", filepath.Base(os.Args[0]), err)
+		code = 1
+	}
+	os.Exit(code)
 }
 
 // A fatal error ends the program with a message already worded.

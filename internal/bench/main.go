@@ -42,8 +42,8 @@ var (
 	svgDir  = flag.String("svg", ".", "write the plots into this directory")
 	rounds  = flag.Int("rounds", 9, "measure each row this many times, interleaved with the other rows of its table; the median is reported")
 	budget  = flag.Duration("budget", 200*time.Millisecond, "time one measurement of one row for about this long")
-	quick   = flag.Bool("quick", false, "a short run that checks the harness: one round, 8 and 64 bound devices, no report written")
-	counts  = flag.String("counts", "8,64,256,1024", "bound-device counts for the GetFree-against-scan sweep; the List tables are measured at 256")
+	quick   = flag.Bool("quick", false, "a short run that checks the harness: one round, 8 to 64 bound devices, 256 none bound, no report written")
+	counts  = flag.String("counts", "8,64,256,1024", "bound-device counts for the GetFree-against-scan sweep")
 	childOp = flag.String("op", "", "child mode: run this operation -n times and print the nanoseconds per operation")
 	childN  = flag.Int("n", 0, "child mode: how many times")
 	file    = flag.String("file", "", "child mode: the backing file")
@@ -64,6 +64,7 @@ func main() {
 	}
 	if *quick {
 		*rounds, *budget, *counts = 1, 20*time.Millisecond, "8,64"
+		*scaleCounts, *scaleNone, *pairs = "16,64", 256, 2
 		*dataSize, *dataRounds = 16<<20, 1
 	}
 	h, err := newHarness()
@@ -112,9 +113,10 @@ type harness struct {
 	dir      string // scratch: programs and the backing file
 	floor    string // floor.c, built
 	example  string // examples/losetup, built
-	empty    string // a Go program that does nothing, built
+	first    string // first/, built: one call in a new process
 	losetup  string // util-linux's
 	file     string // a 1 MiB backing file
+	other    string // another, which the attach rows of the scale tables bind
 	before   map[int]bool
 	bound    []*loopctl.Device
 	tables   []*table
@@ -122,25 +124,9 @@ type harness struct {
 	conc     []concRow
 	data     []*dataRow
 	devCount int // loop devices on the machine when the run began
-}
-
-// buildEmpty builds, in dir, a Go program whose main does nothing: the
-// start and exit of a Go process, which no Go program goes below.
-func buildEmpty(dir string) (string, error) {
-	src := filepath.Join(dir, "empty")
-	if err := os.MkdirAll(src, 0o755); err != nil {
-		return "", err
-	}
-	for name, text := range map[string]string{"go.mod": "module empty\n", "main.go": "package main\n\nfunc main() {}\n"} {
-		if err := os.WriteFile(filepath.Join(src, name), []byte(text), 0o644); err != nil {
-			return "", err
-		}
-	}
-	bin := filepath.Join(dir, "empty-go")
-	if out, err := exec.Command("go", "build", "-C", src, "-o", bin, ".").CombinedOutput(); err != nil {
-		return "", fmt.Errorf("go build of an empty program: %v\n%s", err, out)
-	}
-	return bin, nil
+	// The scale tables, and the points they are measured at.
+	points      []scalePoint
+	scaleTables []*scaleTable
 }
 
 func newHarness() (*harness, error) {
@@ -160,11 +146,15 @@ func newHarness() (*harness, error) {
 	if out, err := exec.Command("go", "build", "-C", "../..", "-o", h.example, "./examples/losetup").CombinedOutput(); err != nil {
 		return h, fmt.Errorf("go build examples/losetup: %v\n%s", err, out)
 	}
-	if h.empty, err = buildEmpty(h.dir); err != nil {
-		return h, err
+	h.first = filepath.Join(h.dir, "first")
+	if out, err := exec.Command("go", "build", "-o", h.first, "./first").CombinedOutput(); err != nil {
+		return h, fmt.Errorf("go build ./first: %v\n%s", err, out)
 	}
 	h.file = filepath.Join(h.dir, "backing.img")
 	if err := os.WriteFile(h.file, make([]byte, 1<<20), 0o644); err != nil {
+		return h, err
+	}
+	if err := h.otherFile(); err != nil {
 		return h, err
 	}
 	h.before = map[int]bool{}
@@ -201,7 +191,7 @@ func ensureStrace() error {
 func (h *harness) close() {
 	h.unbind(0)
 	if h.before != nil {
-		h.removeNew()
+		h.removeMade()
 		h.before = nil
 	}
 	if h.dir != "" {
@@ -223,11 +213,18 @@ func (h *harness) run() error {
 	if err := h.sweepCounts(); err != nil {
 		return err
 	}
+	// The scale tables start from the machine's own devices.
 	h.unbind(0)
+	h.removeMade()
+	if err := h.scale(); err != nil {
+		return err
+	}
+	h.unbind(0)
+	h.removeMade()
 	if err := h.dataPath(); err != nil {
 		return err
 	}
-	h.removeNew()
+	h.removeMade()
 	h.before = nil
 	h.print(os.Stdout)
 	if *quick {
@@ -270,41 +267,6 @@ func (h *harness) unbind(n int) {
 	}
 }
 
-// removeNew removes the devices that appeared during the run (made by
-// LOOP_CTL_GET_FREE for the larger counts), eight at a time: removal takes
-// the kernel tens of milliseconds each. A device someone else holds or has
-// bound meanwhile refuses with EBUSY and stays.
-func (h *harness) removeNew() {
-	nums, err := loopNumbers()
-	if err != nil {
-		return
-	}
-	c, err := loopctl.Open()
-	if err != nil {
-		return
-	}
-	defer c.Close()
-	var next atomic.Int64
-	var wg sync.WaitGroup
-	var fresh []int
-	for _, n := range nums {
-		if !h.before[n] {
-			fresh = append(fresh, n)
-		}
-	}
-	for range 8 {
-		wg.Go(func() {
-			for i := int(next.Add(1)) - 1; i < len(fresh); i = int(next.Add(1)) - 1 {
-				c.Remove(fresh[i])
-			}
-		})
-	}
-	wg.Wait()
-	if len(fresh) > 0 {
-		log.Printf("removed the %d loop devices made during the run", len(fresh))
-	}
-}
-
 // loopNumbers lists the loop devices in /sys/block.
 func loopNumbers() ([]int, error) {
 	entries, err := os.ReadDir("/sys/block")
@@ -335,9 +297,6 @@ type row struct {
 	cOp   string     // an operation of floor.c
 	procs [][]string // commands run in turn for one operation; "{prev}" is the previous one's output
 	file  bool       // pass the backing file
-	// cold runs goOp once in each of several new processes instead: the
-	// first call a short-lived program makes.
-	cold bool
 
 	times    []float64 // ns per operation, one a round
 	allocs   float64   // per operation; -1 when not counted
@@ -388,10 +347,6 @@ func (h *harness) time(r *row) (float64, error) {
 		return 0, fmt.Errorf("no operation %q", r.goOp)
 	}
 	switch {
-	case r.cold && r.cOp != "":
-		return medianOfProcs(func() (float64, error) { return h.cFloor(r, 1) })
-	case r.cold:
-		return h.firstCall(r.goOp)
 	case r.goOp != "":
 		run, done, err := ops[r.goOp].setup(h.file)
 		if err != nil {
@@ -430,22 +385,6 @@ func medianOfProcs(one func() (float64, error)) (float64, error) {
 	return ns[len(ns)/2], nil
 }
 
-// firstCall times op's first call in new processes (this program in child
-// mode, with -n 1): the median of coldProcs.
-func (h *harness) firstCall(op string) (float64, error) {
-	self, err := os.Executable()
-	if err != nil {
-		return 0, err
-	}
-	return medianOfProcs(func() (float64, error) {
-		out, err := exec.Command(self, "-op", op, "-n", "1", "-file", h.file).Output()
-		if err != nil {
-			return 0, fmt.Errorf("%s -op %s -n 1: %w", self, op, err)
-		}
-		return strconv.ParseFloat(strings.TrimSpace(string(out)), 64)
-	})
-}
-
 // timeLoop runs fn for about the budget and returns its ns per call.
 func timeLoop(fn func() error) (float64, error) {
 	start := time.Now()
@@ -464,7 +403,7 @@ func timeLoop(fn func() error) (float64, error) {
 }
 
 func (h *harness) cFloor(r *row, n int) (float64, error) {
-	args := []string{r.cOp, strconv.Itoa(n)}
+	args := []string{r.cOp, strconv.Itoa(n), "1"}
 	if r.file {
 		args = append(args, h.file)
 	}
@@ -498,7 +437,7 @@ func (h *harness) runProcs(procs [][]string, wrap func(i int) []string) (string,
 
 // allocs counts an in-process row's heap allocations per operation.
 func (h *harness) allocs(r *row) (float64, error) {
-	if r.goOp == "" || r.cold {
+	if r.goOp == "" {
 		return -1, nil
 	}
 	run, done, err := ops[r.goOp].setup(h.file)
@@ -538,8 +477,6 @@ var runtimeCalls = map[string]bool{
 func (h *harness) syscalls(r *row) (float64, error) {
 	const n = 200
 	switch {
-	case r.cold:
-		return -1, nil // as the warm row's
 	case r.goOp != "" || r.cOp != "":
 		var calls [2]float64
 		for i, k := range []int{n, 0} {
@@ -552,7 +489,7 @@ func (h *harness) syscalls(r *row) (float64, error) {
 				}
 				args = append(args, self, "-op", r.goOp, "-n", strconv.Itoa(k), "-file", h.file)
 			} else {
-				args = append(args, h.floor, r.cOp, strconv.Itoa(k), h.file)
+				args = append(args, h.floor, r.cOp, strconv.Itoa(k), "1", h.file)
 			}
 			if b, err := exec.Command(args[0], args[1:]...).CombinedOutput(); err != nil {
 				return 0, fmt.Errorf("%v\n%s", err, b)

@@ -36,10 +36,6 @@ var ops = map[string]op{
 	"cycle/u-root":       {setup: withName(urootCycle)},
 	"cycle/containerd":   {setup: withName(containerdCycle)},
 	"cycle/go-losetup":   {setup: withName(goLosetupCycle)},
-	"list/go":            {setup: func(string) (func() error, func(), error) { return floorList("") }},
-	"list/loopctl":       {setup: nofile(func() error { _, err := loopctl.List(); return err })},
-	"find/go":            {setup: floorFind},
-	"find/loopctl":       {setup: loopctlFind},
 	"scan/go":            {setup: nofile(func() error { _, err := floorScan(); return err })},
 }
 
@@ -268,75 +264,6 @@ func floorScan() (int, error) {
 	}
 }
 
-// A floorStatus is what a Status holds, as the kernel hands it over.
-type floorStatus struct {
-	info      unix.LoopInfo64
-	blockSize int32
-	size, seq uint64
-	file      [4096 + 16]byte
-	fileLen   int
-}
-
-// floorList is List (or, with a file, FindByBackingFile) in bare syscalls
-// on one goroutine, as floor.c does it: for a search a stat of the file;
-// the devices from /sys/devices/virtual/block; per device open,
-// LOOP_GET_STATUS64 and, for a device bound (to the file), BLKSSZGET,
-// BLKGETSIZE64 and the backing_file read, then close. As loopctl does, it
-// holds each backing_file open from one list to the next and rereads it.
-func floorList(file string) (func() error, func(), error) {
-	held := map[int]int{} // device number: its backing_file
-	statuses := make([]floorStatus, 1<<12)
-	dirent := make([]byte, 8192)
-	var nums []int
-	var st unix.Stat_t
-	run := func() error {
-		var want *unix.Stat_t
-		if file != "" {
-			if err := unix.Stat(file, &st); err != nil {
-				return err
-			}
-			want = &st
-		}
-		block, err := unix.Open("/sys/devices/virtual/block", unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
-		if err != nil {
-			return err
-		}
-		defer unix.Close(block)
-		nums = nums[:0]
-		for {
-			n, err := unix.ReadDirent(block, dirent)
-			if err != nil {
-				return err
-			}
-			if n <= 0 {
-				break
-			}
-			for b := dirent[:n]; len(b) > 0; {
-				reclen := int(*(*uint16)(unsafe.Pointer(&b[16])))
-				name := b[19:reclen]
-				if m, ok := loopName(name); ok {
-					nums = append(nums, m)
-				}
-				b = b[reclen:]
-			}
-		}
-		found := 0
-		var path [64]byte
-		for _, m := range nums {
-			if floorDevice(block, m, &statuses[found], want, path[:], held) {
-				found++
-			}
-		}
-		return nil
-	}
-	done := func() {
-		for _, fd := range held {
-			unix.Close(fd)
-		}
-	}
-	return run, done, nil
-}
-
 // loopName parses a NUL-padded "loopN" directory entry name.
 func loopName(b []byte) (int, bool) {
 	if len(b) < 5 || string(b[:4]) != "loop" {
@@ -353,65 +280,4 @@ func loopName(b []byte) (int, bool) {
 		n = n*10 + int(c-'0')
 	}
 	return n, true
-}
-
-// floorBacking reads device m's backing_file into s, through the
-// descriptor held for it if there is one and it is of the binding of now.
-func floorBacking(block, m int, s *floorStatus, path []byte, held map[int]int) bool {
-	if fd, ok := held[m]; ok {
-		n, err := unix.Pread(fd, s.file[:], 0)
-		if err != unix.ENODEV {
-			s.fileLen = n
-			return err == nil && n > 0
-		}
-		unix.Close(fd)
-		delete(held, m)
-	}
-	p := strconv.AppendInt(append(path[:0], "loop"...), int64(m), 10)
-	p = append(append(p, "/loop/backing_file"...), 0)
-	fd, _, errno := unix.Syscall6(unix.SYS_OPENAT, uintptr(block), uintptr(unsafe.Pointer(&p[0])),
-		unix.O_RDONLY|unix.O_CLOEXEC, 0, 0, 0)
-	if errno != 0 {
-		return false
-	}
-	held[m] = int(fd)
-	n, err := unix.Pread(int(fd), s.file[:], 0)
-	s.fileLen = n
-	return err == nil && n > 0
-}
-
-// floorDevice asks device m for its status and, while it holds the device
-// open, reads its backing file's name; false if it is not bound (to want).
-func floorDevice(block, m int, s *floorStatus, want *unix.Stat_t, scratch []byte, held map[int]int) bool {
-	var path [32]byte
-	p := append(strconv.AppendInt(append(path[:0], "/dev/loop"...), int64(m), 10), 0)
-	fd, _, errno := unix.Syscall6(unix.SYS_OPENAT, atFDCWD, uintptr(unsafe.Pointer(&p[0])),
-		unix.O_RDONLY|unix.O_CLOEXEC, 0, 0, 0)
-	if errno != 0 {
-		return false
-	}
-	defer unix.Close(int(fd))
-	if _, _, errno := unix.Syscall(unix.SYS_IOCTL, fd, unix.LOOP_GET_STATUS64, uintptr(unsafe.Pointer(&s.info))); errno != 0 {
-		return false
-	}
-	if want != nil && (s.info.Device != want.Dev || s.info.Inode != want.Ino) {
-		return false
-	}
-	if _, _, errno := unix.Syscall(unix.SYS_IOCTL, fd, unix.BLKSSZGET, uintptr(unsafe.Pointer(&s.blockSize))); errno != 0 {
-		return false
-	}
-	if _, _, errno := unix.Syscall(unix.SYS_IOCTL, fd, unix.BLKGETSIZE64, uintptr(unsafe.Pointer(&s.size))); errno != 0 {
-		return false
-	}
-	if _, _, errno := unix.Syscall(unix.SYS_IOCTL, fd, unix.BLKGETDISKSEQ, uintptr(unsafe.Pointer(&s.seq))); errno != 0 &&
-		errno != unix.EINVAL && errno != unix.ENOTTY {
-		return false
-	}
-	return floorBacking(block, m, s, scratch, held)
-}
-
-func floorFind(file string) (func() error, func(), error) { return floorList(file) }
-
-func loopctlFind(file string) (func() error, func(), error) {
-	return func() error { _, err := loopctl.FindByBackingFile(file); return err }, func() {}, nil
 }

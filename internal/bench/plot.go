@@ -14,81 +14,117 @@ import (
 	"gonum.org/v1/plot/vg/draw"
 )
 
-// The plots, both time per operation against bound devices on log scales.
-const (
-	scanPlot = "getfree-vs-scan.svg"
-	listPlot = "list-vs-losetup.svg"
-)
+// The plots: time per operation against bound devices, on log scales.
+const scanPlot = "getfree-vs-scan.svg"
+
+// scalePlot is the file of the scale table of op key.
+func scalePlot(key string) string { return "scale-" + key + ".svg" }
+
+// A plotLine is one implementation's times, in ns, at the plot's counts.
+type plotLine struct {
+	name string
+	ns   []float64
+}
+
+// logPlot draws lines against counts of bound devices, both axes on log
+// scales, into file.
+func logPlot(title, file string, counts []int, lines []plotLine) error {
+	p := plot.New()
+	p.Title.Text = title
+	p.X.Label.Text = "bound loop devices"
+	p.Y.Label.Text = "time per operation (µs)"
+	p.X.Scale, p.Y.Scale = plot.LogScale{}, plot.LogScale{}
+	p.Y.Tick.Marker = plot.LogTicks{Prec: -1}
+	// The counts measured, as ticks, and room on either side of them.
+	var ticks []plot.Tick
+	lo, hi := math.Inf(1), 0.0
+	for j, n := range counts {
+		ticks = append(ticks, plot.Tick{Value: float64(n), Label: strconv.Itoa(n)})
+		for _, l := range lines {
+			lo, hi = min(lo, l.ns[j]/1e3), max(hi, l.ns[j]/1e3)
+		}
+	}
+	p.X.Tick.Marker = plot.ConstantTicks(ticks)
+	if len(counts) > 0 {
+		p.X.Min, p.X.Max = float64(counts[0])/1.5, float64(counts[len(counts)-1])*1.5
+	}
+	// The legend goes top left, above the lines, where a renderer whose
+	// font is wider than gonum measured has room to its right.
+	p.Y.Min, p.Y.Max = lo/3, hi*8
+	p.Legend.Top, p.Legend.Left = true, true
+	p.Legend.XOffs, p.Legend.YOffs = vg.Points(6), -vg.Points(4)
+	for i, l := range lines {
+		xys := make(plotter.XYs, len(counts))
+		for j, n := range counts {
+			xys[j].X, xys[j].Y = float64(n), l.ns[j]/1e3
+		}
+		lp, pts, err := plotter.NewLinePoints(xys)
+		if err != nil {
+			return err
+		}
+		lp.Color = plotColors[i%len(plotColors)]
+		pts.Color = lp.Color
+		pts.Shape = plotShapes[i%len(plotShapes)]
+		p.Add(lp, pts)
+		p.Legend.Add(l.name, lp, pts)
+	}
+	p.Add(plotter.NewGrid())
+	return p.Save(7*vg.Inch, 4.5*vg.Inch, filepath.Join(*svgDir, file))
+}
 
 func (h *harness) plots() error {
-	type line struct {
-		name string
-		y    func(sweepPoint) float64
+	var counts []int
+	var scanC, scanGo, getFree []float64
+	for _, s := range h.sweep {
+		counts = append(counts, s.bound)
+		scanC, scanGo, getFree = append(scanC, s.scanC), append(scanGo, s.scanGo), append(getFree, s.getFree)
 	}
-	drawPlot := func(title, file string, lines []line) error {
-		p := plot.New()
-		p.Title.Text = title
-		p.X.Label.Text = "bound loop devices"
-		p.Y.Label.Text = "time per operation (µs)"
-		p.X.Scale, p.Y.Scale = plot.LogScale{}, plot.LogScale{}
-		p.Y.Tick.Marker = plot.LogTicks{Prec: -1}
-		// The counts measured, as ticks, and room on either side of them.
-		var ticks []plot.Tick
-		lo, hi := math.Inf(1), 0.0
-		for _, s := range h.sweep {
-			ticks = append(ticks, plot.Tick{Value: float64(s.bound), Label: strconv.Itoa(s.bound)})
-			for _, l := range lines {
-				lo, hi = min(lo, l.y(s)/1e3), max(hi, l.y(s)/1e3)
-			}
-		}
-		p.X.Tick.Marker = plot.ConstantTicks(ticks)
-		if len(h.sweep) > 0 {
-			p.X.Min, p.X.Max = float64(h.sweep[0].bound)/1.5, float64(h.sweep[len(h.sweep)-1].bound)*1.5
-		}
-		// The legend goes top left, above the lines, where a renderer
-		// whose font is wider than gonum measured has room to its right.
-		p.Y.Min, p.Y.Max = lo/3, hi*2
-		p.Legend.Top, p.Legend.Left = true, true
-		p.Legend.XOffs, p.Legend.YOffs = vg.Points(6), -vg.Points(4)
-		for i, l := range lines {
-			xys := make(plotter.XYs, len(h.sweep))
-			for j, s := range h.sweep {
-				xys[j].X, xys[j].Y = float64(s.bound), l.y(s)/1e3
-			}
-			lp, pts, err := plotter.NewLinePoints(xys)
-			if err != nil {
-				return err
-			}
-			lp.Color = plotColors[i%len(plotColors)]
-			pts.Color = lp.Color
-			pts.Shape = plotShapes[i%len(plotShapes)]
-			p.Add(lp, pts)
-			p.Legend.Add(l.name, lp, pts)
-		}
-		p.Add(plotter.NewGrid())
-		return p.Save(7*vg.Inch, 4.5*vg.Inch, filepath.Join(*svgDir, file))
-	}
-	if err := drawPlot("Finding a free loop device", scanPlot, []line{
-		{"scan: open /dev/loopN + LOOP_GET_STATUS64 until ENXIO (C)", func(s sweepPoint) float64 { return s.scanC }},
-		{"scan (Go, bare syscalls)", func(s sweepPoint) float64 { return s.scanGo }},
-		{"loopctl Control.GetFree (LOOP_CTL_GET_FREE)", func(s sweepPoint) float64 { return s.getFree }},
+	if err := logPlot("Finding a free loop device", scanPlot, counts, []plotLine{
+		{"scan: open /dev/loopN + LOOP_GET_STATUS64 until ENXIO (C)", scanC},
+		{"scan (Go, bare syscalls)", scanGo},
+		{"loopctl Control.GetFree (LOOP_CTL_GET_FREE)", getFree},
 	}); err != nil {
 		return err
 	}
-	return drawPlot("Listing the bound loop devices", listPlot, []line{
-		{"util-linux losetup --json --list (process)", func(s sweepPoint) float64 { return s.losetup }},
-		{"C, List's calls on one thread", func(s sweepPoint) float64 { return s.listC }},
-		{"loopctl List", func(s sweepPoint) float64 { return s.list }},
-	})
+	// The scale tables, at their bound counts (the column without bound
+	// devices has no place on these axes).
+	var bound []int
+	for _, p := range h.points {
+		if p.bound > 0 {
+			bound = append(bound, p.bound)
+		}
+	}
+	for _, t := range h.scaleTables {
+		var lines []plotLine
+		for _, kind := range []int{rowLosetup, rowC, rowCThreads, rowLoopctl, rowLoopctlCold} {
+			r := t.row(kind)
+			if r == nil {
+				continue
+			}
+			l := plotLine{name: strings.ReplaceAll(r.impl, "`", "")}
+			for i, p := range h.points {
+				if p.bound > 0 {
+					l.ns = append(l.ns, medianOf(r.times[i]))
+				}
+			}
+			lines = append(lines, l)
+		}
+		if err := logPlot(t.op.title, scalePlot(t.op.key), bound, lines); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 var plotColors = []color.Color{
 	color.RGBA{R: 0xd6, G: 0x27, B: 0x28, A: 0xff},
 	color.RGBA{R: 0xff, G: 0x7f, B: 0x0e, A: 0xff},
 	color.RGBA{R: 0x1f, G: 0x77, B: 0xb4, A: 0xff},
+	color.RGBA{R: 0x2c, G: 0xa0, B: 0x2c, A: 0xff},
+	color.RGBA{R: 0x94, G: 0x67, B: 0xbd, A: 0xff},
 }
 
-var plotShapes = []draw.GlyphDrawer{draw.CircleGlyph{}, draw.TriangleGlyph{}, draw.SquareGlyph{}}
+var plotShapes = []draw.GlyphDrawer{draw.CircleGlyph{}, draw.TriangleGlyph{}, draw.SquareGlyph{}, draw.CrossGlyph{}, draw.PlusGlyph{}}
 
 // The data-path plots: throughput by mode, and the page cache each leaves.
 const (

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
 	"testing"
@@ -17,11 +18,23 @@ func TestPlots(t *testing.T) {
 	*svgDir = dir
 	defer func() { *svgDir = old }()
 	h := &harness{sweep: []sweepPoint{
-		{bound: 8, getFree: 300, scanC: 10e3, scanGo: 11e3, list: 360e3, listC: 385e3, losetup: 1.5e6},
-		{bound: 64, getFree: 990, scanC: 80e3, scanGo: 86e3, list: 500e3, listC: 507e3, losetup: 3.6e6},
-		{bound: 256, getFree: 3.5e3, scanC: 321e3, scanGo: 384e3, list: 965e3, listC: 1.05e6, losetup: 10e6},
-		{bound: 1024, getFree: 13e3, scanC: 1.43e6, scanGo: 1.53e6, list: 3.7e6, listC: 4.5e6, losetup: 40e6},
+		{bound: 8, getFree: 300, scanC: 10e3, scanGo: 11e3},
+		{bound: 64, getFree: 990, scanC: 80e3, scanGo: 86e3},
+		{bound: 256, getFree: 3.5e3, scanC: 321e3, scanGo: 384e3},
+		{bound: 1024, getFree: 13e3, scanC: 1.43e6, scanGo: 1.53e6},
 	}}
+	h.points = []scalePoint{{16, 16}, {256, 256}, {4096, 4096}, {0, 4096}}
+	for _, op := range scaleOps() {
+		t := &scaleTable{op: op}
+		for kind := rowLoopctl; kind <= rowExample; kind++ {
+			r := &scaleRow{impl: fmt.Sprintf("row %d", kind), kind: kind}
+			for i := range h.points {
+				r.times = append(r.times, []float64{float64(kind+1) * 1e3 * float64(h.points[i].devices)})
+			}
+			t.rows = append(t.rows, r)
+		}
+		h.scaleTables = append(h.scaleTables, t)
+	}
 	for i, m := range dataModes {
 		for _, fs := range []string{"ext4", "tmpfs"} {
 			v := float64(500 * (i + 1))
@@ -35,7 +48,11 @@ func TestPlots(t *testing.T) {
 	if err := h.dataPlots(); err != nil {
 		t.Fatal(err)
 	}
-	for _, name := range []string{scanPlot, listPlot, dataPlot, dataCachePlot} {
+	names := []string{scanPlot, dataPlot, dataCachePlot}
+	for _, op := range scaleOps() {
+		names = append(names, scalePlot(op.key))
+	}
+	for _, name := range names {
 		if st, err := os.Stat(filepath.Join(dir, name)); err != nil || st.Size() == 0 {
 			t.Errorf("%s: %v", name, err)
 		}

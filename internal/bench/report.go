@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"runtime"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 
@@ -57,8 +58,15 @@ func (h *harness) writeReport() error {
 	}
 	h.printConcurrency(&b)
 	fmt.Fprintf(&b, "![GetFree against the scan](internal/bench/%s)\n\n", scanPlot)
-	fmt.Fprintf(&b, "![List against losetup](internal/bench/%s)\n\n", listPlot)
 	h.printSweep(&b)
+	fmt.Fprintln(&b, "## At scale")
+	fmt.Fprintln(&b)
+	fmt.Fprintln(&b, scaleIntro)
+	fmt.Fprintln(&b)
+	for _, t := range h.scaleTables {
+		fmt.Fprintf(&b, "![%s](internal/bench/%s)\n\n", t.op.title, scalePlot(t.op.key))
+	}
+	h.printScale(&b)
 	h.printData(&b)
 	fmt.Fprintf(&b, "![The data path](internal/bench/%s)\n\n![The page cache it leaves](internal/bench/%s)\n\n", dataPlot, dataCachePlot)
 	fmt.Fprintln(&b, h.perDevice())
@@ -94,6 +102,7 @@ func (h *harness) machine() [][2]string {
 		{"C compiler", first("cc", "--version")},
 		{"util-linux", first(h.losetup, "--version")},
 		{"loop devices before the run", fmt.Sprintf("%d, none bound", h.devCount)},
+		{"GOMAXPROCS", strconv.Itoa(runtime.GOMAXPROCS(0))},
 		{"rounds", fmt.Sprintf("%d, each about %v a row", *rounds, *budget)},
 	}
 }
@@ -119,34 +128,7 @@ func (h *harness) find(op, impl string) *row {
 }
 
 func (h *harness) targets() []target {
-	var ts []target
-	ratio := func(what, op, fast, slow string, min float64) {
-		f, s := h.find(op, fast), h.find(op, slow)
-		q := 1 / f.ratio(s)
-		ts = append(ts, target{what, fmt.Sprintf("%s against %s: %.1f×", duration(f.median()), duration(s.median()), q), q >= min})
-	}
-	ratio("List, 256 bound, ≥ 10× faster than `losetup --json --list`", "list", "loopctl", "util-linux", 10)
-	ratio("FindByBackingFile, one file on 256 devices, ≥ 10× faster than `losetup -j FILE`", "find", "loopctl", "util-linux", 10)
-	cold := func(what, op, name string) {
-		c, w := h.find(op, name+", first call"), h.find(op, name)
-		cc, cw := h.find(op, "C (two threads), first"), h.find(op, "C (two threads)")
-		q := c.ratio(w)
-		ts = append(ts, target{what, fmt.Sprintf("%s against %s: %.2f× (C on two threads, the same calls: %s against %s, %.2f×)",
-			duration(c.median()), duration(w.median()), q, duration(cc.median()), duration(cw.median()), cc.ratio(cw)), q <= 2})
-	}
-	cold("List, 256 bound: the first call in a new process within 2× of a later one", "list", "loopctl List")
-	cold("FindByBackingFile, 256 bound: the first call in a new process within 2× of a later one", "find", "loopctl FindByBackingFile")
-	// A process's own start and the kernel's calls bound what the example
-	// can reach; the target line says how far.
-	process := func(what, op string) {
-		e, u := h.find(op, "example"), h.find(op, "util-linux")
-		c, g := h.find(op, "C making"), h.find(op, "empty Go")
-		q := 1 / e.ratio(u)
-		ts = append(ts, target{what, fmt.Sprintf("%s against %s: %.1f×. Bounds, as processes: C making the same calls once, no output, %s (%.1f×); a Go program that does nothing, %s (%.1f×)",
-			duration(e.median()), duration(u.median()), q, duration(c.median()), 1/c.ratio(u), duration(g.median()), 1/g.ratio(u)), q >= 3})
-	}
-	process("example `losetup --json --list`, 256 bound, ≥ 3× faster than util-linux's, as processes", "list")
-	process("example `losetup -j FILE`, 256 bound, ≥ 3× faster than util-linux's, as processes", "find")
+	ts := h.scaleTargets()
 	gf, floor, ref := h.find("getfree", "loopctl"), h.find("getfree", "Go floor (unix"), h.find("getfree", "Go floor +")
 	ts = append(ts, target{"GetFree within 1.05× of Go's floor, 0 allocs",
 		fmt.Sprintf("%s against %s: %.3f×, %s allocs (the floor with a descriptor reference: %.3f×)", duration(gf.median()),
@@ -166,21 +148,28 @@ func (h *harness) targets() []target {
 	return ts
 }
 
-// perDevice says what the kernel costs a device and how close List gets.
+// scaleIntro says how the scale tables are made.
+const scaleIntro = "Each operation at 16 to 4,096 devices bound by the harness (made with LOOP_CTL_ADD, as a test or an administrator makes them, then bound to one 1 MiB file with autoclear), and with 4,096 devices none of them bound. A time is the median of the rounds. loopctl's row runs in the harness, after one untimed call; its first call runs in a new process each time (`internal/bench/first`, whose main makes the call and nothing before it), timed inside that process, the median of 7 processes a round; C's first call likewise (`floor.c`, one thread). The C rows make loopctl's calls and hold nothing from one operation to the next; on GOMAXPROCS threads they share the devices in batches of 8, as loopctl's goroutines do. The process rows time the whole process, start-up included. The ratio rows are medians of the rounds' ratios; the example against util-linux is the median of alternating runs, each pair's ratio."
+
+// perDevice says what a bound device costs the kernel and List, at the
+// largest bound count of the scale tables.
 func (h *harness) perDevice() string {
-	var n float64
-	for _, t := range h.tables {
-		if t.op == "list" {
-			fmt.Sscanf(t.title, "List, %g bound", &n)
+	list := h.scaleTable("list")
+	i := -1
+	for j, p := range h.points {
+		if p.bound > 0 && (i < 0 || p.bound > h.points[i].bound) {
+			i = j
 		}
 	}
-	if n == 0 {
+	if list == nil || i < 0 {
 		return ""
 	}
-	c, fresh, two := h.find("list", "C (one").median(), h.find("list", "C, backing_file").median(), h.find("list", "C (two").median()
-	l, u := h.find("list", "loopctl").median(), h.find("list", "util-linux").median()
+	n := float64(h.points[i].bound)
+	at := func(kind int) float64 { return medianOf(list.row(kind).times[i]) }
+	c, two, l, u := at(rowC), at(rowCThreads), at(rowLoopctl), at(rowLosetup)
 	return fmt.Sprintf(`## What a device costs
 
-The C row of the List table is the kernel's price: List's system calls, made one after another on one thread, cost %s a device here (%s for %.0f devices), with each backing_file held open and read again. Opening and closing backing_file each time instead, as losetup does, costs %s a device. Two C threads, sharing the devices, cost %s a device, %.2f× the C row: what the kernel gives a second core. loopctl.List costs %s a device, %.2f× the C row, because it spreads the devices over %d goroutines (GOMAXPROCS); on one goroutine it would be the Go floor's %s a device. util-linux's `+"`losetup --json --list`"+` costs %s a device, start-up included.
-`, duration(c/n), duration(c), n, duration(fresh/n), duration(two/n), two/c, duration(l/n), l/c, runtime.GOMAXPROCS(0), duration(h.find("list", "Go floor").median()/n), duration(u/n))
+At %s the C row of the List table is the kernel's price: List's system calls, made one after another on one thread and holding nothing, cost %s a device here (%s in all). On %d threads, sharing the devices, they cost %s a device, %.2f× the one-thread row: what the kernel gives the other cores. loopctl.List costs %s a device, %.2f× the %d-thread row. util-linux's `+"`losetup --json --list`"+` costs %s a device, start-up included.
+`, h.points[i].label(), duration(c/n), duration(c), runtime.GOMAXPROCS(0), duration(two/n), two/c, duration(l/n), l/two,
+		runtime.GOMAXPROCS(0), duration(u/n))
 }

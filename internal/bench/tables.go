@@ -43,57 +43,15 @@ func (h *harness) cycleTable() *table {
 	}
 }
 
-func (h *harness) listTable(n int) *table {
-	return &table{
-		title: fmt.Sprintf("List, %d bound devices", n), op: "list",
-		note: "Every bound device's status with the backing file's full path. C and Go's floor make List's calls on one thread: per device open, LOOP_GET_STATUS64 (ENXIO for an unbound device) and, for a bound one, BLKSSZGET, BLKGETSIZE64, BLKGETDISKSEQ and a read of backing_file while the device is open, then close. The backing_file attribute is held open from one list to the next and read again at offset 0 (opened relative to /sys/devices/virtual/block the first time, or when the device was bound anew since); the fresh row opens and closes it each time instead, as losetup does. The two-thread row shares the devices between two threads, every other device each: what the kernel gives a second core. loopctl.List makes the held rows' calls, spread over GOMAXPROCS goroutines; its first call in a new process (the median of 7 processes a round) opens every backing_file, as the fresh row does, and starts its second goroutine's thread; the C row of a new process does the same on two threads, its second thread's start included. The losetup rows run `losetup --json --list`. The last two rows are what no program can go below as a process here: the C floor listing once on two threads, started as a process, and a Go program that does nothing.",
-		rows: []*row{
-			{impl: "C (one thread)", cOp: "list"},
-			{impl: "C, backing_file opened afresh (one thread)", cOp: "list-fresh"},
-			{impl: "C (two threads)", cOp: "list-2threads"},
-			{impl: "C (two threads), first list of a new process", cOp: "list-2threads", cold: true},
-			{impl: "Go floor (one goroutine)", goOp: "list/go"},
-			{impl: "loopctl List", goOp: "list/loopctl"},
-			{impl: "loopctl List, first call in a new process", goOp: "list/loopctl", cold: true},
-			{impl: "util-linux losetup --json --list", procs: [][]string{{h.losetup, "--json", "--list"}}},
-			{impl: "example losetup --json --list", procs: [][]string{{h.example, "--json", "--list"}}},
-			{impl: "C making the C rows' calls once, as a process (no output)", procs: [][]string{{h.floor, "list-2threads", "1"}}},
-			{impl: "empty Go program, as a process", procs: [][]string{{h.empty}}},
-		},
-	}
-}
-
-func (h *harness) findTable(n int) *table {
-	return &table{
-		title: fmt.Sprintf("FindByBackingFile, one file bound to %d devices", n), op: "find",
-		note: "The devices of one file, found by its device and inode: stat of the file, then per device open, LOOP_GET_STATUS64 and, for the file's devices, BLKSSZGET, BLKGETSIZE64, BLKGETDISKSEQ and the backing_file read (held open, or opened afresh in the fresh row, as in the List table). The losetup rows run `losetup -j FILE`. The last two rows are what no program can go below as a process here: the C floor looking once on two threads, started as a process, and a Go program that does nothing.",
-		rows: []*row{
-			{impl: "C (one thread)", cOp: "find", file: true},
-			{impl: "C, backing_file opened afresh (one thread)", cOp: "find-fresh", file: true},
-			{impl: "C (two threads)", cOp: "find-2threads", file: true},
-			{impl: "C (two threads), first look of a new process", cOp: "find-2threads", file: true, cold: true},
-			{impl: "Go floor (one goroutine)", goOp: "find/go"},
-			{impl: "loopctl FindByBackingFile", goOp: "find/loopctl"},
-			{impl: "loopctl FindByBackingFile, first call in a new process", goOp: "find/loopctl", cold: true},
-			{impl: "util-linux losetup -j FILE", procs: [][]string{{h.losetup, "-j", "{file}"}}},
-			{impl: "example losetup -j FILE", procs: [][]string{{h.example, "-j", "{file}"}}},
-			{impl: "C making the C rows' calls once, as a process (no output)", procs: [][]string{{h.floor, "find-2threads", "1", "{file}"}}},
-			{impl: "empty Go program, as a process", procs: [][]string{{h.empty}}},
-		},
-	}
-}
-
-// A sweepPoint is GetFree against the scan it replaced, and List against
-// losetup, at one count of bound devices.
+// A sweepPoint is GetFree against the scan it replaced at one count of
+// bound devices.
 type sweepPoint struct {
 	bound                  int
 	getFree, scanC, scanGo float64 // ns
-	list, listC, losetup   float64 // ns
 }
 
 // sweepCounts binds more and more devices and measures, at each count,
-// GetFree and the scan, and List; at 256 the List and FindByBackingFile
-// tables too.
+// GetFree and the scan.
 func (h *harness) sweepCounts() error {
 	var nums []int
 	for _, f := range strings.Split(*counts, ",") {
@@ -104,29 +62,15 @@ func (h *harness) sweepCounts() error {
 		nums = append(nums, n)
 	}
 	slices.Sort(nums)
-	tablesAt := 256
-	if !slices.Contains(nums, tablesAt) {
-		tablesAt = nums[len(nums)-1]
-	}
 	for _, n := range nums {
 		log.Printf("binding %d devices", n)
 		if err := h.bindTo(n); err != nil {
 			return err
 		}
-		if n == tablesAt {
-			for _, t := range []*table{h.listTable(n), h.findTable(n)} {
-				if err := h.measure(t); err != nil {
-					return err
-				}
-			}
-		}
 		t := &table{title: fmt.Sprintf("sweep at %d", n), rows: []*row{
 			{impl: "loopctl GetFree", goOp: "getfree/loopctl"},
 			{impl: "scan, C", cOp: "scan"},
 			{impl: "scan, Go", goOp: "scan/go"},
-			{impl: "loopctl List", goOp: "list/loopctl"},
-			{impl: "C list", cOp: "list"},
-			{impl: "losetup --json --list", procs: [][]string{{h.losetup, "--json", "--list"}}},
 		}}
 		log.Printf("measuring the sweep at %d", n)
 		for range *rounds {
@@ -139,8 +83,7 @@ func (h *harness) sweepCounts() error {
 			}
 		}
 		h.sweep = append(h.sweep, sweepPoint{bound: n,
-			getFree: t.rows[0].median(), scanC: t.rows[1].median(), scanGo: t.rows[2].median(),
-			list: t.rows[3].median(), listC: t.rows[4].median(), losetup: t.rows[5].median()})
+			getFree: t.rows[0].median(), scanC: t.rows[1].median(), scanGo: t.rows[2].median()})
 	}
 	return nil
 }
@@ -197,6 +140,7 @@ func (h *harness) print(w io.Writer) {
 	h.printTables(w)
 	h.printConcurrency(w)
 	h.printSweep(w)
+	h.printScale(w)
 	h.printData(w)
 }
 
@@ -233,14 +177,13 @@ func (h *harness) printConcurrency(w io.Writer) {
 }
 
 func (h *harness) printSweep(w io.Writer) {
-	fmt.Fprintln(w, "### GetFree against the scan it replaced, and List against losetup, by bound devices")
+	fmt.Fprintln(w, "### GetFree against the scan it replaced, by bound devices")
 	fmt.Fprintln(w)
-	fmt.Fprintln(w, "| bound | loopctl GetFree | scan (C) | scan (Go) | scan (C) ÷ GetFree | loopctl List | C list | losetup --json --list | losetup ÷ List |")
-	fmt.Fprintln(w, "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+	fmt.Fprintln(w, "| bound | loopctl GetFree | scan (C) | scan (Go) | scan (C) ÷ GetFree |")
+	fmt.Fprintln(w, "| ---: | ---: | ---: | ---: | ---: |")
 	for _, p := range h.sweep {
-		fmt.Fprintf(w, "| %d | %s | %s | %s | %.0f | %s | %s | %s | %.1f |\n", p.bound, duration(p.getFree),
-			duration(p.scanC), duration(p.scanGo), p.scanC/p.getFree, duration(p.list), duration(p.listC),
-			duration(p.losetup), p.losetup/p.list)
+		fmt.Fprintf(w, "| %d | %s | %s | %s | %.0f |\n", p.bound, duration(p.getFree),
+			duration(p.scanC), duration(p.scanGo), p.scanC/p.getFree)
 	}
 	fmt.Fprintln(w)
 }

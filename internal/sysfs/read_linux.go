@@ -50,21 +50,33 @@ func ReadAttrAt(dir int, dirPath string, name []byte, buf []byte) ([]byte, error
 // the directory open as dir, read-only and close-on-exec, for Reread. An
 // error is an *os.PathError.
 func OpenAttrAt(dir int, dirPath string, name []byte) (int, error) {
-	if len(name) == 0 || name[len(name)-1] != 0 {
-		return -1, &os.PathError{Op: "open", Path: join(dirPath, string(name)), Err: unix.EINVAL}
+	fd, ok, err := OpenAttrIfAt(dir, dirPath, name)
+	if err == nil && !ok {
+		err = &os.PathError{Op: "open", Path: join(dirPath, string(name[:len(name)-1])), Err: unix.ENOENT}
 	}
-	fd, err := retry(func() (int, error) {
+	return fd, err
+}
+
+// OpenAttrIfAt is OpenAttrAt of an attribute that may be missing: it
+// reports false, with a nil error and no allocation, when it is (ENOENT),
+// for a caller that looks at many.
+func OpenAttrIfAt(dir int, dirPath string, name []byte) (int, bool, error) {
+	if len(name) == 0 || name[len(name)-1] != 0 {
+		return -1, false, &os.PathError{Op: "open", Path: join(dirPath, string(name)), Err: unix.EINVAL}
+	}
+	for {
 		r, _, errno := unix.Syscall6(unix.SYS_OPENAT, uintptr(dir), uintptr(unsafe.Pointer(&name[0])),
 			unix.O_RDONLY|unix.O_CLOEXEC, 0, 0, 0)
-		if errno != 0 {
-			return -1, errno
+		switch errno {
+		case 0:
+			return int(r), true, nil
+		case unix.EINTR:
+			continue
+		case unix.ENOENT:
+			return -1, false, nil
 		}
-		return int(r), nil
-	})
-	if err != nil {
-		return -1, &os.PathError{Op: "open", Path: join(dirPath, string(name[:len(name)-1])), Err: err}
+		return -1, false, &os.PathError{Op: "open", Path: join(dirPath, string(name[:len(name)-1])), Err: errno}
 	}
-	return fd, nil
 }
 
 // Reread reads the attribute open as fd from its start into buf: sysfs
@@ -99,25 +111,23 @@ func retry(fn func() (int, error)) (int, error) {
 
 // ExistsAt reports whether name (bytes ending in a NUL) exists relative to
 // the directory open as dir, with one faccessat and no descriptor: false,
-// and no error, when it does not (ENOENT). dirPath names the directory in
-// an error, an *os.PathError.
+// and no error or allocation, when it does not (ENOENT). dirPath names the
+// directory in an error, an *os.PathError.
 func ExistsAt(dir int, dirPath string, name []byte) (bool, error) {
 	if len(name) == 0 || name[len(name)-1] != 0 {
 		return false, &os.PathError{Op: "access", Path: join(dirPath, string(name)), Err: unix.EINVAL}
 	}
-	_, err := retry(func() (int, error) {
+	for {
 		_, _, errno := unix.Syscall6(unix.SYS_FACCESSAT, uintptr(dir), uintptr(unsafe.Pointer(&name[0])),
 			unix.F_OK, 0, 0, 0)
-		if errno != 0 {
-			return -1, errno
+		switch errno {
+		case 0:
+			return true, nil
+		case unix.EINTR:
+			continue
+		case unix.ENOENT:
+			return false, nil
 		}
-		return 0, nil
-	})
-	switch err {
-	case nil:
-		return true, nil
-	case unix.ENOENT:
-		return false, nil
+		return false, &os.PathError{Op: "access", Path: join(dirPath, string(name[:len(name)-1])), Err: errno}
 	}
-	return false, &os.PathError{Op: "access", Path: join(dirPath, string(name[:len(name)-1])), Err: err}
 }

@@ -11,17 +11,19 @@
 //   scan     find a free device the old way: open /dev/loop0, 1, 2... and
 //            ask LOOP_GET_STATUS64 until one answers ENXIO
 //   list     every bound device's status, as loopctl.List reads it, on
-//            THREADS threads: per device the backing_file opened relative
-//            to /sys/devices/virtual/block (ENOENT: not bound, and nothing
-//            more), then open, LOOP_GET_STATUS64, BLKSSZGET, BLKGETSIZE64,
-//            BLKGETDISKSEQ, the backing_file read, and both closes
+//            THREADS threads: per device an faccessat of loopN/loop
+//            relative to /sys/devices/virtual/block (ENOENT: not bound,
+//            and nothing more), or, after a device whose backing_file it
+//            read, the open of that attribute; then open,
+//            LOOP_GET_STATUS64, BLKSSZGET, BLKGETSIZE64, BLKGETDISKSEQ, the
+//            backing_file read, and both closes
 //   list-open  the same, telling a bound device by opening it, as
 //            programs did before: open and LOOP_GET_STATUS64 of every
 //            device (ENXIO: not bound), then the rest for a bound one
 //   find     the devices of the file ARG, as loopctl.FindByBackingFile
-//            reads them: a stat of ARG; per device an faccessat of
-//            loopN/loop (ENOENT: not bound), open, LOOP_GET_STATUS64, and
-//            for ARG's devices the rest as in list; close
+//            reads them: a stat of ARG; per device the check of list, open,
+//            LOOP_GET_STATUS64, and for ARG's devices the rest as in list;
+//            close
 //   ref      the devices whose lo_file_name is ARG, as loopctl.FindByRef
 //            (and Sweep, which then detaches what it found) reads them
 //   attach   one attach of ARG, timed, as loopctl.AttachFile makes it;
@@ -171,7 +173,7 @@ static struct status statuses[MAXDEVS];
 
 // numbers lists the loop devices in the open /sys/devices/virtual/block.
 static int numbers(int block, int *nums, int max) {
-	char buf[8192];
+	char buf[32 << 10];
 	int count = 0;
 	long got;
 	while ((got = syscall(SYS_getdents64, block, buf, sizeof buf)) > 0) {
@@ -205,6 +207,13 @@ static int readattr(int fd, struct status *s) {
 	return 1;
 }
 
+// name_read is whether this thread read the backing_file of the device
+// it read last (bound, for list; the file's or the reference's, for find
+// and ref): it then opens the next one's backing_file first, to tell
+// whether it is bound, and asks faccessat after any other, as loopctl
+// does.
+static __thread int name_read;
+
 // device reads device m's status into s, as loopctl does; 0 if it is not
 // bound (as the look wants it). It holds nothing when it returns.
 static int device(int m, struct status *s) {
@@ -212,7 +221,9 @@ static int device(int m, struct status *s) {
 	int attr = -1;
 	free(s->file);
 	s->file = NULL;
-	if (how == LIST) {
+	int was_read = name_read;
+	name_read = 0;
+	if (how != LIST_OPEN && was_read) {
 		snprintf(path, sizeof path, "loop%d/loop/backing_file", m);
 		if ((attr = openat(block, path, O_RDONLY | O_CLOEXEC)) < 0)
 			return 0;
@@ -238,6 +249,7 @@ static int device(int m, struct status *s) {
 		attr = openat(block, path, O_RDONLY | O_CLOEXEC);
 	}
 	ok = ok && attr >= 0 && readattr(attr, s);
+	name_read = ok;
 	if (d >= 0)
 		close(d);
 	if (attr >= 0)
