@@ -42,6 +42,7 @@ var (
 	svgDir  = flag.String("svg", ".", "write the plots into this directory")
 	rounds  = flag.Int("rounds", 9, "measure each row this many times, interleaved with the other rows of its table; the median is reported")
 	budget  = flag.Duration("budget", 200*time.Millisecond, "time one measurement of one row for about this long")
+	only    = flag.String("only", "", "measure only these parts, comma-separated (tables, scale, data), and write no report")
 	quick   = flag.Bool("quick", false, "a short run that checks the harness: one round, 8 to 64 bound devices, 256 none bound, no report written")
 	counts  = flag.String("counts", "8,64,256,1024", "bound-device counts for the GetFree-against-scan sweep")
 	childOp = flag.String("op", "", "child mode: run this operation -n times and print the nanoseconds per operation")
@@ -202,33 +203,44 @@ func (h *harness) close() {
 
 func (h *harness) run() error {
 	log.Printf("%d loop devices on the machine, none bound", len(h.before))
-	for _, t := range []*table{h.getFreeTable(), h.cycleTable()} {
-		if err := h.measure(t); err != nil {
+	parts := map[string]bool{}
+	for _, p := range strings.Split(*only, ",") {
+		parts[strings.TrimSpace(p)] = true
+	}
+	part := func(name string) bool { return *only == "" || parts[name] }
+	if part("tables") {
+		for _, t := range []*table{h.getFreeTable(), h.cycleTable()} {
+			if err := h.measure(t); err != nil {
+				return err
+			}
+		}
+		if err := h.concurrency(); err != nil {
 			return err
 		}
-	}
-	if err := h.concurrency(); err != nil {
-		return err
-	}
-	if err := h.sweepCounts(); err != nil {
-		return err
+		if err := h.sweepCounts(); err != nil {
+			return err
+		}
 	}
 	// The scale tables start from the machine's own devices.
 	h.unbind(0)
 	h.removeMade()
-	if err := h.scale(); err != nil {
-		return err
+	if part("scale") {
+		if err := h.scale(); err != nil {
+			return err
+		}
+		h.unbind(0)
+		h.removeMade()
 	}
-	h.unbind(0)
-	h.removeMade()
-	if err := h.dataPath(); err != nil {
-		return err
+	if part("data") {
+		if err := h.dataPath(); err != nil {
+			return err
+		}
+		h.removeMade()
 	}
-	h.removeMade()
 	h.before = nil
 	h.print(os.Stdout)
-	if *quick {
-		return nil
+	if *quick || *only != "" {
+		return nil // a report is of a whole run
 	}
 	if err := h.plots(); err != nil {
 		return err

@@ -52,7 +52,7 @@ func logPlot(title, file string, counts []int, lines []plotLine) error {
 	// font is wider than gonum measured has room to its right.
 	p.Y.Min, p.Y.Max = lo/3, hi*8
 	p.Legend.Top, p.Legend.Left = true, true
-	p.Legend.XOffs, p.Legend.YOffs = vg.Points(6), -vg.Points(4)
+	p.Legend.XOffs, p.Legend.YOffs = vg.Points(6), -vg.Points(14)
 	for i, l := range lines {
 		xys := make(plotter.XYs, len(counts))
 		for j, n := range counts {
