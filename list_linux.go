@@ -230,6 +230,9 @@ func compact(found []Status) []Status {
 type blockDir struct {
 	fd   int
 	path string
+	// sysfs is true when the directory is on sysfs, whose lookups wait for
+	// nothing (see sysfs.ExistsAt); a test's tree is not.
+	sysfs bool
 }
 
 // openBlockDir opens the directory where the loop devices' sysfs entries
@@ -242,7 +245,9 @@ func openBlockDir() (blockDir, error) {
 	for _, path := range []string{sysfsRoot + "/devices/virtual/block", sysfsRoot + "/block"} {
 		var fd int
 		if fd, err = openFD(path, unix.O_RDONLY|unix.O_DIRECTORY); err == nil {
-			return blockDir{fd, path}, nil
+			var fs unix.Statfs_t
+			onSysfs := unix.Fstatfs(fd, &fs) == nil && fs.Type == unix.SYSFS_MAGIC
+			return blockDir{fd, path, onSysfs}, nil
 		}
 		if !errors.Is(err, fs.ErrNotExist) {
 			break // out of descriptors, say: /sys/block would fail alike
@@ -315,7 +320,7 @@ func readStatus(block blockDir, n int, want *match, sc *scratch) (Status, bool, 
 		attr = fd
 	} else {
 		name[dirLen] = 0
-		bound, err := sysfs.ExistsAt(block.fd, block.path, name[:dirLen+1])
+		bound, err := sysfs.ExistsAt(block.fd, block.path, name[:dirLen+1], block.sysfs)
 		name[dirLen] = '/'
 		if !bound {
 			return Status{}, false, err
