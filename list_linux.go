@@ -149,11 +149,15 @@ func readDevices(want *match) ([]Status, error) {
 		return nil, newError("list", dir.path, &os.PathError{Op: "readdirent", Path: dir.path, Err: err})
 	}
 	// Device nums[i]'s status goes to found[i], and BackingFile, never
-	// empty for a device found, tells which were. The memory of those not
-	// bound is never written, and a fresh allocation's pages are the
-	// kernel's zeroes until they are: a look at thousands of devices none
-	// of them bound touches none of it.
-	found := make([]Status, len(nums))
+	// empty for a device found, tells which were. The array is made when
+	// the first device is found: a look at thousands of devices none of
+	// them bound makes none.
+	var found []Status
+	var made sync.Once
+	put := func(i int, s Status) {
+		made.Do(func() { found = make([]Status, len(nums)) })
+		found[i] = s
+	}
 	const batch = 8
 	var next atomic.Int64
 	var failed atomic.Bool
@@ -175,7 +179,7 @@ func readDevices(want *match) ([]Status, error) {
 					return
 				}
 				if ok {
-					found[j] = s
+					put(j, s)
 				}
 			}
 		}

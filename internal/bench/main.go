@@ -115,6 +115,7 @@ type harness struct {
 	floor    string // floor.c, built
 	example  string // examples/losetup, built
 	first    string // first/, built: one call in a new process
+	empty    string // a Go program that does nothing, built
 	losetup  string // util-linux's
 	file     string // a 1 MiB backing file
 	other    string // another, which the attach rows of the scale tables bind
@@ -128,6 +129,25 @@ type harness struct {
 	// The scale tables, and the points they are measured at.
 	points      []scalePoint
 	scaleTables []*scaleTable
+}
+
+// buildEmpty builds, in dir, a Go program whose main does nothing: the
+// start and exit of a Go process, which no Go program goes below.
+func buildEmpty(dir string) (string, error) {
+	src := filepath.Join(dir, "empty")
+	if err := os.MkdirAll(src, 0o755); err != nil {
+		return "", err
+	}
+	for name, text := range map[string]string{"go.mod": "module empty\n", "main.go": "package main\n\nfunc main() {}\n"} {
+		if err := os.WriteFile(filepath.Join(src, name), []byte(text), 0o644); err != nil {
+			return "", err
+		}
+	}
+	bin := filepath.Join(dir, "empty-go")
+	if out, err := exec.Command("go", "build", "-C", src, "-o", bin, ".").CombinedOutput(); err != nil {
+		return "", fmt.Errorf("go build of an empty program: %v\n%s", err, out)
+	}
+	return bin, nil
 }
 
 func newHarness() (*harness, error) {
@@ -150,6 +170,9 @@ func newHarness() (*harness, error) {
 	h.first = filepath.Join(h.dir, "first")
 	if out, err := exec.Command("go", "build", "-o", h.first, "./first").CombinedOutput(); err != nil {
 		return h, fmt.Errorf("go build ./first: %v\n%s", err, out)
+	}
+	if h.empty, err = buildEmpty(h.dir); err != nil {
+		return h, err
 	}
 	h.file = filepath.Join(h.dir, "backing.img")
 	if err := os.WriteFile(h.file, make([]byte, 1<<20), 0o644); err != nil {

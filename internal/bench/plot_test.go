@@ -26,7 +26,7 @@ func TestPlots(t *testing.T) {
 	h.points = []scalePoint{{16, 16}, {256, 256}, {4096, 4096}, {0, 4096}}
 	for _, op := range scaleOps() {
 		t := &scaleTable{op: op}
-		for kind := rowLoopctl; kind <= rowExample; kind++ {
+		for kind := rowLoopctl; kind <= rowEmptyGo; kind++ {
 			r := &scaleRow{impl: fmt.Sprintf("row %d", kind), kind: kind}
 			for i := range h.points {
 				r.times = append(r.times, []float64{float64(kind+1) * 1e3 * float64(h.points[i].devices)})

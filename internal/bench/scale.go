@@ -94,6 +94,11 @@ const (
 	rowCOpenAll
 	rowLosetup
 	rowExample
+	// What a process making the call can reach at best: C making the C
+	// rows' calls once on GOMAXPROCS threads, with no output, started as
+	// a process; and a Go program that does nothing.
+	rowCProcess
+	rowEmptyGo
 )
 
 // A scaleTable is one operation at every point.
@@ -252,6 +257,8 @@ func (h *harness) scale() error {
 		}
 		if op.example != nil {
 			add("example `losetup "+strings.Join(op.example, " ")+"`, as a process", rowExample)
+			add(fmt.Sprintf("C making the C rows' calls once on %d threads, no output, as a process", runtime.GOMAXPROCS(0)), rowCProcess)
+			add("a Go program that does nothing, as a process", rowEmptyGo)
 		}
 		h.scaleTables = append(h.scaleTables, t)
 	}
@@ -468,13 +475,16 @@ func (h *harness) timeScale(op *scaleOp, r *scaleRow, first int) (float64, error
 	case rowCCold:
 		return medianOfProcs(func() (float64, error) { return h.floorScale(op.cOp, 1, 1, op, first) })
 	default: // a process
-		bin := h.losetup
-		if r.kind == rowExample {
-			bin = h.example
-		}
-		args := h.procArgs(bin, op.losetup)
-		if r.kind == rowExample {
-			args = h.procArgs(bin, op.example)
+		var args []string
+		switch r.kind {
+		case rowExample:
+			args = h.procArgs(h.example, op.example)
+		case rowCProcess:
+			args = h.procArgs(h.floor, append([]string{op.cOp, "1", strconv.Itoa(runtime.GOMAXPROCS(0))}, op.c...))
+		case rowEmptyGo:
+			args = []string{h.empty}
+		default:
+			args = h.procArgs(h.losetup, op.losetup)
 		}
 		var total float64
 		n := 0
@@ -700,10 +710,11 @@ func (h *harness) scaleTargets() []target {
 	ts = append(ts, target{fmt.Sprintf("a later List within 1.25× of C on GOMAXPROCS (%d) threads", runtime.GOMAXPROCS(0)),
 		strings.Join(parts, "; "), met})
 	if i := h.pointAt(0); i >= 0 {
-		a, b := list.row(rowLoopctl), list.row(rowCOpenAll)
+		a, b, c := list.row(rowLoopctl), list.row(rowCOpenAll), list.row(rowCThreads)
 		q := 1 / medianRatio(a, b, i)
 		ts = append(ts, target{fmt.Sprintf("List, %s, ≥ 3× faster than C opening every device on one thread", h.points[i].label()),
-			fmt.Sprintf("%s against %s: %.1f×", duration(medianOf(a.times[i])), duration(medianOf(b.times[i])), q), q >= 3})
+			fmt.Sprintf("%s against %s: %.1f× (C making loopctl's calls on %d threads: %.1f×)", duration(medianOf(a.times[i])),
+				duration(medianOf(b.times[i])), q, runtime.GOMAXPROCS(0), 1/medianRatio(c, b, i)), q >= 3})
 	}
 	example := func(t *scaleTable, what string, bound int, limit float64) {
 		i := h.pointAt(bound)
@@ -711,8 +722,11 @@ func (h *harness) scaleTargets() []target {
 			return
 		}
 		q := medianOf(t.pairs[i])
+		ul := t.row(rowLosetup)
 		ts = append(ts, target{fmt.Sprintf("example `losetup %s`, %s, at most %.1f× util-linux's (median wall ratio, alternating runs)", what, h.points[i].label(), limit),
-			fmt.Sprintf("%.2f× (%d pairs, %.2f–%.2f)", q, len(t.pairs[i]), slices.Min(t.pairs[i]), slices.Max(t.pairs[i])), q <= limit})
+			fmt.Sprintf("%.2f× (%d pairs, %.2f–%.2f). As processes, against util-linux in the rounds: C making the same calls once, no output, %.2f×; a Go program that does nothing, %.2f×",
+				q, len(t.pairs[i]), slices.Min(t.pairs[i]), slices.Max(t.pairs[i]),
+				medianRatio(t.row(rowCProcess), ul, i), medianRatio(t.row(rowEmptyGo), ul, i)), q <= limit})
 	}
 	example(list, "--json --list", 256, 0.5)
 	example(find, "-j FILE", 256, 0.7)
