@@ -9,6 +9,7 @@
 //	go run ./internal/vmrun                                   # every kernel, both /tmp kinds
 //	go run ./internal/vmrun -kernel 6.1 -tmp ext4             # one machine
 //	go run ./internal/vmrun -kernel newest -arch 386          # the tests as 32-bit programs
+//	go run ./internal/vmrun -kernel 6.12 -cmdline bdev_allow_write_mounted=0 -- -test.run TestKernelReadOnlyDescriptor
 //	go run ./internal/vmrun -kernel 5.10 -- -test.run 'TestKernelAttach' -test.v
 //
 // Arguments after the flags go to each test binary (default: -test.short
@@ -78,6 +79,8 @@ func main() {
 	arch := flag.String("arch", "amd64", "the test binaries' GOARCH: amd64, or 386 for the kernel's compat ioctl path")
 	cache := flag.String("cache", cacheDir(), "where kernels and package lists are kept between runs ($LOOPCTL_VM_CACHE)")
 	timeout := flag.Duration("timeout", 15*time.Minute, "the longest one machine may run")
+	cmdline := flag.String("cmdline", "", "more kernel parameters for the machines, such as bdev_allow_write_mounted=0")
+	modules := flag.String("modules", "", "more kernel modules to load in the machines, comma-separated, such as squashfs,vfat (loop and ext4 always are)")
 	flag.Usage = func() {
 		fmt.Fprintf(flag.CommandLine.Output(), "usage: vmrun [flags] [test binary arguments]\n")
 		flag.PrintDefaults()
@@ -93,7 +96,10 @@ func main() {
 	if *arch != "amd64" && *arch != "386" {
 		log.Fatalf("unknown -arch %q", *arch)
 	}
-	r := &runner{cache: *cache, timeout: *timeout, testArgs: testArgs, arch: *arch}
+	r := &runner{cache: *cache, timeout: *timeout, testArgs: testArgs, arch: *arch, cmdline: *cmdline}
+	if *modules != "" {
+		r.modules = strings.Split(*modules, ",")
+	}
 	defer r.cleanup()
 	failed := 0
 	for _, k := range strings.Split(*kernels, ",") {
@@ -127,7 +133,9 @@ type runner struct {
 	cache    string
 	timeout  time.Duration
 	testArgs []string
-	arch     string // of the test binaries
+	arch     string   // of the test binaries
+	cmdline  string   // kernel parameters beyond the console's
+	modules  []string // kernel modules beyond those the tests always need
 
 	work      string // this run's scratch directory
 	updated   bool   // the package lists are fresh
@@ -164,7 +172,7 @@ func (r *runner) run(k, tmp string) (int, error) {
 	}
 	args := []string{"-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", "2048",
 		"-kernel", kern.vmlinuz, "-initrd", initrd,
-		"-append", "console=ttyS0 panic=-1 loglevel=4",
+		"-append", strings.TrimSpace("console=ttyS0 panic=-1 loglevel=4 " + r.cmdline),
 		"-nographic", "-no-reboot", "-monitor", "none", "-nic", "none"}
 	if tmp == "ext4" {
 		disk := filepath.Join(r.work, "tmp.ext4")
@@ -469,7 +477,7 @@ func (r *runner) initramfs(path string, kern *kernel, tmp string) error {
 			files[l] = l
 		}
 	}
-	want := []string{"loop", "crc32c_generic", "ext4"} // ext4: for the tests' mounts too
+	want := append([]string{"loop", "crc32c_generic", "ext4"}, r.modules...) // ext4: for the tests' mounts too
 	if tmp == "ext4" {
 		want = append(want, "virtio_pci", "virtio_blk")
 	}
