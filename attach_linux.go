@@ -85,14 +85,20 @@ import (
 // first: that is a lost race, retried.
 //
 // With Options.Reuse, Attach first looks, under the same lock, for a
-// device bound to the same file (device and inode, whatever its name) with
-// the same offset, size limit, read-only flag and block size, and returns
-// it, open, with Device.Shared reporting true; a device bound to an
-// overlapping range with other settings makes it fail with an
-// *OverlapError (ErrOverlap) naming that device. Two processes attaching
-// one file with Reuse end with one device between them. The look reads
-// each device's binding with LOOP_GET_STATUS64 on a short read-only open:
-// about half a millisecond with 256 bound devices.
+// device bound to the same file (device and inode, whatever its name) as
+// the Options would bind it (see Options.Reuse), and returns it, open,
+// with Device.Shared reporting true; a device bound to an overlapping
+// range otherwise makes it fail with an *OverlapError (ErrOverlap) naming
+// that device and the difference. Two processes attaching one file with
+// Reuse end with one device between them. The look reads each bound
+// device's binding with LOOP_GET_STATUS64 on a short read-only open.
+//
+// A read-only binding (FlagReadOnly, or a file that AttachFile is handed
+// open read-only) is made and held through a read-only descriptor of the
+// device (see OpenDevice); a caller without CAP_SYS_ADMIN, which the kernel
+// lets bind only through one open for writing, binds through one opened
+// for the moment. The device is locked exclusively (flock) while it is
+// set up, and then as Options.Lock asks, until Device.Lock changes it.
 //
 // On any failure Attach leaves nothing behind: no binding of its own and no
 // open descriptor. Invalid options (fs.ErrInvalid), a missing file
@@ -122,7 +128,7 @@ func Attach(ctx context.Context, path string, o Options) (*Device, error) {
 	if err := o.validate(); err != nil {
 		return nil, newError(op, path, err)
 	}
-	fd, err := openBackingFile(ctx, path, o.Flags&FlagReadOnly != 0)
+	fd, err := openBackingFile(ctx, path, o)
 	if err != nil {
 		return nil, newError(op, path, err)
 	}
@@ -148,9 +154,12 @@ func AttachFile(ctx context.Context, f *os.File, o Options) (*Device, error) {
 	if err := o.validate(); err != nil {
 		return nil, newError(op, name, err)
 	}
+	if o.NoSymlinks {
+		return nil, newError(op, name, invalid("Options.NoSymlinks is for a path: the caller opened this file"))
+	}
 	var d *Device
 	err := withFile(op, name, f, func(fd uintptr) error {
-		if err := checkBackingFile(fd, name); err != nil {
+		if err := checkBackingFile(fd, name, o); err != nil {
 			return newError(op, name, err)
 		}
 		var err error
@@ -173,6 +182,10 @@ const maxAttempts = 256
 // retrying lost races.
 func attach(ctx context.Context, fd uintptr, name string, o Options) (*Device, error) {
 	const op = "attach"
+	var err error
+	if o.BlockSize, err = backingBlockSize(ctx, fd, o); err != nil {
+		return nil, newError(op, name, err)
+	}
 	var tried map[int]bool
 	for attempt := 0; ; attempt++ {
 		d, n, lost, err := attachOnce(ctx, fd, name, o, tried)
@@ -222,7 +235,7 @@ func attachOnce(ctx context.Context, fd uintptr, name string, o Options, tried m
 	if o.Reuse {
 		// Under the lock, so that two processes attaching one file with
 		// Reuse end with one device between them.
-		if d, err := sharedDevice(fd, o); d != nil || err != nil {
+		if d, err := sharedDevice(fd, name, o); d != nil || err != nil {
 			return d, -1, false, err
 		}
 	}
@@ -261,7 +274,14 @@ func backoff(ctx context.Context, attempt int) error {
 // of the device, and reports whether a failure means that another process
 // got to the device first (see lostOpen and lostBind).
 func tryAttach(ctx context.Context, c *Control, n int, fd uintptr, name string, o Options) (*Device, bool, error) {
-	d, err := OpenDevice(n)
+	// A read-only binding is made and held through a read-only
+	// descriptor: a kernel that refuses to mount a device with writers
+	// (CONFIG_BLK_DEV_WRITE_MOUNTED=n) mounts it while the Device is open.
+	mode := readWrite
+	if o.Flags&FlagReadOnly != 0 || readOnlyFD(fd) {
+		mode = readOnly
+	}
+	d, err := openDeviceMode(n, mode)
 	if err != nil {
 		var missing *NodeMissingError
 		if !errors.As(err, &missing) || !stillFree(c, n) {
@@ -271,7 +291,7 @@ func tryAttach(ctx context.Context, c *Control, n int, fd uintptr, name string, 
 		if !o.MakeNode {
 			return nil, false, err
 		}
-		if d, err = makeAndOpen(n); err != nil {
+		if d, err = makeAndOpen(n, mode); err != nil {
 			return nil, false, err
 		}
 	}
@@ -286,7 +306,19 @@ func tryAttach(ctx context.Context, c *Control, n int, fd uintptr, name string, 
 		}
 		return nil, false, newError("lock", d.path, err)
 	}
-	seq, err := configure(d.h, fd, name, o)
+	bindWith := d.h
+	seq, err := configure(bindWith, fd, name, o)
+	if mode == readOnly && errors.Is(err, errReadOnlyDescriptor) {
+		// Without CAP_SYS_ADMIN the kernel binds only through a
+		// descriptor open for writing: bind through one opened for the
+		// moment, and hold the read-only one, and its lock.
+		if bindWith, err = openDevice(d.path, readWrite); err != nil {
+			d.Close()
+			return nil, lostOpen(err), err
+		}
+		defer bindWith.Close()
+		seq, err = configure(bindWith, fd, name, o)
+	}
 	if err != nil {
 		d.Close() // also drops the lock
 		return nil, lostBind(err), newError("configure", d.path, err)
@@ -294,20 +326,33 @@ func tryAttach(ctx context.Context, c *Control, n int, fd uintptr, name string, 
 	d.seq.Store(seq)
 	if o.MakeNode && o.Flags&FlagPartScan != 0 {
 		if err := makePartitionNodes(d); err != nil {
-			err = undo(d.h, err)
+			err = undo(bindWith, err)
 			d.Close()
 			return nil, false, err
 		}
 	}
-	if err := d.h.flock(unix.LOCK_UN); err != nil {
-		// The binding is ours: undo it rather than hand out a device
-		// that stays locked.
-		err = errors.Join(newError("unlock", d.path, inStep("LOCK_UN", err)), d.ClearFD())
-		d.Close()
-		return nil, false, err
+	// The lock taken for the setup becomes the one the caller asked for:
+	// from exclusive to shared, or none, without a moment unlocked.
+	if o.Lock != LockExclusive {
+		if err := d.h.flock(flockOf[o.Lock]); err != nil {
+			// The binding is ours: undo it rather than hand out a device
+			// locked otherwise than asked.
+			op, step := "unlock", "LOCK_UN"
+			if o.Lock == LockShared {
+				op, step = "lock", "LOCK_SH"
+			}
+			err = undo(bindWith, newError(op, d.path, inStep(step, err)))
+			d.Close()
+			return nil, false, err
+		}
 	}
+	d.lock.mode.Store(int32(o.Lock))
 	return d, false, nil
 }
+
+// flockOf is the flock(2) operation that gives a Device each LockMode,
+// without waiting.
+var flockOf = [...]int{LockNone: unix.LOCK_UN, LockShared: unix.LOCK_SH | unix.LOCK_NB, LockExclusive: unix.LOCK_EX | unix.LOCK_NB}
 
 // lockDevice takes flock(LOCK_EX) on device d, which LOOP_CTL_GET_FREE
 // named unbound. Another process may hold the lock. A shared holder is
@@ -377,13 +422,13 @@ func stillFree(c *Control, n int) bool {
 // makeAndOpen makes the missing node of device n and opens it. A node it
 // made that cannot be opened (a device cgroup refusing the device, a /dev
 // that takes no device nodes) is of no use to anyone: it removes it again.
-func makeAndOpen(n int) (*Device, error) {
+func makeAndOpen(n, mode int) (*Device, error) {
 	path := DevicePath(n)
 	rdev, made, err := makeNodeOf(path, sysfs.LoopDir(sysfsRoot, n)+"/dev")
 	if err != nil {
 		return nil, err
 	}
-	d, err := OpenDevice(n)
+	d, err := openDeviceMode(n, mode)
 	if err == nil {
 		return d, nil
 	}

@@ -632,3 +632,193 @@ func TestExplainNodeOpen(t *testing.T) {
 		t.Errorf("ENXIO: %v, want it as it was", err)
 	}
 }
+
+// TestAttachReadOnlyDescriptor: a read-only binding is made and held
+// through a read-only descriptor of the device (FlagReadOnly, or a file
+// open read-only), and OpenBinding of one opens it so; OpenDevice stays
+// read-write. Through a read-only descriptor, a caller without
+// CAP_SYS_ADMIN is refused a change with EPERM, explained.
+func TestAttachReadOnlyDescriptor(t *testing.T) {
+	k := useFake(t, 4)
+	k.noAdmin = true
+	mode := func(d *Device) bool { return d.h.(readOnlyHandle).readOnly() }
+	f := tempFile(t, 1<<20)
+
+	ro := attachFake(t, f.Name(), Options{Flags: FlagReadOnly})
+	if !mode(ro) {
+		t.Fatal("Attach with FlagReadOnly holds a read-write descriptor")
+	}
+	if s, err := ro.Status(); err != nil || s.Flags&FlagReadOnly == 0 {
+		t.Fatalf("Status = %+v, %v; want read-only", s, err)
+	}
+	err := ro.ClearFD()
+	if !errors.Is(err, unix.EPERM) || !errors.Is(err, fs.ErrPermission) || !strings.Contains(err.Error(), "open read-only") {
+		t.Fatalf("ClearFD through a read-only descriptor without CAP_SYS_ADMIN = %v, want EPERM explained", err)
+	}
+	if err := ro.Lock(LockShared); err != nil { // flock needs no write access
+		t.Fatal(err)
+	}
+
+	rw := attachFake(t, f.Name(), Options{})
+	if mode(rw) {
+		t.Fatal("Attach without FlagReadOnly holds a read-only descriptor")
+	}
+	rf, err := os.Open(f.Name())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rf.Close()
+	d, err := AttachFile(context.Background(), rf, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	if !mode(d) {
+		t.Fatal("AttachFile of a file open read-only holds a read-write descriptor")
+	}
+
+	for _, tt := range []struct {
+		d    *Device
+		want bool
+	}{{ro, true}, {rw, false}} {
+		s, err := tt.d.Status()
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, err := OpenBinding(s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if mode(b) != tt.want {
+			t.Errorf("OpenBinding of %v: read-only descriptor %v, want %v", s.Flags, mode(b), tt.want)
+		}
+		b.Close()
+	}
+	od, err := OpenDevice(ro.Number())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer od.Close()
+	if mode(od) {
+		t.Fatal("OpenDevice opened read-only")
+	}
+}
+
+// TestAttachLock: the lock Attach takes for the setup becomes the one
+// asked for, and Device.Lock changes it; a lock another process holds is
+// an error matching ErrBusy, after which the Device holds what it held.
+func TestAttachLock(t *testing.T) {
+	k := useFake(t, 4)
+	f := tempFile(t, 1<<20)
+	for _, tt := range []struct {
+		m    LockMode
+		last string // the last lock step of Attach
+	}{{LockNone, "flock-un"}, {LockShared, "flock-sh"}, {LockExclusive, "flock-ex"}} {
+		d := attachFake(t, f.Name(), Options{Lock: tt.m})
+		steps := k.calls("flock")
+		if got := steps[len(steps)-1]; got != tt.last+" "+d.Path() {
+			t.Errorf("Attach with %v: lock steps end with %q, want %s", tt.m, got, tt.last)
+		}
+		if err := d.Lock(LockNone); err != nil {
+			t.Fatal(err)
+		}
+		if got := k.calls("flock"); got[len(got)-1] != "flock-un "+d.Path() {
+			t.Errorf("Lock(LockNone) after %v: %q", tt.m, got[len(got)-1])
+		}
+	}
+	d := attachFake(t, f.Name(), Options{Lock: LockShared})
+	k.failAt("flock-ex "+d.Path(), k.counts["flock-ex "+d.Path()]+1, unix.EWOULDBLOCK)
+	before := len(k.calls("flock"))
+	if err := d.Lock(LockExclusive); !errors.Is(err, ErrBusy) || !errors.Is(err, unix.EWOULDBLOCK) {
+		t.Fatalf("Lock(LockExclusive) against another holder = %v, want ErrBusy", err)
+	}
+	// The kernel let go of the shared lock to change it: taken back.
+	if got := k.calls("flock")[before:]; !slices.Equal(got, []string{"flock-ex " + d.Path(), "flock-sh " + d.Path()}) {
+		t.Fatalf("lock steps %q, want the exclusive lock tried and the shared one taken back", got)
+	}
+	if err := d.Lock(LockMode(7)); !errors.Is(err, fs.ErrInvalid) {
+		t.Fatalf("Lock(7) = %v, want fs.ErrInvalid", err)
+	}
+	if _, err := Attach(context.Background(), f.Name(), Options{Lock: -1}); !errors.Is(err, fs.ErrInvalid) {
+		t.Fatalf("Attach with lock mode -1 = %v, want fs.ErrInvalid", err)
+	}
+}
+
+// TestConfigureRefusesOptions: what only Attach can honour is refused
+// before any ioctl; Configure honours Lock, and lets it go again when the
+// bind fails.
+func TestConfigureRefusesOptions(t *testing.T) {
+	k := useFake(t, 2)
+	d := fakeDevice(t, k, 0)
+	f := tempFile(t, 1<<20)
+	for _, o := range []Options{{Reuse: true}, {MakeNode: true}, {NoSymlinks: true}} {
+		before := len(k.calls(""))
+		if err := d.Configure(f, o); !errors.Is(err, fs.ErrInvalid) {
+			t.Errorf("Configure(%+v) = %v, want fs.ErrInvalid", o, err)
+		}
+		if log := k.calls("")[before:]; len(log) != 0 {
+			t.Errorf("Configure(%+v) made calls %q", o, log)
+		}
+	}
+	if _, err := AttachFile(context.Background(), f, Options{NoSymlinks: true}); !errors.Is(err, fs.ErrInvalid) {
+		t.Errorf("AttachFile with NoSymlinks = %v, want fs.ErrInvalid", err)
+	}
+	k.failAt("LOOP_CONFIGURE", 1, unix.EIO)
+	if err := d.Configure(f, Options{Lock: LockExclusive}); !errors.Is(err, unix.EIO) {
+		t.Fatalf("Configure = %v, want EIO", err)
+	}
+	if got := k.calls("flock"); !slices.Equal(got, []string{"flock-ex /dev/loop0", "flock-un /dev/loop0"}) {
+		t.Fatalf("lock steps %q, want the lock taken and let go", got)
+	}
+	if err := d.Configure(f, Options{Lock: LockExclusive}); err != nil {
+		t.Fatal(err)
+	}
+	if got := k.calls("flock"); got[len(got)-1] != "flock-ex /dev/loop0" {
+		t.Fatalf("lock steps %q, want the lock kept", got)
+	}
+}
+
+// TestAttachBlockSizeAuto: the image's GPT sector size is bound; none
+// gives the kernel's default; headers at two sizes are an error naming
+// both, before any device is touched.
+func TestAttachBlockSizeAuto(t *testing.T) {
+	k := useFake(t, 4)
+	for _, tt := range []struct {
+		name   string
+		sizes  []uint32
+		offset uint64
+		want   uint32
+	}{
+		{"4096", []uint32{4096}, 0, 4096},
+		{"2048, after an offset", []uint32{2048}, 8192, 2048},
+		{"none", nil, 0, 512},
+	} {
+		path := filepath.Join(t.TempDir(), "image")
+		img := make([]byte, 1<<20)
+		copy(img[tt.offset:], gptImage(tt.sizes...))
+		if err := os.WriteFile(path, img, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		d := attachFake(t, path, Options{BlockSize: BlockSizeAuto, Offset: tt.offset})
+		if s, err := d.Status(); err != nil || s.BlockSize != tt.want {
+			t.Errorf("%s: Status = %+v, %v; want %d-byte blocks", tt.name, s, err, tt.want)
+		}
+	}
+	path := filepath.Join(t.TempDir(), "image")
+	img := make([]byte, 1<<20)
+	copy(img, gptImage(512, 4096))
+	if err := os.WriteFile(path, img, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	before := len(k.calls("LOOP_CONFIGURE"))
+	_, err := Attach(context.Background(), path, Options{BlockSize: BlockSizeAuto})
+	if !errors.Is(err, fs.ErrInvalid) || !strings.Contains(err.Error(), "512- and 4096-byte") {
+		t.Fatalf("Attach of an image with two GPT headers = %v, want an error naming both sizes", err)
+	}
+	if len(k.calls("LOOP_CONFIGURE")) != before {
+		t.Fatal("bound a device")
+	}
+	if err := fakeDevice(t, k, 3).SetBlockSize(BlockSizeAuto); !errors.Is(err, fs.ErrInvalid) {
+		t.Fatalf("SetBlockSize(BlockSizeAuto) = %v, want fs.ErrInvalid", err)
+	}
+}

@@ -433,7 +433,7 @@ func testKernelExtremeOptions(t *testing.T) {
 		{"size limit past 2^63-1", Options{SizeLimit: math.MaxUint64}, 0, unix.EOVERFLOW},
 		{"size limit below a sector", Options{SizeLimit: 1}, 0, nil},
 		{"block size 2^31", Options{BlockSize: 1 << 31}, 0, unix.EINVAL},
-		{"block size not a power of two", Options{BlockSize: math.MaxUint32}, 0, fs.ErrInvalid},
+		{"block size not a power of two", Options{BlockSize: math.MaxUint32 - 1}, 0, fs.ErrInvalid},
 		{"all at once", Options{Offset: math.MaxInt64, SizeLimit: math.MaxInt64, BlockSize: 1 << 31}, 0, unix.EINVAL},
 	} {
 		t.Run(tt.name, func(t *testing.T) {

@@ -22,7 +22,8 @@ import (
 // and every refusal names the file, never a loop device, as the cause.
 
 // openBackingFile opens the file at path to back a loop device, read-only
-// or read-write, and returns its descriptor.
+// with FlagReadOnly and read-write otherwise, as o asks (NoSymlinks,
+// RegularFileOnly), and returns its descriptor.
 //
 // It opens the path with O_PATH first, which runs no driver's open and
 // waits for no one, and checks what that is (checkKind). Only then does it
@@ -39,11 +40,11 @@ import (
 // Without a /proc of this process's own (a container or an initramfs that
 // mounts none), the path is opened a second time, and the file opened must
 // be the one checked.
-func openBackingFile(ctx context.Context, path string, readOnly bool) (int, error) {
+func openBackingFile(ctx context.Context, path string, o Options) (int, error) {
 	if strings.IndexByte(path, 0) >= 0 {
 		return -1, fileErr(invalid("the path %q has a NUL byte", path))
 	}
-	pfd, err := openFD(path, unix.O_PATH)
+	pfd, err := openPath(path, unix.O_PATH, o.NoSymlinks)
 	if err != nil {
 		return -1, fileErr(err)
 	}
@@ -55,14 +56,17 @@ func openBackingFile(ctx context.Context, path string, readOnly bool) (int, erro
 	if err := checkKind(pfd, &st, path); err != nil {
 		return -1, err
 	}
+	if err := checkRegular(&st, path, o); err != nil {
+		return -1, err
+	}
 	flags := unix.O_RDWR
-	if readOnly {
+	if o.Flags&FlagReadOnly != 0 {
 		flags = unix.O_RDONLY
 	}
 	flags |= unix.O_NONBLOCK | unix.O_NOCTTY
 	fd, err := reopen(ctx, pfd, flags)
 	if err == unix.ENOENT {
-		fd, err = openAgain(path, flags, &st)
+		fd, err = openAgain(path, flags, &st, o.NoSymlinks)
 	}
 	if err != nil {
 		return -1, fileErr(openError(path, err))
@@ -88,7 +92,7 @@ func reopen(ctx context.Context, pfd, flags int) (int, error) {
 	p := strconv.AppendInt(append(buf[:0], procSelfFD...), int64(pfd), 10)
 	p = append(p, 0)
 	for attempt := 0; ; attempt++ {
-		fd, errno := openAt(&p[0], flags)
+		fd, errno := openAt(atFDCWD, &p[0], flags)
 		switch errno {
 		case 0:
 			return fd, nil
@@ -119,8 +123,8 @@ func (e *leaseError) Unwrap() []error { return []error{e.ctx, unix.EWOULDBLOCK} 
 // openAgain opens path with flags once more, for a process with no /proc
 // of its own, and checks that it is the file that st describes: the path
 // may have been switched since it was checked.
-func openAgain(path string, flags int, st *unix.Stat_t) (int, error) {
-	fd, err := openFD(path, flags)
+func openAgain(path string, flags int, st *unix.Stat_t, noSymlinks bool) (int, error) {
+	fd, err := openPath(path, flags, noSymlinks)
 	if err != nil {
 		return -1, err
 	}
@@ -149,20 +153,125 @@ func openError(path string, err error) error {
 var errReadOnlyFS error = &explained{text: "the file system is read-only; FlagReadOnly binds the file read-only",
 	errno: unix.EROFS, is: fs.ErrPermission}
 
+// openPath opens path with flags, and with noSymlinks refuses a path with
+// a symbolic link in any component: openat2's RESOLVE_NO_SYMLINKS (Linux
+// 5.6), or where openat2 is missing or filtered (ENOSYS, or EPERM from a
+// seccomp filter), a walk of the components with O_PATH|O_NOFOLLOW, each
+// opened relative to the last. Either way ELOOP, explained, is the
+// refusal. An error is an *os.PathError.
+func openPath(path string, flags int, noSymlinks bool) (int, error) {
+	if !noSymlinks {
+		return openFD(path, flags)
+	}
+	how := unix.OpenHow{Flags: uint64(flags | unix.O_CLOEXEC | unix.O_LARGEFILE), Resolve: unix.RESOLVE_NO_SYMLINKS}
+	var fd int
+	err := ignoringEINTR(func() (err error) { fd, err = unix.Openat2(unix.AT_FDCWD, path, &how); return err })
+	if err == unix.ENOSYS || err == unix.EPERM {
+		fd, err = walkNoSymlinks(path, flags)
+	}
+	if err == unix.ELOOP {
+		err = errSymlink
+	}
+	if err != nil {
+		return -1, &os.PathError{Op: "open", Path: path, Err: err}
+	}
+	return fd, nil
+}
+
+// walkNoSymlinks opens path with flags, a component at a time, each
+// relative to the directory before it and with O_NOFOLLOW: ELOOP for a
+// symbolic link among them. An error is an errno.
+func walkNoSymlinks(path string, flags int) (int, error) {
+	var parts []string
+	for _, p := range strings.Split(path, "/") {
+		if p != "" && p != "." {
+			parts = append(parts, p)
+		}
+	}
+	if len(parts) == 0 {
+		return -1, unix.ENOENT
+	}
+	dir := atFDCWD
+	if strings.HasPrefix(path, "/") {
+		fd, errno := openAt(atFDCWD, &[]byte("/\x00")[0], unix.O_PATH|unix.O_DIRECTORY)
+		if errno != 0 {
+			return -1, errno
+		}
+		dir = uintptr(fd)
+	}
+	defer func() {
+		if dir != atFDCWD {
+			closeFD(int(dir))
+		}
+	}()
+	for i, p := range parts {
+		name, err := unix.BytePtrFromString(p)
+		if err != nil {
+			return -1, err
+		}
+		last := i == len(parts)-1
+		how := unix.O_PATH | unix.O_NOFOLLOW
+		if last {
+			how = flags | unix.O_NOFOLLOW
+		}
+		fd, errno := openAt(dir, name, how)
+		if errno != 0 {
+			return -1, errno
+		}
+		// O_PATH|O_NOFOLLOW opens a symbolic link itself, where a plain
+		// open with O_NOFOLLOW fails with ELOOP.
+		st, err := fstat(uintptr(fd))
+		switch {
+		case err != nil:
+			closeFD(fd)
+			return -1, err
+		case st.Mode&unix.S_IFMT == unix.S_IFLNK:
+			closeFD(fd)
+			return -1, unix.ELOOP
+		case !last && st.Mode&unix.S_IFMT != unix.S_IFDIR:
+			closeFD(fd)
+			return -1, unix.ENOTDIR
+		case last:
+			return fd, nil
+		}
+		if dir != atFDCWD {
+			closeFD(int(dir))
+		}
+		dir = uintptr(fd)
+	}
+	panic("unreachable")
+}
+
+// errSymlink explains ELOOP from an open that refused symbolic links.
+var errSymlink error = &explained{text: "the path has a symbolic link in it, which Options.NoSymlinks refuses", errno: unix.ELOOP}
+
+// checkRegular applies Options.RegularFileOnly to the backing file whose
+// fstat is st.
+func checkRegular(st *unix.Stat_t, name string, o Options) error {
+	if o.RegularFileOnly && st.Mode&unix.S_IFMT != unix.S_IFREG {
+		return fileErr(invalid("backing file %s is not a regular file, which Options.RegularFileOnly asks for", name))
+	}
+	return nil
+}
+
 // errSwitched reports a path whose file changed between its check and its
 // open, where no /proc lets the file checked be opened itself.
 var errSwitched error = &explained{text: "the path names another file than a moment ago", errno: unix.ESTALE}
 
 // checkBackingFile checks the file open as fd, which a caller handed in
 // (AttachFile, Configure, SetFD, ChangeFD), as openBackingFile checks a
-// path: a regular file with data or a block device, and a loop device only
-// when it is bound. It costs an fstat, and an fstatfs for a regular file.
-func checkBackingFile(fd uintptr, name string) error {
+// path: a regular file with data or a block device (a regular file only
+// with RegularFileOnly), and a loop device only when it is bound. It costs
+// an fstat, and an fstatfs for a regular file.
+func checkBackingFile(fd uintptr, name string, o Options) error {
 	st, err := fstat(fd)
 	if err != nil {
 		return fileErr(&os.PathError{Op: "stat", Path: name, Err: err})
 	}
 	if err := checkKind(int(fd), &st, name); err != nil {
+		return err
+	}
+	if err := checkRegular(&st, name, o); err != nil {
 		return err
 	}
 	return checkLoopBacking(fd, &st, name)
@@ -256,3 +365,77 @@ const loopMajor = 7
 
 // fileErr marks err as the backing file's (see Error.Is).
 func fileErr(err error) error { return &fileError{err} }
+
+// backingBlockSize returns the block size to bind the file open as fd
+// with: o.BlockSize, unless it is BlockSizeAuto (see there), whose probe
+// honours ctx: a read of a file on a file system that has stopped
+// answering (an NFS server gone) is left to end in the background.
+func backingBlockSize(ctx context.Context, fd uintptr, o Options) (uint32, error) {
+	if o.BlockSize != BlockSizeAuto {
+		return o.BlockSize, nil
+	}
+	st, err := fstat(fd)
+	if err != nil {
+		return 0, fileErr(&os.PathError{Op: "stat", Path: "the backing file", Err: err})
+	}
+	switch st.Mode & unix.S_IFMT {
+	case unix.S_IFBLK:
+		var size int32
+		if err := ioctlPtr(fdHandle(fd), unix.BLKSSZGET, unsafe.Pointer(&size)); err != nil {
+			return 0, fileErr(inStep("BLKSSZGET of the backing device", err))
+		}
+		return uint32(size), nil
+	case unix.S_IFREG:
+		buf := make([]byte, gptProbeSize)
+		n, err := preadContext(ctx, fd, buf, int64(o.Offset))
+		if err != nil {
+			return 0, err
+		}
+		switch sizes := gptSectorSizes(buf[:n]); len(sizes) {
+		case 0:
+			return 0, nil // no GPT: the kernel's default
+		case 1:
+			return sizes[0], nil
+		default:
+			return 0, fileErr(invalid("the image holds GPT headers for %d- and %d-byte sectors: Options.BlockSize must say which", sizes[0], sizes[len(sizes)-1]))
+		}
+	}
+	return 0, nil
+}
+
+// preadContext reads from the file open as fd at off into buf, as long as
+// ctx allows: on a context that can end, the read is made on a descriptor
+// of its own in a goroutine, which closes it when the read returns.
+func preadContext(ctx context.Context, fd uintptr, buf []byte, off int64) (int, error) {
+	read := func(fd int) (int, error) {
+		var n int
+		err := ignoringEINTR(func() (err error) { n, err = unix.Pread(fd, buf, off); return err })
+		if err != nil {
+			return 0, fileErr(&os.PathError{Op: "read", Path: "the backing file", Err: err})
+		}
+		return n, nil
+	}
+	if ctx.Done() == nil {
+		return read(int(fd))
+	}
+	dup, err := unix.FcntlInt(fd, unix.F_DUPFD_CLOEXEC, 0)
+	if err != nil {
+		return 0, fileErr(&os.PathError{Op: "fcntl", Path: "the backing file", Err: err})
+	}
+	type result struct {
+		n   int
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		defer closeFD(dup)
+		n, err := read(dup)
+		done <- result{n, err}
+	}()
+	select {
+	case r := <-done:
+		return r.n, r.err
+	case <-ctx.Done():
+		return 0, ctx.Err()
+	}
+}

@@ -203,13 +203,18 @@ func TestAttachFileBadBackingFiles(t *testing.T) {
 func TestOpenBackingFile(t *testing.T) {
 	f := tempFile(t, 1<<20)
 	for _, noProc := range []bool{false, true} {
-		for _, ro := range []bool{false, true} {
-			t.Run(fmt.Sprintf("noProc=%v/readOnly=%v", noProc, ro), func(t *testing.T) {
+		for _, c := range []struct{ ro, noSymlinks bool }{{false, false}, {true, false}, {false, true}, {true, true}} {
+			ro := c.ro
+			t.Run(fmt.Sprintf("noProc=%v/readOnly=%v/noSymlinks=%v", noProc, ro, c.noSymlinks), func(t *testing.T) {
 				if noProc {
 					defer func(old string) { procSelfFD = old }(procSelfFD)
 					procSelfFD = "/nonexistent/"
 				}
-				fd, err := openBackingFile(context.Background(), f.Name(), ro)
+				o := Options{NoSymlinks: c.noSymlinks}
+				if ro {
+					o.Flags = FlagReadOnly
+				}
+				fd, err := openBackingFile(context.Background(), f.Name(), o)
 				if err != nil {
 					t.Fatal(err)
 				}
@@ -242,7 +247,7 @@ func TestOpenBackingFile(t *testing.T) {
 	if err := unix.Stat(other.Name(), &st); err != nil {
 		t.Fatal(err)
 	}
-	fd, err := openAgain(f.Name(), unix.O_RDONLY, &st)
+	fd, err := openAgain(f.Name(), unix.O_RDONLY, &st, false)
 	if err == nil {
 		closeFD(fd)
 	}
@@ -263,7 +268,7 @@ func BenchmarkOpenBackingFile(b *testing.B) {
 	b.Run("checked", func(b *testing.B) {
 		b.ReportAllocs()
 		for b.Loop() {
-			fd, err := openBackingFile(context.Background(), path, false)
+			fd, err := openBackingFile(context.Background(), path, Options{})
 			if err != nil {
 				b.Fatal(err)
 			}
@@ -280,4 +285,111 @@ func BenchmarkOpenBackingFile(b *testing.B) {
 			closeFD(fd)
 		}
 	})
+}
+
+// TestOpenPathNoSymlinks: with NoSymlinks a symbolic link in the last
+// component of a path or in a middle one is refused with ELOOP, explained,
+// by openat2 and by the walk that stands in for it; ".." is not a link.
+func TestOpenPathNoSymlinks(t *testing.T) {
+	dir := t.TempDir()
+	file, sub := filepath.Join(dir, "file"), filepath.Join(dir, "sub")
+	if err := os.WriteFile(file, []byte("data"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Mkdir(sub, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(sub, "inner"), []byte("data"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range [][2]string{{"file", "link"}, {"sub", "sublink"}} {
+		if err := os.Symlink(l[0], filepath.Join(dir, l[1])); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, tt := range []struct {
+		path string
+		ok   bool
+	}{
+		{file, true},
+		{filepath.Join(sub, "inner"), true},
+		{sub + "/../file", true},
+		{filepath.Join(dir, "link"), false},
+		{filepath.Join(dir, "sublink", "inner"), false},
+	} {
+		for _, how := range []string{"openat2", "walk"} {
+			var fd int
+			var err error
+			if how == "openat2" {
+				fd, err = openPath(tt.path, unix.O_RDONLY, true)
+			} else if fd, err = walkNoSymlinks(tt.path, unix.O_RDONLY); err == unix.ELOOP {
+				err = errSymlink
+			}
+			if err == nil {
+				closeFD(fd)
+			}
+			switch {
+			case tt.ok && err != nil:
+				t.Errorf("%s %s: %v", how, tt.path, err)
+			case !tt.ok && (!errors.Is(err, unix.ELOOP) || !strings.Contains(err.Error(), "NoSymlinks")):
+				t.Errorf("%s %s = %v, want ELOOP naming NoSymlinks", how, tt.path, err)
+			}
+		}
+		// Without NoSymlinks every one of them opens.
+		if fd, err := openPath(tt.path, unix.O_RDONLY, false); err != nil {
+			t.Errorf("%s without NoSymlinks: %v", tt.path, err)
+		} else {
+			closeFD(fd)
+		}
+	}
+}
+
+// TestAttachUntrustedPaths: a path that a caller checked and that was then
+// swapped for a symbolic link (to another file it may not bind) is
+// refused with NoSymlinks, and a block device with RegularFileOnly, both
+// before any loop device is touched.
+func TestAttachUntrustedPaths(t *testing.T) {
+	k := useFake(t, 2)
+	dir := t.TempDir()
+	path := filepath.Join(dir, "image")
+	if err := os.WriteFile(path, make([]byte, 4096), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if st, err := os.Lstat(path); err != nil || !st.Mode().IsRegular() { // the caller's check
+		t.Fatal(st, err)
+	}
+	secret := filepath.Join(dir, "secret")
+	if err := os.WriteFile(secret, make([]byte, 4096), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Remove(path); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink(secret, path); err != nil {
+		t.Fatal(err)
+	}
+	_, err := Attach(context.Background(), path, Options{NoSymlinks: true})
+	if !errors.Is(err, unix.ELOOP) || !errors.Is(err, fs.ErrInvalid) || errors.Is(err, ErrBusy) {
+		t.Fatalf("Attach of a path swapped for a symbolic link = %v, want ELOOP", err)
+	}
+	if log := k.calls("open /dev/loop"); len(log) != 0 {
+		t.Fatalf("opened %q", log)
+	}
+	var blk string
+	for _, p := range []string{"/dev/loop0", "/dev/loop1", "/dev/vda", "/dev/sda", "/dev/ram0"} {
+		if st, err := os.Stat(p); err == nil && st.Mode()&os.ModeDevice != 0 && st.Mode()&os.ModeCharDevice == 0 {
+			blk = p
+			break
+		}
+	}
+	if blk == "" {
+		t.Skip("no block device node to try RegularFileOnly with")
+	}
+	if _, err := Attach(context.Background(), blk, Options{RegularFileOnly: true, Flags: FlagReadOnly}); !errors.Is(err, fs.ErrInvalid) ||
+		!strings.Contains(err.Error(), "RegularFileOnly") {
+		t.Fatalf("Attach of %s with RegularFileOnly = %v, want it refused", blk, err)
+	}
+	if log := k.calls("open /dev/loop"); len(log) != 0 {
+		t.Fatalf("opened %q", log)
+	}
 }

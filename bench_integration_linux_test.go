@@ -272,7 +272,7 @@ func BenchmarkReuseLookup(b *testing.B) {
 	b.ReportAllocs()
 	for b.Loop() {
 		var d *Device
-		rc.Control(func(fd uintptr) { d, err = sharedDevice(fd, Options{Reuse: true}) })
+		rc.Control(func(fd uintptr) { d, err = sharedDevice(fd, f.Name(), Options{Reuse: true}) })
 		if d != nil || err != nil {
 			b.Fatal(d, err)
 		}

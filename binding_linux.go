@@ -24,8 +24,9 @@ import (
 // detach then waits for the last close. So OpenBinding opens first and
 // checks after, and Detach and Sweep go through it.
 
-// OpenBinding opens device s.Number, read-write, and checks that it is
-// still the binding s describes: the same disk sequence number where s
+// OpenBinding opens device s.Number, read-only when s is a read-only
+// binding (as Attach holds one: see OpenDevice) and read-write otherwise,
+// and checks that it is still the binding s describes: the same disk sequence number where s
 // and the kernel have one (Linux 5.15 and later), else the same backing
 // file (device and inode), offset and size limit. Otherwise, or when the
 // device is unbound, being torn down or gone, it closes what it opened and
@@ -38,12 +39,21 @@ import (
 // disk sequence numbers, a device bound anew to the same file with the
 // same offset and size limit passes for the binding s describes.
 func OpenBinding(s Status) (*Device, error) {
+	mode := readWrite
+	if s.Flags&FlagReadOnly != 0 {
+		mode = readOnly
+	}
+	return openBinding(s, mode)
+}
+
+// openBinding is OpenBinding, opening the device read-write or read-only.
+func openBinding(s Status, mode int) (*Device, error) {
 	const op = "open-binding"
 	path := DevicePath(s.Number)
 	if s.Number < 0 || s.Number > MaxNumber {
 		return nil, newError(op, path, invalid("device number %d is outside [0, %d]", s.Number, MaxNumber))
 	}
-	d, err := OpenDevice(s.Number)
+	d, err := openDeviceMode(s.Number, mode)
 	if errors.Is(err, ErrNotBound) || errors.Is(err, unix.ENODEV) {
 		return nil, newError(op, path, &changedError{"it is being detached or removed", err})
 	}
@@ -147,6 +157,9 @@ func FindByRef(ref string) ([]Status, error) {
 //
 // A Device that Attach shared (Options.Reuse, Device.Shared) is others'
 // binding too: Detach ends it for all of them, at their last close.
+//
+// Without CAP_SYS_ADMIN it needs d open for writing, which the Device of a
+// read-only binding from Attach or OpenBinding is not (see OpenDevice).
 func (d *Device) Detach(ctx context.Context) error {
 	const op = "detach"
 	w, err := d.startDetach(op)
@@ -330,7 +343,9 @@ func Sweep(ctx context.Context, ref string) ([]Status, error) {
 	var waits []*detaching
 	var errs []error
 	for _, s := range found {
-		d, err := OpenBinding(s)
+		// Read-write: a caller in the disk group, without CAP_SYS_ADMIN,
+		// detaches only through a descriptor open for writing.
+		d, err := openBinding(s, readWrite)
 		if errors.Is(err, ErrChanged) {
 			continue // detached, or bound anew, since
 		}

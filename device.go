@@ -61,20 +61,72 @@ func (f Flags) String() string {
 	return b.String()
 }
 
+// A LockMode is the BSD lock (flock(2)) a Device holds on its loop
+// device for its owner. udev takes a shared lock of a block device, without
+// waiting, before it probes the device after a change, and an exclusive
+// one before it re-reads the device's partition table (BLKRRPART); it puts
+// off its work on a device locked against it, until the lock is let go.
+type LockMode int
+
+// The locks a Device can hold (Options.Lock, Device.Lock).
+const (
+	// LockNone holds no lock: udev probes the device as soon as it
+	// changes.
+	LockNone LockMode = iota
+	// LockShared holds flock(LOCK_SH): udev still probes the device, but
+	// re-reads no partition table under its owner, which may write one.
+	LockShared
+	// LockExclusive holds flock(LOCK_EX): udev neither probes the device
+	// nor re-reads its partition table, and no other process that follows
+	// the protocol (systemd's tools, other loopctl programs) sets it up,
+	// until the lock is let go: an image builder's time to write a
+	// partition table or a file system.
+	LockExclusive
+)
+
+func (m LockMode) String() string {
+	switch m {
+	case LockNone:
+		return "none"
+	case LockShared:
+		return "shared"
+	case LockExclusive:
+		return "exclusive"
+	}
+	return "LockMode(" + strconv.Itoa(int(m)) + ")"
+}
+
+// BlockSizeAuto, as Options.BlockSize, binds with the block size the
+// backing file was made for: for a regular file, the sector size at which
+// it holds a GPT header (512, 1024, 2048 or 4096 bytes, probed from
+// Options.Offset as systemd probes an image), and the kernel's default
+// where it holds none; for a block device, that device's logical block
+// size. An image with GPT headers at two sizes is an error that names
+// both, matching fs.ErrInvalid.
+const BlockSizeAuto uint32 = math.MaxUint32
+
 // Options say how a backing file is bound. The zero value binds the whole
-// file, read-write, with the kernel's default 512-byte blocks.
+// file, read-write, with the kernel's default block size.
 type Options struct {
 	Offset, SizeLimit uint64 // bytes; SizeLimit 0 = to the end of the file
-	BlockSize         uint32 // logical block size; 0 = kernel default (512)
-	Flags             Flags
+	// BlockSize is the device's logical block size: a power of two from
+	// 512 up, or BlockSizeAuto. 0 is the kernel's default: 512 bytes, but
+	// since Linux 6.11 a device with direct I/O gets the logical block
+	// size of the disk under the backing file (4096 on a 4Kn disk).
+	BlockSize uint32
+	Flags     Flags
 
 	// Reuse makes Attach return a device already bound to the same file
-	// (the same device and inode) with the same Offset, SizeLimit,
-	// read-only flag and BlockSize, rather than bind another, and refuse
-	// with an error matching ErrOverlap to bind a range of the file that
-	// overlaps another device's with other settings: one device per
-	// image, as losetup --nooverlap. Device.Shared tells which happened.
-	// The other flags of a device found are its binder's.
+	// (the same device and inode) as these Options would bind it, rather
+	// than bind another, and refuse with an error matching ErrOverlap
+	// (an *OverlapError that names the difference) to bind a range of
+	// the file that overlaps another device's otherwise bound: one
+	// device per image, as losetup --nooverlap. Device.Shared tells which
+	// happened. Everything asked is compared: Offset, SizeLimit, the
+	// flags (direct I/O as the kernel gave it), Ref, and the block size.
+	// What was left unsaid is not: a device with or without direct I/O
+	// serves PreferDirectIO, and one of any block size serves BlockSize
+	// 0. Only Attach can reuse; Configure refuses Reuse.
 	Reuse bool
 
 	// Ref is an owner reference written into the device's lo_file_name
@@ -109,7 +161,30 @@ type Options struct {
 	// Attach at once with a *NodeMissingError. Making a node needs
 	// CAP_MKNOD in the initial user namespace, and the container's device
 	// rules must allow block devices 7:* (and 259:* for partitions).
+	// Configure, whose device is open already, refuses MakeNode.
 	MakeNode bool
+
+	// Lock is the lock the returned Device holds on the loop device
+	// (see LockMode), taken before the binding is made and held until
+	// Device.Lock changes it or the Device is closed. With Reuse, a
+	// device shared is locked without waiting: another holder's lock is
+	// an error matching ErrBusy.
+	Lock LockMode
+
+	// NoSymlinks refuses a path with a symbolic link in any of its
+	// components (openat2's RESOLVE_NO_SYMLINKS; before Linux 5.6 a walk
+	// of the components with O_NOFOLLOW), as util-linux 2.42.2 refuses
+	// them: a service that binds a path under a directory its users can
+	// write to cannot then be led to bind another file (/dev/sda). It
+	// is checked on the file Attach binds, so a rename between the
+	// check and the bind changes nothing. Only Attach opens a path;
+	// AttachFile and Configure refuse NoSymlinks.
+	NoSymlinks bool
+
+	// RegularFileOnly refuses a backing file that is not a regular file
+	// (a block device, which Attach otherwise takes), checked on the
+	// file Attach binds.
+	RegularFileOnly bool
 }
 
 // maxRef is the longest Ref: lo_file_name holds 64 bytes, NUL included.
@@ -121,8 +196,13 @@ func (o Options) validate() error {
 	if rest := o.Flags &^ knownFlags; rest != 0 {
 		return invalid("unknown flag bits %#x", uint32(rest))
 	}
-	if err := validBlockSize(o.BlockSize, true); err != nil {
-		return err
+	if o.BlockSize != BlockSizeAuto {
+		if err := validBlockSize(o.BlockSize, true); err != nil {
+			return err
+		}
+	}
+	if o.Lock < LockNone || o.Lock > LockExclusive {
+		return invalid("unknown lock mode %d", int(o.Lock))
 	}
 	if err := validRef(o.Ref); err != nil {
 		return err
@@ -210,32 +290,46 @@ type Device struct {
 	// seq is the disk sequence number of the binding this Device made
 	// (Attach, Configure, SetFD) or was opened for (OpenBinding): 0 if
 	// none, or on a kernel without.
-	seq atomic.Uint64
+	seq  atomic.Uint64
+	lock lockState // the LockMode the Device holds
 }
 
 var _ io.Closer = (*Device)(nil)
 
-// OpenDevice opens /dev/loopN read-write. A missing node is an
-// *os.PathError matching fs.ErrNotExist, within a *NodeMissingError when
-// the device exists (a container's /dev): MakeNode makes the node. A
-// device that the kernel is tearing down (detached by its last close, or
-// being removed) refuses the open: the *os.PathError then says so and
-// matches ErrNotBound and ENXIO.
+// OpenDevice opens /dev/loopN read-write, so that every method works for a
+// caller without CAP_SYS_ADMIN too (the kernel changes a loop device only
+// through a descriptor open for writing, or for CAP_SYS_ADMIN). A
+// descriptor open for writing keeps a file system from being mounted on
+// the device where the kernel refuses to mount a device with writers
+// (CONFIG_BLK_DEV_WRITE_MOUNTED=n, bdev_allow_write_mounted=0): Attach of
+// a read-only binding, and OpenBinding of one, hold a read-only one.
+//
+// A missing node is an *os.PathError matching fs.ErrNotExist, within a
+// *NodeMissingError when the device exists (a container's /dev): MakeNode
+// makes the node. A device that the kernel is tearing down (detached by
+// its last close, or being removed) refuses the open: the *os.PathError
+// then says so and matches ErrNotBound and ENXIO.
 func OpenDevice(n int) (*Device, error) {
+	return openDeviceMode(n, readWrite)
+}
+
+// openDeviceMode is OpenDevice, opening the node read-write or read-only.
+func openDeviceMode(n, mode int) (*Device, error) {
 	path := DevicePath(n)
 	if n < 0 || n > MaxNumber {
 		return nil, newError("open", path, invalid("device number %d is outside [0, %d]", n, MaxNumber))
 	}
-	h, err := openDevice(path)
+	h, err := openDevice(path, mode)
 	if err != nil {
 		return nil, missingNode(n, err)
 	}
 	return &Device{h: h, number: n, path: path}, nil
 }
 
-// openDevice opens the loop device at path read-write, explaining ENXIO.
-func openDevice(path string) (handle, error) {
-	h, err := sys.open(path, readWrite)
+// openDevice opens the loop device at path, read-write or read-only,
+// explaining ENXIO.
+func openDevice(path string, mode int) (handle, error) {
+	h, err := sys.open(path, mode)
 	if err == nil {
 		return h, nil
 	}
@@ -255,7 +349,7 @@ func OpenDevicePath(path string) (*Device, error) {
 	if err != nil {
 		return nil, err
 	}
-	h, err := openDevice(path)
+	h, err := openDevice(path, readWrite)
 	if err != nil {
 		return nil, err
 	}
@@ -285,10 +379,13 @@ func (d *Device) Path() string { return d.path }
 //
 // f must be a regular file or a block device, as for Attach: anything
 // else is refused before the ioctl with an error matching fs.ErrInvalid.
+//
+// Without CAP_SYS_ADMIN it needs d open for writing, which the Device of a
+// read-only binding from Attach or OpenBinding is not (see OpenDevice).
 func (d *Device) SetFD(f *os.File) error {
 	const op = "set-fd"
 	return withFile(op, d.path, f, func(fd uintptr) error {
-		if err := checkBackingFile(fd, f.Name()); err != nil {
+		if err := checkBackingFile(fd, f.Name(), Options{}); err != nil {
 			return newError(op, d.path, err)
 		}
 		_, err := d.ioctl(op, reqSetFD, fd)
@@ -308,6 +405,9 @@ func (d *Device) SetFD(f *os.File) error {
 // reports ErrNotBound to Status, List leaves it out, and the binding is
 // gone when Close returns. Before 6.11 the only opener's ClearFD detached
 // at once.
+//
+// Without CAP_SYS_ADMIN it needs d open for writing, which the Device of a
+// read-only binding from Attach or OpenBinding is not (see OpenDevice).
 func (d *Device) ClearFD() error {
 	_, err := d.ioctl("clear-fd", reqClearFD, 0)
 	return err
@@ -315,6 +415,9 @@ func (d *Device) ClearFD() error {
 
 // SetCapacity makes a bound device re-read its backing file's size
 // (LOOP_SET_CAPACITY), after the file has grown or shrunk.
+//
+// Without CAP_SYS_ADMIN it needs d open for writing, which the Device of a
+// read-only binding from Attach or OpenBinding is not (see OpenDevice).
 func (d *Device) SetCapacity() error {
 	_, err := d.ioctl("set-capacity", reqSetCapacity, 0)
 	return err
@@ -327,6 +430,9 @@ func (d *Device) SetCapacity() error {
 // an error matching ErrNoDirectIO. A kernel that refuses the change while
 // the device is held exclusively (mounted) answers with an error matching
 // ErrBusy that says so.
+//
+// Without CAP_SYS_ADMIN it needs d open for writing, which the Device of a
+// read-only binding from Attach or OpenBinding is not (see OpenDevice).
 func (d *Device) SetDirectIO(on bool) error {
 	const op = "set-direct-io"
 	h, err := d.handle(op)

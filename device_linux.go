@@ -3,10 +3,12 @@
 package loopctl
 
 import (
+	"context"
 	"errors"
 	"math"
 	"os"
 	"strconv"
+	"sync"
 	"sync/atomic"
 	"unsafe"
 
@@ -48,6 +50,54 @@ func (d *Device) Status() (Status, error) {
 	}
 	return s, nil
 }
+
+// Lock changes the lock d holds on its loop device to m (see LockMode);
+// LockNone lets it go. It does not wait: a lock another process holds
+// that m conflicts with (udev, while it probes the device, holds a shared
+// one for a few milliseconds) is an error matching ErrBusy and
+// EWOULDBLOCK, and d keeps the lock it held. Closing d lets go of its lock
+// too.
+func (d *Device) Lock(m LockMode) error {
+	const op = "lock"
+	h, err := d.handle(op)
+	if err != nil {
+		return err
+	}
+	if m < LockNone || m > LockExclusive {
+		return newError(op, d.path, invalid("unknown lock mode %d", int(m)))
+	}
+	d.lock.mu.Lock()
+	defer d.lock.mu.Unlock()
+	err = h.flock(flockOf[m])
+	if err == unix.EWOULDBLOCK {
+		// The kernel lets go of the lock it changes before it finds the
+		// conflict: take back the one d held.
+		if prev := LockMode(d.lock.mode.Load()); prev != LockNone {
+			if perr := h.flock(flockOf[prev]); perr != nil {
+				d.lock.mode.Store(int32(LockNone))
+				err = errors.Join(errLockHeld, inStep("taking back the "+prev.String()+" lock", perr))
+				return newError(op, d.path, err)
+			}
+		}
+		return newError(op, d.path, errLockHeld)
+	}
+	if err != nil {
+		return newError(op, d.path, inStep("flock", err))
+	}
+	d.lock.mode.Store(int32(m))
+	return nil
+}
+
+// A lockState is the LockMode a Device holds, and what orders its
+// changes.
+type lockState struct {
+	mu   sync.Mutex
+	mode atomic.Int32
+}
+
+// errLockHeld is why a lock could not be taken without waiting.
+var errLockHeld error = &explained{text: "another process holds a lock of the device that this one conflicts with " +
+	"(udev, while it probes the device, holds a shared one for a few milliseconds)", errno: unix.EWOULDBLOCK, is: ErrBusy}
 
 // DiskSeq returns the disk sequence number of d's binding: the kernel
 // raises it at every bind and unbind (and at LOOP_CHANGE_FD), so that,
@@ -175,6 +225,14 @@ var noConfigure atomic.Bool
 //
 // With PreferDirectIO and not FlagDirectIO, the device gets direct I/O
 // where the kernel can give it, and is bound buffered elsewhere.
+// BlockSizeAuto is resolved as for Attach. With Lock, d is locked so
+// before the binding, and keeps the lock; a lock another process holds is
+// an error matching ErrBusy, and a failed bind gives back the lock d
+// held. Configure refuses what only Attach can do, Reuse, MakeNode and
+// NoSymlinks, as invalid.
+//
+// Without CAP_SYS_ADMIN it needs d open for writing, which the Device of a
+// read-only binding from Attach or OpenBinding is not (see OpenDevice).
 func (d *Device) Configure(f *os.File, o Options) error {
 	const op = "configure"
 	h, err := d.handle(op)
@@ -184,12 +242,33 @@ func (d *Device) Configure(f *os.File, o Options) error {
 	if err := o.validate(); err != nil {
 		return newError(op, d.path, err)
 	}
+	switch {
+	case o.Reuse:
+		return newError(op, d.path, invalid("Options.Reuse: only Attach, which chooses the device, can share one"))
+	case o.MakeNode:
+		return newError(op, d.path, invalid("Options.MakeNode: the device is open already"))
+	case o.NoSymlinks:
+		return newError(op, d.path, invalid("Options.NoSymlinks is for a path: the caller opened this file"))
+	}
 	return withFile(op, d.path, f, func(fd uintptr) error {
-		if err := checkBackingFile(fd, f.Name()); err != nil {
+		if err := checkBackingFile(fd, f.Name(), o); err != nil {
 			return newError(op, d.path, err)
+		}
+		var err error
+		if o.BlockSize, err = backingBlockSize(context.Background(), fd, o); err != nil {
+			return newError(op, d.path, err)
+		}
+		prev := LockMode(d.lock.mode.Load())
+		if o.Lock != prev {
+			if err := d.Lock(o.Lock); err != nil {
+				return err
+			}
 		}
 		seq, err := configure(h, fd, f.Name(), o)
 		if err != nil {
+			if o.Lock != prev {
+				d.Lock(prev) // as it was: a lock d held, given back without waiting
+			}
 			return newError(op, d.path, err)
 		}
 		d.seq.Store(seq)
@@ -371,6 +450,9 @@ func (d *Device) status(op string, h handle, info *unix.LoopInfo64) error {
 // kernel that refuses the change while the device is held exclusively
 // (mounted) answers EBUSY, and the error says so; none of 5.10 to 7.3
 // does, though one was announced for 6.19.
+//
+// Without CAP_SYS_ADMIN it needs d open for writing, which the Device of a
+// read-only binding from Attach or OpenBinding is not (see OpenDevice).
 func (d *Device) SetStatus(s Status) error {
 	const op = "set-status"
 	h, err := d.handle(op)
@@ -406,6 +488,9 @@ func (d *Device) SetStatus(s Status) error {
 // 6.17 (and in stable kernels since: Debian's 6.12.118) the kernel refuses
 // the change while the device is held exclusively (mounted, or open with
 // O_EXCL): the error matches ErrBusy and says so.
+//
+// Without CAP_SYS_ADMIN it needs d open for writing, which the Device of a
+// read-only binding from Attach or OpenBinding is not (see OpenDevice).
 func (d *Device) SetBlockSize(size uint32) error {
 	const op = "set-block-size"
 	h, err := d.handle(op)
@@ -427,6 +512,9 @@ func (d *Device) SetBlockSize(size uint32) error {
 // a regular file or block device of the same size as the bound one; the
 // first two are checked here (f as Attach checks a backing file), and the
 // kernel's EINVAL for the size is explained.
+//
+// Without CAP_SYS_ADMIN it needs d open for writing, which the Device of a
+// read-only binding from Attach or OpenBinding is not (see OpenDevice).
 func (d *Device) ChangeFD(f *os.File) error {
 	const op = "change-fd"
 	h, err := d.handle(op)
@@ -434,7 +522,7 @@ func (d *Device) ChangeFD(f *os.File) error {
 		return err
 	}
 	return withFile(op, d.path, f, func(fd uintptr) error {
-		if err := checkBackingFile(fd, f.Name()); err != nil {
+		if err := checkBackingFile(fd, f.Name(), Options{}); err != nil {
 			return newError(op, d.path, err)
 		}
 		var info unix.LoopInfo64

@@ -40,6 +40,27 @@
 // lasts until its Close, or until whoever else holds the device (a mount)
 // lets go after that.
 //
+// # Mounts, image builders and untrusted paths
+//
+// A read-only binding is made and held through a read-only descriptor of
+// the device, so that a kernel that refuses to mount a device with writers
+// (CONFIG_BLK_DEV_WRITE_MOUNTED=n, or bdev_allow_write_mounted=0 since
+// Linux 6.8) mounts it while the Device is open. Without CAP_SYS_ADMIN the
+// kernel changes a device only through a descriptor open for writing: the
+// methods that change one say so, and OpenDevice opens one.
+//
+// Options.Lock keeps the device locked, as udev understands the lock,
+// from before the binding until Device.Lock changes it: an image builder
+// writes its partition table and file systems before udev probes them
+// (LockExclusive), or without udev re-reading the table under it
+// (LockShared). BlockSizeAuto binds an image with the sector size its GPT
+// was made for (a 4Kn image shows no partitions at 512-byte blocks).
+//
+// A service that binds paths its users name, or that lie under directories
+// they can write to, sets Options.NoSymlinks and Options.RegularFileOnly:
+// the file Attach binds is then the one the path names without a symbolic
+// link, and a regular file, checked on the descriptor it binds.
+//
 // # Races, detach at last close, and crashes
 //
 // LOOP_CTL_GET_FREE names the lowest unbound device and reserves nothing,

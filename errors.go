@@ -74,11 +74,12 @@ func (e *NodeMissingError) MakeNode() error {
 }
 
 // An OverlapError names the device that holds a range of the file that
-// overlaps the one Attach was asked for, with other settings. It matches
-// ErrOverlap.
+// overlaps the one Attach was asked for, bound otherwise, and says how. It
+// matches ErrOverlap.
 type OverlapError struct {
-	Device string // such as "/dev/loop3"
-	Status Status // its binding
+	Device  string // such as "/dev/loop3"
+	Status  Status // its binding
+	Differs string // how it differs from what was asked, such as "partscan off, asked on"
 }
 
 func (e *OverlapError) Error() string {
@@ -86,9 +87,12 @@ func (e *OverlapError) Error() string {
 	if e.Status.SizeLimit != 0 {
 		end = "byte " + strconv.FormatUint(e.Status.Offset+e.Status.SizeLimit, 10)
 	}
-	return e.Device + " binds the file from byte " + strconv.FormatUint(e.Status.Offset, 10) + " to " + end +
-		" (" + e.Status.Flags.String() + ", " + strconv.FormatUint(uint64(e.Status.BlockSize), 10) + "-byte blocks): " +
-		ErrOverlap.Error()
+	s := e.Device + " binds the file from byte " + strconv.FormatUint(e.Status.Offset, 10) + " to " + end +
+		" (" + e.Status.Flags.String() + ", " + strconv.FormatUint(uint64(e.Status.BlockSize), 10) + "-byte blocks)"
+	if e.Differs != "" {
+		s += ", otherwise than asked: " + e.Differs
+	}
+	return s + ": " + ErrOverlap.Error()
 }
 
 // Is reports whether target is ErrOverlap.

@@ -4,7 +4,6 @@ package loopctl
 
 import (
 	"errors"
-	"os/exec"
 	"strings"
 	"testing"
 
@@ -24,12 +23,7 @@ func TestKernelHeldExclusively(t *testing.T) {
 		t.Run(holder, func(t *testing.T) {
 			f := tempFile(t, 16<<20)
 			if holder == "mount" {
-				if _, err := exec.LookPath("mkfs.ext4"); err != nil {
-					t.Skip("no mkfs.ext4 to make a file system to mount")
-				}
-				if out, err := exec.Command("mkfs.ext4", "-q", "-F", f.Name()).CombinedOutput(); err != nil {
-					t.Fatalf("mkfs.ext4: %v\n%s", err, out)
-				}
+				mkfsExt4(t, f.Name())
 			}
 			d := attachT(t, f.Name(), Options{})
 			switch holder {

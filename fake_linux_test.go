@@ -40,6 +40,9 @@ type fakeKernel struct {
 	// noAccess refuses opens of /dev/loopN with EACCES: a process
 	// without root or the disk group.
 	noAccess bool
+	// noAdmin is a caller without CAP_SYS_ADMIN: the requests that change
+	// a device fail with EPERM through a descriptor open read-only.
+	noAdmin bool
 	// flatSysfs lays sysfs out without /sys/devices/virtual/block; see
 	// sync.
 	flatSysfs bool
@@ -332,15 +335,18 @@ func (k *fakeKernel) open(path string, mode int) (handle, error) {
 		k.devs[n].opens++
 	}
 	k.nopen++
-	return &fakeHandle{k: k, path: path, n: n}, nil
+	return &fakeHandle{k: k, path: path, n: n, ro: mode == readOnly}, nil
 }
 
 type fakeHandle struct {
 	k      *fakeKernel
 	path   string
 	n      int // -1 for the control device
+	ro     bool
 	closed bool
 }
+
+func (h *fakeHandle) readOnly() bool { return h.ro }
 
 var reqNames = map[uint]string{
 	reqSetFD: "LOOP_SET_FD", reqClearFD: "LOOP_CLR_FD", reqSetStatus64: "LOOP_SET_STATUS64",
@@ -385,6 +391,12 @@ func (h *fakeHandle) do(req uint, arg uintptr, ptr unsafe.Pointer) (int, error) 
 		return -1, unix.ENXIO
 	}
 	switch req {
+	case reqSetFD, reqConfigure, reqChangeFD, reqClearFD, reqSetStatus64, reqSetCapacity, reqSetDirectIO, reqSetBlockSize:
+		if h.ro && k.noAdmin {
+			return -1, unix.EPERM
+		}
+	}
+	switch req {
 	case reqConfigure:
 		cfg := (*unix.LoopConfig)(ptr)
 		switch {
@@ -396,11 +408,17 @@ func (h *fakeHandle) do(req uint, arg uintptr, ptr unsafe.Pointer) (int, error) 
 			return -1, unix.EBUSY
 		}
 		k.bind(h.n, uintptr(cfg.Fd), cfg.Info, cfg.Size)
+		if h.ro { // bound through a read-only descriptor
+			d.info.Flags |= unix.LO_FLAGS_READ_ONLY
+		}
 	case reqSetFD:
 		if d.bound {
 			return -1, unix.EBUSY
 		}
 		k.bind(h.n, arg, unix.LoopInfo64{}, 512)
+		if h.ro {
+			d.info.Flags |= unix.LO_FLAGS_READ_ONLY
+		}
 	case reqGetStatus64:
 		if !d.bound {
 			return -1, unix.ENXIO

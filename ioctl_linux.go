@@ -56,7 +56,9 @@ func (osKernel) open(path string, mode int) (handle, error) {
 	if path == ControlPath {
 		return newControlHandle(fd), nil
 	}
-	return newFileHandle(fd), nil
+	h := newFileHandle(fd)
+	h.ro = mode == readOnly
+	return h, nil
 }
 
 // probe opens /dev/loopN read-only for a handle that its opener alone
@@ -66,7 +68,7 @@ func (osKernel) open(path string, mode int) (handle, error) {
 func (osKernel) probe(n int, buf *probeBuf) (handle, error) {
 	p := strconv.AppendInt(append(buf.path[:0], "/dev/loop"...), int64(n), 10)
 	p = append(p, 0)
-	fd, errno := openAt(&p[0], unix.O_RDONLY)
+	fd, errno := openAt(atFDCWD, &p[0], unix.O_RDONLY)
 	if errno != 0 {
 		return nil, &os.PathError{Op: "open", Path: DevicePath(n), Err: errno}
 	}
@@ -93,20 +95,23 @@ func openFD(path string, flags int) (int, error) {
 			return -1, &os.PathError{Op: "open", Path: path, Err: err}
 		}
 	}
-	fd, errno := openAt(p, flags)
+	fd, errno := openAt(atFDCWD, p, flags)
 	if errno != 0 {
 		return -1, &os.PathError{Op: "open", Path: path, Err: errno}
 	}
 	return fd, nil
 }
 
-// openAt is open(2) of the NUL-terminated path at p with flags and
-// O_CLOEXEC, retried while it fails with EINTR: the one place probe and
-// openFD enter the kernel.
-func openAt(p *byte, flags int) (int, unix.Errno) {
+// openAt is openat(2) of the NUL-terminated path at p, relative to the
+// directory open as dir (or atFDCWD), with flags, O_CLOEXEC and
+// O_LARGEFILE, retried while it fails with EINTR: the one place probe,
+// openFD and the backing file's opens enter the kernel. O_LARGEFILE,
+// which x/sys's Open adds too, is 0 on 64-bit systems; a 32-bit program's
+// open of a file over 2 GiB fails with EOVERFLOW without it.
+func openAt(dir uintptr, p *byte, flags int) (int, unix.Errno) {
 	for {
-		r, _, errno := unix.Syscall6(unix.SYS_OPENAT, atFDCWD, uintptr(unsafe.Pointer(p)),
-			uintptr(flags|unix.O_CLOEXEC), 0, 0, 0)
+		r, _, errno := unix.Syscall6(unix.SYS_OPENAT, dir, uintptr(unsafe.Pointer(p)),
+			uintptr(flags|unix.O_CLOEXEC|unix.O_LARGEFILE), 0, 0, 0)
 		if errno != unix.EINTR {
 			return int(r), errno
 		}
@@ -139,6 +144,7 @@ func fstat(fd uintptr) (unix.Stat_t, error) {
 // no call can reach the descriptor number after the kernel reuses it.
 type fileHandle struct {
 	fd int
+	ro bool // opened read-only
 	// refs is the count of references, the handle's own included, with
 	// handleClosed set once Close has begun.
 	refs    atomic.Uint64
@@ -280,7 +286,7 @@ func ioctl(h handle, req uint, arg uintptr) (int, error) {
 	for {
 		r, err := h.rawIoctl(req, arg)
 		if err != unix.EINTR {
-			return r, err
+			return r, explainReadOnly(h, req, err)
 		}
 	}
 }
@@ -289,10 +295,40 @@ func ioctl(h handle, req uint, arg uintptr) (int, error) {
 func ioctlPtr(h handle, req uint, arg unsafe.Pointer) error {
 	for {
 		if err := h.rawIoctlPtr(req, arg); err != unix.EINTR {
-			return err
+			return explainReadOnly(h, req, err)
 		}
 	}
 }
+
+// A readOnlyHandle tells whether its descriptor was opened read-only.
+type readOnlyHandle interface{ readOnly() bool }
+
+func (h *fileHandle) readOnly() bool { return h.ro }
+
+// explainReadOnly explains EPERM from a request that changes a loop
+// device, made through a descriptor open read-only: without CAP_SYS_ADMIN
+// the kernel takes such requests only through a descriptor open for
+// writing.
+func explainReadOnly(h handle, req uint, err error) error {
+	if err != unix.EPERM {
+		return err
+	}
+	switch req {
+	case reqSetFD, reqConfigure, reqChangeFD, reqClearFD, reqSetStatus64, reqSetCapacity, reqSetDirectIO, reqSetBlockSize:
+	default:
+		return err
+	}
+	if ro, ok := h.(readOnlyHandle); !ok || !ro.readOnly() {
+		return err
+	}
+	return errReadOnlyDescriptor
+}
+
+// errReadOnlyDescriptor is why a change of a loop device open read-only
+// was refused.
+var errReadOnlyDescriptor error = &explained{text: "the device is open read-only (a read-only binding is), and without " +
+	"CAP_SYS_ADMIN the kernel changes a loop device only through a descriptor open for writing: OpenDevice opens one",
+	errno: unix.EPERM}
 
 func (h *fileHandle) rawIoctl(req uint, arg uintptr) (int, error) {
 	if !h.acquire() {

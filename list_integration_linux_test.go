@@ -238,24 +238,35 @@ func TestKernelLookupsHoldNothing(t *testing.T) {
 		}},
 		{"the Monitor", func() error {
 			// A device of the test's own bound and let go of: the Monitor
-			// reads its state at each change.
+			// reads its state at each change. Each event is waited for
+			// before the next change: before Linux 5.15, with no disk
+			// sequence numbers, the Monitor tells a change by the state it
+			// reads.
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			defer cancel()
+			next := func(kind EventKind, n int) error {
+				for {
+					e, err := m.Next(ctx)
+					if err != nil {
+						return fmt.Errorf("waiting for %v of loop%d: %w", kind, n, err)
+					}
+					if e.Kind == kind && e.Number == n {
+						return nil
+					}
+				}
+			}
 			d, err := AttachFile(context.Background(), f, Options{Flags: FlagAutoClear})
 			if err != nil {
 				return err
 			}
 			n := d.Number()
+			if err := next(EventBound, n); err != nil {
+				d.Close()
+				return err
+			}
 			d.Close()
 			kerneltest.WaitUnbound(t, n)
-			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-			defer cancel()
-			for unbound := false; !unbound; {
-				e, err := m.Next(ctx)
-				if err != nil {
-					return err
-				}
-				unbound = e.Kind == EventUnbound && e.Number == n
-			}
-			return nil
+			return next(EventUnbound, n)
 		}},
 	} {
 		before := openFDs(t)

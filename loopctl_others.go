@@ -42,7 +42,7 @@ func (c *Control) remove(n int) error {
 }
 
 // checkBackingFile is never reached here: no Device can be opened.
-func checkBackingFile(fd uintptr, name string) error { return nil }
+func checkBackingFile(fd uintptr, name string, o Options) error { return nil }
 
 // missingNode has nothing to add to an open's error here.
 func missingNode(n int, err error) error { return err }
@@ -125,6 +125,15 @@ func Sweep(ctx context.Context, ref string) ([]Status, error) {
 
 // Detach is not supported on this platform.
 func (d *Device) Detach(ctx context.Context) error { return d.unsupported("detach") }
+
+// Lock is not supported on this platform: no device is locked here.
+func (d *Device) Lock(m LockMode) error {
+	d.lock = lockState{}
+	return d.unsupported("lock")
+}
+
+// A lockState holds nothing on this platform, where no device is locked.
+type lockState struct{}
 
 // DiskSeq is not supported on this platform: no Device binds here, so
 // the number it would remember is 0.

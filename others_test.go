@@ -50,7 +50,8 @@ func TestUnsupported(t *testing.T) {
 	for name, err := range map[string]error{"SetStatus": d.SetStatus(Status{}), "SetBlockSize": d.SetBlockSize(512),
 		"ChangeFD": d.ChangeFD(nil), "SetCapacity": d.SetCapacity(), "SetDirectIO": d.SetDirectIO(true),
 		"Rescan": d.Rescan(), "Partitions": func() error { _, err := d.Partitions(); return err }(),
-		"Detach": d.Detach(context.Background()), "DiskSeq": func() error { _, err := d.DiskSeq(); return err }()} {
+		"Detach": d.Detach(context.Background()), "DiskSeq": func() error { _, err := d.DiskSeq(); return err }(),
+		"Lock": d.Lock(LockShared)} {
 		if err == nil {
 			t.Errorf("%s on a zero Device succeeded", name)
 		}

@@ -4,47 +4,52 @@ package loopctl
 
 import (
 	"math"
+	"strconv"
+	"strings"
 
 	"golang.org/x/sys/unix"
 )
 
 // sharedDevice looks, under the attach lock, for a device bound to the file
-// open as fd with o's offset, size limit, read-only flag and block size,
-// and returns it open, marked shared; nil when there is none. A device
-// bound to an overlapping range of the file with other settings is an
-// *OverlapError, unless an identical one is found.
+// open as fd (name, as the caller gave it) as o would bind it, and returns
+// it open, marked shared, and locked as o asks; nil when there is none. A
+// device bound to an overlapping range of the file otherwise is an
+// *OverlapError naming the difference, unless one bound as o would bind it
+// is found.
 //
 // Each device is read as List reads it (readDevices): LOOP_GET_STATUS64 on
 // a read-only open gives the backing file's device and inode at once, and
 // a device of another file goes no further. A device being torn down
 // refuses the open and is passed over; a device that cannot be read
 // (EMFILE, say) fails the look, which cannot then tell that no device is
-// to be shared.
-// One found is opened again, read-write, and its binding checked again
-// before it is returned.
-func sharedDevice(fd uintptr, o Options) (*Device, error) {
+// to be shared. One found is opened again (OpenBinding) and its binding
+// checked again before it is returned.
+func sharedDevice(fd uintptr, name string, o Options) (*Device, error) {
 	st, err := fstat(fd)
 	if err != nil {
 		return nil, inStep("fstat", err)
 	}
-	id := backingFileID{dev: uint64(st.Dev), ino: uint64(st.Ino)}
-	want := binding{dev: id.dev, ino: id.ino, offset: o.Offset, sizeLimit: o.SizeLimit,
-		readOnly: o.Flags&FlagReadOnly != 0 || readOnlyFD(fd), blockSize: max(o.BlockSize, 512)}
-	found, err := readDevices(&match{file: id, byFile: true})
+	want := wantBinding{file: backingFileID{dev: uint64(st.Dev), ino: uint64(st.Ino)}, o: o, name: name,
+		readOnly: o.Flags&FlagReadOnly != 0 || readOnlyFD(fd)}
+	found, err := readDevices(&match{file: want.file, byFile: true})
 	if err != nil {
 		return nil, err
 	}
 	var overlap *OverlapError
 	for _, s := range found {
-		b := bindingOf(s)
-		if b == want {
-			if d := openShared(s, want, o.MakeNode); d != nil {
-				return d, nil
+		if !want.overlaps(s) {
+			continue
+		}
+		diff := want.diff(s)
+		if diff == "" {
+			d, err := openShared(s, want)
+			if d != nil || err != nil {
+				return d, err
 			}
 			continue // torn down, or bound anew, since
 		}
-		if overlap == nil && b.overlaps(want) {
-			overlap = &OverlapError{Device: DevicePath(s.Number), Status: s}
+		if overlap == nil {
+			overlap = &OverlapError{Device: DevicePath(s.Number), Status: s, Differs: diff}
 		}
 	}
 	if overlap != nil {
@@ -53,50 +58,113 @@ func sharedDevice(fd uintptr, o Options) (*Device, error) {
 	return nil, nil
 }
 
-// A binding is what Reuse compares of two devices.
-type binding struct {
-	dev, ino          uint64
-	offset, sizeLimit uint64
-	readOnly          bool
-	blockSize         uint32
+// A wantBinding is the binding Attach with Reuse would make of a file.
+type wantBinding struct {
+	file     backingFileID
+	o        Options // BlockSize resolved (not BlockSizeAuto)
+	name     string  // the file's name, as the caller gave it
+	readOnly bool    // as the device would be: asked, or the file open read-only
 }
 
-// bindingOf is the binding a Status describes.
-func bindingOf(s Status) binding {
-	return binding{dev: s.BackingDevice, ino: s.BackingInode, offset: s.Offset, sizeLimit: s.SizeLimit,
-		readOnly: s.Flags&FlagReadOnly != 0, blockSize: s.BlockSize}
-}
-
-// overlaps reports whether two bindings of one file share a byte. A size
-// limit of 0 reaches to the end of the file, however far it grows.
-func (b binding) overlaps(c binding) bool {
-	end := func(x binding) uint64 {
-		if x.sizeLimit == 0 || x.offset > math.MaxUint64-x.sizeLimit {
+// overlaps reports whether a binding of the file with Offset and
+// SizeLimit as s's shares a byte with the one wanted. A size limit of 0
+// reaches to the end of the file, however far it grows.
+func (w wantBinding) overlaps(s Status) bool {
+	end := func(offset, sizeLimit uint64) uint64 {
+		if sizeLimit == 0 || offset > math.MaxUint64-sizeLimit {
 			return math.MaxUint64
 		}
-		return x.offset + x.sizeLimit
+		return offset + sizeLimit
 	}
-	return b.offset < end(c) && c.offset < end(b)
+	return w.o.Offset < end(s.Offset, s.SizeLimit) && s.Offset < end(w.o.Offset, w.o.SizeLimit)
 }
 
-// openShared opens the device of binding s read-write and returns it if
-// it still is that binding (OpenBinding), with the settings want, else
-// nil. With makeNode it first makes the device's node if it is missing
-// (a container's /dev), as Attach would for a device it binds.
-func openShared(s Status, want binding, makeNode bool) *Device {
-	if makeNode {
+// diff says how the binding s differs from the one wanted, "" where it
+// does not: in what the caller asked for, range, flags (direct I/O as the
+// kernel gave it), owner reference and block size, but not in what the
+// caller left unsaid: direct I/O with PreferDirectIO, the block size with
+// BlockSize 0.
+func (w wantBinding) diff(s Status) string {
+	var d []string
+	differ := func(what string, asked, has any) {
+		d = append(d, what+" "+fmtAny(has)+", asked "+fmtAny(asked))
+	}
+	if s.Offset != w.o.Offset || s.SizeLimit != w.o.SizeLimit {
+		d = append(d, "another range")
+	}
+	flag := func(f Flags, name string, asked bool) {
+		if has := s.Flags&f != 0; has != asked {
+			differ(name, asked, has)
+		}
+	}
+	flag(FlagReadOnly, "read-only", w.readOnly)
+	flag(FlagAutoClear, "autoclear", w.o.Flags&FlagAutoClear != 0)
+	flag(FlagPartScan, "partscan", w.o.Flags&FlagPartScan != 0)
+	if w.o.Flags&FlagDirectIO != 0 || !w.o.PreferDirectIO {
+		flag(FlagDirectIO, "direct I/O", w.o.Flags&FlagDirectIO != 0)
+	}
+	if w.o.BlockSize != 0 && s.BlockSize != w.o.BlockSize {
+		differ("block size", w.o.BlockSize, s.BlockSize)
+	}
+	if ref := w.o.Ref; ref != "" {
+		if s.Ref != ref {
+			d = append(d, "owner reference "+strconv.Quote(s.Ref)+", asked "+strconv.Quote(ref))
+		}
+	} else if !namesFile(s, w.name) {
+		d = append(d, "owner reference "+strconv.Quote(s.Ref)+", asked none")
+	}
+	return strings.Join(d, "; ")
+}
+
+// namesFile tells whether the lo_file_name of binding s is a file's name,
+// as a binder that gave no owner reference writes (loopctl, losetup): the
+// start of the backing file's path now, or of name, the caller's. Any
+// other is an owner reference: another owner's binding.
+func namesFile(s Status, name string) bool {
+	prefix := func(p string) string { return p[:min(len(p), unix.LO_NAME_SIZE-1)] }
+	return s.Ref == "" || s.Ref == prefix(s.BackingFile) || s.Ref == prefix(name)
+}
+
+// fmtAny formats a flag or a number of diff.
+func fmtAny(v any) string {
+	switch v := v.(type) {
+	case bool:
+		if v {
+			return "on"
+		}
+		return "off"
+	case uint32:
+		return strconv.FormatUint(uint64(v), 10)
+	}
+	return "?"
+}
+
+// openShared opens the device of binding s if it still is that binding
+// (OpenBinding), bound as want asks, and locks it as want asks without
+// waiting; nil, and no error, when it is bound otherwise now. With
+// MakeNode it first makes the device's node if it is missing (a
+// container's /dev), as Attach would for a device it binds. A lock
+// another process holds is an error matching ErrBusy.
+func openShared(s Status, want wantBinding) (*Device, error) {
+	if want.o.MakeNode {
 		MakeNode(s.Number) // if it fails, so does the open
 	}
 	d, err := OpenBinding(s)
 	if err != nil {
-		return nil
+		return nil, nil
 	}
-	if s, err := d.Status(); err != nil || bindingOf(s) != want {
+	if s, err := d.Status(); err != nil || (backingFileID{s.BackingDevice, s.BackingInode}) != want.file || want.diff(s) != "" {
 		d.Close()
-		return nil
+		return nil, nil
+	}
+	if want.o.Lock != LockNone {
+		if err := d.Lock(want.o.Lock); err != nil {
+			d.Close()
+			return nil, err
+		}
 	}
 	d.shared = true
-	return d
+	return d, nil
 }
 
 // readOnlyFD reports whether fd is open read-only: a device bound to it

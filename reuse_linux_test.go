@@ -8,6 +8,8 @@ import (
 	"os"
 	"strings"
 	"testing"
+
+	"golang.org/x/sys/unix"
 )
 
 // attachFake attaches path with o on the fake kernel.
@@ -123,5 +125,76 @@ func TestAttachReuseReadOnlyFile(t *testing.T) {
 	}
 	if _, err := Attach(context.Background(), f.Name(), Options{Reuse: true}); !errors.Is(err, ErrOverlap) {
 		t.Fatalf("read-write over a read-only binding = %v, want ErrOverlap", err)
+	}
+}
+
+// TestAttachReuseComparesEverything: a device bound to the file's range
+// otherwise than asked (a flag, direct I/O as the kernel gave it, the
+// owner reference, the block size) is refused, with the difference named;
+// one that differs only in what was left unsaid (PreferDirectIO, BlockSize
+// 0) is shared.
+func TestAttachReuseComparesEverything(t *testing.T) {
+	for _, tt := range []struct {
+		name        string
+		bound, want Options
+		differs     string // "" to share
+	}{
+		{"same", Options{Flags: FlagAutoClear | FlagPartScan, Ref: "r"}, Options{Flags: FlagAutoClear | FlagPartScan, Ref: "r"}, ""},
+		{"partscan asked", Options{}, Options{Flags: FlagPartScan}, "partscan off, asked on"},
+		{"partscan not asked", Options{Flags: FlagPartScan}, Options{}, "partscan on, asked off"},
+		{"autoclear asked", Options{}, Options{Flags: FlagAutoClear}, "autoclear off, asked on"},
+		{"direct I/O asked", Options{}, Options{Flags: FlagDirectIO}, "direct I/O off, asked on"},
+		{"direct I/O not asked", Options{Flags: FlagDirectIO}, Options{}, "direct I/O on, asked off"},
+		{"direct I/O preferred, device has it", Options{Flags: FlagDirectIO}, Options{PreferDirectIO: true}, ""},
+		{"direct I/O preferred, device lacks it", Options{}, Options{PreferDirectIO: true}, ""},
+		{"block size asked", Options{}, Options{BlockSize: 4096}, "block size 512, asked 4096"},
+		{"block size unsaid", Options{BlockSize: 4096}, Options{}, ""},
+		{"another owner", Options{Ref: "theirs"}, Options{Ref: "mine"}, `owner reference "theirs", asked "mine"`},
+		{"an owner, asked none", Options{Ref: "theirs"}, Options{}, `owner reference "theirs", asked none`},
+		{"none, asked an owner", Options{}, Options{Ref: "mine"}, `asked "mine"`},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			k := useFake(t, 3)
+			_, f := bindFake(t, k, 1, tt.bound)
+			configures := len(k.calls("LOOP_CONFIGURE"))
+			o := tt.want
+			o.Reuse = true
+			d, err := Attach(context.Background(), f.Name(), o)
+			if tt.differs == "" {
+				if err != nil || !d.Shared() || d.Number() != 1 {
+					t.Fatalf("Attach(%+v) over %+v = %v, %v; want loop1 shared", o, tt.bound, d, err)
+				}
+				d.Close()
+				return
+			}
+			var oe *OverlapError
+			if !errors.Is(err, ErrOverlap) || !errors.As(err, &oe) || oe.Device != "/dev/loop1" ||
+				!strings.Contains(oe.Differs, tt.differs) || !strings.Contains(err.Error(), tt.differs) {
+				t.Fatalf("Attach(%+v) over %+v = %v; want ErrOverlap naming %q", o, tt.bound, err, tt.differs)
+			}
+			if n := len(k.calls("LOOP_CONFIGURE")); n != configures {
+				t.Fatal("bound a device")
+			}
+		})
+	}
+}
+
+// TestAttachReuseLock: a device shared is locked as asked, without
+// waiting; another holder's lock is an error matching ErrBusy, and the
+// device is not handed out.
+func TestAttachReuseLock(t *testing.T) {
+	k := useFake(t, 3)
+	_, f := bindFake(t, k, 1, Options{})
+	d := attachFake(t, f.Name(), Options{Reuse: true, Lock: LockShared})
+	if !d.Shared() || len(k.calls("flock-sh /dev/loop1")) != 1 {
+		t.Fatalf("shared %v, locks %q; want loop1 shared, locked shared", d.Shared(), k.calls("flock-"))
+	}
+	k.failAt("flock-ex /dev/loop1", 1, unix.EWOULDBLOCK)
+	if _, err := Attach(context.Background(), f.Name(), Options{Reuse: true, Lock: LockExclusive}); !errors.Is(err, ErrBusy) ||
+		!errors.Is(err, unix.EWOULDBLOCK) {
+		t.Fatalf("Attach with Reuse and LockExclusive of a device locked elsewhere = %v, want ErrBusy", err)
+	}
+	if n := k.deviceHandles(); n != 2 { // the test's binder, and d
+		t.Fatalf("%d device handles open, want 2", n)
 	}
 }

@@ -52,16 +52,11 @@ func udevd(t *testing.T) {
 // at offset into it.
 func labelled(t *testing.T, label string, offset int64) *os.File {
 	t.Helper()
-	if _, err := exec.LookPath("mkfs.ext4"); err != nil {
-		t.Skip("no mkfs.ext4")
-	}
 	fs := filepath.Join(t.TempDir(), "fs.img")
 	if err := os.WriteFile(fs, nil, 0o644); err != nil || os.Truncate(fs, 8<<20) != nil {
 		t.Fatal(err)
 	}
-	if out, err := exec.Command("mkfs.ext4", "-q", "-F", "-L", label, fs).CombinedOutput(); err != nil {
-		t.Fatalf("mkfs.ext4: %v\n%s", err, out)
-	}
+	mkfsExt4(t, fs, "-L", label)
 	f := tempFile(t, offset+8<<20)
 	src, err := os.Open(fs)
 	if err != nil {

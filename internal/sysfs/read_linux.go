@@ -66,7 +66,7 @@ func OpenAttrIfAt(dir int, dirPath string, name []byte) (int, bool, error) {
 	}
 	for {
 		r, _, errno := unix.Syscall6(unix.SYS_OPENAT, uintptr(dir), uintptr(unsafe.Pointer(&name[0])),
-			unix.O_RDONLY|unix.O_CLOEXEC, 0, 0, 0)
+			unix.O_RDONLY|unix.O_CLOEXEC|unix.O_LARGEFILE, 0, 0, 0)
 		switch errno {
 		case 0:
 			return int(r), true, nil

@@ -1,0 +1,427 @@
+//go:build integration && !loopctl_stub
+
+package loopctl
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"hash/crc32"
+	"io/fs"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/loopctl/loopctl/internal/kerneltest"
+)
+
+// What image builders and mounts need of a binding: a read-only one held
+// through a read-only descriptor, a lock kept for the caller, the image's
+// own sector size, a Reuse that compares everything, untrusted paths, and
+// images past 2 GiB in 32-bit programs.
+
+// deviceFDFlags returns the open flags of this process's descriptor of the
+// device at path that was not open before (fds from openFDs).
+func deviceFDFlags(t *testing.T, path string, before map[int]string) int {
+	t.Helper()
+	for fd, target := range openFDs(t) {
+		if target != path || before[fd] == path {
+			continue
+		}
+		fl, err := unix.FcntlInt(uintptr(fd), unix.F_GETFL, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return fl
+	}
+	t.Fatalf("no new descriptor of %s", path)
+	return 0
+}
+
+// mkfsExt4 makes an ext4 file system in the file at path, or skips the
+// test where mkfs.ext4 is missing.
+func mkfsExt4(t *testing.T, path string, args ...string) {
+	t.Helper()
+	if _, err := exec.LookPath("mkfs.ext4"); err != nil {
+		t.Skip("no mkfs.ext4")
+	}
+	if out, err := exec.Command("mkfs.ext4", append(append([]string{"-q", "-F"}, args...), path)...).CombinedOutput(); err != nil {
+		t.Fatalf("mkfs.ext4: %v\n%s", err, out)
+	}
+}
+
+// writeMountedRefused tells whether the kernel refuses to mount a block
+// device that has writers: the boot parameter bdev_allow_write_mounted=0
+// (Linux 6.8), or a kernel built without CONFIG_BLK_DEV_WRITE_MOUNTED.
+func writeMountedRefused(t *testing.T) bool {
+	b, _ := os.ReadFile("/proc/cmdline")
+	if strings.Contains(string(b), "bdev_allow_write_mounted=0") {
+		return true
+	}
+	if cfg, err := kernelConfig(); err == nil {
+		if _, ok := cfg["CONFIG_BLK_DEV_WRITE_MOUNTED"]; !ok && kernelAtLeast(t, 6, 8) {
+			return true
+		}
+	}
+	return false
+}
+
+// TestKernelReadOnlyDescriptor: Attach with FlagReadOnly binds and holds the
+// device through a read-only descriptor, and OpenBinding of the binding
+// opens one; a read-only mount of its file system goes through while the
+// Device is open. Where the kernel refuses to mount a device with writers
+// (a guest booted with bdev_allow_write_mounted=0), the same mount beside a
+// read-write descriptor (OpenDevice's, as Attach held before) fails with
+// EBUSY.
+func TestKernelReadOnlyDescriptor(t *testing.T) {
+	requireKernel(t)
+	f := tempFile(t, 16<<20)
+	mkfsExt4(t, f.Name())
+	before := openFDs(t)
+	d := attachT(t, f.Name(), Options{Flags: FlagReadOnly})
+	if fl := deviceFDFlags(t, d.Path(), before); fl&unix.O_ACCMODE != unix.O_RDONLY {
+		t.Fatalf("the Device's descriptor has flags %#o, want O_RDONLY", fl)
+	}
+	s, err := d.Status()
+	if err != nil || s.Flags&FlagReadOnly == 0 || readAttr(t, d.Number(), "ro") != "1" {
+		t.Fatalf("Status = %+v, %v; want a read-only binding", s, err)
+	}
+	before = openFDs(t)
+	b, err := OpenBinding(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fl := deviceFDFlags(t, d.Path(), before); fl&unix.O_ACCMODE != unix.O_RDONLY {
+		t.Errorf("OpenBinding's descriptor has flags %#o, want O_RDONLY", fl)
+	}
+	b.Close()
+
+	mount := func() error {
+		dir := t.TempDir()
+		err := unix.Mount(d.Path(), dir, "ext4", unix.MS_RDONLY, "")
+		if err == nil {
+			if err := unix.Unmount(dir, 0); err != nil {
+				t.Fatal(err)
+			}
+		}
+		return err
+	}
+	if err := mount(); err != nil {
+		t.Fatalf("mount -o ro of %s while the Device is open: %v", d.Path(), err)
+	}
+	refused := writeMountedRefused(t)
+	rw, err := OpenDevice(d.Number())
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = mount()
+	rw.Close()
+	switch {
+	case refused && !errors.Is(err, unix.EBUSY):
+		t.Fatalf("mount -o ro beside a read-write descriptor, writers refused (%s): %v, want EBUSY", kernelRelease(), err)
+	case !refused && err != nil:
+		t.Fatalf("mount -o ro beside a read-write descriptor: %v", err)
+	}
+	t.Logf("%s: a mounted device's writers refused: %v; the mount beside a read-write descriptor: %v", kernelRelease(), refused, err)
+}
+
+// TestKernelLock: each LockMode, checked with flock from another
+// descriptor of the device, as udev takes its locks: a shared lock without
+// waiting before a probe, an exclusive one before re-reading a partition
+// table. Device.Lock changes the lock, and does not wait for one that
+// another holds.
+func TestKernelLock(t *testing.T) {
+	requireKernel(t)
+	f := tempFile(t, 1<<20)
+	probe := func(d *Device) (shared, exclusive bool) {
+		t.Helper()
+		fd, err := unix.Open(d.Path(), unix.O_RDONLY|unix.O_CLOEXEC, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer unix.Close(fd)
+		for _, l := range []struct {
+			how int
+			ok  *bool
+		}{{unix.LOCK_SH | unix.LOCK_NB, &shared}, {unix.LOCK_EX | unix.LOCK_NB, &exclusive}} {
+			err := unix.Flock(fd, l.how)
+			*l.ok = err == nil
+			if err != nil && err != unix.EWOULDBLOCK {
+				t.Fatal(err)
+			}
+			unix.Flock(fd, unix.LOCK_UN)
+		}
+		return shared, exclusive
+	}
+	want := map[LockMode][2]bool{LockNone: {true, true}, LockShared: {true, false}, LockExclusive: {false, false}}
+	for _, m := range []LockMode{LockNone, LockShared, LockExclusive} {
+		d := attachT(t, f.Name(), Options{Lock: m, Flags: FlagReadOnly})
+		if sh, ex := probe(d); [2]bool{sh, ex} != want[m] {
+			t.Errorf("Attach with %v: another descriptor's LOCK_SH %v, LOCK_EX %v; want %v", m, sh, ex, want[m])
+		}
+		for _, to := range []LockMode{LockShared, LockExclusive, LockNone, LockExclusive} {
+			if err := d.Lock(to); err != nil {
+				t.Fatalf("Lock(%v) after %v: %v", to, m, err)
+			}
+			if sh, ex := probe(d); [2]bool{sh, ex} != want[to] {
+				t.Errorf("Lock(%v): another descriptor's LOCK_SH %v, LOCK_EX %v; want %v", to, sh, ex, want[to])
+			}
+		}
+		d.Lock(LockNone)
+		detach(t, d)
+	}
+	// Another holder's shared lock (udev probing the device): Lock does
+	// not wait, and the Device keeps the lock it held.
+	d := attachT(t, f.Name(), Options{Lock: LockShared})
+	fd, err := unix.Open(d.Path(), unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fd)
+	if err := unix.Flock(fd, unix.LOCK_SH|unix.LOCK_NB); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Lock(LockExclusive); !errors.Is(err, ErrBusy) || !errors.Is(err, unix.EWOULDBLOCK) {
+		t.Fatalf("Lock(LockExclusive) beside another's shared lock = %v, want ErrBusy", err)
+	}
+	unix.Flock(fd, unix.LOCK_UN)
+	if sh, ex := probe(d); sh != true || ex != false {
+		t.Fatalf("after a refused Lock(LockExclusive): LOCK_SH %v, LOCK_EX %v; want the Device's shared lock kept", sh, ex)
+	}
+}
+
+// TestKernelLockHoldsUdevOff: with udev running, LockExclusive holds off its
+// probe of a newly bound file system (no by-label link, udev's queue not
+// empty) until Lock(LockNone); then udev processes the device.
+func TestKernelLockHoldsUdevOff(t *testing.T) {
+	requireKernel(t)
+	if _, err := os.Stat("/run/udev/control"); err != nil {
+		t.Skip("udev is not running")
+	}
+	f := tempFile(t, 16<<20)
+	label := fmt.Sprintf("lck%d", time.Now().UnixNano()%1e9)
+	mkfsExt4(t, f.Name(), "-L", label)
+	link := "/dev/disk/by-label/" + label
+	d := attachT(t, f.Name(), Options{Lock: LockExclusive, Flags: FlagReadOnly})
+	// udev tries a locked device again about once a second for minutes:
+	// three seconds of an unsettled queue and no link show it held off.
+	out, err := exec.Command("udevadm", "settle", "--timeout=3").CombinedOutput()
+	if err == nil {
+		t.Fatalf("udevadm settle returned while the device was locked:\n%s", out)
+	}
+	if _, err := os.Lstat(link); err == nil {
+		t.Fatalf("%s exists while the device is locked", link)
+	}
+	if err := d.Lock(LockNone); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if err := d.WaitUdev(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if target, err := filepath.EvalSymlinks(link); err != nil || target != d.Path() {
+		t.Fatalf("%s -> %q, %v; want %s once the lock is let go", link, target, err, d.Path())
+	}
+}
+
+// gptDisk returns an image of size bytes partitioned for sectors of ssz
+// bytes: a protective MBR, a GPT header at LBA 1 and its 128 entries, one
+// partition from the first usable sector to the last, as the kernel's
+// efi partition parser wants them (the backup header, which it only
+// warns about, is left out).
+func gptDisk(ssz, size int) []byte {
+	b := make([]byte, size)
+	sectors := size / ssz
+	last := uint64(sectors - 1)
+	// The protective MBR.
+	rec := b[446:462]
+	rec[4] = 0xEE
+	binary.LittleEndian.PutUint32(rec[8:], 1)
+	binary.LittleEndian.PutUint32(rec[12:], uint32(min(last, 0xFFFFFFFF)))
+	b[510], b[511] = 0x55, 0xAA
+	// The entries, at LBA 2.
+	const entries, entrySize = 128, 128
+	entrySectors := uint64((entries*entrySize + ssz - 1) / ssz)
+	first, lastUsable := 2+entrySectors, last-1-entrySectors
+	e := b[2*ssz : 2*ssz+entries*entrySize]
+	copy(e[0:16], []byte{0xAF, 0x3D, 0xC6, 0x0F, 0x83, 0x84, 0x72, 0x47, 0x8E, 0x79, 0x3D, 0x69, 0xD8, 0x47, 0x7D, 0xE4}) // Linux data
+	rand.Read(e[16:32])
+	binary.LittleEndian.PutUint64(e[32:], first)
+	binary.LittleEndian.PutUint64(e[40:], lastUsable)
+	// The header.
+	h := b[ssz : ssz+92]
+	copy(h, "EFI PART")
+	binary.LittleEndian.PutUint32(h[8:], 0x00010000)
+	binary.LittleEndian.PutUint32(h[12:], 92)
+	binary.LittleEndian.PutUint64(h[24:], 1)
+	binary.LittleEndian.PutUint64(h[32:], last)
+	binary.LittleEndian.PutUint64(h[40:], first)
+	binary.LittleEndian.PutUint64(h[48:], lastUsable)
+	rand.Read(h[56:72])
+	binary.LittleEndian.PutUint64(h[72:], 2)
+	binary.LittleEndian.PutUint32(h[80:], entries)
+	binary.LittleEndian.PutUint32(h[84:], entrySize)
+	binary.LittleEndian.PutUint32(h[88:], crc32.ChecksumIEEE(e))
+	binary.LittleEndian.PutUint32(h[16:], crc32.ChecksumIEEE(h))
+	return b
+}
+
+// TestKernelBlockSizeAuto binds images partitioned for each sector size
+// with BlockSizeAuto: the device gets that block size, and where the kernel
+// reads GPT its one partition appears, at the place the image gives. An
+// image without a GPT gets the kernel's default, one with headers for two
+// sizes is refused naming both, and a block device backing gives its own
+// logical block size.
+func TestKernelBlockSizeAuto(t *testing.T) {
+	requireKernel(t)
+	gpt := false
+	if cfg, err := kernelConfig(); err == nil {
+		gpt = cfg["CONFIG_EFI_PARTITION"] == "y"
+	}
+	dir := t.TempDir()
+	for _, ssz := range []int{512, 1024, 2048, 4096} {
+		path := filepath.Join(dir, "gpt"+strconv.Itoa(ssz))
+		if err := os.WriteFile(path, gptDisk(ssz, 8<<20), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		d := attachT(t, path, Options{BlockSize: BlockSizeAuto, Flags: FlagPartScan | FlagReadOnly})
+		s, err := d.Status()
+		if err != nil || s.BlockSize != uint32(ssz) {
+			t.Fatalf("%d-byte sectors: Status = %+v, %v; want %d-byte blocks", ssz, s, err, ssz)
+		}
+		if !gpt {
+			continue
+		}
+		parts, err := d.Partitions()
+		if err != nil {
+			t.Fatal(err)
+		}
+		entrySectors := uint64((128*128 + ssz - 1) / ssz)
+		if len(parts) != 1 || parts[0].Start != (2+entrySectors)*uint64(ssz) {
+			t.Errorf("%d-byte sectors: partitions %+v; want one from byte %d", ssz, parts, (2+entrySectors)*uint64(ssz))
+		}
+	}
+	if !gpt {
+		t.Logf("%s reads no GPT: the partitions were not checked", kernelRelease())
+	}
+
+	none := tempFile(t, 1<<20)
+	if s, err := attachT(t, none.Name(), Options{BlockSize: BlockSizeAuto}).Status(); err != nil || s.BlockSize != 512 {
+		t.Errorf("no GPT: Status = %+v, %v; want 512-byte blocks", s, err)
+	}
+
+	two := filepath.Join(dir, "two")
+	img := gptDisk(4096, 8<<20)
+	copy(img[512:512+92], gptDisk(512, 8<<20)[512:512+92])
+	if err := os.WriteFile(two, img, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	found, _ := FindByBackingFile(two)
+	if _, err := Attach(context.Background(), two, Options{BlockSize: BlockSizeAuto}); !errors.Is(err, fs.ErrInvalid) ||
+		!strings.Contains(err.Error(), "512- and 4096-byte") {
+		t.Fatalf("two GPT headers: %v, want an error naming both sizes", err)
+	}
+	if after, _ := FindByBackingFile(two); len(after) != len(found) {
+		t.Fatalf("two GPT headers: bound %+v", after)
+	}
+
+	// A block device: a loop device of 4096-byte blocks.
+	under := attachT(t, tempFile(t, 4<<20).Name(), Options{BlockSize: 4096})
+	if s, err := attachT(t, under.Path(), Options{BlockSize: BlockSizeAuto}).Status(); err != nil || s.BlockSize != 4096 {
+		t.Errorf("over a device of 4096-byte blocks: Status = %+v, %v; want 4096-byte blocks", s, err)
+	}
+}
+
+// TestKernelLargeFile binds a sparse file of 5 GiB and writes a block 3 GiB
+// into it through the device, then reads it back from the file: a 32-bit
+// program (GOARCH=386, CI's 386 guest) must open both with O_LARGEFILE.
+func TestKernelLargeFile(t *testing.T) {
+	requireKernel(t)
+	path := filepath.Join(t.TempDir(), "big.img")
+	f, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if err := f.Truncate(5 << 30); err != nil {
+		t.Fatalf("a sparse file of 5 GiB in %s: %v", filepath.Dir(path), err)
+	}
+	d := attachT(t, path, Options{})
+	if s, err := d.Status(); err != nil || s.Size != 5<<30 {
+		t.Fatalf("Status = %+v, %v; want 5 GiB", s, err)
+	}
+	dev, err := os.OpenFile(d.Path(), os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dev.Close()
+	block := make([]byte, 4096)
+	rand.Read(block)
+	const at = 3 << 30
+	if _, err := dev.WriteAt(block, at); err != nil {
+		t.Fatal(err)
+	}
+	if err := dev.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, len(block))
+	if _, err := f.ReadAt(got, at); err != nil || string(got) != string(block) {
+		t.Fatalf("the file at 3 GiB: %v; the block written through the device not there", err)
+	}
+}
+
+// TestKernelReuseDirectIO4K: a file on ext4 over a disk of 4096-byte
+// sectors (here a loop device of 4096-byte blocks), bound read-only with
+// PreferDirectIO and Reuse twice: the second Attach shares the first's
+// device, which since Linux 6.11 has the disk's 4096-byte blocks where it
+// got direct I/O (Reuse compared 512 before).
+func TestKernelReuseDirectIO4K(t *testing.T) {
+	requireKernel(t)
+	fsImage := tempFile(t, 64<<20)
+	mkfsExt4(t, fsImage.Name(), "-b", "4096")
+	disk := attachT(t, fsImage.Name(), Options{BlockSize: 4096})
+	dir := t.TempDir()
+	if err := unix.Mount(disk.Path(), dir, "ext4", 0, ""); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := unix.Unmount(dir, 0); err != nil {
+			t.Error(err)
+		}
+	})
+	img := filepath.Join(dir, "image")
+	if err := os.WriteFile(img, make([]byte, 1<<20), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	o := Options{Flags: FlagReadOnly, PreferDirectIO: true, Reuse: true}
+	d := attachT(t, img, o)
+	s, err := d.Status()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s.Flags&FlagDirectIO != 0 && kernelAtLeast(t, 6, 11) && s.BlockSize != 4096 {
+		t.Errorf("direct I/O over a disk of 4096-byte sectors on %s: %d-byte blocks, want 4096", kernelRelease(), s.BlockSize)
+	}
+	d2, err := Attach(context.Background(), img, o)
+	if err != nil {
+		t.Fatalf("the second Attach with the same Options: %v", err)
+	}
+	defer d2.Close()
+	if !d2.Shared() || d2.Number() != d.Number() {
+		t.Fatalf("the second Attach gave %s, shared %v; want %s shared", d2.Path(), d2.Shared(), d.Path())
+	}
+	t.Logf("%s: %+v", kernelRelease(), s)
+	// Detached before the file system goes: attachT's cleanups run later.
+	d2.Close()
+	detach(t, d)
+	kerneltest.WaitUnbound(t, d.Number())
+}
