@@ -178,8 +178,9 @@ func TestZeroValuesAreClosed(t *testing.T) {
 }
 
 // FuzzOptionsValidate holds validate to its rule: it accepts exactly the
-// options with known flags, a block size of 0 or a power of two from 512,
-// and an offset and size limit that fit an int64; it refuses the rest with
+// options with known flags, a block size of 0, BlockSizeAuto or a power of
+// two from 512, and an offset and size limit that fit an int64; it refuses
+// the rest with
 // an error matching fs.ErrInvalid, and never panics. Flags.String names
 // every bit.
 func FuzzOptionsValidate(f *testing.F) {
@@ -187,12 +188,13 @@ func FuzzOptionsValidate(f *testing.F) {
 	f.Add(uint64(1<<20), uint64(1<<30), uint32(4096), uint32(knownFlags))
 	f.Add(uint64(1<<63), uint64(0), uint32(1000), uint32(0x20))
 	f.Add(uint64(0), uint64(1<<64-1), uint32(1<<31), uint32(0xffffffff))
+	f.Add(uint64(4096), uint64(0), BlockSizeAuto, uint32(0))
 	f.Fuzz(func(t *testing.T, offset, sizeLimit uint64, blockSize, flags uint32) {
 		o := Options{Offset: offset, SizeLimit: sizeLimit, BlockSize: blockSize, Flags: Flags(flags)}
 		err := o.validate()
 		powerOfTwo := blockSize&(blockSize-1) == 0
 		valid := Flags(flags)&^knownFlags == 0 &&
-			(blockSize == 0 || blockSize >= 512 && powerOfTwo) &&
+			(blockSize == 0 || blockSize == BlockSizeAuto || blockSize >= 512 && powerOfTwo) &&
 			offset <= 1<<63-1 && sizeLimit <= 1<<63-1
 		if valid != (err == nil) {
 			t.Fatalf("validate(%+v) = %v; valid %v", o, err, valid)
