@@ -425,3 +425,60 @@ func TestKernelReuseDirectIO4K(t *testing.T) {
 	detach(t, d)
 	kerneltest.WaitUnbound(t, d.Number())
 }
+
+// TestKernelNoSymlinks: Attach with NoSymlinks refuses a path with a
+// symbolic link in its last component or a middle one, and one a caller
+// checked that was then swapped for a link, before any device is touched;
+// a path without one binds. RegularFileOnly refuses a block device.
+func TestKernelNoSymlinks(t *testing.T) {
+	requireKernel(t)
+	dir := t.TempDir()
+	img := filepath.Join(dir, "image")
+	if err := os.WriteFile(img, make([]byte, 1<<20), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	sub := filepath.Join(dir, "sub")
+	if err := os.Mkdir(sub, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(sub, "image"), make([]byte, 1<<20), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range [][2]string{{img, "last"}, {sub, "middle"}} {
+		if err := os.Symlink(l[0], filepath.Join(dir, l[1])); err != nil {
+			t.Fatal(err)
+		}
+	}
+	swapped := filepath.Join(dir, "swapped")
+	if err := os.WriteFile(swapped, make([]byte, 1<<20), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if st, err := os.Lstat(swapped); err != nil || !st.Mode().IsRegular() { // the caller's check
+		t.Fatal(st, err)
+	}
+	if err := os.Remove(swapped); err != nil || os.Symlink(img, swapped) != nil {
+		t.Fatal(err)
+	}
+	o := Options{NoSymlinks: true, Flags: FlagReadOnly}
+	for _, path := range []string{filepath.Join(dir, "last"), filepath.Join(dir, "middle", "image"), swapped} {
+		before, _ := FindByBackingFile(img)
+		d, err := Attach(context.Background(), path, o)
+		if err == nil {
+			d.Close()
+		}
+		if !errors.Is(err, unix.ELOOP) || !strings.Contains(err.Error(), "NoSymlinks") {
+			t.Errorf("Attach(%s) with NoSymlinks = %v, want ELOOP naming NoSymlinks", path, err)
+		}
+		if after, _ := FindByBackingFile(img); len(after) != len(before) {
+			t.Errorf("Attach(%s) with NoSymlinks bound %+v", path, after)
+		}
+	}
+	d := attachT(t, filepath.Join(sub, "image"), o)
+	under := attachT(t, img, Options{Flags: FlagReadOnly})
+	if _, err := Attach(context.Background(), under.Path(), Options{RegularFileOnly: true, Flags: FlagReadOnly}); !errors.Is(err, fs.ErrInvalid) ||
+		!strings.Contains(err.Error(), "RegularFileOnly") {
+		t.Errorf("Attach of %s with RegularFileOnly = %v, want it refused", under.Path(), err)
+	}
+	attachT(t, under.Path(), Options{Flags: FlagReadOnly}) // a block device binds without RegularFileOnly
+	detach(t, d)
+}

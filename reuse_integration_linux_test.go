@@ -40,20 +40,35 @@ func TestKernelAttachReuse(t *testing.T) {
 		checkBound(t, d, f.Name(), Options{Offset: o.Offset, SizeLimit: o.SizeLimit, Flags: o.Flags})
 		d.Close()
 	}
-	for name, o := range map[string]Options{
-		"overlapping":     {Offset: 1<<20 + 4096},
-		"read-write":      {Offset: 1 << 20, SizeLimit: 512 << 10},
-		"4 KiB blocks":    {Offset: 1 << 20, SizeLimit: 512 << 10, BlockSize: 4096, Flags: FlagReadOnly},
-		"the whole image": {Flags: FlagReadOnly},
+	for name, tt := range map[string]struct {
+		o       Options
+		differs string
+	}{
+		"overlapping":     {Options{Offset: 1<<20 + 4096}, "another range"},
+		"read-write":      {Options{Offset: 1 << 20, SizeLimit: 512 << 10}, "read-only on, asked off"},
+		"4 KiB blocks":    {Options{Offset: 1 << 20, SizeLimit: 512 << 10, BlockSize: 4096, Flags: FlagReadOnly}, "block size 512, asked 4096"},
+		"the whole image": {Options{Flags: FlagReadOnly}, "another range"},
+		"partscan":        {Options{Offset: 1 << 20, SizeLimit: 512 << 10, Flags: FlagReadOnly | FlagPartScan}, "partscan off, asked on"},
+		"autoclear":       {Options{Offset: 1 << 20, SizeLimit: 512 << 10, Flags: FlagReadOnly | FlagAutoClear}, "autoclear off, asked on"},
+		"an owner":        {Options{Offset: 1 << 20, SizeLimit: 512 << 10, Flags: FlagReadOnly, Ref: "mine"}, `asked "mine"`},
 	} {
 		t.Run(name, func(t *testing.T) {
+			o := tt.o
 			o.Reuse = true
 			_, err := Attach(context.Background(), f.Name(), o)
 			var oe *OverlapError
-			if !errors.Is(err, ErrOverlap) || !errors.As(err, &oe) || oe.Device != first.Path() || oe.Status.BackingFile != f.Name() {
-				t.Fatalf("Attach(%+v) = %v, want ErrOverlap naming %s", o, err, first.Path())
+			if !errors.Is(err, ErrOverlap) || !errors.As(err, &oe) || oe.Device != first.Path() || oe.Status.BackingFile != f.Name() ||
+				!strings.Contains(err.Error(), tt.differs) {
+				t.Fatalf("Attach(%+v) = %v, want ErrOverlap naming %s and %q", o, err, first.Path(), tt.differs)
 			}
 		})
+	}
+	// What was left unsaid is not compared: PreferDirectIO.
+	if d, err := Attach(context.Background(), f.Name(), Options{Offset: 1 << 20, SizeLimit: 512 << 10, Flags: FlagReadOnly,
+		PreferDirectIO: true, Reuse: true}); err != nil || !d.Shared() || d.Number() != first.Number() {
+		t.Fatalf("Attach with PreferDirectIO = %v, %v; want %s shared", d, err, first.Path())
+	} else {
+		d.Close()
 	}
 	// The first megabyte does not overlap: a device of its own.
 	d := attachT(t, f.Name(), Options{SizeLimit: 1 << 20, Reuse: true})
