@@ -163,7 +163,13 @@ func openPath(path string, flags int, noSymlinks bool) (int, error) {
 	if !noSymlinks {
 		return openFD(path, flags)
 	}
-	how := unix.OpenHow{Flags: uint64(flags | unix.O_CLOEXEC | unix.O_LARGEFILE), Resolve: unix.RESOLVE_NO_SYMLINKS}
+	flags |= unix.O_CLOEXEC
+	if flags&unix.O_PATH == 0 {
+		// openat2 refuses O_LARGEFILE (0 on 64-bit, not on 386) beside
+		// O_PATH with EINVAL, where openat quietly drops it.
+		flags |= unix.O_LARGEFILE
+	}
+	how := unix.OpenHow{Flags: uint64(flags), Resolve: unix.RESOLVE_NO_SYMLINKS}
 	var fd int
 	err := ignoringEINTR(func() (err error) { fd, err = unix.Openat2(unix.AT_FDCWD, path, &how); return err })
 	if err == unix.ENOSYS || err == unix.EPERM {
