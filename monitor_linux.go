@@ -29,7 +29,8 @@ type Monitor struct {
 	f       *os.File // the uevent socket; nil when polling
 	polling bool
 	closed  atomic.Bool
-	every   atomic.Int64 // the polling interval, in nanoseconds
+	done    chan struct{} // closed by Close: wakes a polling Next
+	every   atomic.Int64  // the polling interval, in nanoseconds
 
 	mu      sync.Mutex
 	pending []Event
@@ -66,7 +67,7 @@ const initialUserNS = 0xEFFFFFFD
 // burst of a thousand binds. Events from before OpenMonitor are not
 // reported: List tells how things stand.
 func OpenMonitor() (*Monitor, error) {
-	m := &Monitor{buf: make([]byte, 1<<16), oob: make([]byte, unix.CmsgSpace(unix.SizeofUcred))}
+	m := &Monitor{buf: make([]byte, 1<<16), oob: make([]byte, unix.CmsgSpace(unix.SizeofUcred)), done: make(chan struct{})}
 	m.every.Store(int64(defaultPollInterval))
 	if kernelEventsArrive() {
 		f, err := openNetlinkGroup(1, monitorRcvBuf)
@@ -141,12 +142,13 @@ func (m *Monitor) Polling() bool { return m.polling }
 // unless set; at least a millisecond.
 func (m *Monitor) SetPollInterval(d time.Duration) { m.every.Store(int64(max(d, time.Millisecond))) }
 
-// Close stops the Monitor; a Next waiting returns an error matching
-// fs.ErrClosed. Close is idempotent.
+// Close stops the Monitor; a Next waiting, on the socket or for the next
+// poll, returns an error matching fs.ErrClosed. Close is idempotent.
 func (m *Monitor) Close() error {
 	if m == nil || m.closed.Swap(true) {
 		return nil
 	}
+	close(m.done)
 	if m.f != nil {
 		return newError("close", "uevent socket", m.f.Close())
 	}
@@ -195,7 +197,8 @@ func (m *Monitor) Next(ctx context.Context) (Event, error) {
 func (m *Monitor) receive(ctx context.Context) error {
 	n, oobn, from, err := recvNetlink(ctx, m.f, m.buf, m.oob)
 	switch {
-	case err == unix.ENOBUFS:
+	case err == unix.ENOBUFS || err == unix.EMSGSIZE:
+		// Dropped by the kernel, or cut short: lost either way.
 		return m.lost()
 	case err == unix.EINTR:
 		return nil
@@ -223,8 +226,9 @@ func (m *Monitor) receive(ctx context.Context) error {
 var longAgo = time.Unix(1, 0)
 
 // recvNetlink receives one message on the netlink socket f, waiting as
-// long as ctx allows: ctx's error when it ends first, and recvmsg's errno
-// (ENOBUFS: messages were dropped) as it is.
+// long as ctx allows: ctx's error when it ends first, recvmsg's errno
+// (ENOBUFS: messages were dropped) as it is, and EMSGSIZE for a message
+// longer than buf (MSG_TRUNC), whose rest is lost.
 func recvNetlink(ctx context.Context, f *os.File, buf, oob []byte) (n, oobn int, from unix.Sockaddr, err error) {
 	if err := ctx.Err(); err != nil {
 		return 0, 0, nil, err
@@ -240,8 +244,9 @@ func recvNetlink(ctx context.Context, f *os.File, buf, oob []byte) (n, oobn int,
 		return 0, 0, nil, err
 	}
 	var rerr error
+	var flags int
 	err = rc.Read(func(fd uintptr) bool {
-		n, oobn, _, from, rerr = unix.Recvmsg(int(fd), buf, oob, 0)
+		n, oobn, flags, from, rerr = unix.Recvmsg(int(fd), buf, oob, 0)
 		return rerr != unix.EAGAIN
 	})
 	switch {
@@ -254,6 +259,8 @@ func recvNetlink(ctx context.Context, f *os.File, buf, oob []byte) (n, oobn int,
 		return 0, 0, nil, err
 	case rerr != nil:
 		return 0, 0, nil, rerr
+	case flags&unix.MSG_TRUNC != 0:
+		return 0, 0, nil, unix.EMSGSIZE
 	}
 	return n, oobn, from, nil
 }
@@ -390,6 +397,8 @@ func (m *Monitor) poll(ctx context.Context) error {
 	select {
 	case <-ctx.Done():
 		return ctx.Err()
+	case <-m.done:
+		return newError("monitor", sysfsRoot+"/block", fs.ErrClosed)
 	case <-t.C:
 	}
 	now, err := scanDevices(true)

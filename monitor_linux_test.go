@@ -3,8 +3,16 @@
 package loopctl
 
 import (
+	"context"
+	"errors"
+	"io/fs"
+	"os"
+	"runtime"
 	"slices"
 	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // TestChanges: a device's change uevents, read late or on time, make each
@@ -74,5 +82,59 @@ func TestPollEvents(t *testing.T) {
 		{Kind: EventUnbound, Number: 0, DiskSeq: 5}, {Kind: EventRemoved, Number: 0}}
 	if got := pollEvents(gone, map[int]devState{}); !slices.Equal(got, want) {
 		t.Fatalf("pollEvents of a device removed:\n%+v\nwant:\n%+v", got, want)
+	}
+}
+
+// TestMonitorCloseWakesPoll checks that Close wakes a Next waiting for a
+// polling Monitor's next look, which is an hour away.
+func TestMonitorCloseWakesPoll(t *testing.T) {
+	m := &Monitor{polling: true, done: make(chan struct{})}
+	m.SetPollInterval(time.Hour)
+	errc := make(chan error, 1)
+	go func() {
+		_, err := m.Next(context.Background())
+		errc <- err
+	}()
+	// Next holds the Monitor's lock while it waits.
+	for m.mu.TryLock() {
+		m.mu.Unlock()
+		runtime.Gosched()
+	}
+	if err := m.Close(); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-errc:
+		if !errors.Is(err, fs.ErrClosed) {
+			t.Fatalf("Next after Close = %v, want fs.ErrClosed", err)
+		}
+	case <-time.After(time.Minute):
+		t.Fatal("Next still waits a minute after Close")
+	}
+}
+
+// TestRecvNetlinkTruncated checks that a message longer than the buffer
+// is reported (EMSGSIZE), not returned cut short, and that the next one
+// is read whole.
+func TestRecvNetlinkTruncated(t *testing.T) {
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_DGRAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, w := os.NewFile(uintptr(fds[0]), "r"), os.NewFile(uintptr(fds[1]), "w")
+	defer r.Close()
+	defer w.Close()
+	for _, msg := range []string{"a message of thirty-two bytes..", "short"} {
+		if _, err := w.Write([]byte(msg)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	buf, oob := make([]byte, 16), make([]byte, 64)
+	if _, _, _, err := recvNetlink(context.Background(), r, buf, oob); err != unix.EMSGSIZE {
+		t.Fatalf("recvNetlink of 32 bytes into 16 = %v, want EMSGSIZE", err)
+	}
+	n, _, _, err := recvNetlink(context.Background(), r, buf, oob)
+	if err != nil || string(buf[:n]) != "short" {
+		t.Fatalf("recvNetlink = %q, %v; want \"short\"", buf[:n], err)
 	}
 }
