@@ -11,6 +11,8 @@ import (
 	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/loopctl/loopctl/internal/call"
 )
 
 // The backing file. A caller's path or file may be anything: a named pipe
@@ -92,7 +94,7 @@ func reopen(ctx context.Context, pfd, flags int) (int, error) {
 	p := strconv.AppendInt(append(buf[:0], procSelfFD...), int64(pfd), 10)
 	p = append(p, 0)
 	for attempt := 0; ; attempt++ {
-		fd, errno := openAt(atFDCWD, &p[0], flags)
+		fd, errno := call.OpenAt(unix.AT_FDCWD, &p[0], flags)
 		switch errno {
 		case 0:
 			return fd, nil
@@ -171,7 +173,7 @@ func openPath(path string, flags int, noSymlinks bool) (int, error) {
 	}
 	how := unix.OpenHow{Flags: uint64(flags), Resolve: unix.RESOLVE_NO_SYMLINKS}
 	var fd int
-	err := ignoringEINTR(func() (err error) { fd, err = unix.Openat2(unix.AT_FDCWD, path, &how); return err })
+	err := call.Retry(func() (err error) { fd, err = unix.Openat2(unix.AT_FDCWD, path, &how); return err })
 	if err == unix.ENOSYS || err == unix.EPERM {
 		fd, err = walkNoSymlinks(path, flags)
 	}
@@ -197,17 +199,17 @@ func walkNoSymlinks(path string, flags int) (int, error) {
 	if len(parts) == 0 {
 		return -1, unix.ENOENT
 	}
-	dir := atFDCWD
+	dir := unix.AT_FDCWD
 	if strings.HasPrefix(path, "/") {
-		fd, errno := openAt(atFDCWD, &[]byte("/\x00")[0], unix.O_PATH|unix.O_DIRECTORY)
+		fd, errno := call.OpenAt(unix.AT_FDCWD, &[]byte("/\x00")[0], unix.O_PATH|unix.O_DIRECTORY)
 		if errno != 0 {
 			return -1, errno
 		}
-		dir = uintptr(fd)
+		dir = fd
 	}
 	defer func() {
-		if dir != atFDCWD {
-			closeFD(int(dir))
+		if dir != unix.AT_FDCWD {
+			closeFD(dir)
 		}
 	}()
 	for i, p := range parts {
@@ -220,7 +222,7 @@ func walkNoSymlinks(path string, flags int) (int, error) {
 		if last {
 			how = flags | unix.O_NOFOLLOW
 		}
-		fd, errno := openAt(dir, name, how)
+		fd, errno := call.OpenAt(dir, name, how)
 		if errno != 0 {
 			return -1, errno
 		}
@@ -240,10 +242,10 @@ func walkNoSymlinks(path string, flags int) (int, error) {
 		case last:
 			return fd, nil
 		}
-		if dir != atFDCWD {
-			closeFD(int(dir))
+		if dir != unix.AT_FDCWD {
+			closeFD(dir)
 		}
-		dir = uintptr(fd)
+		dir = fd
 	}
 	panic("unreachable")
 }
@@ -296,7 +298,7 @@ func checkKind(fd int, st *unix.Stat_t, name string) error {
 		return nil
 	case unix.S_IFREG:
 		var fs unix.Statfs_t
-		if err := ignoringEINTR(func() error { return unix.Fstatfs(fd, &fs) }); err != nil {
+		if err := call.Retry(func() error { return unix.Fstatfs(fd, &fs) }); err != nil {
 			return fileErr(&os.PathError{Op: "statfs", Path: name, Err: err})
 		}
 		fsName, ok := pseudoFS[uint32(fs.Type)]
@@ -415,7 +417,7 @@ func backingBlockSize(ctx context.Context, fd uintptr, o Options) (uint32, error
 func preadContext(ctx context.Context, fd uintptr, buf []byte, off int64) (int, error) {
 	read := func(fd int) (int, error) {
 		var n int
-		err := ignoringEINTR(func() (err error) { n, err = unix.Pread(fd, buf, off); return err })
+		err := call.Retry(func() (err error) { n, err = unix.Pread(fd, buf, off); return err })
 		if err != nil {
 			return 0, fileErr(&os.PathError{Op: "read", Path: "the backing file", Err: err})
 		}

@@ -12,6 +12,8 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/loopctl/loopctl/internal/call"
+
 	"github.com/loopctl/loopctl/internal/sysfs"
 )
 
@@ -251,18 +253,14 @@ func (w *detaching) gone() (bool, error) {
 		return false, nil
 	}
 	var buf [sysfs.BufSize]byte
-	for {
-		n, err := unix.Pread(w.attr, buf[:], 0)
-		switch {
-		case err == unix.EINTR:
-			continue
-		case err == unix.ENODEV || err == unix.ENOENT || err == nil && (n == 0 || buf[0] == '\n'):
-			return true, nil
-		case err != nil:
-			return false, newError(w.op, w.path, &os.PathError{Op: "read", Path: sysfsLoopAttr(w.n, "backing_file"), Err: err})
-		}
-		return false, nil
+	n, err := call.RetryN(func() (int, error) { return unix.Pread(w.attr, buf[:], 0) })
+	switch {
+	case err == unix.ENODEV || err == unix.ENOENT || err == nil && (n == 0 || buf[0] == '\n'):
+		return true, nil
+	case err != nil:
+		return false, newError(w.op, w.path, &os.PathError{Op: "read", Path: sysfsLoopAttr(w.n, "backing_file"), Err: err})
 	}
+	return false, nil
 }
 
 // A heldError ends a Detach or Sweep whose context ended while another

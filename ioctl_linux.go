@@ -13,6 +13,8 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/loopctl/loopctl/internal/call"
+
 	"github.com/loopctl/loopctl/internal/sysfs"
 )
 
@@ -68,16 +70,13 @@ func (osKernel) open(path string, mode int) (handle, error) {
 func (osKernel) probe(n int, buf *probeBuf) (handle, error) {
 	p := strconv.AppendInt(append(buf.path[:0], "/dev/loop"...), int64(n), 10)
 	p = append(p, 0)
-	fd, errno := openAt(atFDCWD, &p[0], unix.O_RDONLY)
+	fd, errno := call.OpenAt(unix.AT_FDCWD, &p[0], unix.O_RDONLY)
 	if errno != 0 {
 		return nil, &os.PathError{Op: "open", Path: DevicePath(n), Err: errno}
 	}
 	buf.fd = fdHandle(fd)
 	return &buf.fd, nil
 }
-
-// atFDCWD is AT_FDCWD as a system call argument.
-var atFDCWD = func() uintptr { fd := unix.AT_FDCWD; return uintptr(fd) }()
 
 // openFD opens path with flags and O_CLOEXEC, and nothing more: for a
 // descriptor this package holds only for the length of a call. A short
@@ -95,27 +94,11 @@ func openFD(path string, flags int) (int, error) {
 			return -1, &os.PathError{Op: "open", Path: path, Err: err}
 		}
 	}
-	fd, errno := openAt(atFDCWD, p, flags)
+	fd, errno := call.OpenAt(unix.AT_FDCWD, p, flags)
 	if errno != 0 {
 		return -1, &os.PathError{Op: "open", Path: path, Err: errno}
 	}
 	return fd, nil
-}
-
-// openAt is openat(2) of the NUL-terminated path at p, relative to the
-// directory open as dir (or atFDCWD), with flags, O_CLOEXEC and
-// O_LARGEFILE, retried while it fails with EINTR: the one place probe,
-// openFD and the backing file's opens enter the kernel. O_LARGEFILE,
-// which x/sys's Open adds too, is 0 on 64-bit systems; a 32-bit program's
-// open of a file over 2 GiB fails with EOVERFLOW without it.
-func openAt(dir uintptr, p *byte, flags int) (int, unix.Errno) {
-	for {
-		r, _, errno := unix.Syscall6(unix.SYS_OPENAT, dir, uintptr(unsafe.Pointer(p)),
-			uintptr(flags|unix.O_CLOEXEC|unix.O_LARGEFILE), 0, 0, 0)
-		if errno != unix.EINTR {
-			return int(r), errno
-		}
-	}
 }
 
 // closeFD closes a descriptor from openFD.
@@ -124,14 +107,14 @@ func closeFD(fd int) { unix.Close(fd) }
 // stat is stat(2), following symlinks.
 func stat(path string) (unix.Stat_t, error) {
 	var st unix.Stat_t
-	err := ignoringEINTR(func() error { return unix.Stat(path, &st) })
+	err := call.Retry(func() error { return unix.Stat(path, &st) })
 	return st, err
 }
 
 // fstat is fstat(2).
 func fstat(fd uintptr) (unix.Stat_t, error) {
 	var st unix.Stat_t
-	err := ignoringEINTR(func() error { return unix.Fstat(int(fd), &st) })
+	err := call.Retry(func() error { return unix.Fstat(int(fd), &st) })
 	return st, err
 }
 
@@ -276,28 +259,20 @@ func (h *controlHandle) Close() error {
 		return nil
 	}
 	defer unix.Close(stand)
-	return ignoringEINTR(func() error { return unix.Dup3(stand, h.fd, unix.O_CLOEXEC) })
+	return call.Retry(func() error { return unix.Dup3(stand, h.fd, unix.O_CLOEXEC) })
 }
 
 // ioctl makes request req on h with a value argument. With ioctlPtr, it is
-// the one way this package makes an ioctl, and the one place it retries
-// EINTR: the retry sits above the handle seam, so tests see it work.
+// the one way this package makes an ioctl. EINTR is retried above the
+// handle seam, so that tests see the retry work.
 func ioctl(h handle, req uint, arg uintptr) (int, error) {
-	for {
-		r, err := h.rawIoctl(req, arg)
-		if err != unix.EINTR {
-			return r, explainReadOnly(h, req, err)
-		}
-	}
+	r, err := call.RetryN(func() (int, error) { return h.rawIoctl(req, arg) })
+	return r, explainReadOnly(h, req, err)
 }
 
 // ioctlPtr makes request req on h with a pointer to a kernel structure.
 func ioctlPtr(h handle, req uint, arg unsafe.Pointer) error {
-	for {
-		if err := h.rawIoctlPtr(req, arg); err != unix.EINTR {
-			return explainReadOnly(h, req, err)
-		}
-	}
+	return explainReadOnly(h, req, call.Retry(func() error { return h.rawIoctlPtr(req, arg) }))
 }
 
 // A readOnlyHandle tells whether its descriptor was opened read-only.
@@ -401,7 +376,7 @@ func (h fdHandle) rawIoctlPtr(req uint, arg unsafe.Pointer) error {
 }
 
 func (h fdHandle) flock(how int) error {
-	return ignoringEINTR(func() error { return unix.Flock(int(h), how) })
+	return call.Retry(func() error { return unix.Flock(int(h), how) })
 }
 
 func (h fdHandle) rdev() (uint64, error) { return blockRdev(int(h)) }
@@ -418,15 +393,6 @@ func blockRdev(fd int) (uint64, error) {
 		return 0, ErrNotLoop
 	}
 	return uint64(st.Rdev), nil
-}
-
-// ignoringEINTR retries fn while it fails with EINTR.
-func ignoringEINTR(fn func() error) error {
-	for {
-		if err := fn(); err != unix.EINTR {
-			return err
-		}
-	}
 }
 
 // loopNumber checks, without opening it, that path (after symlinks) is a

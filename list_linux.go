@@ -18,6 +18,8 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/loopctl/loopctl/internal/call"
+
 	"github.com/loopctl/loopctl/internal/sysfs"
 )
 
@@ -506,10 +508,7 @@ func loopNumbersIn(dir int) ([]int, error) {
 	buf := make([]byte, 32<<10)
 	var nums []int
 	for {
-		n, err := unix.ReadDirent(dir, buf)
-		if err == unix.EINTR {
-			continue
-		}
+		n, err := call.RetryN(func() (int, error) { return unix.ReadDirent(dir, buf) })
 		if err != nil {
 			return nil, err
 		}

@@ -16,6 +16,8 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/loopctl/loopctl/internal/call"
+
 	"github.com/loopctl/loopctl/internal/sysfs"
 )
 
@@ -200,8 +202,6 @@ func (m *Monitor) receive(ctx context.Context) error {
 	case err == unix.ENOBUFS || err == unix.EMSGSIZE:
 		// Dropped by the kernel, or cut short: lost either way.
 		return m.lost()
-	case err == unix.EINTR:
-		return nil
 	case errors.Is(err, fs.ErrClosed) || err != nil && m.closed.Load():
 		return newError("monitor", "uevent socket", fs.ErrClosed)
 	case err == ctx.Err() && err != nil:
@@ -246,7 +246,10 @@ func recvNetlink(ctx context.Context, f *os.File, buf, oob []byte) (n, oobn int,
 	var rerr error
 	var flags int
 	err = rc.Read(func(fd uintptr) bool {
-		n, oobn, flags, from, rerr = unix.Recvmsg(int(fd), buf, oob, 0)
+		rerr = call.Retry(func() (err error) {
+			n, oobn, flags, from, err = unix.Recvmsg(int(fd), buf, oob, 0)
+			return err
+		})
 		return rerr != unix.EAGAIN
 	})
 	switch {

@@ -13,6 +13,8 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/loopctl/loopctl/internal/call"
+
 	"github.com/loopctl/loopctl/internal/sysfs"
 )
 
@@ -145,7 +147,7 @@ func makeNodeOf(path, devAttr string) (rdev uint64, made bool, err error) {
 	rdev = unix.Mkdev(major, minor)
 	for range 2 { // once more if another process made it meanwhile
 		var st unix.Stat_t
-		err := ignoringEINTR(func() error { return unix.Lstat(path, &st) })
+		err := call.Retry(func() error { return unix.Lstat(path, &st) })
 		switch {
 		case err == nil && st.Mode&unix.S_IFMT == unix.S_IFBLK && uint64(st.Rdev) == rdev:
 			return rdev, false, nil

@@ -77,7 +77,7 @@ func (d *Device) WaitUdev(ctx context.Context) error {
 	for len(waiting) > 0 {
 		n, oobn, _, err := recvNetlink(ctx, f, buf, oob)
 		switch {
-		case err == unix.ENOBUFS || err == unix.EMSGSIZE || err == unix.EINTR:
+		case err == unix.ENOBUFS || err == unix.EMSGSIZE:
 			// Messages dropped or cut short: the database tells.
 			for dev, t := range waiting {
 				if udevDone(dev, t, seq) {

@@ -3,9 +3,10 @@ package sysfs
 import (
 	"os"
 	"strings"
-	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/loopctl/loopctl/internal/call"
 )
 
 // BufSize is large enough for any sysfs attribute: the kernel formats each
@@ -64,19 +65,14 @@ func OpenAttrIfAt(dir int, dirPath string, name []byte) (int, bool, error) {
 	if len(name) == 0 || name[len(name)-1] != 0 {
 		return -1, false, &os.PathError{Op: "open", Path: join(dirPath, string(name)), Err: unix.EINVAL}
 	}
-	for {
-		r, _, errno := unix.Syscall6(unix.SYS_OPENAT, uintptr(dir), uintptr(unsafe.Pointer(&name[0])),
-			unix.O_RDONLY|unix.O_CLOEXEC|unix.O_LARGEFILE, 0, 0, 0)
-		switch errno {
-		case 0:
-			return int(r), true, nil
-		case unix.EINTR:
-			continue
-		case unix.ENOENT:
-			return -1, false, nil
-		}
-		return -1, false, &os.PathError{Op: "open", Path: join(dirPath, string(name[:len(name)-1])), Err: errno}
+	fd, errno := call.OpenAt(dir, &name[0], unix.O_RDONLY)
+	switch errno {
+	case 0:
+		return fd, true, nil
+	case unix.ENOENT:
+		return -1, false, nil
 	}
+	return -1, false, &os.PathError{Op: "open", Path: join(dirPath, string(name[:len(name)-1])), Err: errno}
 }
 
 // Reread reads the attribute open as fd from its start into buf: sysfs
@@ -86,7 +82,7 @@ func OpenAttrIfAt(dir int, dirPath string, name []byte) (int, bool, error) {
 // again) fails with ENODEV. dirPath and name (as for OpenAttrAt) name the
 // attribute in an error, an *os.PathError.
 func Reread(fd int, dirPath string, name []byte, buf []byte) ([]byte, error) {
-	n, err := retry(func() (int, error) { return unix.Pread(fd, buf, 0) })
+	n, err := call.RetryN(func() (int, error) { return unix.Pread(fd, buf, 0) })
 	if err != nil {
 		return nil, &os.PathError{Op: "read", Path: join(dirPath, string(name[:len(name)-1])), Err: err}
 	}
@@ -100,44 +96,22 @@ func join(dir, name string) string {
 	return dir + "/" + name
 }
 
-func retry(fn func() (int, error)) (int, error) {
-	for {
-		n, err := fn()
-		if err != unix.EINTR {
-			return n, err
-		}
-	}
-}
-
 // ExistsAt reports whether name (bytes ending in a NUL) exists relative to
 // the directory open as dir, with one faccessat and no descriptor: false,
 // and no error or allocation, when it does not (ENOENT). dirPath names the
 // directory in an error, an *os.PathError.
 //
-// inMemory says that dir is on sysfs, whose lookups wait for nothing but
-// short locks of a tree held in memory: the call is then made without the
-// runtime's system-call bookkeeping (RawSyscall6), which on a machine of
-// two cores cost a lookup of a few microseconds a fifth more (the P handed
-// back and forth, sysmon's hand-offs). Anywhere else a lookup can wait for
-// a disk or a server, and is made as any other call.
+// inMemory says that dir is on sysfs: see call.AccessAt.
 func ExistsAt(dir int, dirPath string, name []byte, inMemory bool) (bool, error) {
 	if len(name) == 0 || name[len(name)-1] != 0 {
 		return false, &os.PathError{Op: "access", Path: join(dirPath, string(name)), Err: unix.EINVAL}
 	}
-	call := unix.Syscall6
-	if inMemory {
-		call = unix.RawSyscall6
-	}
-	for {
-		_, _, errno := call(unix.SYS_FACCESSAT, uintptr(dir), uintptr(unsafe.Pointer(&name[0])), unix.F_OK, 0, 0, 0)
-		switch errno {
-		case 0:
-			return true, nil
-		case unix.EINTR:
-			continue
-		case unix.ENOENT:
-			return false, nil
-		}
+	switch errno := call.AccessAt(dir, &name[0], inMemory); errno {
+	case 0:
+		return true, nil
+	case unix.ENOENT:
+		return false, nil
+	default:
 		return false, &os.PathError{Op: "access", Path: join(dirPath, string(name[:len(name)-1])), Err: errno}
 	}
 }

@@ -11,6 +11,8 @@ import (
 	"testing"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/loopctl/loopctl/internal/call"
 )
 
 // envHeld is set for the processes a test binary starts once it holds the
@@ -35,9 +37,5 @@ func Run(m *testing.M) int {
 }
 
 func flock(fd int) error {
-	for {
-		if err := unix.Flock(fd, unix.LOCK_EX); err != unix.EINTR {
-			return err
-		}
-	}
+	return call.Retry(func() error { return unix.Flock(fd, unix.LOCK_EX) })
 }
