@@ -51,10 +51,10 @@ func OpenBinding(s Status) (*Device, error) {
 // openBinding is OpenBinding, opening the device read-write or read-only.
 func openBinding(s Status, mode int) (*Device, error) {
 	const op = "open-binding"
-	path := DevicePath(s.Number)
-	if s.Number < 0 || s.Number > MaxNumber {
-		return nil, newError(op, path, invalid("device number %d is outside [0, %d]", s.Number, MaxNumber))
+	if err := checkNumber(op, "", s.Number, 0); err != nil {
+		return nil, err
 	}
+	path := DevicePath(s.Number)
 	d, err := openDeviceMode(s.Number, mode)
 	if errors.Is(err, ErrNotBound) || errors.Is(err, unix.ENODEV) {
 		return nil, newError(op, path, &changedError{"it is being detached or removed", err})

@@ -315,10 +315,10 @@ func OpenDevice(n int) (*Device, error) {
 
 // openDeviceMode is OpenDevice, opening the node read-write or read-only.
 func openDeviceMode(n, mode int) (*Device, error) {
-	path := DevicePath(n)
-	if n < 0 || n > MaxNumber {
-		return nil, newError("open", path, invalid("device number %d is outside [0, %d]", n, MaxNumber))
+	if err := checkNumber("open", "", n, 0); err != nil {
+		return nil, err
 	}
+	path := DevicePath(n)
 	h, err := openDevice(path, mode)
 	if err != nil {
 		return nil, missingNode(n, err)

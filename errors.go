@@ -125,6 +125,9 @@ func (e *Error) Error() string { return "loopctl: " + e.text() }
 // text is the message without the package prefix, which a nested *Error
 // (an Attach failing in a Configure) does not repeat.
 func (e *Error) text() string {
+	if e.Path == "" {
+		return e.Op + ": " + errorText(e.Err)
+	}
 	return e.Op + " " + e.Path + ": " + errorText(e.Err)
 }
 
@@ -184,6 +187,16 @@ func newError(op, path string, err error) error {
 // fs.ErrInvalid.
 func invalid(format string, args ...any) error {
 	return fmt.Errorf("%w: "+format, append([]any{fs.ErrInvalid}, args...)...)
+}
+
+// checkNumber refuses a device number outside [lowest, MaxNumber] for
+// op on path, before any call: path is the control device's for Add and
+// Remove, and empty for an operation on the device, which has no node.
+func checkNumber(op, path string, n, lowest int) error {
+	if n < lowest || n > MaxNumber {
+		return newError(op, path, invalid("device number %d is outside [%d, %d]", n, lowest, MaxNumber))
+	}
+	return nil
 }
 
 // errTornDown is why an open of a loop device fails with ENXIO: the kernel

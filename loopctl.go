@@ -75,8 +75,8 @@ func Open() (*Control, error) {
 // A device made by Add stays until Remove; GetFree also creates devices,
 // which is the kernel's normal way and needs no Remove.
 func (c *Control) Add(n int) (int, error) {
-	if n < AnyNumber || n > MaxNumber {
-		return -1, newError("add", ControlPath, invalid("device number %d is outside [%d, %d]", n, AnyNumber, MaxNumber))
+	if err := checkNumber("add", ControlPath, n, AnyNumber); err != nil {
+		return -1, err
 	}
 	if n != AnyNumber {
 		return c.ioctl("add", DevicePath(n), reqCtlAdd, uintptr(n))
@@ -102,8 +102,8 @@ func (c *Control) Add(n int) (int, error) {
 // Removal is slow (the kernel waits for the disk to go away, tens of
 // milliseconds), and the node may linger for a moment after it returns.
 func (c *Control) Remove(n int) error {
-	if n < 0 || n > MaxNumber {
-		return newError("remove", ControlPath, invalid("device number %d is outside [0, %d]", n, MaxNumber))
+	if err := checkNumber("remove", ControlPath, n, 0); err != nil {
+		return err
 	}
 	return c.remove(n)
 }

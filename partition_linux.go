@@ -105,11 +105,10 @@ func (d *Device) Rescan() error {
 // there is left as it is; anything else at the path is an error matching
 // fs.ErrExist.
 func MakeNode(n int) error {
-	path := DevicePath(n)
-	if n < 0 || n > MaxNumber {
-		return newError("make node", path, invalid("device number %d is outside [0, %d]", n, MaxNumber))
+	if err := checkNumber("make node", "", n, 0); err != nil {
+		return err
 	}
-	return makeNode(path, sysfs.LoopDir(sysfsRoot, n)+"/dev")
+	return makeNode(DevicePath(n), sysfs.LoopDir(sysfsRoot, n)+"/dev")
 }
 
 // MakeNode creates the partition's block device node, p.Path, if it is
