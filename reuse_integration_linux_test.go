@@ -15,6 +15,8 @@ import (
 	"testing"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/loopctl/loopctl/internal/kerneltest"
 )
 
 func TestKernelAttachReuse(t *testing.T) {
@@ -122,6 +124,13 @@ func TestKernelAttachReuseRace(t *testing.T) {
 		c.stdin.Close() // let go: the last close detaches (autoclear)
 		if err := c.cmd.Wait(); err != nil {
 			t.Errorf("child %d: %v", i, err)
+		}
+	}
+	// The last close detaches, and may be udev's: it opens a device a
+	// writer closed, to probe it.
+	for dev := range devices {
+		if n, err := strconv.Atoi(strings.TrimPrefix(dev, "/dev/loop")); err == nil {
+			kerneltest.WaitUnbound(t, n)
 		}
 	}
 	if found, err := FindByBackingFile(f.Name()); err != nil || len(found) != 0 {
