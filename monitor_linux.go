@@ -58,11 +58,6 @@ const defaultPollInterval = time.Second
 // is some 3,000 events of about 1.5 KiB each in the kernel's accounting.
 const monitorRcvBuf = 16 << 20
 
-// initialUserNS is the inode number of the machine's own user namespace
-// (PROC_USER_INIT_INO): kernel uevents reach only network namespaces that
-// it owns.
-const initialUserNS = 0xEFFFFFFD
-
 // OpenMonitor starts watching the loop devices. It listens to the kernel's
 // uevents where they can arrive, and polls sysfs elsewhere (see Polling);
 // as root the uevent socket's receive buffer is made large enough for a
@@ -91,21 +86,11 @@ func OpenMonitor() (*Monitor, error) {
 
 // kernelEventsArrive tells whether this process's network namespace is
 // owned by the machine's own user namespace, the only one kernel uevents
-// reach. Where that cannot be told (no /proc, a kernel before 4.9), it
+// reach. Where that cannot be told (no /proc, a kernel before 4.11), it
 // assumes they do.
 func kernelEventsArrive() bool {
-	ns, err := openFD("/proc/self/ns/net", unix.O_RDONLY)
-	if err != nil {
-		return true
-	}
-	defer closeFD(ns)
-	owner, err := ioctl(fdHandle(ns), unix.NS_GET_USERNS, 0)
-	if err != nil {
-		return true
-	}
-	defer closeFD(owner)
-	st, err := fstat(uintptr(owner))
-	return err != nil || st.Ino == initialUserNS
+	initial, err := initialUserNS("/proc/self/ns/net")
+	return err != nil || initial
 }
 
 // openNetlinkGroup opens a uevent socket on multicast group g (1: the

@@ -225,14 +225,40 @@ func deviceRule(rdev uint64, access string) string {
 }
 
 // inUserNamespace tells whether the process is in a user namespace other
-// than the initial one, whose uid_map maps every id onto itself.
+// than the machine's own; false where that cannot be told.
 func inUserNamespace() bool {
-	b, err := os.ReadFile("/proc/self/uid_map")
+	initial, err := initialUserNS("/proc/self/ns/user")
+	return err == nil && !initial
+}
+
+// initialUserNSIno is the inode number of the machine's own user namespace
+// (PROC_USER_INIT_INO).
+const initialUserNSIno = 0xEFFFFFFD
+
+// initialUserNS tells whether the namespace at path, a /proc/self/ns file,
+// is the machine's own user namespace, or, for a namespace of another
+// kind, is owned by it (NS_GET_NSTYPE and NS_GET_USERNS, Linux 4.11): the one way this
+// package tells a user namespace.
+func initialUserNS(path string) (bool, error) {
+	ns, err := openFD(path, unix.O_RDONLY)
 	if err != nil {
-		return false
+		return false, err
 	}
-	f := strings.Fields(string(b))
-	return !(len(f) == 3 && f[0] == "0" && f[1] == "0" && f[2] == "4294967295")
+	defer closeFD(ns)
+	kind, err := ioctl(fdHandle(ns), unix.NS_GET_NSTYPE, 0)
+	if err != nil {
+		return false, err
+	}
+	if kind != unix.CLONE_NEWUSER {
+		owner, err := ioctl(fdHandle(ns), unix.NS_GET_USERNS, 0)
+		if err != nil {
+			return false, err
+		}
+		defer closeFD(owner)
+		ns = owner
+	}
+	st, err := fstat(uintptr(ns))
+	return err == nil && st.Ino == initialUserNSIno, err
 }
 
 // effectiveCap tells whether capability c is in the process's effective
