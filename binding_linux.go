@@ -296,13 +296,11 @@ func holdersOf(n int) []string {
 	if b, err := os.ReadFile(dir + "/dev"); err == nil {
 		devs[strings.TrimSpace(string(b))] = DevicePath(n)
 	}
-	if ents, err := os.ReadDir(dir); err == nil {
-		for _, e := range ents {
-			if b, err := os.ReadFile(dir + "/" + e.Name() + "/partition"); err == nil && len(b) > 0 {
-				if b, err := os.ReadFile(dir + "/" + e.Name() + "/dev"); err == nil {
-					devs[strings.TrimSpace(string(b))] = "/dev/" + e.Name()
-				}
-			}
+	parts, _ := sysfs.Partitions(dir, n)
+	for _, m := range parts {
+		name := sysfs.PartitionName(n, m)
+		if b, err := os.ReadFile(dir + "/" + name + "/dev"); err == nil {
+			devs[strings.TrimSpace(string(b))] = "/dev/" + name
 		}
 	}
 	if b, err := os.ReadFile("/proc/self/mountinfo"); err == nil {

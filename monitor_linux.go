@@ -8,8 +8,6 @@ import (
 	"io/fs"
 	"os"
 	"slices"
-	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -491,18 +489,9 @@ func readDevState(n int, full bool) (devState, error) {
 	if err := read("size", &s.size); err != nil {
 		return devState{}, err
 	}
-	ents, err := os.ReadDir(dir)
+	s.parts, err = sysfs.Partitions(dir, n)
 	if err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return devState{}, err
 	}
-	prefix := "loop" + strconv.Itoa(n) + "p"
-	for _, e := range ents {
-		if m, ok := strings.CutPrefix(e.Name(), prefix); ok {
-			if p, err := strconv.Atoi(m); err == nil {
-				s.parts = append(s.parts, p)
-			}
-		}
-	}
-	slices.Sort(s.parts)
 	return s, nil
 }

@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"slices"
 	"strconv"
 	"strings"
 
@@ -31,18 +30,14 @@ func (d *Device) Partitions() ([]Partition, error) {
 		return nil, err
 	}
 	dir := sysfs.LoopDir(sysfsRoot, d.number)
-	ents, err := os.ReadDir(dir)
+	nums, err := sysfs.Partitions(dir, d.number)
 	if err != nil {
 		return nil, newError(op, d.path, err)
 	}
 	var parts []Partition
 	var buf [sysfs.BufSize]byte
-	for _, e := range ents {
-		m, ok := sysfs.PartitionNumber(e.Name(), d.number)
-		if !ok {
-			continue
-		}
-		p, ok, err := readPartition(dir+"/"+e.Name(), m, buf[:])
+	for _, m := range nums {
+		p, ok, err := readPartition(dir+"/"+sysfs.PartitionName(d.number, m), m, buf[:])
 		if err != nil {
 			return nil, newError(op, d.path, err)
 		}
@@ -50,7 +45,6 @@ func (d *Device) Partitions() ([]Partition, error) {
 			parts = append(parts, p)
 		}
 	}
-	slices.SortFunc(parts, func(a, b Partition) int { return a.Number - b.Number })
 	return parts, nil
 }
 

@@ -125,7 +125,6 @@ type udevTarget struct {
 // udevTargets returns device n and its partitions, by device number
 // (MAJ:MIN).
 func udevTargets(n int) map[string]udevTarget {
-	name := "loop" + strconv.Itoa(n)
 	dir := sysfs.LoopDir(sysfsRoot, n)
 	devpath := loopDevpath + strconv.Itoa(n)
 	out := map[string]udevTarget{}
@@ -133,18 +132,11 @@ func udevTargets(n int) map[string]udevTarget {
 	if b, err := sysfs.ReadFile(dir+"/dev", buf[:]); err == nil {
 		out[sysfs.Value(b)] = udevTarget{devpath: devpath}
 	}
-	ents, _ := os.ReadDir(dir)
-	for _, e := range ents {
-		m, ok := strings.CutPrefix(e.Name(), name+"p")
-		if !ok {
-			continue
-		}
-		part, err := strconv.Atoi(m)
-		if err != nil {
-			continue
-		}
-		if b, err := sysfs.ReadFile(dir+"/"+e.Name()+"/dev", buf[:]); err == nil {
-			out[sysfs.Value(b)] = udevTarget{devpath: devpath + "/" + e.Name(), part: part}
+	parts, _ := sysfs.Partitions(dir, n)
+	for _, part := range parts {
+		name := sysfs.PartitionName(n, part)
+		if b, err := sysfs.ReadFile(dir+"/"+name+"/dev", buf[:]); err == nil {
+			out[sysfs.Value(b)] = udevTarget{devpath: devpath + "/" + name, part: part}
 		}
 	}
 	return out

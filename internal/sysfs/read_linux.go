@@ -2,6 +2,8 @@ package sysfs
 
 import (
 	"os"
+	"slices"
+	"strconv"
 	"strings"
 
 	"golang.org/x/sys/unix"
@@ -114,4 +116,29 @@ func ExistsAt(dir int, dirPath string, name []byte, inMemory bool) (bool, error)
 	default:
 		return false, &os.PathError{Op: "access", Path: join(dirPath, string(name[:len(name)-1])), Err: errno}
 	}
+}
+
+// PartitionName returns the name of partition m of loop device n, such as
+// "loop3p12": its node in /dev, and its directory in the device's.
+func PartitionName(n, m int) string {
+	return "loop" + strconv.Itoa(n) + "p" + strconv.Itoa(m)
+}
+
+// Partitions returns the numbers of the partitions of loop device n, in
+// order, from its sysfs directory dir (LoopDir): the one way partitions
+// are listed. An error is an *os.PathError, matching fs.ErrNotExist when
+// the device is gone.
+func Partitions(dir string, n int) ([]int, error) {
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return nil, err
+	}
+	var parts []int
+	for _, e := range ents {
+		if m, ok := PartitionNumber(e.Name(), n); ok {
+			parts = append(parts, m)
+		}
+	}
+	slices.Sort(parts)
+	return parts, nil
 }
