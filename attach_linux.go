@@ -203,7 +203,7 @@ func attach(ctx context.Context, fd uintptr, name string, o Options) (*Device, e
 			tried = map[int]bool{}
 		}
 		tried[n] = true
-		if err := backoff(ctx, attempt); err != nil {
+		if err := backoff(ctx, attempt, maxBackoff); err != nil {
 			return nil, newError(op, name, err)
 		}
 	}
@@ -247,18 +247,20 @@ func attachOnce(ctx context.Context, fd uintptr, name string, o Options, tried m
 	return d, n, lost, err
 }
 
-// maxBackoff caps the pause between attempts; tests shorten it.
+// maxBackoff caps the pause between attempts of a bind that lost a race;
+// tests shorten it.
 var maxBackoff = 20 * time.Millisecond
 
-// backoff waits before attempt+1: not at all after the first lost race,
-// which is the common one (GET_FREE then names another device), then
-// exponentially with jitter up to maxBackoff. It returns early with
-// ctx.Err().
-func backoff(ctx context.Context, attempt int) error {
+// backoff is the package's one retry policy: it waits before attempt+1,
+// not at all after the first (a lost race is the common case: GET_FREE
+// then names another device), then exponentially from 100 µs with jitter,
+// each pause at most limit (maxBackoff for a bind, maxAgainPause for a
+// busy kernel). It returns early with ctx.Err().
+func backoff(ctx context.Context, attempt int, limit time.Duration) error {
 	if attempt == 0 {
 		return ctx.Err()
 	}
-	d := min(50*time.Microsecond<<min(attempt, 10), maxBackoff)
+	d := min(50*time.Microsecond<<min(attempt, 20), limit)
 	d = d/2 + rand.N(d/2+1)
 	t := time.NewTimer(d)
 	defer t.Stop()

@@ -102,7 +102,7 @@ func reopen(ctx context.Context, pfd, flags int) (int, error) {
 		default:
 			return -1, errno
 		}
-		if err := backoff(ctx, attempt+1); err != nil {
+		if err := backoff(ctx, attempt+1, maxBackoff); err != nil {
 			return -1, &leaseError{ctx: err}
 		}
 	}

@@ -231,7 +231,7 @@ func (w *detaching) wait(ctx context.Context) error {
 		if err != nil || gone {
 			return err
 		}
-		if err := backoff(ctx, attempt); err != nil {
+		if err := backoff(ctx, attempt, maxBackoff); err != nil {
 			return newError(w.op, w.path, &heldError{holders: holdersOf(w.n), ctx: err})
 		}
 	}

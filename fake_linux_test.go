@@ -97,13 +97,13 @@ func useFake(t *testing.T, n int) *fakeKernel {
 		k.add(i)
 	}
 	resetShared()
-	old, oldRoot, oldNoConfigure, oldNoDiskSeq, oldDelays, oldBackoff := sys, sysfsRoot, noConfigure.Load(), noDiskSeq.Load(), againDelays, maxBackoff
-	sys, sysfsRoot, againDelays, maxBackoff = k, k.root, []time.Duration{0, 0, 0}, time.Microsecond
+	old, oldRoot, oldNoConfigure, oldNoDiskSeq, oldPause, oldBackoff := sys, sysfsRoot, noConfigure.Load(), noDiskSeq.Load(), maxAgainPause, maxBackoff
+	sys, sysfsRoot, maxAgainPause, maxBackoff = k, k.root, time.Microsecond, time.Microsecond
 	noConfigure.Store(false)
 	noDiskSeq.Store(false)
 	t.Cleanup(func() {
 		resetShared()
-		sys, sysfsRoot, againDelays, maxBackoff = old, oldRoot, oldDelays, oldBackoff
+		sys, sysfsRoot, maxAgainPause, maxBackoff = old, oldRoot, oldPause, oldBackoff
 		noConfigure.Store(oldNoConfigure)
 		noDiskSeq.Store(oldNoDiskSeq)
 	})

@@ -3,6 +3,7 @@
 package loopctl
 
 import (
+	"context"
 	"os"
 	"runtime"
 	"strconv"
@@ -420,31 +421,33 @@ func loopNumber(path string) (int, uint64, error) {
 	return n, rdev, nil
 }
 
-// againDelays are the pauses between tries of an ioctl that answers EAGAIN
+// againTries bounds the tries again of a call that answers EAGAIN
 // (LOOP_SET_STATUS64 and LOOP_SET_BLOCK_SIZE while the kernel drains the
-// queue): about a second in all, then the EAGAIN is returned. Tests shorten
-// them.
-var againDelays = []time.Duration{
-	time.Millisecond, 2 * time.Millisecond, 5 * time.Millisecond, 10 * time.Millisecond,
-	20 * time.Millisecond, 50 * time.Millisecond, 100 * time.Millisecond,
-	200 * time.Millisecond, 250 * time.Millisecond, 250 * time.Millisecond,
-}
+// queue) or EBUSY from LOOP_CTL_REMOVE of a device open elsewhere: with
+// backoff's pauses up to maxAgainPause, about a second in all, after which
+// the error is returned.
+const againTries = 16
 
-// retryAgain runs fn, retrying with bounded backoff while it fails with
-// EAGAIN. It is the one place EAGAIN is retried.
+// maxAgainPause caps backoff's pause between those tries; tests shorten it.
+var maxAgainPause = 250 * time.Millisecond
+
+// retryAgain runs fn, retrying while it fails with EAGAIN (retryWhile).
+// It is the one place EAGAIN is retried.
 func retryAgain(fn func() error) error {
 	return retryWhile(fn, func(err error) bool { return err == unix.EAGAIN })
 }
 
-// retryWhile runs fn, and again after each pause of againDelays while
-// again holds for its error; then it returns the error.
+// retryWhile runs fn, and again while again holds for its error, up to
+// againTries more times, pausing before each as backoff does (the one
+// retry policy, here for calls that take no context); then it returns
+// the error.
 func retryWhile(fn func() error, again func(error) bool) error {
 	for i := 0; ; i++ {
 		err := fn()
-		if err == nil || i == len(againDelays) || !again(err) {
+		if err == nil || i == againTries || !again(err) {
 			return err
 		}
-		time.Sleep(againDelays[i])
+		backoff(context.Background(), i+1, maxAgainPause)
 	}
 }
 

@@ -93,8 +93,8 @@ func TestRemoveBusy(t *testing.T) {
 	if !errors.Is(err, ErrBusy) || !errors.Is(err, unix.EBUSY) || !strings.Contains(err.Error(), "device is open") {
 		t.Fatalf("Remove of a device held open = %v, want EBUSY saying it is open", err)
 	}
-	if n := k.counts["LOOP_CTL_REMOVE"]; n != 3+len(againDelays)+1 {
-		t.Fatalf("%d tries in all, want %d", n, 3+len(againDelays)+1)
+	if n := k.counts["LOOP_CTL_REMOVE"]; n != 3+againTries+1 {
+		t.Fatalf("%d tries in all, want %d", n, 3+againTries+1)
 	}
 	held.Close()
 
