@@ -391,8 +391,8 @@ func TestKernelAttachMissingNode(t *testing.T) {
 			}
 			useKernel(t, k)
 			_, err := Attach(context.Background(), tempFile(t, 1<<20).Name(), Options{})
-			var pe *os.PathError
-			if !errors.Is(err, fs.ErrNotExist) || !errors.As(err, &pe) || !strings.HasPrefix(pe.Path, "/dev/loop") || pe.Path == ControlPath {
+			var missing *NodeMissingError
+			if !errors.Is(err, fs.ErrNotExist) || !errors.As(err, &missing) || missing.Path != DevicePath(missing.Number) {
 				t.Fatalf("Attach = %v, want the missing /dev/loopN named", err)
 			}
 		})

@@ -304,11 +304,11 @@ var _ io.Closer = (*Device)(nil)
 // (CONFIG_BLK_DEV_WRITE_MOUNTED=n, bdev_allow_write_mounted=0): Attach of
 // a read-only binding, and OpenBinding of one, hold a read-only one.
 //
-// A missing node is an *os.PathError matching fs.ErrNotExist, within a
+// A missing node is an error matching fs.ErrNotExist, holding a
 // *NodeMissingError when the device exists (a container's /dev): MakeNode
 // makes the node. A device that the kernel is tearing down (detached by
-// its last close, or being removed) refuses the open: the *os.PathError
-// then says so and matches ErrNotBound and ENXIO.
+// its last close, or being removed) refuses the open: the error then says
+// so and matches ErrNotBound and ENXIO.
 func OpenDevice(n int) (*Device, error) {
 	return openDeviceMode(n, readWrite)
 }
@@ -321,7 +321,7 @@ func openDeviceMode(n, mode int) (*Device, error) {
 	path := DevicePath(n)
 	h, err := openDevice(path, mode)
 	if err != nil {
-		return nil, missingNode(n, err)
+		return nil, nodeOpenError(path, missingNode(n, err))
 	}
 	return &Device{h: h, number: n, path: path}, nil
 }
@@ -351,7 +351,7 @@ func OpenDevicePath(path string) (*Device, error) {
 	}
 	h, err := openDevice(path, readWrite)
 	if err != nil {
-		return nil, err
+		return nil, nodeOpenError(path, err)
 	}
 	// The path may have been switched between the check and the open.
 	if got, err := h.rdev(); err != nil || got != rdev {

@@ -218,8 +218,8 @@
 // fs.ErrExist, fs.ErrNotExist, fs.ErrPermission, fs.ErrInvalid, ErrBusy,
 // ErrNotBound, errors.ErrUnsupported; calls after Close match fs.ErrClosed,
 // and a binding that is no longer the one a Status described matches
-// ErrChanged (OpenBinding).
-// Opening a node keeps the *os.PathError of the open.
+// ErrChanged (OpenBinding). An open of a node that fails is an *Error too
+// (op "open"), whose errno maps alike.
 //
 // # Concurrency and descriptors
 //

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"os"
 	"strconv"
 	"syscall"
 )
@@ -44,8 +45,8 @@ var (
 // whose /dev is a tmpfs rather than devtmpfs, where the kernel makes no
 // nodes. It carries the numbers, so that a caller can make the node
 // (MakeNode, or the error's own MakeNode) and try again, or bind with
-// Options.MakeNode, which makes it. It matches fs.ErrNotExist, and
-// unwraps to the open's *os.PathError and ENOENT.
+// Options.MakeNode, which makes it. It comes within the open's *Error,
+// matches fs.ErrNotExist, and unwraps to ENOENT.
 type NodeMissingError struct {
 	Number    int    // the loop device: N of /dev/loopN
 	Partition int    // the partition's number; 0 for the device itself
@@ -187,6 +188,30 @@ func newError(op, path string, err error) error {
 // fs.ErrInvalid.
 func invalid(format string, args ...any) error {
 	return fmt.Errorf("%w: "+format, append([]any{fs.ErrInvalid}, args...)...)
+}
+
+// nodeOpenError is the error of an open of the node at path, an *Error
+// ("open", the path opened, the open's errno) however the open failed, so
+// that its errno maps onto the sentinels as any other call's does. It
+// holds the *NodeMissingError of a device without its node.
+func nodeOpenError(path string, err error) error {
+	var pe *os.PathError
+	var missing *NodeMissingError
+	switch {
+	case err == nil:
+		return nil
+	case errors.As(err, &missing):
+		if errors.As(missing.Err, &pe) {
+			missing.Err = pe.Err
+		}
+		return &Error{Op: "open", Path: missing.Path, Err: missing}
+	case errors.As(err, &pe) && err == error(pe):
+		return newError("open", pe.Path, pe.Err)
+	}
+	if _, ok := err.(*Error); ok {
+		return err
+	}
+	return newError("open", path, err)
 }
 
 // checkNumber refuses a device number outside [lowest, MaxNumber] for

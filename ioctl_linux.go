@@ -404,7 +404,7 @@ func blockRdev(fd int) (uint64, error) {
 func loopNumber(path string) (int, uint64, error) {
 	st, err := stat(path)
 	if err != nil {
-		return -1, 0, &os.PathError{Op: "open", Path: path, Err: err}
+		return -1, 0, newError("open", path, err)
 	}
 	if st.Mode&unix.S_IFMT != unix.S_IFBLK {
 		return -1, 0, newError("open", path, ErrNotLoop)

@@ -269,9 +269,9 @@ func TestListRundownFake(t *testing.T) {
 		t.Fatalf("Status = %v, want ErrNotBound", err)
 	}
 	_, err := OpenDevice(1)
-	var pe *os.PathError
-	if !errors.Is(err, ErrNotBound) || !errors.Is(err, unix.ENXIO) || !errors.As(err, &pe) || pe.Path != "/dev/loop1" {
-		t.Fatalf("OpenDevice = %v, want an *os.PathError matching ErrNotBound and ENXIO", err)
+	var e *Error
+	if !errors.Is(err, ErrNotBound) || !errors.Is(err, unix.ENXIO) || !errors.As(err, &e) || e.Op != "open" || e.Path != "/dev/loop1" {
+		t.Fatalf("OpenDevice = %v, want an *Error of the open matching ErrNotBound and ENXIO", err)
 	}
 	d.Close()
 	if _, err := OpenDevice(1); err != nil {

@@ -51,13 +51,13 @@ type Control struct {
 
 var _ io.Closer = (*Control)(nil)
 
-// Open opens ControlPath. The error is an *os.PathError when the node is
-// missing (fs.ErrNotExist: no loop driver, or a container without it) or
-// not accessible (fs.ErrPermission: not root).
+// Open opens ControlPath. Its error matches fs.ErrNotExist when the node
+// is missing (no loop driver, or a container without it), and
+// fs.ErrPermission when it is not accessible (not root).
 func Open() (*Control, error) {
 	h, err := sys.open(ControlPath, readWrite)
 	if err != nil {
-		return nil, err
+		return nil, nodeOpenError(ControlPath, err)
 	}
 	return &Control{h: h}, nil
 }

@@ -477,3 +477,58 @@ func FuzzStatusDecoding(f *testing.F) {
 		_ = s.Flags.String()
 	})
 }
+
+// TestOpenErrors: an open that fails, of the control device or of a loop
+// device by number, is an *Error of op "open" naming the node, and its
+// errno maps onto the same sentinels as any other call's.
+func TestOpenErrors(t *testing.T) {
+	opens := map[string]struct {
+		path string
+		open func() error
+	}{
+		"Open":          {ControlPath, func() error { _, err := Open(); return err }},
+		"OpenDevice(1)": {"/dev/loop1", func() error { _, err := OpenDevice(1); return err }},
+	}
+	errnos := []struct {
+		errno unix.Errno
+		is    error
+	}{
+		{unix.ENODEV, fs.ErrNotExist},
+		{unix.ENOENT, fs.ErrNotExist},
+		{unix.EBUSY, ErrBusy},
+		{unix.ENXIO, ErrNotBound},
+		{unix.EACCES, fs.ErrPermission},
+		{unix.EPERM, fs.ErrPermission},
+		{unix.EINVAL, fs.ErrInvalid},
+	}
+	for name, o := range opens {
+		for _, tt := range errnos {
+			t.Run(name+"/"+unix.ErrnoName(tt.errno), func(t *testing.T) {
+				k := useFake(t, 2)
+				k.failAt("open "+o.path, 1, tt.errno)
+				err := o.open()
+				var e *Error
+				if !errors.As(err, &e) || e.Op != "open" || e.Path != o.path {
+					t.Fatalf("%s = %#v, want an *Error of op open on %s", name, err, o.path)
+				}
+				if !errors.Is(err, tt.errno) || !errors.Is(err, tt.is) {
+					t.Errorf("%s = %v, want it to match %v and %v", name, err, tt.errno, tt.is)
+				}
+			})
+		}
+	}
+	t.Run("missing node", func(t *testing.T) {
+		k := useFake(t, 2)
+		k.noNode[1] = true
+		_, err := OpenDevice(1)
+		var e *Error
+		var missing *NodeMissingError
+		if !errors.As(err, &e) || e.Op != "open" || e.Path != "/dev/loop1" || !errors.As(err, &missing) ||
+			missing.Number != 1 || !errors.Is(err, fs.ErrNotExist) || !errors.Is(err, unix.ENOENT) {
+			t.Fatalf("OpenDevice(1) without its node = %#v, want an *Error of the open holding a *NodeMissingError", err)
+		}
+		if got := err.Error(); strings.Count(got, "/dev/loop1") != 1 {
+			t.Errorf("message %q names the node more than once", got)
+		}
+	})
+}

@@ -186,22 +186,30 @@ func explainMknod(err error, rdev uint64) error {
 	return &explained{text: text, errno: unix.EPERM}
 }
 
-// explainNodeOpen explains why a node just made could not be opened: EPERM
-// is a device cgroup refusing the device, EACCES a /dev that takes no
-// device nodes (mounted nodev, or by a user namespace).
+// explainNodeOpen explains why a node just made could not be opened, in
+// the open's *Error (or *os.PathError): EPERM is a device cgroup refusing
+// the device, EACCES a /dev that takes no device nodes (mounted nodev, or
+// by a user namespace).
 func explainNodeOpen(err error, rdev uint64) error {
+	var cause *error
+	var e *Error
 	var pe *os.PathError
-	if !errors.As(err, &pe) {
+	switch {
+	case errors.As(err, &e):
+		cause = &e.Err
+	case errors.As(err, &pe):
+		cause = &pe.Err
+	default:
 		return err
 	}
-	switch pe.Err {
+	switch *cause {
 	case unix.EPERM:
-		return &os.PathError{Op: pe.Op, Path: pe.Path, Err: &explained{text: fmt.Sprintf("made the node, but a device cgroup "+
+		*cause = &explained{text: fmt.Sprintf("made the node, but a device cgroup "+
 			"(the container's device rules) refuses block device %d:%d: allow %s",
-			unix.Major(rdev), unix.Minor(rdev), deviceRule(rdev, "rw")), errno: unix.EPERM}}
+			unix.Major(rdev), unix.Minor(rdev), deviceRule(rdev, "rw")), errno: unix.EPERM}
 	case unix.EACCES:
-		return &os.PathError{Op: pe.Op, Path: pe.Path, Err: &explained{text: "made the node, but its file system takes no device " +
-			"nodes (mounted nodev, or by a user namespace)", errno: unix.EACCES}}
+		*cause = &explained{text: "made the node, but its file system takes no device " +
+			"nodes (mounted nodev, or by a user namespace)", errno: unix.EACCES}
 	}
 	return err
 }
@@ -276,7 +284,7 @@ func missingNode(n int, err error) error {
 	if _, serr := os.Lstat(sysfs.LoopDir(sysfsRoot, n)); serr != nil {
 		return err
 	}
-	return &NodeMissingError{Number: n, Path: pe.Path, Err: err}
+	return &NodeMissingError{Number: n, Path: pe.Path, Err: pe.Err}
 }
 
 // removeNode removes path if it is still the block device node of rdev
