@@ -18,108 +18,30 @@ import (
 	"github.com/loopctl/loopctl/internal/sysfs"
 )
 
-// Attach binds the file at path to a free loop device and returns the
-// device, open. The file is opened read-only with FlagReadOnly and
-// read-write otherwise: a file that cannot be opened for writing is an
-// error matching fs.ErrPermission, never a silent switch to read-only; on
-// a read-only file system the error says that FlagReadOnly binds it, and
-// matches unix.EROFS too. Attach closes its own descriptor of the file
-// once the device holds it.
+// Attach binds the file at path to a free loop device as o asks, and
+// returns the device, open. The file is opened read-only with FlagReadOnly
+// and read-write otherwise: one that cannot be opened for writing fails
+// (fs.ErrPermission; on a read-only file system unix.EROFS, saying that
+// FlagReadOnly binds it), never switching to read-only in silence. Attach
+// closes its own descriptor of the file once the device holds it.
 //
-// The path is treated as hostile. Only a regular file or a block device
-// can back a loop device, and Attach makes sure of that before it opens
-// the file for reading or writing: it first opens the path with O_PATH,
-// which runs no driver's open code and waits for nobody, and refuses with
-// fs.ErrInvalid, naming what the path is, a directory, a named pipe, a
-// character device, a socket, a regular file of procfs, sysfs or another
-// of the kernel's interface file systems (a device bound read-write to a
-// sysfs attribute would write to the kernel's controls), and a loop device
-// with nothing bound to it. The file it then opens, through /proc/self/fd,
-// is the one it checked, even if the path is switched meanwhile. A lease
-// another process holds on the file (a file server's) is broken as the
-// kernel does it, and waited for only as long as ctx allows. A path with a
-// NUL byte, too long a path and a symbolic link loop match fs.ErrInvalid.
-// Such failures are the backing file's: the error says so, and matches no
-// sentinel about loop devices (ErrBusy, ErrNotBound).
+// The path is treated as hostile: anything but a regular file or a block
+// device (a directory, a pipe, a socket, a character device, a file of
+// procfs or sysfs, an unbound loop device) fails with fs.ErrInvalid before
+// the file is opened for I/O, and a failure of the file is named as the
+// file's, matching no loop-device sentinel (see "Untrusted paths" in the
+// package documentation). A lease on the file is broken and waited for
+// while ctx allows.
 //
-// Each attempt takes the attach lock (below), asks /dev/loop-control for a
-// free device (LOOP_CTL_GET_FREE), opens it, takes a BSD flock(LOCK_EX) on
-// it so that udev does not probe a half-set-up device, and binds with one
-// LOOP_CONFIGURE. When another process got to the device first, Attach
-// closes it and tries again with a fresh LOOP_CTL_GET_FREE, with bounded
-// backoff that honours ctx; it never clears a binding it did not make.
-// These, and only these, are lost races:
-//
-//   - ENXIO from the open: the device is being torn down. Since Linux 6.11
-//     a device detaches at its last close, and refuses opens until then;
-//     another process bound it and let go of it after LOOP_CTL_GET_FREE
-//     named it. The same errno comes while LOOP_CTL_REMOVE deletes it.
-//   - ENODEV or ENOENT from the open: the device was removed. A node that
-//     is missing while the device exists (sysfs lists it and
-//     LOOP_CTL_GET_FREE still names it: a container whose /dev is not
-//     devtmpfs) is no race, and fails at once with fs.ErrNotExist.
-//   - EBUSY from the open, the device's flock held exclusively elsewhere
-//     (a tool setting it up), or EBUSY from LOOP_CONFIGURE (LOOP_SET_FD on
-//     old kernels): someone holds or bound the device.
-//
-// A shared flock of the device is no race: it is udev, probing the device
-// after a change (it takes LOCK_SH|LOCK_NB for the milliseconds its probe
-// takes, and skips a locked device). Attach waits for it, as systemd's
-// tools do, while ctx allows, and then binds the device LOOP_CTL_GET_FREE
-// named, as losetup would; a cancelled wait leaves a goroutine behind
-// until the probe ends.
-//
-// Every other error (EACCES, EPERM, EINVAL, ENOMEM, ...) fails at once.
-// After 256 lost races Attach gives up with ErrBusy. Without
-// /dev/loop-control (an old kernel, a container) it scans sysfs for an
-// unbound device instead. The control device is opened once per process
-// and kept open.
-//
-// The attach lock is the one systemd's tools take: flock(LOCK_EX) on
-// /dev/loop-control across LOOP_CTL_GET_FREE, open and bind, then the
-// device's own. So loopctl and systemd-nspawn, systemd-dissect, portable
-// services, mkosi, other loopctl programs and `flock /dev/loop-control
-// losetup` never chase one device at once. Within a process, attachers
-// take turns for it; waiting for the turn or the lock honours ctx.
-// Processes that take no lock (plain `losetup -f`) can still win a device
-// first: that is a lost race, retried.
-//
-// With Options.Reuse, Attach first looks, under the same lock, for a
-// device bound to the same file (device and inode, whatever its name) as
-// the Options would bind it (see Options.Reuse), and returns it, open,
-// with Device.Shared reporting true; a device bound to an overlapping
-// range otherwise makes it fail with an *OverlapError (ErrOverlap) naming
-// that device and the difference. Two processes attaching one file with
-// Reuse end with one device between them. The look reads each bound
-// device's binding with LOOP_GET_STATUS64 on a short read-only open.
-//
-// A read-only binding (FlagReadOnly, or a file that AttachFile is handed
-// open read-only) is made and held through a read-only descriptor of the
-// device (see OpenDevice); a caller without CAP_SYS_ADMIN, which the kernel
-// lets bind only through one open for writing, binds through one opened
-// for the moment. The device is locked exclusively (flock) while it is
-// set up, and then as Options.Lock asks, until Device.Lock changes it.
-//
-// On any failure Attach leaves nothing behind: no binding of its own and no
-// open descriptor. Invalid options (fs.ErrInvalid), a missing file
-// (fs.ErrNotExist), a file that cannot back a loop device (above) and a
-// done ctx (ctx.Err()) fail before any device is touched.
-//
-// The kernel binds what passes these checks even where the device will be
-// of little use, as losetup does: a file, or the part of it past Offset,
-// shorter than 512 bytes gives a device of 0 bytes (Status.Size), and one
-// that is not a whole number of 512-byte sectors loses its tail. A file
-// truncated or deleted after Attach opened it is bound as it is at the
-// binding (Status.Deleted).
-//
-// With FlagAutoClear the kernel detaches the device when its last opener
-// closes it. The returned Device is an opener, so the binding lives until
-// its Close (and any other opener's, such as a mount's, after it). That
-// holds when the process dies, too, even killed inside Attach: its
-// descriptors close, and nothing stays bound. Without FlagAutoClear a
-// process that dies after LOOP_CONFIGURE leaves the device bound to the
-// file; FindByBackingFile finds it, for OpenDevice and ClearFD. Either way
-// no device is left locked or unusable, since flocks die with their holder.
+// Attach is safe beside other processes attaching and detaching (see
+// "Races, detach at last close, and crashes"): it takes systemd's lock on
+// /dev/loop-control, tries a lost race again with backoff while ctx
+// allows, up to 256 times (then ErrBusy), and never clears a binding it
+// did not make. With Options.Reuse it returns a device bound as asked
+// (Device.Shared), or fails with an *OverlapError. On failure it leaves
+// nothing behind: no binding of its own and no descriptor. The binding
+// outlives the Device, unless FlagAutoClear has the kernel detach it at
+// the last close.
 func Attach(ctx context.Context, path string, o Options) (*Device, error) {
 	const op = "attach"
 	if err := ctx.Err(); err != nil {

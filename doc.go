@@ -40,7 +40,7 @@
 // lasts until its Close, or until whoever else holds the device (a mount)
 // lets go after that.
 //
-// # Mounts, image builders and untrusted paths
+// # Mounts and image builders
 //
 // A read-only binding is made and held through a read-only descriptor of
 // the device, so that a kernel that refuses to mount a device with writers
@@ -56,10 +56,32 @@
 // (LockShared). BlockSizeAuto binds an image with the sector size its GPT
 // was made for (a 4Kn image shows no partitions at 512-byte blocks).
 //
+// # Untrusted paths
+//
+// Attach treats the path it is given as hostile. It first opens it with
+// O_PATH, which runs no driver's open code and waits for nobody, checks
+// what it is, and refuses with fs.ErrInvalid, naming what the path is, a
+// directory, a named pipe, a character device, a socket, a regular file
+// of procfs, sysfs or another of the kernel's interface file systems (a
+// device bound read-write to a sysfs attribute would write to the
+// kernel's controls), and a loop device with nothing bound to it. It then
+// opens the file it checked through /proc/self/fd, even if the path was
+// switched meanwhile. A path with a NUL byte, too long a path and a
+// symbolic link loop match fs.ErrInvalid too. Such failures are the
+// backing file's: the error says so, and matches no sentinel about loop
+// devices (ErrBusy, ErrNotBound).
+//
 // A service that binds paths its users name, or that lie under directories
 // they can write to, sets Options.NoSymlinks and Options.RegularFileOnly:
 // the file Attach binds is then the one the path names without a symbolic
 // link, and a regular file, checked on the descriptor it binds.
+//
+// The kernel binds what passes these checks even where the device will be
+// of little use, as losetup does: a file, or the part of it past Offset,
+// shorter than 512 bytes gives a device of 0 bytes (Status.Size), and one
+// that is not a whole number of 512-byte sectors loses its tail. A file
+// truncated or deleted after Attach opened it is bound as it is at the
+// binding (Status.Deleted).
 //
 // # Races, detach at last close, and crashes
 //
@@ -73,8 +95,19 @@
 // device is being torn down, or was removed), EBUSY from the open, a flock
 // of the device held exclusively elsewhere, and EBUSY from the bind; a
 // node missing while the device exists is reported at once, not retried.
-// A shared flock is udev probing the device, which Attach waits for.
-// Attach's documentation says why each is what it is.
+// ENXIO comes from a device between its detach and its last close (Linux
+// 6.11 and later) and while LOOP_CTL_REMOVE deletes it; ENODEV and ENOENT
+// from one removed; EBUSY and an exclusive flock from one that another
+// process holds or bound. A node that is missing while the device exists
+// (sysfs lists it: a container whose /dev is not devtmpfs) is no race,
+// and fails at once with fs.ErrNotExist. A shared flock is no race
+// either: it is udev probing the device after a change (LOCK_SH|LOCK_NB,
+// for the milliseconds its probe takes). Attach waits for it, as systemd's
+// tools do, while the context allows, and then binds the device it was
+// named, as losetup would; a cancelled wait leaves a goroutine behind
+// until the probe ends. Every other error (EACCES, EPERM, EINVAL, ENOMEM)
+// fails at once. The control device is opened once per process and kept
+// open.
 //
 // The lock on /dev/loop-control makes the races rare: attachers that take
 // it (this package, systemd, losetup run under flock(1)) never chase one
@@ -182,33 +215,13 @@
 //
 // # Kernels
 //
-// The integration tests run on the project's own kernel (6.18) and, in
-// virtual machines (internal/vmrun), on Debian's 5.10, 6.1 and 6.12 and
-// the newest kernel Debian serves (7.3 on 2026-11-28, from
-// trixie-backports), with /tmp on tmpfs and on ext4. What they found to
-// differ, and what the package does about it:
-//
-//	                                    5.10     6.1      6.12     6.18     7.3
-//	LOOP_CTL_ADD -1, an unbound device  EEXIST   new      new      new      new       Add picks a number itself
-//	LOOP_CTL_ADD 1<<20                  taken    EINVAL   EINVAL   EINVAL   EINVAL    refused in Go
-//	LOOP_CTL_REMOVE -1                  removes  EINVAL   EINVAL   EINVAL   EINVAL    refused in Go
-//	LOOP_CLR_FD by the only opener      detach   detach   at close at close at close  see Device.ClearFD
-//	direct I/O on tmpfs                 off      off      on       on       on        ErrNoDirectIO, not a silent success
-//	block size above the page size      EINVAL   EINVAL   EINVAL   64 KiB   64 KiB    the error says why
-//	LOOP_SET_BLOCK_SIZE, held exclusive changed  EBUSY    EBUSY    EBUSY    EBUSY     the error says why (ErrBusy)
-//	LOOP_SET_STATUS64, held exclusive   changed  changed  changed  changed  changed   the error would say why
-//	MBR and GPT parsers                 yes      yes      yes      no       yes       (Debian's builds; the project's own)
-//
-// "taken": 5.10 makes a device whose number overflows into another major's;
-// "removes": 5.10 removes whichever unbound device it finds first. "off":
-// the kernel binds without direct I/O and reports success; a bind with
-// FlagDirectIO then fails instead, with its own binding cleared, and one
-// with PreferDirectIO is buffered, as it is on every kernel where the
-// offset is not aligned to the file system's blocks. "held
-// exclusive": while a file system is mounted on the device, or it is open
-// with O_EXCL; upstream refuses LOOP_SET_BLOCK_SIZE then since 6.17, and
-// Debian's 6.1 and 6.12 took that change, while LOOP_SET_STATUS64, said
-// to follow in 6.19, still changes the device on 7.3.
+// The package works alike on the kernels users run, Linux 5.10 and later:
+// where a kernel's answer differs (LOOP_CTL_ADD of any number before 5.14,
+// detach at the last close from 6.11, direct I/O on tmpfs from 6.6, block
+// sizes above the page size from 6.18), it gives the newer behaviour or an
+// error that says why. The integration tests run on each in a virtual
+// machine (internal/vmrun); RELIABILITY.md's "Kernels" table records what
+// they found, kernel by kernel.
 //
 // # Errors
 //
