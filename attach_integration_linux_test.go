@@ -30,7 +30,7 @@ import (
 // attachT attaches path with o for the test; cleanup detaches and closes.
 func attachT(t *testing.T, path string, o Options) *Device {
 	t.Helper()
-	requireKernel(t)
+	kerneltest.Require(t)
 	d, err := Attach(context.Background(), path, o)
 	if err != nil {
 		t.Fatal(err)
@@ -48,9 +48,9 @@ func TestKernelAttach(t *testing.T) {
 		{Flags: FlagDirectIO, BlockSize: 4096},
 	} {
 		t.Run(o.Flags.String(), func(t *testing.T) {
-			f := tempFile(t, 2<<20)
+			f := kerneltest.TempFile(t, 2<<20)
 			if o.Flags&FlagDirectIO != 0 && !directIOOK(t, filepath.Dir(f.Name())) {
-				requireKernel(t)
+				kerneltest.Require(t)
 				_, err := Attach(context.Background(), f.Name(), o)
 				wantNoDirectIO(t, err, f.Name())
 				return
@@ -72,8 +72,8 @@ func TestKernelAttach(t *testing.T) {
 }
 
 func TestKernelAttachFile(t *testing.T) {
-	f := tempFile(t, 1<<20)
-	requireKernel(t)
+	f := kerneltest.TempFile(t, 1<<20)
+	kerneltest.Require(t)
 	d, err := AttachFile(context.Background(), f, Options{Flags: FlagReadOnly})
 	if err != nil {
 		t.Fatal(err)
@@ -87,7 +87,7 @@ func TestKernelAttachFile(t *testing.T) {
 }
 
 func TestKernelAttachAutoClear(t *testing.T) {
-	f := tempFile(t, 1<<20)
+	f := kerneltest.TempFile(t, 1<<20)
 	d := attachT(t, f.Name(), Options{Flags: FlagAutoClear})
 	n := d.Number()
 	// The returned Device holds the binding open.
@@ -106,7 +106,7 @@ func TestKernelAttachAutoClear(t *testing.T) {
 }
 
 func TestKernelAttachDeletedFile(t *testing.T) {
-	f := tempFile(t, 1<<20)
+	f := kerneltest.TempFile(t, 1<<20)
 	d := attachT(t, f.Name(), Options{})
 	dev, ino := fileID(t, f.Name())
 	if err := os.Remove(f.Name()); err != nil {
@@ -117,7 +117,7 @@ func TestKernelAttachDeletedFile(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := Status{Number: d.Number(), BackingFile: f.Name() + " (deleted)", BackingDevice: dev, BackingInode: ino,
-		BlockSize: 512, Size: 1 << 20, DiskSeq: sysfsDiskSeq(t, d.Number()), Ref: f.Name()[:63]}
+		BlockSize: 512, Size: 1 << 20, DiskSeq: kerneltest.DiskSeq(t, d.Number()), Ref: f.Name()[:63]}
 	var got *Status
 	for i := range list {
 		if list[i].Number == d.Number() {
@@ -139,7 +139,7 @@ func TestKernelAttachDeletedFile(t *testing.T) {
 }
 
 func TestKernelSetStatus(t *testing.T) {
-	f := tempFile(t, 2<<20)
+	f := kerneltest.TempFile(t, 2<<20)
 	d := attachT(t, f.Name(), Options{})
 	set := Status{Offset: 4096, SizeLimit: 1 << 20, Flags: FlagAutoClear | FlagPartScan}
 	if err := d.SetStatus(set); err != nil {
@@ -201,7 +201,7 @@ func TestKernelSetStatus(t *testing.T) {
 }
 
 func TestKernelSetCapacity(t *testing.T) {
-	f := tempFile(t, 1<<20)
+	f := kerneltest.TempFile(t, 1<<20)
 	d := attachT(t, f.Name(), Options{})
 	if err := f.Truncate(2 << 20); err != nil {
 		t.Fatal(err)
@@ -221,13 +221,13 @@ func TestKernelSetCapacity(t *testing.T) {
 }
 
 func TestKernelSetBlockSize(t *testing.T) {
-	d := attachT(t, tempFile(t, 1<<20).Name(), Options{})
+	d := attachT(t, kerneltest.TempFile(t, 1<<20).Name(), Options{})
 	for _, size := range []uint32{4096, 1024, 65536, 512} {
 		err := d.SetBlockSize(size)
-		if size > uint32(os.Getpagesize()) && !kernelAtLeast(t, 6, 15) {
+		if size > uint32(os.Getpagesize()) && !kerneltest.AtLeast(t, 6, 15) {
 			// Block sizes above the page size came with Linux 6.15.
 			if !errors.Is(err, unix.EINVAL) || !strings.Contains(err.Error(), "page size") {
-				t.Fatalf("SetBlockSize(%d) on %s = %v, want EINVAL explained", size, kernelRelease(), err)
+				t.Fatalf("SetBlockSize(%d) on %s = %v, want EINVAL explained", size, kerneltest.Release(), err)
 			}
 			continue
 		}
@@ -253,7 +253,7 @@ func TestKernelSetBlockSize(t *testing.T) {
 }
 
 func TestKernelSetDirectIO(t *testing.T) {
-	f := tempFile(t, 1<<20)
+	f := kerneltest.TempFile(t, 1<<20)
 	d := attachT(t, f.Name(), Options{BlockSize: 4096})
 	if !directIOOK(t, filepath.Dir(f.Name())) {
 		if err := d.SetDirectIO(true); !errors.Is(err, ErrNoDirectIO) || !errors.Is(err, unix.EINVAL) {
@@ -280,9 +280,9 @@ func TestKernelSetDirectIO(t *testing.T) {
 }
 
 func TestKernelChangeFD(t *testing.T) {
-	a := tempFile(t, 1<<20)
+	a := kerneltest.TempFile(t, 1<<20)
 	d := attachT(t, a.Name(), Options{Flags: FlagReadOnly})
-	b, err := os.Create(filepath.Join(t.TempDir(), "b-"+longName))
+	b, err := os.Create(filepath.Join(t.TempDir(), "b-"+kerneltest.LongName))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -300,12 +300,12 @@ func TestKernelChangeFD(t *testing.T) {
 	// LOOP_CHANGE_FD leaves lo_file_name as the first bind wrote it, and
 	// moves the disk sequence number on: checkBound compares sysfs's.
 	checkBound(t, d, b.Name(), Options{Flags: FlagReadOnly, Ref: a.Name()[:63]})
-	if after, err := d.DiskSeq(); err != nil || kernelAtLeast(t, 5, 15) && after == seq {
+	if after, err := d.DiskSeq(); err != nil || kerneltest.AtLeast(t, 5, 15) && after == seq {
 		t.Fatalf("DiskSeq after ChangeFD = %d, %v; before %d", after, err, seq)
 	}
 
 	// Another size: the kernel refuses, and the error says why.
-	c := tempFile(t, 2<<20)
+	c := kerneltest.TempFile(t, 2<<20)
 	err = d.ChangeFD(c)
 	if !errors.Is(err, unix.EINVAL) || !strings.Contains(err.Error(), "same size") {
 		t.Fatalf("ChangeFD(other size) = %v, want EINVAL explained", err)
@@ -343,7 +343,7 @@ func (k forceOpen) open(path string, mode int) (handle, error) {
 
 func TestKernelAttachWithoutControl(t *testing.T) {
 	useKernel(t, forceOpen{prefix: ControlPath, err: unix.ENOENT})
-	f := tempFile(t, 1<<20)
+	f := kerneltest.TempFile(t, 1<<20)
 	// Without the control device, Attach binds the lowest device that
 	// sysfs shows unbound. A device of an earlier test may still be
 	// going (udev holding it open past its detach): sysfs shows it bound
@@ -390,7 +390,7 @@ func TestKernelAttachMissingNode(t *testing.T) {
 				k.keep = ControlPath // only the /dev/loopN nodes are missing
 			}
 			useKernel(t, k)
-			_, err := Attach(context.Background(), tempFile(t, 1<<20).Name(), Options{})
+			_, err := Attach(context.Background(), kerneltest.TempFile(t, 1<<20).Name(), Options{})
 			var missing *NodeMissingError
 			if !errors.Is(err, fs.ErrNotExist) || !errors.As(err, &missing) || missing.Path != DevicePath(missing.Number) {
 				t.Fatalf("Attach = %v, want the missing /dev/loopN named", err)
@@ -402,7 +402,7 @@ func TestKernelAttachMissingNode(t *testing.T) {
 func TestKernelAttachFallback(t *testing.T) {
 	useForced(t, map[uint]error{reqConfigure: unix.ENOTTY})
 	o := Options{Offset: 4096, SizeLimit: 1 << 20, BlockSize: 4096, Flags: FlagAutoClear | FlagDirectIO | FlagReadOnly}
-	f := tempFile(t, 2<<20)
+	f := kerneltest.TempFile(t, 2<<20)
 	if !directIOOK(t, filepath.Dir(f.Name())) {
 		_, err := Attach(context.Background(), f.Name(), o)
 		wantNoDirectIO(t, err, f.Name())
@@ -413,8 +413,8 @@ func TestKernelAttachFallback(t *testing.T) {
 }
 
 func TestKernelAttachNoLeak(t *testing.T) {
-	requireKernel(t)
-	f := tempFile(t, 1<<20)
+	kerneltest.Require(t)
+	f := kerneltest.TempFile(t, 1<<20)
 	dir := t.TempDir()
 	// The first Attach opens the process's control device, which stays.
 	d, err := Attach(context.Background(), f.Name(), Options{})
@@ -422,7 +422,7 @@ func TestKernelAttachNoLeak(t *testing.T) {
 		t.Fatal(err)
 	}
 	detach(t, d)
-	before := openFDs(t)
+	before := kerneltest.OpenFDs(t)
 	used := map[int]bool{}
 	for range 20 {
 		d, err := Attach(context.Background(), f.Name(), Options{Flags: FlagAutoClear})
@@ -436,7 +436,7 @@ func TestKernelAttachNoLeak(t *testing.T) {
 		Attach(context.Background(), f.Name(), Options{BlockSize: 1 << 20}) // the kernel refuses
 		AttachFile(context.Background(), f, Options{Flags: 0x20})
 	}
-	if after := openFDs(t); len(after) != len(before) {
+	if after := kerneltest.OpenFDs(t); len(after) != len(before) {
 		t.Fatalf("descriptors before %v, after %v", before, after)
 	}
 	for n := range used {
@@ -455,7 +455,7 @@ func TestKernelAttachConcurrent(t *testing.T) {
 		attachChild(t, dir)
 		return
 	}
-	requireKernel(t)
+	kerneltest.Require(t)
 	const procs = 4
 	dir := t.TempDir()
 	var children []*pipedChild
@@ -554,14 +554,14 @@ func attachChild(t *testing.T, dir string) {
 	if _, err := sharedControl(); err != nil {
 		t.Fatal(err)
 	}
-	before := len(openFDs(t))
+	before := len(kerneltest.OpenFDs(t))
 	const goroutines = 8
 	devs := make([]*Device, goroutines)
 	var wg sync.WaitGroup
 	var mu sync.Mutex
 	for i := range goroutines {
 		wg.Go(func() {
-			path := filepath.Join(dir, fmt.Sprintf("%d-%d-%s", os.Getpid(), i, longName))
+			path := filepath.Join(dir, fmt.Sprintf("%d-%d-%s", os.Getpid(), i, kerneltest.LongName))
 			if err := os.WriteFile(path, make([]byte, 64<<10), 0o644); err != nil {
 				t.Error(err)
 				return
@@ -590,7 +590,7 @@ func attachChild(t *testing.T, dir string) {
 			detach(t, d)
 		}
 	}
-	if after := len(openFDs(t)); after != before {
+	if after := len(kerneltest.OpenFDs(t)); after != before {
 		t.Errorf("%d descriptors before, %d after", before, after)
 	}
 }
@@ -623,12 +623,12 @@ func TestKernelAttachLostRace(t *testing.T) {
 		bound bool
 	}{
 		{"bound", func(t *testing.T, path string) int {
-			return rawBind(t, path, tempFile(t, 1<<20))
+			return rawBind(t, path, kerneltest.TempFile(t, 1<<20))
 		}, true},
 		{"torn down", func(t *testing.T, path string) int {
 			// Bound and cleared by its only opener: since Linux 6.11 the
 			// device refuses opens (ENXIO) until that opener closes it.
-			fd := rawBind(t, path, tempFile(t, 1<<20))
+			fd := rawBind(t, path, kerneltest.TempFile(t, 1<<20))
 			if _, err := unix.IoctlRetInt(fd, unix.LOOP_CLR_FD); err != nil {
 				t.Fatal(err)
 			}
@@ -656,11 +656,11 @@ func TestKernelAttachLostRace(t *testing.T) {
 					unix.Close(fd)
 				})
 			}})
-			f := tempFile(t, 1<<20)
+			f := kerneltest.TempFile(t, 1<<20)
 			d := attachT(t, f.Name(), Options{})
 			// Before Linux 6.11 LOOP_CLR_FD tore the device down at once:
 			// no race, and the device is free again for Attach.
-			noRace := tt.name == "torn down" && !kernelAtLeast(t, 6, 11)
+			noRace := tt.name == "torn down" && !kerneltest.AtLeast(t, 6, 11)
 			if raced == "" || d.Path() == raced && !noRace {
 				t.Fatalf("attached %s; the race was on %q", d.Path(), raced)
 			}
@@ -698,11 +698,11 @@ func TestKernelAttachWaitsForProbe(t *testing.T) {
 				}
 				probes <- probe{path, fd}
 			}})
-			f := tempFile(t, 1<<20)
+			f := kerneltest.TempFile(t, 1<<20)
 			if _, err := sharedControl(); err != nil { // Attach keeps it open
 				t.Fatal(err)
 			}
-			fds := openFDs(t)
+			fds := kerneltest.OpenFDs(t)
 			ctx, cancel := context.WithCancel(context.Background())
 			defer cancel()
 			type result struct {
@@ -744,9 +744,9 @@ func TestKernelAttachWaitsForProbe(t *testing.T) {
 				checkBound(t, r.d, f.Name(), Options{})
 				return
 			}
-			for end := time.Now().Add(10 * time.Second); len(openFDs(t)) != len(fds); runtime.Gosched() {
+			for end := time.Now().Add(10 * time.Second); len(kerneltest.OpenFDs(t)) != len(fds); runtime.Gosched() {
 				if time.Now().After(end) {
-					t.Fatalf("descriptors %v after the probe ended, %v before Attach", openFDs(t), fds)
+					t.Fatalf("descriptors %v after the probe ended, %v before Attach", kerneltest.OpenFDs(t), fds)
 				}
 			}
 		})
@@ -784,7 +784,7 @@ func rawBind(t *testing.T, path string, f *os.File) int {
 // lock is released.
 func TestKernelAttachTakesControlLock(t *testing.T) {
 	lock := holdControlLock(t)
-	f := tempFile(t, 1<<20)
+	f := kerneltest.TempFile(t, 1<<20)
 
 	// Given up while waiting: nothing is bound, and the lock is left as
 	// it was.
@@ -838,7 +838,7 @@ func TestKernelAttachTakesControlLock(t *testing.T) {
 // device is made anew for the test.
 func holdControlLock(t *testing.T) int {
 	t.Helper()
-	requireKernel(t)
+	kerneltest.Require(t)
 	useKernel(t, osKernel{})
 	lock, err := unix.Open(ControlPath, unix.O_RDWR|unix.O_CLOEXEC, 0)
 	if err != nil {
@@ -882,7 +882,7 @@ func waitLockRequest(t *testing.T, path string) {
 // it; Status and sysfs say which it got. With FlagDirectIO, which demands
 // it, a file system without O_DIRECT is still an error.
 func TestKernelPreferDirectIO(t *testing.T) {
-	requireKernel(t)
+	kerneltest.Require(t)
 	dirs := map[string]string{"/tmp": t.TempDir(), "tmpfs": mountT(t, "tmpfs", 0)}
 	for _, legacy := range []bool{false, true} {
 		for fsName, dir := range dirs {
@@ -913,7 +913,7 @@ func TestKernelPreferDirectIO(t *testing.T) {
 						want = got
 					}
 					if got != want {
-						t.Fatalf("kernel %s, %s: direct I/O %v, want %v (Status %+v)", kernelRelease(), name, got, want, s)
+						t.Fatalf("kernel %s, %s: direct I/O %v, want %v (Status %+v)", kerneltest.Release(), name, got, want, s)
 					}
 					if dio := readAttr(t, d.Number(), "loop/dio"); dio != map[bool]string{false: "0", true: "1"}[got] {
 						t.Fatalf("sysfs loop/dio %s, Status says %v", dio, got)
@@ -928,7 +928,7 @@ func TestKernelPreferDirectIO(t *testing.T) {
 					if _, err := f.ReadAt(back, int64(offset)+4096); err != nil || !bytes.Equal(back, block) {
 						t.Fatalf("the block written through the device is not in the file: %v", err)
 					}
-					t.Logf("kernel %s, %s: direct I/O %v", kernelRelease(), name, got)
+					t.Logf("kernel %s, %s: direct I/O %v", kerneltest.Release(), name, got)
 
 					if !want && offset == 0 {
 						// Another file: this one is bound, buffered.

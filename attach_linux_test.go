@@ -16,6 +16,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/loopctl/loopctl/internal/kerneltest"
 )
 
 // checkAttached asserts that d is bound to f and is the only device handle
@@ -53,7 +55,7 @@ func checkNothingLeft(t *testing.T, k *fakeKernel) {
 
 func TestAttachSteps(t *testing.T) {
 	k := useFake(t, 2)
-	f := tempFile(t, 1<<20)
+	f := kerneltest.TempFile(t, 1<<20)
 	d, err := Attach(context.Background(), f.Name(), Options{Flags: FlagAutoClear})
 	if err != nil {
 		t.Fatal(err)
@@ -131,7 +133,7 @@ func TestAttachLostRace(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			k := useFake(t, 3)
 			tt.race(k)
-			f := tempFile(t, 1<<20)
+			f := kerneltest.TempFile(t, 1<<20)
 			d, err := Attach(context.Background(), f.Name(), Options{})
 			if err != nil {
 				t.Fatal(err)
@@ -169,7 +171,7 @@ func TestAttachFaults(t *testing.T) {
 		retry    map[unix.Errno]outcome
 	}{
 		{"ctl-lock", 1, false, "lock", map[unix.Errno]outcome{unix.EAGAIN: waits}},
-		{"LOOP_CTL_GET_FREE", 1, false, "get-free", map[unix.Errno]outcome{unix.EINTR: retried}},
+		{"LOOP_CTL_GET_FREE", 1, false, "get free", map[unix.Errno]outcome{unix.EINTR: retried}},
 		// The device; open 1 is the control device. A lost race: the
 		// device was torn down (ENXIO), removed (ENODEV) or is held
 		// exclusively (EBUSY). ENOENT while sysfs still lists it and
@@ -200,7 +202,7 @@ func TestAttachFaults(t *testing.T) {
 					noConfigure.Store(true)
 				}
 				k.failAt(s.step, s.nth, errno)
-				f := tempFile(t, 1<<20)
+				f := kerneltest.TempFile(t, 1<<20)
 				d, err := Attach(context.Background(), f.Name(), Options{BlockSize: 4096, Flags: FlagDirectIO})
 				switch want {
 				case retried, waits, ignored:
@@ -275,7 +277,7 @@ func TestAttachWaitsForControlLock(t *testing.T) {
 	release := sync.OnceFunc(func() { close(k.ctlWait) })
 	t.Cleanup(release) // before useFake's cleanup, which waits for the turn
 	k.failAt("ctl-lock", 1, unix.EWOULDBLOCK)
-	f := tempFile(t, 1<<20)
+	f := kerneltest.TempFile(t, 1<<20)
 
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error)
@@ -323,7 +325,7 @@ func TestAttachTurnHonoursContext(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error)
 	go func() {
-		_, err := Attach(ctx, tempFile(t, 4096).Name(), Options{})
+		_, err := Attach(ctx, kerneltest.TempFile(t, 4096).Name(), Options{})
 		done <- err
 	}()
 	waitBlocked(t, "loopctl.lockAttach")
@@ -358,7 +360,7 @@ func TestAttachWaitsInline(t *testing.T) {
 	k := useFake(t, 2)
 	k.ctlWait = make(chan struct{})
 	k.failAt("ctl-lock", 1, unix.EWOULDBLOCK)
-	f := tempFile(t, 1<<20)
+	f := kerneltest.TempFile(t, 1<<20)
 	done := make(chan *Device)
 	go func() {
 		d, err := Attach(context.Background(), f.Name(), Options{})
@@ -379,8 +381,8 @@ func TestAttachWaitsInline(t *testing.T) {
 func TestAttachRefusesBeforeTouchingDevices(t *testing.T) {
 	k := useFake(t, 2)
 	dir := t.TempDir()
-	f := tempFile(t, 1<<20)
-	closed := tempFile(t, 1<<20)
+	f := kerneltest.TempFile(t, 1<<20)
+	closed := kerneltest.TempFile(t, 1<<20)
 	closed.Close()
 	dirFile, err := os.Open(dir)
 	if err != nil {
@@ -448,7 +450,7 @@ func TestAttachCancelledWhileBusy(t *testing.T) {
 		}
 		cancel()
 	}()
-	_, err := Attach(ctx, tempFile(t, 4096).Name(), Options{})
+	_, err := Attach(ctx, kerneltest.TempFile(t, 4096).Name(), Options{})
 	if !errors.Is(err, context.Canceled) {
 		t.Fatalf("Attach = %v, want context.Canceled", err)
 	}
@@ -467,7 +469,7 @@ func TestAttachCancelledWhileProbed(t *testing.T) {
 		waitBlocked(t, "lockDevice")
 		cancel()
 	}()
-	_, err := Attach(ctx, tempFile(t, 4096).Name(), Options{})
+	_, err := Attach(ctx, kerneltest.TempFile(t, 4096).Name(), Options{})
 	if !errors.Is(err, context.Canceled) {
 		t.Fatalf("Attach = %v, want context.Canceled", err)
 	}
@@ -494,7 +496,7 @@ func TestAttachGivesUp(t *testing.T) {
 			for i := first; i < first+maxAttempts; i++ {
 				k.failAt(step, i, map[string]unix.Errno{"open": unix.ENXIO, "LOOP_CONFIGURE": unix.EBUSY}[step])
 			}
-			_, err := Attach(context.Background(), tempFile(t, 4096).Name(), Options{})
+			_, err := Attach(context.Background(), kerneltest.TempFile(t, 4096).Name(), Options{})
 			if !errors.Is(err, ErrBusy) || !strings.Contains(err.Error(), "gave up after 256 lost races") {
 				t.Fatalf("Attach = %v, want ErrBusy after 256 lost races", err)
 			}
@@ -512,7 +514,7 @@ func TestAttachGivesUp(t *testing.T) {
 func TestAttachWithoutControl(t *testing.T) {
 	k := useFake(t, 3)
 	k.noControl = true
-	f := tempFile(t, 1<<20)
+	f := kerneltest.TempFile(t, 1<<20)
 	var devs []*Device
 	for want := range 3 {
 		d, err := Attach(context.Background(), f.Name(), Options{})
@@ -542,7 +544,7 @@ func TestAttachMissingNode(t *testing.T) {
 		k := useFake(t, 2)
 		k.noControl = noControl
 		k.noNode[0] = true
-		_, err := Attach(context.Background(), tempFile(t, 4096).Name(), Options{})
+		_, err := Attach(context.Background(), kerneltest.TempFile(t, 4096).Name(), Options{})
 		if !errors.Is(err, fs.ErrNotExist) || !errors.Is(err, unix.ENOENT) || !strings.Contains(err.Error(), "open /dev/loop0: ") {
 			t.Fatalf("noControl=%v: Attach = %v, want the missing /dev/loop0", noControl, err)
 		}
@@ -561,7 +563,7 @@ func TestAttachConcurrentFake(t *testing.T) {
 	devs := make([]*Device, n)
 	files := make([]*os.File, n)
 	for i := range n {
-		files[i] = tempFile(t, 4096)
+		files[i] = kerneltest.TempFile(t, 4096)
 	}
 	for i := range n {
 		wg.Go(func() {
@@ -641,7 +643,7 @@ func TestAttachReadOnlyDescriptor(t *testing.T) {
 	k := useFake(t, 4)
 	k.noAdmin = true
 	mode := func(d *Device) bool { return d.h.(readOnlyHandle).readOnly() }
-	f := tempFile(t, 1<<20)
+	f := kerneltest.TempFile(t, 1<<20)
 
 	ro := attachFake(t, f.Name(), Options{Flags: FlagReadOnly})
 	if !mode(ro) {
@@ -708,7 +710,7 @@ func TestAttachReadOnlyDescriptor(t *testing.T) {
 // an error matching ErrBusy, after which the Device holds what it held.
 func TestAttachLock(t *testing.T) {
 	k := useFake(t, 4)
-	f := tempFile(t, 1<<20)
+	f := kerneltest.TempFile(t, 1<<20)
 	for _, tt := range []struct {
 		m    LockMode
 		last string // the last lock step of Attach
@@ -749,7 +751,7 @@ func TestAttachLock(t *testing.T) {
 func TestConfigureRefusesOptions(t *testing.T) {
 	k := useFake(t, 2)
 	d := fakeDevice(t, k, 0)
-	f := tempFile(t, 1<<20)
+	f := kerneltest.TempFile(t, 1<<20)
 	for _, o := range []Options{{Reuse: true}, {MakeNode: true}, {NoSymlinks: true}} {
 		before := len(k.calls(""))
 		if err := d.Configure(f, o); !errors.Is(err, fs.ErrInvalid) {

@@ -39,7 +39,7 @@ type untouched struct {
 
 func before(t *testing.T, path string) untouched {
 	t.Helper()
-	u := untouched{fds: openFDs(t), flocks: heldFlocks(t)}
+	u := untouched{fds: kerneltest.OpenFDs(t), flocks: heldFlocks(t)}
 	var st unix.Stat_t
 	if unix.Stat(path, &st) == nil {
 		u.dev, u.ino, u.hasID = uint64(st.Dev), uint64(st.Ino), true
@@ -49,7 +49,7 @@ func before(t *testing.T, path string) untouched {
 
 func (u untouched) check(t *testing.T) {
 	t.Helper()
-	if fds := openFDs(t); len(fds) != len(u.fds) {
+	if fds := kerneltest.OpenFDs(t); len(fds) != len(u.fds) {
 		t.Errorf("descriptors open: %v, before: %v", fds, u.fds)
 	}
 	if l := heldFlocks(t); !slices.Equal(l, u.flocks) {
@@ -122,7 +122,7 @@ func mountT(t *testing.T, fstype string, flags uintptr) string {
 }
 
 func TestKernelBadBackingFiles(t *testing.T) {
-	requireKernel(t)
+	kerneltest.Require(t)
 	for _, hp := range hostilePaths(t) {
 		for _, ro := range []bool{false, true} {
 			name := hp.name
@@ -196,7 +196,7 @@ func TestKernelBadBackingFiles(t *testing.T) {
 		{"deleted after the open", Options{}, os.Remove, 1 << 20, true, nil},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
-			f := tempFile(t, 1<<20)
+			f := kerneltest.TempFile(t, 1<<20)
 			k := &hookOpen{before: func() {
 				if err := tt.change(f.Name()); err != nil {
 					t.Error(err)
@@ -221,7 +221,7 @@ func TestKernelBadBackingFiles(t *testing.T) {
 			buf := make([]byte, 4096)
 			n, err := unix.Pread(mustFd(t, devFile(t, d)), buf, 0)
 			if err != nil && err == tt.readErr {
-				t.Logf("read from a device of %d bytes in blocks of %d on %s: %v", tt.size, s.BlockSize, kernelRelease(), err)
+				t.Logf("read from a device of %d bytes in blocks of %d on %s: %v", tt.size, s.BlockSize, kerneltest.Release(), err)
 				return
 			}
 			if err != nil || uint64(n) != min(tt.size, 4096) {
@@ -380,7 +380,7 @@ func testKernelLeasedFile(t *testing.T) {
 // stacks, an unbound one is refused before any device is touched, and
 // the kernel refuses a cycle.
 func testKernelLoopBacking(t *testing.T) {
-	f := tempFile(t, 1<<20)
+	f := kerneltest.TempFile(t, 1<<20)
 	if _, err := f.WriteAt([]byte("bottom"), 8192); err != nil {
 		t.Fatal(err)
 	}
@@ -437,7 +437,7 @@ func testKernelExtremeOptions(t *testing.T) {
 		{"all at once", Options{Offset: math.MaxInt64, SizeLimit: math.MaxInt64, BlockSize: 1 << 31}, 0, unix.EINVAL},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
-			f := tempFile(t, 1<<20)
+			f := kerneltest.TempFile(t, 1<<20)
 			u := before(t, f.Name())
 			d, err := attachWithin(t, f.Name(), tt.o, 10*time.Second)
 			if tt.err != nil {

@@ -15,6 +15,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/loopctl/loopctl/internal/kerneltest"
 )
 
 // hostilePaths makes, in a directory of the test's own, one path of each
@@ -201,7 +203,7 @@ func TestAttachFileBadBackingFiles(t *testing.T) {
 // driver's reads and writes; with /proc and without it, where the path is
 // opened again and must still name the file checked.
 func TestOpenBackingFile(t *testing.T) {
-	f := tempFile(t, 1<<20)
+	f := kerneltest.TempFile(t, 1<<20)
 	for _, noProc := range []bool{false, true} {
 		for _, c := range []struct{ ro, noSymlinks bool }{{false, false}, {true, false}, {false, true}, {true, true}} {
 			ro := c.ro
@@ -242,7 +244,7 @@ func TestOpenBackingFile(t *testing.T) {
 	}
 	// Without /proc, a path that names another file by the time it is
 	// opened again is refused.
-	other := tempFile(t, 4096)
+	other := kerneltest.TempFile(t, 4096)
 	var st unix.Stat_t
 	if err := unix.Stat(other.Name(), &st); err != nil {
 		t.Fatal(err)

@@ -15,6 +15,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/loopctl/loopctl/internal/kerneltest"
 )
 
 func benchFile(b *testing.B) string {
@@ -41,7 +43,7 @@ func benchAttach(b *testing.B, path string) *Device {
 }
 
 func BenchmarkGetFree(b *testing.B) {
-	requireKernel(b)
+	kerneltest.Require(b)
 	c, err := Open()
 	if err != nil {
 		b.Fatal(err)
@@ -58,7 +60,7 @@ func BenchmarkGetFree(b *testing.B) {
 // BenchmarkAttachDetach is one whole cycle: Attach (GET_FREE, open, flock,
 // LOOP_CONFIGURE, unlock), ClearFD, Close.
 func BenchmarkAttachDetach(b *testing.B) {
-	requireKernel(b)
+	kerneltest.Require(b)
 	f, err := os.OpenFile(benchFile(b), os.O_RDWR, 0)
 	if err != nil {
 		b.Fatal(err)
@@ -78,7 +80,7 @@ func BenchmarkAttachDetach(b *testing.B) {
 }
 
 func BenchmarkStatus(b *testing.B) {
-	requireKernel(b)
+	kerneltest.Require(b)
 	d := benchAttach(b, benchFile(b))
 	b.ReportAllocs()
 	for b.Loop() {
@@ -90,7 +92,7 @@ func BenchmarkStatus(b *testing.B) {
 
 // BenchmarkList lists the machine's bound devices, with 16 of its own.
 func BenchmarkList(b *testing.B) {
-	requireKernel(b)
+	kerneltest.Require(b)
 	path := benchFile(b)
 	for range 16 {
 		benchAttach(b, path)
@@ -107,7 +109,7 @@ func BenchmarkList(b *testing.B) {
 // machine, none of them bound: a look's cost, which grows with the bound
 // devices, here a path lookup in sysfs a device.
 func BenchmarkListUnbound(b *testing.B) {
-	requireKernel(b)
+	kerneltest.Require(b)
 	c, err := Open()
 	if err != nil {
 		b.Fatal(err)
@@ -129,7 +131,7 @@ func BenchmarkListUnbound(b *testing.B) {
 // the attach lock (this process's turn and the control device's flock) and
 // without it (lost races retried, nothing else).
 func BenchmarkAttachConcurrent(b *testing.B) {
-	requireKernel(b)
+	kerneltest.Require(b)
 	for _, lock := range []bool{true, false} {
 		for _, contended := range []bool{false, true} {
 			for _, attachers := range []int{1, 8, 32} {
@@ -212,7 +214,7 @@ func startContender(b *testing.B, lock bool) (stop func()) {
 func TestKernelContender(t *testing.T) {
 	mode, input := os.Getenv(contenderEnv), io.Reader(os.Stdin)
 	if mode == "" {
-		requireKernel(t)
+		kerneltest.Require(t)
 		mode, input = "true", strings.NewReader("") // one round each
 	}
 	attachLocking = mode == "true"
@@ -255,7 +257,7 @@ func TestKernelContender(t *testing.T) {
 // every loop device for the file's, here with 256 bound devices of the
 // benchmark's own, none of them the file's.
 func BenchmarkReuseLookup(b *testing.B) {
-	requireKernel(b)
+	kerneltest.Require(b)
 	bound := benchFile(b)
 	for range 256 {
 		benchAttach(b, bound)
@@ -276,86 +278,5 @@ func BenchmarkReuseLookup(b *testing.B) {
 		if d != nil || err != nil {
 			b.Fatal(d, err)
 		}
-	}
-}
-
-// BenchmarkMonitorLatency times a Monitor's report of a bind: from the
-// return of the Attach that bound the device to the return of Next with
-// its EventBound.
-func BenchmarkMonitorLatency(b *testing.B) {
-	requireKernel(b)
-	m, err := OpenMonitor()
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer m.Close()
-	f, err := os.OpenFile(benchFile(b), os.O_RDWR, 0)
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer f.Close()
-	var waited time.Duration
-	ctx := context.Background()
-	for b.Loop() {
-		d, err := AttachFile(ctx, f, Options{})
-		if err != nil {
-			b.Fatal(err)
-		}
-		start := time.Now()
-		for {
-			e, err := m.Next(ctx)
-			if err != nil {
-				b.Fatal(err)
-			}
-			if e.Kind == EventBound && e.Number == d.Number() {
-				break
-			}
-		}
-		waited += time.Since(start)
-		if err := d.Detach(ctx); err != nil {
-			b.Fatal(err)
-		}
-	}
-	b.ReportMetric(float64(waited.Nanoseconds())/float64(b.N), "ns/event")
-}
-
-// BenchmarkWaitUdev times, after a bind, the wait for udev: WaitUdev, for
-// the device alone, against `udevadm settle`, for every event of the
-// machine. It needs udev running.
-func BenchmarkWaitUdev(b *testing.B) {
-	requireKernel(b)
-	if _, err := os.Stat("/run/udev/control"); err != nil {
-		b.Skip("udev is not running")
-	}
-	f, err := os.OpenFile(benchFile(b), os.O_RDWR, 0)
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer f.Close()
-	for _, way := range []string{"WaitUdev", "udevadm-settle"} {
-		b.Run(way, func(b *testing.B) {
-			ctx := context.Background()
-			var waited time.Duration
-			for b.Loop() {
-				d, err := AttachFile(ctx, f, Options{})
-				if err != nil {
-					b.Fatal(err)
-				}
-				start := time.Now()
-				if way == "WaitUdev" {
-					err = d.WaitUdev(ctx)
-				} else {
-					err = exec.Command("udevadm", "settle").Run()
-				}
-				waited += time.Since(start)
-				if err != nil {
-					b.Fatal(err)
-				}
-				if err := d.Detach(ctx); err != nil {
-					b.Fatal(err)
-				}
-			}
-			b.ReportMetric(float64(waited.Nanoseconds())/float64(b.N), "ns/wait")
-		})
 	}
 }

@@ -7,7 +7,6 @@ import (
 	"errors"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -18,23 +17,6 @@ import (
 
 	"github.com/loopctl/loopctl/internal/kerneltest"
 )
-
-// sysfsDiskSeq reads /sys/block/loopN/diskseq: 0 where the kernel has none.
-func sysfsDiskSeq(t *testing.T, n int) uint64 {
-	t.Helper()
-	b, err := os.ReadFile(filepath.Join("/sys/block", "loop"+strconv.Itoa(n), "diskseq"))
-	if errors.Is(err, os.ErrNotExist) {
-		return 0
-	}
-	if err != nil {
-		t.Fatal(err)
-	}
-	seq, err := strconv.ParseUint(strings.TrimSpace(string(b)), 10, 64)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return seq
-}
 
 // uevents listens to the kernel's uevents (NETLINK_KOBJECT_UEVENT, group
 // 1) for the test.
@@ -91,18 +73,18 @@ func diskSeqEvents(t *testing.T, fd, n int) []uint64 {
 // DiskSeq, Status, List, sysfs and the kernel's uevent, and moves on at
 // the bind and at the unbind; 0 everywhere on a kernel before 5.15.
 func TestKernelDiskSeq(t *testing.T) {
-	requireKernel(t)
+	kerneltest.Require(t)
 	events := uevents(t)
-	f := tempFile(t, 1<<20)
+	f := kerneltest.TempFile(t, 1<<20)
 	d := attachT(t, f.Name(), Options{})
 	n := d.Number()
 	seq, err := d.DiskSeq()
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !kernelAtLeast(t, 5, 15) {
-		if seq != 0 || sysfsDiskSeq(t, n) != 0 {
-			t.Fatalf("diskseq %d on %s, which has none", seq, kernelRelease())
+	if !kerneltest.AtLeast(t, 5, 15) {
+		if seq != 0 || kerneltest.DiskSeq(t, n) != 0 {
+			t.Fatalf("diskseq %d on %s, which has none", seq, kerneltest.Release())
 		}
 		return
 	}
@@ -114,28 +96,28 @@ func TestKernelDiskSeq(t *testing.T) {
 	if err != nil || len(found) != 1 {
 		t.Fatalf("FindByBackingFile = %+v, %v", found, err)
 	}
-	if seq == 0 || s.DiskSeq != seq || found[0].DiskSeq != seq || sysfsDiskSeq(t, n) != seq {
+	if seq == 0 || s.DiskSeq != seq || found[0].DiskSeq != seq || kerneltest.DiskSeq(t, n) != seq {
 		t.Fatalf("diskseq: DiskSeq %d, Status %d, FindByBackingFile %d, sysfs %d: want one number", seq, s.DiskSeq,
-			found[0].DiskSeq, sysfsDiskSeq(t, n))
+			found[0].DiskSeq, kerneltest.DiskSeq(t, n))
 	}
 	// The bind's uevent, on kernels that send one (6.15, and Debian's
 	// 6.12 by a backport), has the binding's number.
 	if got := diskSeqEvents(t, events, n); len(got) > 0 && got[len(got)-1] != seq {
 		t.Fatalf("uevents of the bind have DISKSEQ %v, want %d", got, seq)
-	} else if len(got) == 0 && kernelAtLeast(t, 6, 15) {
-		t.Fatalf("no change uevent for loop%d at its bind on %s", n, kernelRelease())
+	} else if len(got) == 0 && kerneltest.AtLeast(t, 6, 15) {
+		t.Fatalf("no change uevent for loop%d at its bind on %s", n, kerneltest.Release())
 	}
 	if err := d.Detach(context.Background()); err != nil {
 		t.Fatal(err)
 	}
-	after := sysfsDiskSeq(t, n)
+	after := kerneltest.DiskSeq(t, n)
 	if after <= seq {
 		t.Fatalf("diskseq %d after the unbind, %d before: want it moved on", after, seq)
 	}
 	// The unbind's uevents carry the old number.
 	if got := diskSeqEvents(t, events, n); len(got) == 0 || got[0] != seq {
-		t.Logf("uevents of the unbind on %s: DISKSEQ %v (binding's %d)", kernelRelease(), got, seq)
-		if kernelAtLeast(t, 6, 15) {
+		t.Logf("uevents of the unbind on %s: DISKSEQ %v (binding's %d)", kerneltest.Release(), got, seq)
+		if kerneltest.AtLeast(t, 6, 15) {
 			t.Fatalf("uevents of the unbind have DISKSEQ %v, want the binding's, %d", got, seq)
 		}
 	}
@@ -150,7 +132,7 @@ func TestKernelOpenBinding(t *testing.T) {
 	c := openControl(t)
 	d := newDevice(t, c)
 	n := d.Number()
-	a, b := tempFile(t, 1<<20), tempFile(t, 1<<20)
+	a, b := kerneltest.TempFile(t, 1<<20), kerneltest.TempFile(t, 1<<20)
 	if err := d.Configure(a, Options{}); err != nil {
 		t.Fatal(err)
 	}
@@ -197,9 +179,9 @@ func TestKernelOpenBinding(t *testing.T) {
 	rebind(b)
 	o, err := OpenBinding(listed)
 	switch {
-	case kernelAtLeast(t, 5, 15) && !errors.Is(err, ErrChanged):
+	case kerneltest.AtLeast(t, 5, 15) && !errors.Is(err, ErrChanged):
 		t.Fatalf("OpenBinding of loop%d bound anew to the same file = %v, %v; want ErrChanged", n, o, err)
-	case !kernelAtLeast(t, 5, 15) && err != nil:
+	case !kerneltest.AtLeast(t, 5, 15) && err != nil:
 		t.Fatalf("OpenBinding of loop%d bound anew to the same file, without diskseq: %v", n, err)
 	case err == nil:
 		o.Close()
@@ -221,9 +203,9 @@ func TestKernelOpenBinding(t *testing.T) {
 // TestKernelRef: an owner reference goes into lo_file_name and comes back
 // in Status, List and FindByRef, beside the backing file's full path.
 func TestKernelRef(t *testing.T) {
-	requireKernel(t)
+	kerneltest.Require(t)
 	ref := "loopctl-test-" + strconv.Itoa(os.Getpid()) + "-" + strings.Repeat("r", 30)
-	f := tempFile(t, 1<<20)
+	f := kerneltest.TempFile(t, 1<<20)
 	d := attachT(t, f.Name(), Options{Ref: ref})
 	plain := attachT(t, f.Name(), Options{Flags: FlagReadOnly})
 	for _, tt := range []struct {
@@ -253,9 +235,9 @@ func TestKernelRef(t *testing.T) {
 // ends while a file system is mounted on it, with ErrBusy naming the
 // mount, the detach left for the unmount.
 func TestKernelDetach(t *testing.T) {
-	requireKernel(t)
+	kerneltest.Require(t)
 	t.Run("only opener", func(t *testing.T) {
-		d := attachT(t, tempFile(t, 1<<20).Name(), Options{})
+		d := attachT(t, kerneltest.TempFile(t, 1<<20).Name(), Options{})
 		n := d.Number()
 		if err := d.Detach(context.Background()); err != nil {
 			t.Fatal(err)
@@ -265,7 +247,7 @@ func TestKernelDetach(t *testing.T) {
 		}
 	})
 	t.Run("second opener", func(t *testing.T) {
-		d := attachT(t, tempFile(t, 1<<20).Name(), Options{})
+		d := attachT(t, kerneltest.TempFile(t, 1<<20).Name(), Options{})
 		n := d.Number()
 		other, err := os.Open(d.Path())
 		if err != nil {
@@ -294,7 +276,7 @@ func TestKernelDetach(t *testing.T) {
 		if _, err := exec.LookPath("mkfs.ext4"); err != nil {
 			t.Skip("no mkfs.ext4")
 		}
-		f := tempFile(t, 16<<20)
+		f := kerneltest.TempFile(t, 16<<20)
 		if out, err := exec.Command("mkfs.ext4", "-q", "-F", f.Name()).CombinedOutput(); err != nil {
 			t.Fatalf("mkfs.ext4: %v\n%s", err, out)
 		}
@@ -327,7 +309,7 @@ func TestKernelDetach(t *testing.T) {
 // TestKernelSweep: Sweep detaches the bindings of its reference, those a
 // mount holds at the mount's end, and no binding of another reference.
 func TestKernelSweep(t *testing.T) {
-	requireKernel(t)
+	kerneltest.Require(t)
 	mine, theirs := "loopctl-sweep-mine-"+strconv.Itoa(os.Getpid()), "loopctl-sweep-theirs-"+strconv.Itoa(os.Getpid())
 	t.Cleanup(func() {
 		for _, ref := range []string{mine, theirs} {
@@ -338,7 +320,7 @@ func TestKernelSweep(t *testing.T) {
 	})
 	var devs []*Device
 	for _, ref := range []string{mine, theirs, mine, mine} {
-		d, err := Attach(context.Background(), tempFile(t, 1<<20).Name(), Options{Ref: ref})
+		d, err := Attach(context.Background(), kerneltest.TempFile(t, 1<<20).Name(), Options{Ref: ref})
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -50,7 +50,7 @@ func OpenBinding(s Status) (*Device, error) {
 
 // openBinding is OpenBinding, opening the device read-write or read-only.
 func openBinding(s Status, mode int) (*Device, error) {
-	const op = "open-binding"
+	const op = "open binding"
 	if err := checkNumber(op, "", s.Number, 0); err != nil {
 		return nil, err
 	}
@@ -135,7 +135,7 @@ func FindByRef(ref string) ([]Status, error) {
 		if err == nil {
 			err = invalid("an empty owner reference")
 		}
-		return nil, newError("find", ref, err)
+		return nil, newError("find", "", err)
 	}
 	return list(&match{ref: ref})
 }

@@ -13,6 +13,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/loopctl/loopctl/internal/kerneltest"
 )
 
 // rebindFake detaches device n as another process would and binds file to
@@ -74,7 +76,7 @@ func TestOpenBindingFake(t *testing.T) {
 			for _, o := range []Options{{}, {Offset: 4096}} {
 				file := f
 				if o.Offset == 0 {
-					file = tempFile(t, 1<<20)
+					file = kerneltest.TempFile(t, 1<<20)
 				}
 				rebindFake(t, k, 1, file, o)
 				if _, err := OpenBinding(s); !errors.Is(err, ErrChanged) {
@@ -122,7 +124,7 @@ func TestRefFake(t *testing.T) {
 	k := useFake(t, 4)
 	for _, bad := range []string{strings.Repeat("r", 64), "a\x00b"} {
 		before := len(k.calls(""))
-		if _, err := AttachFile(context.Background(), tempFile(t, 4096), Options{Ref: bad}); !errors.Is(err, fs.ErrInvalid) {
+		if _, err := AttachFile(context.Background(), kerneltest.TempFile(t, 4096), Options{Ref: bad}); !errors.Is(err, fs.ErrInvalid) {
 			t.Fatalf("Ref %q: %v, want fs.ErrInvalid", bad, err)
 		}
 		if _, err := FindByRef(bad); !errors.Is(err, fs.ErrInvalid) {
@@ -136,7 +138,7 @@ func TestRefFake(t *testing.T) {
 		t.Fatalf("FindByRef(\"\") = %v, want fs.ErrInvalid", err)
 	}
 	ref := strings.Repeat("r", 63)
-	f := tempFile(t, 4096)
+	f := kerneltest.TempFile(t, 4096)
 	a, err := AttachFile(context.Background(), f, Options{Ref: ref})
 	if err != nil {
 		t.Fatal(err)
@@ -205,7 +207,7 @@ func TestSweepFake(t *testing.T) {
 	k := useFake(t, 5)
 	bind := func(n int, ref string) {
 		d := fakeDevice(t, k, n)
-		if err := d.Configure(tempFile(t, 4096), Options{Ref: ref}); err != nil {
+		if err := d.Configure(kerneltest.TempFile(t, 4096), Options{Ref: ref}); err != nil {
 			t.Fatal(err)
 		}
 		d.Close()

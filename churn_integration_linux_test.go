@@ -24,6 +24,8 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/loopctl/loopctl/internal/sysfs"
+
+	"github.com/loopctl/loopctl/internal/kerneltest"
 )
 
 // The churn test is the workload the package exists for: many processes
@@ -108,21 +110,6 @@ func (t *tally) count(f func(c *churnCounts)) {
 	f(&t.churnCounts)
 }
 
-// churnDuration is how long the churn and interference run.
-func churnDuration(t *testing.T) time.Duration {
-	if s := os.Getenv("LOOPCTL_CHURN_DURATION"); s != "" {
-		d, err := time.ParseDuration(s)
-		if err != nil {
-			t.Fatalf("LOOPCTL_CHURN_DURATION: %v", err)
-		}
-		return d
-	}
-	if testing.Short() {
-		return 3 * time.Second
-	}
-	return 30 * time.Second
-}
-
 // A child is a copy of the test binary running one test in a child mode.
 type child struct {
 	cmd *exec.Cmd
@@ -192,10 +179,10 @@ func TestKernelChurn(t *testing.T) {
 		report(systemdProcess(cfg))
 		return
 	}
-	requireKernel(t)
+	kerneltest.Require(t)
 	const procs, goroutines = 4, 8
 	dir := t.TempDir()
-	d := churnDuration(t)
+	d := kerneltest.ChurnDuration(t)
 	start := time.Now()
 	deadline := start.Add(d)
 	var children []*child
@@ -234,7 +221,7 @@ func TestKernelChurn(t *testing.T) {
 	}
 	writeReport(t, map[string]any{"duration": elapsed.String(), "processes": procs, "goroutines": goroutines,
 		"loopctl": total, "systemd": sd, "losetup": plain, "flock_losetup": locked,
-		"leaked_devices": len(leaked), "kernel": kernelRelease()})
+		"leaked_devices": len(leaked), "kernel": kerneltest.Release()})
 
 	if total.Attaches == 0 || total.Failures != 0 || total.Collisions != 0 || total.LeakedFDs != 0 || total.LeakedGoroutines != 0 ||
 		total.Swept == 0 || total.Foreign != 0 {
@@ -267,14 +254,6 @@ func writeReport(t *testing.T, v any) {
 	}
 }
 
-func kernelRelease() string {
-	var u unix.Utsname
-	if unix.Uname(&u) != nil {
-		return "?"
-	}
-	return unix.ByteSliceToString(u.Release[:])
-}
-
 // boundUnder lists, from sysfs itself, the devices bound to files in dir:
 // not through List, which leaves out a device being torn down.
 func boundUnder(t *testing.T, dir string) []string {
@@ -300,7 +279,7 @@ func churnProcess(t *testing.T, cfg churnConfig) churnCounts {
 	if _, err := sharedControl(); err != nil {
 		t.Fatal(err)
 	}
-	fds := len(openFDs(t))
+	fds := len(kerneltest.OpenFDs(t))
 	goroutines := runtime.NumGoroutine()
 	var tl tally
 	var wg sync.WaitGroup
@@ -320,7 +299,7 @@ func churnProcess(t *testing.T, cfg churnConfig) churnCounts {
 	}
 	wg.Wait()
 	tl.LostRaces = int(lostRaces.Load())
-	if after := len(openFDs(t)); after != fds {
+	if after := len(kerneltest.OpenFDs(t)); after != fds {
 		tl.LeakedFDs = after - fds
 		tl.fail(false, "%d descriptors before, %d after", fds, after)
 	}
@@ -369,7 +348,7 @@ func churnOptions(rng *rand.Rand) Options {
 
 // churnWorker loops attach / check / I/O / detach on its own file.
 func churnWorker(tl *tally, cfg churnConfig, id string, rng *rand.Rand) {
-	path := filepath.Join(cfg.Dir, id+"-"+longName)
+	path := filepath.Join(cfg.Dir, id+"-"+kerneltest.LongName)
 	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o644)
 	if err != nil {
 		tl.fail(false, "%v", err)
@@ -741,7 +720,7 @@ func systemdConfigure(ctl, file int) (dev int, lost bool, err error) {
 // LOOP_CLR_FD and its last close, where Linux 6.11 and later keep it in
 // "rundown": still in sysfs, but refusing opens with ENXIO.
 func TestKernelListRundown(t *testing.T) {
-	f := tempFile(t, 1<<20)
+	f := kerneltest.TempFile(t, 1<<20)
 	d := attachT(t, f.Name(), Options{})
 	clearAlone(t, d)
 	inSysfs := len(boundUnder(t, filepath.Dir(f.Name()))) == 1
@@ -754,7 +733,7 @@ func TestKernelListRundown(t *testing.T) {
 		if !errors.Is(err, ErrNotBound) || !errors.Is(err, unix.ENXIO) || !strings.Contains(err.Error(), "detached") {
 			t.Fatalf("OpenDevice in rundown = %v, want ENXIO explained, matching ErrNotBound", err)
 		}
-		t.Logf("kernel %s keeps the device in sysfs until the last close", kernelRelease())
+		t.Logf("kernel %s keeps the device in sysfs until the last close", kerneltest.Release())
 	case err != nil:
 		t.Fatalf("OpenDevice after LOOP_CLR_FD = %v", err)
 	default:

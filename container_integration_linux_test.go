@@ -91,7 +91,7 @@ func TestKernelContainer(t *testing.T) {
 		bindMountChild(t)
 		return
 	}
-	requireKernel(t)
+	kerneltest.Require(t)
 	for _, kind := range []string{"mount", "nocap", "user"} {
 		t.Run(kind, func(t *testing.T) { runContainer(t, kind) })
 	}
@@ -149,7 +149,7 @@ func underDeviceRules(t *testing.T) {
 		}
 	}
 	rule("cgroup.procs", strconv.Itoa(os.Getpid()))
-	f := tempFile(t, 1<<20)
+	f := kerneltest.TempFile(t, 1<<20)
 
 	rule("devices.deny", "b 7:* m")
 	_, err := attachInContainer(t, f.Name(), Options{MakeNode: true}, fs.ErrPermission)
@@ -323,7 +323,7 @@ func mountOnTemp(t *testing.T, fstype string, flags uintptr, data string) (strin
 // inMountNS runs in a container that may make nodes.
 func inMountNS(t *testing.T) {
 	t.Run("without MakeNode", func(t *testing.T) {
-		f := tempFile(t, 1<<20)
+		f := kerneltest.TempFile(t, 1<<20)
 		_, err := attachInContainer(t, f.Name(), Options{}, fs.ErrNotExist)
 		missing := missingNodeOf(t, err)
 		// What the caller does with the number: make the node, and
@@ -338,13 +338,13 @@ func inMountNS(t *testing.T) {
 		d.Close()
 	})
 	t.Run("MakeNode", func(t *testing.T) {
-		f := tempFile(t, 1<<20)
+		f := kerneltest.TempFile(t, 1<<20)
 		d, _ := attachInContainer(t, f.Name(), Options{MakeNode: true}, nil)
 		checkNode(t, d.Path(), d.Number(), "dev")
 		checkData(t, d.Path(), f, 0)
 	})
 	t.Run("MakeNode, Reuse", func(t *testing.T) {
-		f := tempFile(t, 1<<20)
+		f := kerneltest.TempFile(t, 1<<20)
 		o := Options{MakeNode: true, Reuse: true}
 		d, _ := attachInContainer(t, f.Name(), o, nil)
 		// Another process of the container comes to the same image
@@ -365,10 +365,10 @@ func inMountNS(t *testing.T) {
 		checkNode(t, d.Path(), d.Number(), "dev")
 	})
 	t.Run("MakeNode, partitions added", func(t *testing.T) {
-		f := tempFile(t, 4<<20)
+		f := kerneltest.TempFile(t, 4<<20)
 		d, _ := attachInContainer(t, f.Name(), Options{MakeNode: true}, nil)
 		host := fmt.Sprintf("%s/loop%d", machineDev(t), d.Number())
-		release := addPartitionLocking(t, d, host, 1, 2048, 2048) // in sectors: 1 MiB at 1 MiB
+		release := kerneltest.AddPartition(t, d.Path(), host, 1, 2048, 2048) // in sectors: 1 MiB at 1 MiB
 		// A partition added by hand outlives the binding: delete it
 		// before the device is detached. udev probes a new partition
 		// holding a shared lock of its disk, and the kernel refuses to
@@ -376,7 +376,7 @@ func inMountNS(t *testing.T) {
 		// probe and keeps the next one off.
 		t.Cleanup(func() {
 			release()
-			unlock := lockExclusive(t, host)
+			unlock := kerneltest.LockNode(t, host, unix.LOCK_EX)
 			defer unlock()
 			if out, err := exec.Command("delpart", d.Path(), "1").CombinedOutput(); err != nil {
 				t.Errorf("delpart: %v: %s", err, out)
@@ -398,7 +398,7 @@ func inMountNS(t *testing.T) {
 	})
 	t.Run("MakeNode, partitions scanned", func(t *testing.T) {
 		requireConfig(t, "CONFIG_MSDOS_PARTITION")
-		f := tempFile(t, 8<<20)
+		f := kerneltest.TempFile(t, 8<<20)
 		if err := writeMBR(f, 8<<20, []part{{start: 2048, sectors: 4096}, {start: 8192, sectors: 2048}}); err != nil {
 			t.Fatal(err)
 		}
@@ -416,7 +416,7 @@ func inMountNS(t *testing.T) {
 
 // inUserNS runs in a container where no node can be made.
 func inUserNS(t *testing.T) {
-	f := tempFile(t, 1<<20)
+	f := kerneltest.TempFile(t, 1<<20)
 	_, err := attachInContainer(t, f.Name(), Options{}, fs.ErrNotExist)
 	missingNodeOf(t, err)
 	_, err = attachInContainer(t, f.Name(), Options{MakeNode: true}, fs.ErrPermission)
@@ -428,7 +428,7 @@ func inUserNS(t *testing.T) {
 
 // withoutCapMknod runs in a container whose root lacks CAP_MKNOD.
 func withoutCapMknod(t *testing.T) {
-	f := tempFile(t, 1<<20)
+	f := kerneltest.TempFile(t, 1<<20)
 	_, err := attachInContainer(t, f.Name(), Options{MakeNode: true}, fs.ErrPermission)
 	if !errors.Is(err, unix.EPERM) || !strings.Contains(err.Error(), "lacks CAP_MKNOD") {
 		t.Fatalf("Attach with MakeNode = %v, want EPERM, said to be for want of CAP_MKNOD", err)

@@ -383,7 +383,7 @@ func (d *Device) Path() string { return d.path }
 // Without CAP_SYS_ADMIN it needs d open for writing, which the Device of a
 // read-only binding from Attach or OpenBinding is not (see OpenDevice).
 func (d *Device) SetFD(f *os.File) error {
-	const op = "set-fd"
+	const op = "set fd"
 	return withFile(op, d.path, f, func(fd uintptr) error {
 		if err := checkBackingFile(fd, f.Name(), Options{}); err != nil {
 			return newError(op, d.path, err)
@@ -409,7 +409,7 @@ func (d *Device) SetFD(f *os.File) error {
 // Without CAP_SYS_ADMIN it needs d open for writing, which the Device of a
 // read-only binding from Attach or OpenBinding is not (see OpenDevice).
 func (d *Device) ClearFD() error {
-	_, err := d.ioctl("clear-fd", reqClearFD, 0)
+	_, err := d.ioctl("clear fd", reqClearFD, 0)
 	return err
 }
 
@@ -419,7 +419,7 @@ func (d *Device) ClearFD() error {
 // Without CAP_SYS_ADMIN it needs d open for writing, which the Device of a
 // read-only binding from Attach or OpenBinding is not (see OpenDevice).
 func (d *Device) SetCapacity() error {
-	_, err := d.ioctl("set-capacity", reqSetCapacity, 0)
+	_, err := d.ioctl("set capacity", reqSetCapacity, 0)
 	return err
 }
 
@@ -434,7 +434,7 @@ func (d *Device) SetCapacity() error {
 // Without CAP_SYS_ADMIN it needs d open for writing, which the Device of a
 // read-only binding from Attach or OpenBinding is not (see OpenDevice).
 func (d *Device) SetDirectIO(on bool) error {
-	const op = "set-direct-io"
+	const op = "set direct io"
 	h, err := d.handle(op)
 	if err != nil {
 		return err

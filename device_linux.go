@@ -112,7 +112,7 @@ var errLockHeld error = &explained{text: "another process holds a lock of the de
 // by another process, whose ClearFD only defers the detach to the last
 // close, d's among them; only LOOP_CHANGE_FD moves the number on.
 func (d *Device) DiskSeq() (uint64, error) {
-	const op = "disk-seq"
+	const op = "disk seq"
 	h, err := d.handle(op)
 	if err != nil {
 		return 0, err
@@ -454,7 +454,7 @@ func (d *Device) status(op string, h handle, info *unix.LoopInfo64) error {
 // Without CAP_SYS_ADMIN it needs d open for writing, which the Device of a
 // read-only binding from Attach or OpenBinding is not (see OpenDevice).
 func (d *Device) SetStatus(s Status) error {
-	const op = "set-status"
+	const op = "set status"
 	h, err := d.handle(op)
 	if err != nil {
 		return err
@@ -492,7 +492,7 @@ func (d *Device) SetStatus(s Status) error {
 // Without CAP_SYS_ADMIN it needs d open for writing, which the Device of a
 // read-only binding from Attach or OpenBinding is not (see OpenDevice).
 func (d *Device) SetBlockSize(size uint32) error {
-	const op = "set-block-size"
+	const op = "set block size"
 	h, err := d.handle(op)
 	if err != nil {
 		return err
@@ -516,7 +516,7 @@ func (d *Device) SetBlockSize(size uint32) error {
 // Without CAP_SYS_ADMIN it needs d open for writing, which the Device of a
 // read-only binding from Attach or OpenBinding is not (see OpenDevice).
 func (d *Device) ChangeFD(f *os.File) error {
-	const op = "change-fd"
+	const op = "change fd"
 	h, err := d.handle(op)
 	if err != nil {
 		return err

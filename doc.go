@@ -181,23 +181,11 @@
 //
 // # Watching devices, and waiting for udev
 //
-// A Monitor (OpenMonitor, Next) reports loop devices added and removed,
-// bound and unbound, resized, and their partitions, from the kernel's
-// uevents: bound and unbound are checked against the kernel, and each
-// binding is told apart by its disk sequence number, so that bindings
-// made and gone before Next reads them are still reported, each once and
-// in order. Only the kernel's messages are read; events the kernel had to
-// drop are reported as EventLost, which tells the caller to List again.
-// Where kernel uevents cannot arrive, in a network namespace of another
-// user namespace (a rootless container), the Monitor polls sysfs
-// (Polling, SetPollInterval).
-//
-// udev, which every distribution runs, probes each device that changes
-// and only then makes /dev/disk/by-label and the other links. A program
-// that binds an image and mounts it by label waits for it: WaitUdev
-// returns once udev has processed the device's current binding, where
-// `udevadm settle` waits for every device of the machine; with no udev
-// running it returns at once.
+// The package github.com/loopctl/loopctl/uevent, which imports this one,
+// reports what happens to loop devices (its Monitor reads the kernel's
+// uevents, or polls sysfs in a rootless container), and waits until udev
+// has processed a device's binding (uevent.WaitUdev), so that a program
+// that binds an image and mounts it by label finds the link in place.
 //
 // For the lower level, a Control is the open /dev/loop-control (Add,
 // Remove, GetFree), and a Device is an open /dev/loopN: SetFD and

@@ -116,7 +116,7 @@ func (e *OverlapError) Is(target error) bool { return target == ErrOverlap }
 //	ENXIO          ErrNotBound
 //	ENOTTY         errors.ErrUnsupported
 type Error struct {
-	Op   string // the operation, such as "add" or "configure"
+	Op   string // the operation, in lower-case words: the method's ("add", "set block size") or the kernel call's ("mknod")
 	Path string // the device the operation was on, such as "/dev/loop3"
 	Err  error  // the cause
 }

@@ -8,6 +8,8 @@ import (
 	"testing"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/loopctl/loopctl/internal/kerneltest"
 )
 
 // TestKernelHeldExclusively changes a bound device's settings while
@@ -21,9 +23,9 @@ import (
 func TestKernelHeldExclusively(t *testing.T) {
 	for _, holder := range []string{"O_EXCL", "mount"} {
 		t.Run(holder, func(t *testing.T) {
-			f := tempFile(t, 16<<20)
+			f := kerneltest.TempFile(t, 16<<20)
 			if holder == "mount" {
-				mkfsExt4(t, f.Name())
+				kerneltest.MkfsExt4(t, f.Name())
 			}
 			d := attachT(t, f.Name(), Options{})
 			switch holder {
@@ -62,14 +64,14 @@ func TestKernelHeldExclusively(t *testing.T) {
 				switch refused := errors.Is(err, unix.EBUSY); {
 				case refused && (!errors.Is(err, ErrBusy) ||
 					!strings.Contains(err.Error(), "held exclusively") || !strings.Contains(err.Error(), "Options at Attach")):
-					t.Errorf("%s on %s, held by %s: %v; want ErrBusy, explained", change.name, kernelRelease(), holder, err)
-				case !refused && kernelAtLeast(t, change.major, change.minor):
-					t.Errorf("%s on %s, held by %s: %v; want EBUSY from Linux %d.%d on", change.name, kernelRelease(),
+					t.Errorf("%s on %s, held by %s: %v; want ErrBusy, explained", change.name, kerneltest.Release(), holder, err)
+				case !refused && kerneltest.AtLeast(t, change.major, change.minor):
+					t.Errorf("%s on %s, held by %s: %v; want EBUSY from Linux %d.%d on", change.name, kerneltest.Release(),
 						holder, err, change.major, change.minor)
 				case !refused && err != nil:
-					t.Errorf("%s on %s, held by %s: %v", change.name, kernelRelease(), holder, err)
+					t.Errorf("%s on %s, held by %s: %v", change.name, kerneltest.Release(), holder, err)
 				default:
-					t.Logf("%s on %s, held by %s: %v", change.name, kernelRelease(), holder, err)
+					t.Logf("%s on %s, held by %s: %v", change.name, kerneltest.Release(), holder, err)
 				}
 			}
 		})

@@ -28,28 +28,9 @@ import (
 	"github.com/loopctl/loopctl/internal/sysfs"
 )
 
-// requireKernel skips a test that needs root and the loop driver, with a
-// hint, or fails it under LOOPCTL_REQUIRE_INTEGRATION=1.
-func requireKernel(t testing.TB) {
-	t.Helper()
-	var reason string
-	switch _, err := os.Stat(ControlPath); {
-	case os.Geteuid() != 0:
-		reason = "needs root: run the integration tests as root (sudo go test -tags integration ./...)"
-	case err != nil:
-		reason = ControlPath + " is missing: load the loop driver (modprobe loop)"
-	default:
-		return
-	}
-	if os.Getenv("LOOPCTL_REQUIRE_INTEGRATION") == "1" {
-		t.Fatal(reason + "; LOOPCTL_REQUIRE_INTEGRATION=1 forbids skipping")
-	}
-	t.Skip(reason)
-}
-
 func openControl(t *testing.T) *Control {
 	t.Helper()
-	requireKernel(t)
+	kerneltest.Require(t)
 	c, err := Open()
 	if err != nil {
 		t.Fatal(err)
@@ -209,8 +190,8 @@ func TestKernelHighestNumber(t *testing.T) {
 	// 1<<20, making a device whose number overflows the minor range into
 	// another major's, and LOOP_CTL_REMOVE -1, removing whatever unbound
 	// device it finds first.
-	if !kernelAtLeast(t, 6, 1) {
-		t.Logf("kernel %s: not probing LOOP_CTL_ADD %d and LOOP_CTL_REMOVE -1", kernelRelease(), MaxNumber+1)
+	if !kerneltest.AtLeast(t, 6, 1) {
+		t.Logf("kernel %s: not probing LOOP_CTL_ADD %d and LOOP_CTL_REMOVE -1", kerneltest.Release(), MaxNumber+1)
 		return
 	}
 	if _, err := ioctl(c.h, reqCtlAdd, MaxNumber+1); err != unix.EINVAL {
@@ -226,7 +207,7 @@ func TestKernelRemoveBusy(t *testing.T) {
 	c := openControl(t)
 	d := newDevice(t, c)
 	wantErrno(t, c.Remove(d.Number()), unix.EBUSY, ErrBusy) // open
-	if err := d.SetFD(tempFile(t, 1<<20)); err != nil {
+	if err := d.SetFD(kerneltest.TempFile(t, 1<<20)); err != nil {
 		t.Fatal(err)
 	}
 	wantErrno(t, c.Remove(d.Number()), unix.EBUSY, ErrBusy) // bound
@@ -286,7 +267,7 @@ func TestKernelLockAllocatesNothing(t *testing.T) {
 // control device is released at once, and the number is closed once the
 // Control is unreachable.
 func TestKernelControlClose(t *testing.T) {
-	requireKernel(t)
+	kerneltest.Require(t)
 	c, err := Open()
 	if err != nil {
 		t.Fatal(err)
@@ -336,7 +317,7 @@ func TestKernelControlClose(t *testing.T) {
 func TestKernelSetFD(t *testing.T) {
 	c := openControl(t)
 	d := newDevice(t, c)
-	f := tempFile(t, 1<<20)
+	f := kerneltest.TempFile(t, 1<<20)
 	if err := d.SetFD(f); err != nil {
 		t.Fatal(err)
 	}
@@ -347,7 +328,7 @@ func TestKernelSetFD(t *testing.T) {
 	dev, ino := fileID(t, f.Name())
 	// LOOP_SET_FD writes no lo_file_name.
 	want := Status{Number: d.Number(), BackingFile: f.Name(), BackingDevice: dev, BackingInode: ino, BlockSize: 512, Size: 1 << 20,
-		DiskSeq: sysfsDiskSeq(t, d.Number())}
+		DiskSeq: kerneltest.DiskSeq(t, d.Number())}
 	if s != want {
 		t.Fatalf("Status = %+v, want %+v", s, want)
 	}
@@ -370,7 +351,7 @@ func TestKernelSetFD(t *testing.T) {
 func TestKernelSetFDReadOnlyFile(t *testing.T) {
 	c := openControl(t)
 	d := newDevice(t, c)
-	rw := tempFile(t, 1<<20)
+	rw := kerneltest.TempFile(t, 1<<20)
 	ro, err := os.Open(rw.Name())
 	if err != nil {
 		t.Fatal(err)
@@ -410,7 +391,7 @@ func TestKernelConfigure(t *testing.T) {
 func checkConfigure(t *testing.T, c *Control, o Options) {
 	t.Helper()
 	d := newDevice(t, c)
-	f := tempFile(t, 2<<20)
+	f := kerneltest.TempFile(t, 2<<20)
 	err := d.Configure(f, o)
 	if o.Flags&FlagDirectIO != 0 && !directIOOK(t, filepath.Dir(f.Name())) {
 		wantNoDirectIO(t, err, f.Name())
@@ -449,7 +430,7 @@ func checkBound(t *testing.T, d *Device, path string, o Options) {
 	dev, ino := fileID(t, path)
 	want := Status{Number: d.Number(), BackingFile: path, BackingDevice: dev, BackingInode: ino,
 		Offset: o.Offset, SizeLimit: o.SizeLimit, Flags: o.Flags, BlockSize: max(o.BlockSize, 512),
-		Size: deviceSize(t, path, o), DiskSeq: sysfsDiskSeq(t, d.Number()), Ref: refOfBinding(path, o)}
+		Size: deviceSize(t, path, o), DiskSeq: kerneltest.DiskSeq(t, d.Number()), Ref: refOfBinding(path, o)}
 	if s != want {
 		t.Fatalf("Status = %+v, want %+v", s, want)
 	}
@@ -516,7 +497,7 @@ func losetupJ(t *testing.T, path string) []string {
 func TestKernelConfigureBusy(t *testing.T) {
 	c := openControl(t)
 	d := newDevice(t, c)
-	first, second := tempFile(t, 1<<20), tempFile(t, 1<<20)
+	first, second := kerneltest.TempFile(t, 1<<20), kerneltest.TempFile(t, 1<<20)
 	if err := d.Configure(first, Options{}); err != nil {
 		t.Fatal(err)
 	}
@@ -530,8 +511,8 @@ func TestKernelConfigureBusy(t *testing.T) {
 func TestKernelConfigureRejected(t *testing.T) {
 	c := openControl(t)
 	d := newDevice(t, c)
-	f := tempFile(t, 1<<20)
-	closed := tempFile(t, 4096)
+	f := kerneltest.TempFile(t, 1<<20)
+	closed := kerneltest.TempFile(t, 4096)
 	closed.Close()
 	for name, call := range map[string]func() error{
 		"nil file":    func() error { return d.Configure(nil, Options{}) },
@@ -593,7 +574,7 @@ type forcedKernel struct {
 // shared control device opened through it.
 func useKernel(t *testing.T, k opener) {
 	t.Helper()
-	requireKernel(t)
+	kerneltest.Require(t)
 	old := sys
 	resetShared()
 	sys = probingByOpen{k}
@@ -687,7 +668,7 @@ func TestKernelConfigureFallback(t *testing.T) {
 		// bound the file: the binding must be undone.
 		useForced(t, map[uint]error{reqConfigure: unix.ENOTTY})
 		d := newDevice(t, c)
-		err := d.Configure(tempFile(t, 1<<20), Options{BlockSize: 1 << 20})
+		err := d.Configure(kerneltest.TempFile(t, 1<<20), Options{BlockSize: 1 << 20})
 		if !errors.Is(err, unix.EINVAL) || !strings.Contains(err.Error(), "LOOP_SET_BLOCK_SIZE") {
 			t.Fatalf("Configure = %v, want EINVAL from LOOP_SET_BLOCK_SIZE", err)
 		}
@@ -709,37 +690,17 @@ func containsReq(seen []uint, req uint) bool {
 	return false
 }
 
-// addPartition adds partition num of d by hand, as partitioning tools do
-// (BLKPG, through util-linux's addpart), start and size in sectors: the
-// kernel may have no partition table parsers built in. udev re-reads a
-// disk's partition table (BLKRRPART) when a writer closes it, and that
-// drops partitions added by hand, unless someone holds a lock of the
-// disk: addPartition holds a shared one, which udev's probes share, until
-// release, or the test's end.
+// addPartition adds partition num of d by hand (kerneltest.AddPartition),
+// holding a shared lock of d's node until release, or the test's end.
 func addPartition(t *testing.T, d *Device, num, start, size int) (release func()) {
 	t.Helper()
-	return addPartitionLocking(t, d, d.Path(), num, start, size)
-}
-
-// addPartitionLocking is addPartition locking the disk through the node
-// at lockPath: udev locks the machine's node, and a container's node of
-// the same disk is another inode, whose lock holds udev off nothing.
-func addPartitionLocking(t *testing.T, d *Device, lockPath string, num, start, size int) (release func()) {
-	t.Helper()
-	release = lockShared(t, lockPath)
-	t.Cleanup(release)
-	args := []string{d.Path(), strconv.Itoa(num), strconv.Itoa(start), strconv.Itoa(size)}
-	if out, err := exec.Command("addpart", args...).CombinedOutput(); err != nil {
-		release()
-		t.Fatalf("addpart %v: %v: %s", args, err, out)
-	}
-	return release
+	return kerneltest.AddPartition(t, d.Path(), d.Path(), num, start, size)
 }
 
 func TestKernelOpenDevicePath(t *testing.T) {
 	c := openControl(t)
 	d := newDevice(t, c)
-	f := tempFile(t, 4<<20)
+	f := kerneltest.TempFile(t, 4<<20)
 	if err := d.Configure(f, Options{Flags: FlagPartScan}); err != nil {
 		t.Fatal(err)
 	}
@@ -756,7 +717,7 @@ func TestKernelOpenDevicePath(t *testing.T) {
 		}
 		return p
 	}
-	regular := tempFile(t, 4096).Name()
+	regular := kerneltest.TempFile(t, 4096).Name()
 
 	for _, path := range []string{d.Path(), link("loop", d.Path()), link("loop2", filepath.Join(dir, "loop"))} {
 		t.Run(path, func(t *testing.T) {
@@ -807,7 +768,7 @@ func TestKernelUnbound(t *testing.T) {
 }
 
 func TestKernelENOTTY(t *testing.T) {
-	requireKernel(t)
+	kerneltest.Require(t)
 	h, err := sys.open("/dev/null", readWrite)
 	if err != nil {
 		t.Fatal(err)
@@ -847,33 +808,11 @@ func TestKernelClosed(t *testing.T) {
 	}
 }
 
-// openFDs returns the process's descriptors and what they point to,
-// leaving out the Go runtime's poller (anon_inode:[eventpoll] and its
-// eventfd), which it creates on first use.
-func openFDs(t *testing.T) map[int]string {
-	t.Helper()
-	ents, err := os.ReadDir("/proc/self/fd")
-	if err != nil {
-		t.Fatal(err)
-	}
-	fds := map[int]string{}
-	for _, e := range ents {
-		n, _ := strconv.Atoi(e.Name())
-		target, err := os.Readlink("/proc/self/fd/" + e.Name())
-		// A descriptor closed since the directory was read (the
-		// directory's own, one a cleanup closes) is not open.
-		if err == nil && !strings.HasPrefix(target, "anon_inode:") {
-			fds[n] = target
-		}
-	}
-	return fds
-}
-
 func TestKernelCloexecAndNoLeak(t *testing.T) {
 	c := openControl(t)
 	d := newDevice(t, c)
-	f := tempFile(t, 1<<20)
-	before := len(openFDs(t))
+	f := kerneltest.TempFile(t, 1<<20)
+	before := len(kerneltest.OpenFDs(t))
 
 	c2, err := Open()
 	if err != nil {
@@ -884,7 +823,7 @@ func TestKernelCloexecAndNoLeak(t *testing.T) {
 		t.Fatal(err)
 	}
 	found := 0
-	for fd, target := range openFDs(t) {
+	for fd, target := range kerneltest.OpenFDs(t) {
 		if target != ControlPath && target != d.Path() {
 			continue
 		}
@@ -922,7 +861,7 @@ func TestKernelCloexecAndNoLeak(t *testing.T) {
 	OpenDevicePath("/dev/null")
 	OpenDevicePath(f.Name())
 	OpenDevice(MaxNumber)
-	if after := len(openFDs(t)); after != before {
+	if after := len(kerneltest.OpenFDs(t)); after != before {
 		t.Fatalf("%d descriptors before, %d after", before, after)
 	}
 }
@@ -954,7 +893,7 @@ func TestKernelListNames(t *testing.T) {
 	}
 	listed := func(want string) {
 		t.Helper()
-		before := openFDs(t)
+		before := kerneltest.OpenFDs(t)
 		list, err := List()
 		if err != nil {
 			t.Fatal(err)
@@ -968,7 +907,7 @@ func TestKernelListNames(t *testing.T) {
 		case want != "" && list[i].BackingFile != want:
 			t.Fatalf("List has %+v, want loop%d on %s", list[i], n, want)
 		}
-		if after := openFDs(t); !maps.Equal(after, before) {
+		if after := kerneltest.OpenFDs(t); !maps.Equal(after, before) {
 			t.Fatalf("descriptors %v after List, %v before", after, before)
 		}
 	}
@@ -1034,7 +973,7 @@ func TestKernelListNames(t *testing.T) {
 func TestKernelConcurrent(t *testing.T) {
 	c := openControl(t)
 	d := newDevice(t, c)
-	if err := d.Configure(tempFile(t, 1<<20), Options{}); err != nil {
+	if err := d.Configure(kerneltest.TempFile(t, 1<<20), Options{}); err != nil {
 		t.Fatal(err)
 	}
 	var wg sync.WaitGroup

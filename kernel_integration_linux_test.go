@@ -10,40 +10,17 @@ import (
 	"io"
 	"os"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"sync"
 	"testing"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/loopctl/loopctl/internal/kerneltest"
 )
 
 // What the tests know of the running kernel: where its behaviour differs,
 // a test says which kernels and why.
-
-// kernelVersion returns the running kernel's major and minor version.
-func kernelVersion(t testing.TB) (major, minor int) {
-	t.Helper()
-	var u unix.Utsname
-	if err := unix.Uname(&u); err != nil {
-		t.Fatal(err)
-	}
-	rel := unix.ByteSliceToString(u.Release[:])
-	f := strings.FieldsFunc(rel, func(r rune) bool { return r < '0' || r > '9' })
-	if len(f) < 2 {
-		t.Fatalf("kernel release %q", rel)
-	}
-	major, _ = strconv.Atoi(f[0])
-	minor, _ = strconv.Atoi(f[1])
-	return major, minor
-}
-
-// kernelAtLeast reports whether the running kernel is major.minor or newer.
-func kernelAtLeast(t testing.TB, major, minor int) bool {
-	t.Helper()
-	ma, mi := kernelVersion(t)
-	return ma > major || ma == major && mi >= minor
-}
 
 var kernelConfig = sync.OnceValues(func() (map[string]string, error) {
 	var r io.Reader
@@ -53,9 +30,9 @@ var kernelConfig = sync.OnceValues(func() (map[string]string, error) {
 			return nil, err
 		}
 	} else {
-		b, err := os.ReadFile("/boot/config-" + kernelRelease())
+		b, err := os.ReadFile("/boot/config-" + kerneltest.Release())
 		if err != nil {
-			return nil, errors.New("neither /proc/config.gz nor /boot/config-" + kernelRelease() + " tells how the kernel was built")
+			return nil, errors.New("neither /proc/config.gz nor /boot/config-" + kerneltest.Release() + " tells how the kernel was built")
 		}
 		r = bytes.NewReader(b)
 	}
@@ -79,7 +56,7 @@ func requireConfig(t *testing.T, options ...string) {
 	}
 	for _, o := range options {
 		if v := cfg[o]; v != "y" && v != "m" {
-			t.Skipf("kernel %s is built without %s", kernelRelease(), o)
+			t.Skipf("kernel %s is built without %s", kerneltest.Release(), o)
 		}
 	}
 }
@@ -115,5 +92,5 @@ func wantNoDirectIO(t *testing.T, err error, file string) {
 	if found, err := FindByBackingFile(file); err != nil || len(found) != 0 {
 		t.Fatalf("left bound after ErrNoDirectIO: %+v, %v", found, err)
 	}
-	t.Logf("kernel %s, %s: no O_DIRECT, so no direct I/O: %v", kernelRelease(), filepath.Dir(file), err)
+	t.Logf("kernel %s, %s: no O_DIRECT, so no direct I/O: %v", kerneltest.Release(), filepath.Dir(file), err)
 }

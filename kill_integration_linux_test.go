@@ -131,8 +131,8 @@ func TestKernelAttachKilled(t *testing.T) {
 		killChild(t, cfg)
 		return
 	}
-	requireKernel(t)
-	f := tempFile(t, 1<<20)
+	kerneltest.Require(t)
+	f := kerneltest.TempFile(t, 1<<20)
 	kills := 0
 	for _, autoClear := range []bool{true, false} {
 		for at := int64(1); ; at++ {

@@ -15,7 +15,6 @@ import (
 	"sync/atomic"
 	"syscall"
 	"testing"
-	"time"
 
 	"github.com/loopctl/loopctl/internal/kerneltest"
 )
@@ -39,9 +38,9 @@ type holder struct {
 // them, and removes any it could not.
 func holdBound(t *testing.T, test string, count int) *holder {
 	t.Helper()
-	requireKernel(t)
+	kerneltest.Require(t)
 	dir := t.TempDir()
-	h := &holder{file: filepath.Join(dir, longName), ref: "holder-" + strconv.Itoa(os.Getpid())}
+	h := &holder{file: filepath.Join(dir, kerneltest.LongName), ref: "holder-" + strconv.Itoa(os.Getpid())}
 	if err := os.WriteFile(h.file, make([]byte, 64<<10), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -164,9 +163,9 @@ func removeAll(t testing.TB, c *Control, nums []int) {
 // TestKernelLookupsHoldNothing counts the process's descriptors before and
 // after each lookup, with 40 devices bound by another program: List,
 // FindByBackingFile, FindByRef, Attach with Reuse (after the shared
-// device's Close), Sweep of a reference that matches nothing, and the
-// Monitor's look at a device that changed. Each must leave them as they
-// were: nothing is held from one call to the next.
+// device's Close), and Sweep of a reference that matches nothing. Each
+// must leave them as they were: nothing is held from one call to the next.
+// (uevent's TestKernelMonitorHoldsNothing checks the Monitor's looks.)
 func TestKernelLookupsHoldNothing(t *testing.T) {
 	if spec := os.Getenv(envHoldBindings); spec != "" {
 		holdBindings(t, spec)
@@ -182,17 +181,11 @@ func TestKernelLookupsHoldNothing(t *testing.T) {
 		}
 		return nums
 	}
-	m, err := OpenMonitor()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer m.Close()
 	// What the process keeps by design: the control device Attach shares
-	// (see Attach), and the test's own file.
+	// (see Attach).
 	if _, err := sharedControl(); err != nil {
 		t.Fatal(err)
 	}
-	f := tempFile(t, 1<<20)
 	for _, l := range []struct {
 		name string
 		run  func() error
@@ -236,44 +229,12 @@ func TestKernelLookupsHoldNothing(t *testing.T) {
 			}
 			return err
 		}},
-		{"the Monitor", func() error {
-			// A device of the test's own bound and let go of: the Monitor
-			// reads its state at each change. Each event is waited for
-			// before the next change: before Linux 5.15, with no disk
-			// sequence numbers, the Monitor tells a change by the state it
-			// reads.
-			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-			defer cancel()
-			next := func(kind EventKind, n int) error {
-				for {
-					e, err := m.Next(ctx)
-					if err != nil {
-						return fmt.Errorf("waiting for %v of loop%d: %w", kind, n, err)
-					}
-					if e.Kind == kind && e.Number == n {
-						return nil
-					}
-				}
-			}
-			d, err := AttachFile(context.Background(), f, Options{Flags: FlagAutoClear})
-			if err != nil {
-				return err
-			}
-			n := d.Number()
-			if err := next(EventBound, n); err != nil {
-				d.Close()
-				return err
-			}
-			d.Close()
-			kerneltest.WaitUnbound(t, n)
-			return next(EventUnbound, n)
-		}},
 	} {
-		before := openFDs(t)
+		before := kerneltest.OpenFDs(t)
 		if err := l.run(); err != nil {
 			t.Fatalf("%s: %v", l.name, err)
 		}
-		if after := openFDs(t); !maps.Equal(after, before) {
+		if after := kerneltest.OpenFDs(t); !maps.Equal(after, before) {
 			t.Errorf("%s: descriptors %v after, %v before", l.name, after, before)
 		}
 	}
@@ -299,7 +260,7 @@ func TestKernelLookupsUnderFileLimit(t *testing.T) {
 			t.Errorf("setting RLIMIT_NOFILE back: %v", err)
 		}
 	})
-	open := openFDs(t)
+	open := kerneltest.OpenFDs(t)
 	low := lim
 	low.Cur = uint64(slices.Max(slices.Collect(maps.Keys(open)))) + 1 + 36
 	if low.Cur >= count {
@@ -335,7 +296,7 @@ func TestKernelLookupsUnderFileLimit(t *testing.T) {
 		t.Fatalf("opening a file after the lookups: %v", err)
 	}
 	f.Close()
-	if after := openFDs(t); !maps.Equal(after, open) {
+	if after := kerneltest.OpenFDs(t); !maps.Equal(after, open) {
 		t.Errorf("descriptors %v after the lookups, %v before", after, open)
 	}
 }
@@ -351,7 +312,7 @@ func TestKernelListThousands(t *testing.T) {
 	c := openControl(t)
 	nums := addDevices(t, c, 4096)
 	t.Cleanup(func() { removeAll(t, c, nums) })
-	f := tempFile(t, 1<<20)
+	f := kerneltest.TempFile(t, 1<<20)
 	var bound []int
 	var devs []*Device
 	t.Cleanup(func() {

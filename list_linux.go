@@ -4,12 +4,10 @@ package loopctl
 
 import (
 	"bytes"
-	"encoding/binary"
 	"errors"
 	"io/fs"
 	"os"
 	"runtime"
-	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -17,8 +15,6 @@ import (
 	"unsafe"
 
 	"golang.org/x/sys/unix"
-
-	"github.com/loopctl/loopctl/internal/call"
 
 	"github.com/loopctl/loopctl/internal/sysfs"
 )
@@ -146,9 +142,9 @@ func readDevices(want *match) ([]Status, error) {
 		return nil, newError("list", sysfsRoot+"/block", err)
 	}
 	defer closeFD(dir.fd)
-	nums, err := loopNumbersIn(dir.fd)
+	nums, err := sysfs.LoopNumbersIn(dir.fd)
 	if err != nil {
-		return nil, newError("list", dir.path, &os.PathError{Op: "readdirent", Path: dir.path, Err: err})
+		return nil, newError("list", dir.path, &os.PathError{Op: "getdents64", Path: dir.path, Err: err})
 	}
 	// Device nums[i]'s status goes to found[i], and BackingFile, never
 	// empty for a device found, tells which were. The array is made when
@@ -485,56 +481,7 @@ var (
 )
 
 // loopNumbers returns the numbers of the loop devices sysfs lists, in order.
-func loopNumbers() ([]int, error) {
-	block := sysfsRoot + "/block"
-	dir, err := openFD(block, unix.O_RDONLY|unix.O_DIRECTORY)
-	if err != nil {
-		return nil, err
-	}
-	defer closeFD(dir)
-	nums, err := loopNumbersIn(dir)
-	if err != nil {
-		return nil, &os.PathError{Op: "readdirent", Path: block, Err: err}
-	}
-	return nums, nil
-}
-
-// loopNumbersIn returns the numbers of the loop devices listed in dir, an
-// open sysfs directory of block devices, in order. It reads the
-// linux_dirent64 records itself: unix.ParseDirent would make a string of
-// every name. Its buffer takes about 1,300 records a read: sysfs finds
-// its place in the directory again at each.
-func loopNumbersIn(dir int) ([]int, error) {
-	buf := make([]byte, 32<<10)
-	var nums []int
-	for {
-		n, err := call.RetryN(func() (int, error) { return unix.ReadDirent(dir, buf) })
-		if err != nil {
-			return nil, err
-		}
-		if n <= 0 {
-			break
-		}
-		// d_ino (8 bytes), d_off (8), d_reclen (2), d_type (1), d_name.
-		const nameOff = 19
-		for b := buf[:n]; len(b) > nameOff; {
-			reclen := int(binary.NativeEndian.Uint16(b[16:18]))
-			if reclen <= nameOff || reclen > len(b) {
-				break
-			}
-			name := b[nameOff:reclen]
-			if i := bytes.IndexByte(name, 0); i >= 0 {
-				name = name[:i]
-			}
-			if m, ok := sysfs.LoopNumber(unsafe.String(unsafe.SliceData(name), len(name))); ok {
-				nums = append(nums, m)
-			}
-			b = b[reclen:]
-		}
-	}
-	slices.Sort(nums)
-	return nums, nil
-}
+func loopNumbers() ([]int, error) { return sysfs.LoopNumbers(sysfsRoot) }
 
 // sysfsLoopAttr returns the path of attribute attr of device n's loop/
 // directory, or of the directory itself for "".

@@ -115,7 +115,7 @@ func (c *Control) Remove(n int) error {
 //
 // GetFree makes one ioctl and allocates nothing. On error the number is -1.
 func (c *Control) GetFree() (int, error) {
-	return c.ioctl("get-free", ControlPath, reqCtlGetFree, 0)
+	return c.ioctl("get free", ControlPath, reqCtlGetFree, 0)
 }
 
 // Close closes the control device. Close is idempotent; every other method

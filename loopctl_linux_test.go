@@ -7,14 +7,14 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
-	"os"
-	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/loopctl/loopctl/internal/kerneltest"
 )
 
 func TestRequestNumbers(t *testing.T) {
@@ -36,24 +36,6 @@ func TestRequestNumbers(t *testing.T) {
 			t.Errorf("%v = %#x, x/sys says %#x", f, uint32(f), want)
 		}
 	}
-}
-
-// longName makes backing paths longer than lo_file_name's 64 bytes, so
-// that tests see where the full name comes from.
-const longName = "a-backing-file-whose-path-is-longer-than-the-kernels-64-byte-lo_file_name.img"
-
-// tempFile creates a backing file of size bytes for the test.
-func tempFile(t *testing.T, size int64) *os.File {
-	t.Helper()
-	f, err := os.Create(filepath.Join(t.TempDir(), longName))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { f.Close() })
-	if err := f.Truncate(size); err != nil {
-		t.Fatal(err)
-	}
-	return f
 }
 
 func fakeDevice(t *testing.T, k *fakeKernel, n int) *Device {
@@ -117,9 +99,9 @@ func TestInvalidInputMakesNoIoctl(t *testing.T) {
 	}
 	defer c.Close()
 	d := fakeDevice(t, k, 0)
-	closedFile := tempFile(t, 4096)
+	closedFile := kerneltest.TempFile(t, 4096)
 	closedFile.Close()
-	good := tempFile(t, 4096)
+	good := kerneltest.TempFile(t, 4096)
 
 	calls := map[string]func() error{
 		"Add(-2)":              func() error { _, err := c.Add(-2); return err },
@@ -172,7 +154,7 @@ func TestClosedObjects(t *testing.T) {
 		t.Fatal(err)
 	}
 	d := fakeDevice(t, k, 0)
-	f := tempFile(t, 4096)
+	f := kerneltest.TempFile(t, 4096)
 	if err := c.Close(); err != nil {
 		t.Fatal(err)
 	}
@@ -210,7 +192,7 @@ func TestClosedObjects(t *testing.T) {
 func TestConfigureFallback(t *testing.T) {
 	k := useFake(t, 2)
 	k.noConfigure = true
-	f := tempFile(t, 1<<20)
+	f := kerneltest.TempFile(t, 1<<20)
 	d := fakeDevice(t, k, 0)
 	o := Options{Offset: 512, SizeLimit: 4096, BlockSize: 4096, Flags: FlagAutoClear | FlagDirectIO}
 	if err := d.Configure(f, o); err != nil {
@@ -252,7 +234,7 @@ func TestConfigureFallbackRollback(t *testing.T) {
 				noConfigure.Store(true)
 				k.failAt(step, 1, errno)
 				d := fakeDevice(t, k, 0)
-				err := d.Configure(tempFile(t, 8192), Options{BlockSize: 4096, Flags: FlagDirectIO})
+				err := d.Configure(kerneltest.TempFile(t, 8192), Options{BlockSize: 4096, Flags: FlagDirectIO})
 				if !errors.Is(err, errno) {
 					t.Fatalf("Configure = %v, want %v", err, errno)
 				}
@@ -276,7 +258,7 @@ func TestConfigureFallbackSetFDBusy(t *testing.T) {
 	noConfigure.Store(true)
 	k.failAt("LOOP_SET_FD", 1, unix.EBUSY)
 	d := fakeDevice(t, k, 0)
-	if err := d.Configure(tempFile(t, 4096), Options{}); !errors.Is(err, ErrBusy) {
+	if err := d.Configure(kerneltest.TempFile(t, 4096), Options{}); !errors.Is(err, ErrBusy) {
 		t.Fatalf("Configure = %v, want ErrBusy", err)
 	}
 	// The binding was not ours: it must not be cleared.
@@ -292,7 +274,7 @@ func TestConfigureEAGAINRetried(t *testing.T) {
 	k.failAt("LOOP_SET_STATUS64", 2, unix.EAGAIN)
 	k.failAt("LOOP_SET_BLOCK_SIZE", 1, unix.EAGAIN)
 	d := fakeDevice(t, k, 0)
-	if err := d.Configure(tempFile(t, 8192), Options{BlockSize: 4096}); err != nil {
+	if err := d.Configure(kerneltest.TempFile(t, 8192), Options{BlockSize: 4096}); err != nil {
 		t.Fatal(err)
 	}
 	if n, m := len(k.calls("LOOP_SET_STATUS64")), len(k.calls("LOOP_SET_BLOCK_SIZE")); n != 3 || m != 2 {
@@ -306,7 +288,7 @@ func TestConfigureEINVALIsNotFallback(t *testing.T) {
 	k := useFake(t, 1)
 	k.failAt("LOOP_CONFIGURE", 1, unix.EINVAL)
 	d := fakeDevice(t, k, 0)
-	err := d.Configure(tempFile(t, 4096), Options{BlockSize: 1 << 17})
+	err := d.Configure(kerneltest.TempFile(t, 4096), Options{BlockSize: 1 << 17})
 	if !errors.Is(err, unix.EINVAL) || !errors.Is(err, fs.ErrInvalid) {
 		t.Fatalf("Configure = %v, want EINVAL", err)
 	}
@@ -376,7 +358,7 @@ func TestDirectIONotApplied(t *testing.T) {
 			k := useFake(t, 2)
 			k.noDirectIO = true
 			noConfigure.Store(legacy)
-			f := tempFile(t, 1<<20)
+			f := kerneltest.TempFile(t, 1<<20)
 			d := fakeDevice(t, k, 0)
 			err := d.Configure(f, Options{Flags: FlagDirectIO})
 			if !errors.Is(err, ErrNoDirectIO) || !errors.Is(err, unix.EINVAL) || !strings.Contains(err.Error(), "direct I/O") {

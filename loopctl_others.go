@@ -6,7 +6,6 @@ import (
 	"context"
 	"errors"
 	"os"
-	"time"
 )
 
 // Loop devices exist only on Linux. Elsewhere the package builds, and every
@@ -88,10 +87,10 @@ func FindByBackingFile(path string) ([]Status, error) {
 }
 
 // SetStatus is not supported on this platform.
-func (d *Device) SetStatus(s Status) error { return d.unsupported("set-status") }
+func (d *Device) SetStatus(s Status) error { return d.unsupported("set status") }
 
 // SetBlockSize is not supported on this platform.
-func (d *Device) SetBlockSize(size uint32) error { return d.unsupported("set-block-size") }
+func (d *Device) SetBlockSize(size uint32) error { return d.unsupported("set block size") }
 
 // Partitions is not supported on this platform.
 func (d *Device) Partitions() ([]Partition, error) { return nil, d.unsupported("partitions") }
@@ -106,21 +105,21 @@ func MakeNode(n int) error { return newError("make node", DevicePath(n), errors.
 func (p Partition) MakeNode() error { return newError("make node", p.Path, errors.ErrUnsupported) }
 
 // ChangeFD is not supported on this platform.
-func (d *Device) ChangeFD(f *os.File) error { return d.unsupported("change-fd") }
+func (d *Device) ChangeFD(f *os.File) error { return d.unsupported("change fd") }
 
 // OpenBinding is not supported on this platform.
 func OpenBinding(s Status) (*Device, error) {
-	return nil, newError("open-binding", DevicePath(s.Number), errors.ErrUnsupported)
+	return nil, newError("open binding", DevicePath(s.Number), errors.ErrUnsupported)
 }
 
 // FindByRef is not supported on this platform.
 func FindByRef(ref string) ([]Status, error) {
-	return nil, newError("find", ref, errors.ErrUnsupported)
+	return nil, newError("find", "", errors.ErrUnsupported)
 }
 
 // Sweep is not supported on this platform.
 func Sweep(ctx context.Context, ref string) ([]Status, error) {
-	return nil, newError("sweep", ref, errors.ErrUnsupported)
+	return nil, newError("sweep", "", errors.ErrUnsupported)
 }
 
 // Detach is not supported on this platform.
@@ -137,33 +136,7 @@ type lockState struct{}
 
 // DiskSeq is not supported on this platform: no Device binds here, so
 // the number it would remember is 0.
-func (d *Device) DiskSeq() (uint64, error) { return d.seq.Load(), d.unsupported("disk-seq") }
-
-// A Monitor reports changes of loop devices; on this platform none can
-// be opened.
-type Monitor struct{}
-
-// OpenMonitor is not supported on this platform.
-func OpenMonitor() (*Monitor, error) {
-	return nil, newError("monitor", "uevent socket", errors.ErrUnsupported)
-}
-
-// Next is not supported on this platform.
-func (m *Monitor) Next(ctx context.Context) (Event, error) {
-	return Event{}, newError("monitor", "uevent socket", errors.ErrUnsupported)
-}
-
-// Close is not supported on this platform.
-func (m *Monitor) Close() error { return nil }
-
-// Polling is not supported on this platform.
-func (m *Monitor) Polling() bool { return false }
-
-// SetPollInterval is not supported on this platform.
-func (m *Monitor) SetPollInterval(d time.Duration) {}
-
-// WaitUdev is not supported on this platform.
-func (d *Device) WaitUdev(ctx context.Context) error { return d.unsupported("wait-udev") }
+func (d *Device) DiskSeq() (uint64, error) { return d.seq.Load(), d.unsupported("disk seq") }
 
 // explainLimits returns err: no call here opens anything.
 func explainLimits(err error) error { return err }

@@ -32,7 +32,7 @@ import (
 // device at path that was not open before (fds from openFDs).
 func deviceFDFlags(t *testing.T, path string, before map[int]string) int {
 	t.Helper()
-	for fd, target := range openFDs(t) {
+	for fd, target := range kerneltest.OpenFDs(t) {
 		if target != path || before[fd] == path {
 			continue
 		}
@@ -46,18 +46,6 @@ func deviceFDFlags(t *testing.T, path string, before map[int]string) int {
 	return 0
 }
 
-// mkfsExt4 makes an ext4 file system in the file at path, or skips the
-// test where mkfs.ext4 is missing.
-func mkfsExt4(t *testing.T, path string, args ...string) {
-	t.Helper()
-	if _, err := exec.LookPath("mkfs.ext4"); err != nil {
-		t.Skip("no mkfs.ext4")
-	}
-	if out, err := exec.Command("mkfs.ext4", append(append([]string{"-q", "-F"}, args...), path)...).CombinedOutput(); err != nil {
-		t.Fatalf("mkfs.ext4: %v\n%s", err, out)
-	}
-}
-
 // writeMountedRefused tells whether the kernel refuses to mount a block
 // device that has writers: the boot parameter bdev_allow_write_mounted=0
 // (Linux 6.8), or a kernel built without CONFIG_BLK_DEV_WRITE_MOUNTED.
@@ -67,7 +55,7 @@ func writeMountedRefused(t *testing.T) bool {
 		return true
 	}
 	if cfg, err := kernelConfig(); err == nil {
-		if _, ok := cfg["CONFIG_BLK_DEV_WRITE_MOUNTED"]; !ok && kernelAtLeast(t, 6, 8) {
+		if _, ok := cfg["CONFIG_BLK_DEV_WRITE_MOUNTED"]; !ok && kerneltest.AtLeast(t, 6, 8) {
 			return true
 		}
 	}
@@ -82,10 +70,10 @@ func writeMountedRefused(t *testing.T) bool {
 // read-write descriptor (OpenDevice's, as Attach held before) fails with
 // EBUSY.
 func TestKernelReadOnlyDescriptor(t *testing.T) {
-	requireKernel(t)
-	f := tempFile(t, 16<<20)
-	mkfsExt4(t, f.Name())
-	before := openFDs(t)
+	kerneltest.Require(t)
+	f := kerneltest.TempFile(t, 16<<20)
+	kerneltest.MkfsExt4(t, f.Name())
+	before := kerneltest.OpenFDs(t)
 	d := attachT(t, f.Name(), Options{Flags: FlagReadOnly})
 	if fl := deviceFDFlags(t, d.Path(), before); fl&unix.O_ACCMODE != unix.O_RDONLY {
 		t.Fatalf("the Device's descriptor has flags %#o, want O_RDONLY", fl)
@@ -94,7 +82,7 @@ func TestKernelReadOnlyDescriptor(t *testing.T) {
 	if err != nil || s.Flags&FlagReadOnly == 0 || readAttr(t, d.Number(), "ro") != "1" {
 		t.Fatalf("Status = %+v, %v; want a read-only binding", s, err)
 	}
-	before = openFDs(t)
+	before = kerneltest.OpenFDs(t)
 	b, err := OpenBinding(s)
 	if err != nil {
 		t.Fatal(err)
@@ -126,11 +114,11 @@ func TestKernelReadOnlyDescriptor(t *testing.T) {
 	rw.Close()
 	switch {
 	case refused && !errors.Is(err, unix.EBUSY):
-		t.Fatalf("mount -o ro beside a read-write descriptor, writers refused (%s): %v, want EBUSY", kernelRelease(), err)
+		t.Fatalf("mount -o ro beside a read-write descriptor, writers refused (%s): %v, want EBUSY", kerneltest.Release(), err)
 	case !refused && err != nil:
 		t.Fatalf("mount -o ro beside a read-write descriptor: %v", err)
 	}
-	t.Logf("%s: a mounted device's writers refused: %v; the mount beside a read-write descriptor: %v", kernelRelease(), refused, err)
+	t.Logf("%s: a mounted device's writers refused: %v; the mount beside a read-write descriptor: %v", kerneltest.Release(), refused, err)
 }
 
 // TestKernelLock: each LockMode, checked with flock from another
@@ -139,8 +127,8 @@ func TestKernelReadOnlyDescriptor(t *testing.T) {
 // table. Device.Lock changes the lock, and does not wait for one that
 // another holds.
 func TestKernelLock(t *testing.T) {
-	requireKernel(t)
-	f := tempFile(t, 1<<20)
+	kerneltest.Require(t)
+	f := kerneltest.TempFile(t, 1<<20)
 	probe := func(d *Device) (shared, exclusive bool) {
 		t.Helper()
 		fd, err := unix.Open(d.Path(), unix.O_RDONLY|unix.O_CLOEXEC, 0)
@@ -202,13 +190,13 @@ func TestKernelLock(t *testing.T) {
 // probe of a newly bound file system (no by-label link, udev's queue not
 // empty) until Lock(LockNone); then udev processes the device.
 func TestKernelLockHoldsUdevOff(t *testing.T) {
-	requireKernel(t)
+	kerneltest.Require(t)
 	if _, err := os.Stat("/run/udev/control"); err != nil {
 		t.Skip("udev is not running")
 	}
-	f := tempFile(t, 16<<20)
+	f := kerneltest.TempFile(t, 16<<20)
 	label := fmt.Sprintf("lck%d", time.Now().UnixNano()%1e9)
-	mkfsExt4(t, f.Name(), "-L", label)
+	kerneltest.MkfsExt4(t, f.Name(), "-L", label)
 	link := "/dev/disk/by-label/" + label
 	d := attachT(t, f.Name(), Options{Lock: LockExclusive, Flags: FlagReadOnly})
 	// udev tries a locked device again about once a second for minutes:
@@ -223,10 +211,8 @@ func TestKernelLockHoldsUdevOff(t *testing.T) {
 	if err := d.Lock(LockNone); err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	if err := d.WaitUdev(ctx); err != nil {
-		t.Fatal(err)
+	if out, err := exec.Command("udevadm", "settle", "--timeout=60").CombinedOutput(); err != nil {
+		t.Fatalf("udevadm settle after the lock was let go: %v\n%s", err, out)
 	}
 	if target, err := filepath.EvalSymlinks(link); err != nil || target != d.Path() {
 		t.Fatalf("%s -> %q, %v; want %s once the lock is let go", link, target, err, d.Path())
@@ -282,7 +268,7 @@ func gptDisk(ssz, size int) []byte {
 // sizes is refused naming both, and a block device backing gives its own
 // logical block size.
 func TestKernelBlockSizeAuto(t *testing.T) {
-	requireKernel(t)
+	kerneltest.Require(t)
 	gpt := false
 	if cfg, err := kernelConfig(); err == nil {
 		gpt = cfg["CONFIG_EFI_PARTITION"] == "y"
@@ -311,10 +297,10 @@ func TestKernelBlockSizeAuto(t *testing.T) {
 		}
 	}
 	if !gpt {
-		t.Logf("%s reads no GPT: the partitions were not checked", kernelRelease())
+		t.Logf("%s reads no GPT: the partitions were not checked", kerneltest.Release())
 	}
 
-	none := tempFile(t, 1<<20)
+	none := kerneltest.TempFile(t, 1<<20)
 	if s, err := attachT(t, none.Name(), Options{BlockSize: BlockSizeAuto}).Status(); err != nil || s.BlockSize != 512 {
 		t.Errorf("no GPT: Status = %+v, %v; want 512-byte blocks", s, err)
 	}
@@ -335,7 +321,7 @@ func TestKernelBlockSizeAuto(t *testing.T) {
 	}
 
 	// A block device: a loop device of 4096-byte blocks.
-	under := attachT(t, tempFile(t, 4<<20).Name(), Options{BlockSize: 4096})
+	under := attachT(t, kerneltest.TempFile(t, 4<<20).Name(), Options{BlockSize: 4096})
 	if s, err := attachT(t, under.Path(), Options{BlockSize: BlockSizeAuto}).Status(); err != nil || s.BlockSize != 4096 {
 		t.Errorf("over a device of 4096-byte blocks: Status = %+v, %v; want 4096-byte blocks", s, err)
 	}
@@ -345,7 +331,7 @@ func TestKernelBlockSizeAuto(t *testing.T) {
 // into it through the device, then reads it back from the file: a 32-bit
 // program (GOARCH=386, CI's 386 guest) must open both with O_LARGEFILE.
 func TestKernelLargeFile(t *testing.T) {
-	requireKernel(t)
+	kerneltest.Require(t)
 	path := filepath.Join(t.TempDir(), "big.img")
 	f, err := os.Create(path)
 	if err != nil {
@@ -385,9 +371,9 @@ func TestKernelLargeFile(t *testing.T) {
 // device, which since Linux 6.11 has the disk's 4096-byte blocks where it
 // got direct I/O (Reuse compared 512 before).
 func TestKernelReuseDirectIO4K(t *testing.T) {
-	requireKernel(t)
-	fsImage := tempFile(t, 64<<20)
-	mkfsExt4(t, fsImage.Name(), "-b", "4096")
+	kerneltest.Require(t)
+	fsImage := kerneltest.TempFile(t, 64<<20)
+	kerneltest.MkfsExt4(t, fsImage.Name(), "-b", "4096")
 	disk := attachT(t, fsImage.Name(), Options{BlockSize: 4096})
 	dir := t.TempDir()
 	if err := unix.Mount(disk.Path(), dir, "ext4", 0, ""); err != nil {
@@ -408,8 +394,8 @@ func TestKernelReuseDirectIO4K(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if s.Flags&FlagDirectIO != 0 && kernelAtLeast(t, 6, 11) && s.BlockSize != 4096 {
-		t.Errorf("direct I/O over a disk of 4096-byte sectors on %s: %d-byte blocks, want 4096", kernelRelease(), s.BlockSize)
+	if s.Flags&FlagDirectIO != 0 && kerneltest.AtLeast(t, 6, 11) && s.BlockSize != 4096 {
+		t.Errorf("direct I/O over a disk of 4096-byte sectors on %s: %d-byte blocks, want 4096", kerneltest.Release(), s.BlockSize)
 	}
 	d2, err := Attach(context.Background(), img, o)
 	if err != nil {
@@ -419,7 +405,7 @@ func TestKernelReuseDirectIO4K(t *testing.T) {
 	if !d2.Shared() || d2.Number() != d.Number() {
 		t.Fatalf("the second Attach gave %s, shared %v; want %s shared", d2.Path(), d2.Shared(), d.Path())
 	}
-	t.Logf("%s: %+v", kernelRelease(), s)
+	t.Logf("%s: %+v", kerneltest.Release(), s)
 	// Detached before the file system goes: attachT's cleanups run later.
 	d2.Close()
 	detach(t, d)
@@ -431,7 +417,7 @@ func TestKernelReuseDirectIO4K(t *testing.T) {
 // checked that was then swapped for a link, before any device is touched;
 // a path without one binds. RegularFileOnly refuses a block device.
 func TestKernelNoSymlinks(t *testing.T) {
-	requireKernel(t)
+	kerneltest.Require(t)
 	dir := t.TempDir()
 	img := filepath.Join(dir, "image")
 	if err := os.WriteFile(img, make([]byte, 1<<20), 0o644); err != nil {

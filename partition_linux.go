@@ -15,6 +15,7 @@ import (
 	"github.com/loopctl/loopctl/internal/call"
 
 	"github.com/loopctl/loopctl/internal/sysfs"
+	"github.com/loopctl/loopctl/internal/userns"
 )
 
 // Partitions returns the device's partitions, by number, from sysfs
@@ -175,7 +176,7 @@ func explainMknod(err error, rdev uint64) error {
 	}
 	var text string
 	switch {
-	case inUserNamespace():
+	case userns.Inside():
 		text = "this process is in a user namespace, where the kernel makes no device nodes: pass the node into the container"
 	case !effectiveCap(unix.CAP_MKNOD):
 		text = "this process lacks CAP_MKNOD: give it to the container, or pass the node in"
@@ -224,43 +225,6 @@ func deviceRule(rdev uint64, access string) string {
 		rule += fmt.Sprintf(" (and %q for partitions)", "b 259:* "+access)
 	}
 	return rule
-}
-
-// inUserNamespace tells whether the process is in a user namespace other
-// than the machine's own; false where that cannot be told.
-func inUserNamespace() bool {
-	initial, err := initialUserNS("/proc/self/ns/user")
-	return err == nil && !initial
-}
-
-// initialUserNSIno is the inode number of the machine's own user namespace
-// (PROC_USER_INIT_INO).
-const initialUserNSIno = 0xEFFFFFFD
-
-// initialUserNS tells whether the namespace at path, a /proc/self/ns file,
-// is the machine's own user namespace, or, for a namespace of another
-// kind, is owned by it (NS_GET_NSTYPE and NS_GET_USERNS, Linux 4.11): the one way this
-// package tells a user namespace.
-func initialUserNS(path string) (bool, error) {
-	ns, err := openFD(path, unix.O_RDONLY)
-	if err != nil {
-		return false, err
-	}
-	defer closeFD(ns)
-	kind, err := ioctl(fdHandle(ns), unix.NS_GET_NSTYPE, 0)
-	if err != nil {
-		return false, err
-	}
-	if kind != unix.CLONE_NEWUSER {
-		owner, err := ioctl(fdHandle(ns), unix.NS_GET_USERNS, 0)
-		if err != nil {
-			return false, err
-		}
-		defer closeFD(owner)
-		ns = owner
-	}
-	st, err := fstat(uintptr(ns))
-	return err == nil && st.Ino == initialUserNSIno, err
 }
 
 // effectiveCap tells whether capability c is in the process's effective

@@ -16,6 +16,8 @@ import (
 	"unicode/utf16"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/loopctl/loopctl/internal/kerneltest"
 )
 
 // A part is a partition of a test image, in 512-byte sectors.
@@ -35,10 +37,10 @@ func TestKernelPartScan(t *testing.T) {
 		{"gpt", "CONFIG_EFI_PARTITION", writeGPT},
 	} {
 		t.Run(table.name, func(t *testing.T) {
-			requireKernel(t)
+			kerneltest.Require(t)
 			requireConfig(t, table.config)
 			const size = 8 << 20
-			f := tempFile(t, size)
+			f := kerneltest.TempFile(t, size)
 			if err := table.write(f, size, parts); err != nil {
 				t.Fatal(err)
 			}
@@ -96,7 +98,7 @@ func checkPartitions(t *testing.T, d *Device, parts []part) {
 func TestKernelPartitionsBLKPG(t *testing.T) {
 	c := openControl(t)
 	d := newDevice(t, c)
-	if err := d.Configure(tempFile(t, 8<<20), Options{Flags: FlagPartScan}); err != nil {
+	if err := d.Configure(kerneltest.TempFile(t, 8<<20), Options{Flags: FlagPartScan}); err != nil {
 		t.Fatal(err)
 	}
 	parts := []part{{start: 2048, sectors: 4096}, {start: 8192, sectors: 2048}}
@@ -152,7 +154,7 @@ func TestKernelPartitionsBLKPG(t *testing.T) {
 	}
 
 	plain := newDevice(t, c)
-	if err := plain.Configure(tempFile(t, 1<<20), Options{}); err != nil {
+	if err := plain.Configure(kerneltest.TempFile(t, 1<<20), Options{}); err != nil {
 		t.Fatal(err)
 	}
 	if err := plain.Rescan(); !errors.Is(err, fs.ErrInvalid) {

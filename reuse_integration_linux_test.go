@@ -20,7 +20,7 @@ import (
 )
 
 func TestKernelAttachReuse(t *testing.T) {
-	f := tempFile(t, 2<<20)
+	f := kerneltest.TempFile(t, 2<<20)
 	o := Options{Offset: 1 << 20, SizeLimit: 512 << 10, Flags: FlagReadOnly, Reuse: true}
 	first := attachT(t, f.Name(), o)
 	if first.Shared() {
@@ -86,9 +86,9 @@ func TestKernelAttachReuseRace(t *testing.T) {
 		reuseChild(t, path)
 		return
 	}
-	requireKernel(t)
+	kerneltest.Require(t)
 	const procs, goroutines = 4, 4
-	f := tempFile(t, 1<<20)
+	f := kerneltest.TempFile(t, 1<<20)
 	var children []*pipedChild
 	for range procs {
 		children = append(children, startPiped(t, "TestKernelAttachReuseRace",
@@ -180,7 +180,7 @@ func reuseChild(t *testing.T, path string) {
 // must find that device, not bind one of its own.
 func TestKernelAttachReuseUnderLock(t *testing.T) {
 	lock := holdControlLock(t)
-	f := tempFile(t, 1<<20)
+	f := kerneltest.TempFile(t, 1<<20)
 	got := make(chan *Device, 1)
 	go func() {
 		d, err := Attach(context.Background(), f.Name(), Options{Reuse: true})

@@ -3,7 +3,7 @@
 // Command mountlabel does what image builders do with a disk image: it
 // makes one with a partition table and an ext4 file system labelled in
 // its first partition, binds it to a loop device with partition scanning,
-// waits until udev has seen the binding (Device.WaitUdev: no `udevadm
+// waits until udev has seen the binding (uevent.WaitUdev: no `udevadm
 // settle`, which waits for every device of the machine), mounts the
 // partition by its label, /dev/disk/by-label/LABEL, writes a file, and
 // undoes it all.
@@ -29,6 +29,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/loopctl/loopctl"
+	"github.com/loopctl/loopctl/uevent"
 )
 
 func main() {
@@ -96,7 +97,7 @@ func run() error {
 	}
 
 	start := time.Now()
-	if err := d.WaitUdev(ctx); err != nil {
+	if err := uevent.WaitUdev(ctx, d); err != nil {
 		return err
 	}
 	link := "/dev/disk/by-label/" + label

@@ -11,6 +11,11 @@ import (
 	"strings"
 )
 
+// Root is where sysfs is mounted. The packages take it as a field or an
+// argument, never as a variable, so that tests hand them a tree of their
+// own.
+const Root = "/sys"
+
 // DevBlockPath returns root/dev/block/MAJ:MIN, the link sysfs keeps for
 // every block device number.
 func DevBlockPath(root string, major, minor uint32) string {

@@ -1,15 +1,18 @@
 //go:build !loopctl_stub
 
-package loopctl
+package uevent
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"os"
 	"strconv"
 	"strings"
 
 	"golang.org/x/sys/unix"
 
+	"github.com/loopctl/loopctl"
 	"github.com/loopctl/loopctl/internal/sysfs"
 )
 
@@ -21,8 +24,8 @@ import (
 // learnt, to netlink group 2, where programs listen. A program that binds
 // an image and at once looks for /dev/disk/by-label/NAME looks too soon.
 
-// udevRoot is where udev keeps its state; tests point it elsewhere.
-var udevRoot = "/run/udev"
+// udevRoot is where udev keeps its state.
+const udevRoot = "/run/udev"
 
 // WaitUdev returns once udev has processed the device's current binding:
 // its event for the binding's disk sequence number has left udev, or
@@ -42,21 +45,31 @@ var udevRoot = "/run/udev"
 // It listens to udev's messages (only those of root, uid 0, which udev
 // runs as) while ctx allows; when ctx ends first it fails with an error
 // matching ctx's that names what udev has not processed.
-func (d *Device) WaitUdev(ctx context.Context) error {
-	const op = "wait-udev"
-	if _, err := d.handle(op); err != nil {
-		return err
-	}
-	if _, err := os.Stat(udevRoot + "/control"); err != nil {
-		return nil
+//
+// d must be open: the binding waited for is the one it holds. A closed
+// Device fails with an error matching fs.ErrClosed.
+func WaitUdev(ctx context.Context, d *loopctl.Device) error {
+	return udev{sysfs: sysfs.Root, udev: udevRoot}.wait(ctx, d)
+}
+
+// udev is where WaitUdev looks: the sysfs tree, and udev's state.
+type udev struct{ sysfs, udev string }
+
+func (u udev) wait(ctx context.Context, d *loopctl.Device) error {
+	const op = "wait udev"
+	if d == nil {
+		return newError(op, "", fmt.Errorf("%w: a nil Device", os.ErrInvalid))
 	}
 	seq, err := d.DiskSeq()
 	if err != nil {
 		return err
 	}
+	if _, err := os.Stat(u.udev + "/control"); err != nil {
+		return nil
+	}
 	f, err := openNetlinkGroup(udevGroup, 0)
 	if err != nil {
-		return newError(op, d.path, err)
+		return newError(op, d.Path(), err)
 	}
 	defer f.Close()
 	// What udev has done already, now that no message after it is missed.
@@ -64,13 +77,13 @@ func (d *Device) WaitUdev(ctx context.Context) error {
 	// this one's made by rules that give it none (a partition outside any
 	// partition table has no by-diskseq link): udev is asked to process
 	// the device again, as `udevadm trigger` does, and its message tells.
-	waiting := udevTargets(d.number)
+	waiting := u.targets(d.Number())
 	for dev, t := range waiting {
 		switch {
-		case udevDone(dev, t, seq):
+		case u.done(dev, t, seq):
 			delete(waiting, dev)
-		case seq != 0 && udevHasEntry(dev):
-			udevTrigger(t.devpath)
+		case seq != 0 && u.hasEntry(dev):
+			u.trigger(t.devpath)
 		}
 	}
 	buf, oob := make([]byte, 1<<16), make([]byte, unix.CmsgSpace(unix.SizeofUcred))
@@ -80,7 +93,7 @@ func (d *Device) WaitUdev(ctx context.Context) error {
 		case err == unix.ENOBUFS || err == unix.EMSGSIZE:
 			// Messages dropped or cut short: the database tells.
 			for dev, t := range waiting {
-				if udevDone(dev, t, seq) {
+				if u.done(dev, t, seq) {
 					delete(waiting, dev)
 				}
 			}
@@ -90,10 +103,10 @@ func (d *Device) WaitUdev(ctx context.Context) error {
 			for dev, t := range waiting {
 				left = append(left, t.devpath+" ("+dev+")")
 			}
-			return newError(op, d.path, inStep("udev has not processed "+strings.Join(left, ", ")+
-				" for disk sequence number "+strconv.FormatUint(seq, 10), err))
+			return newError(op, d.Path(), fmt.Errorf("udev has not processed %s for disk sequence number %d: %w",
+				strings.Join(left, ", "), seq, err))
 		case err != nil:
-			return newError(op, d.path, err)
+			return newError(op, d.Path(), recvError(err))
 		}
 		if !fromRoot(oob[:oobn]) {
 			continue
@@ -112,9 +125,6 @@ func (d *Device) WaitUdev(ctx context.Context) error {
 	return nil
 }
 
-// udevGroup is the netlink group udev sends its processed events to.
-const udevGroup = 2
-
 // A udevTarget is a device WaitUdev waits for: device n, or its
 // partition part, at devpath in the kernel's device tree.
 type udevTarget struct {
@@ -122,10 +132,10 @@ type udevTarget struct {
 	part    int
 }
 
-// udevTargets returns device n and its partitions, by device number
+// targets returns device n and its partitions, by device number
 // (MAJ:MIN).
-func udevTargets(n int) map[string]udevTarget {
-	dir := sysfs.LoopDir(sysfsRoot, n)
+func (u udev) targets(n int) map[string]udevTarget {
+	dir := sysfs.LoopDir(u.sysfs, n)
 	devpath := loopDevpath + strconv.Itoa(n)
 	out := map[string]udevTarget{}
 	var buf [sysfs.BufSize]byte
@@ -142,31 +152,31 @@ func udevTargets(n int) map[string]udevTarget {
 	return out
 }
 
-// udevHasEntry tells whether udev's database has an entry of device dev.
-func udevHasEntry(dev string) bool {
-	_, err := os.Stat(udevRoot + "/data/b" + dev)
+// hasEntry tells whether udev's database has an entry of device dev.
+func (u udev) hasEntry(dev string) bool {
+	_, err := os.Stat(u.udev + "/data/b" + dev)
 	return err == nil
 }
 
-// udevTrigger has udev process the device at devpath again: a "change"
+// trigger has udev process the device at devpath again: a "change"
 // written to its uevent file makes the kernel send a synthetic event.
 // Where that fails (not root), messages alone tell.
-func udevTrigger(devpath string) {
-	os.WriteFile(sysfsRoot+devpath+"/uevent", []byte("change"), 0)
+func (u udev) trigger(devpath string) {
+	os.WriteFile(u.sysfs+devpath+"/uevent", []byte("change"), 0)
 }
 
-// udevDone tells whether udev's database entry of device dev (MAJ:MIN)
+// done tells whether udev's database entry of device dev (MAJ:MIN)
 // shows the binding seq processed: its disk/by-diskseq link, SEQ for the
 // disk and SEQ-partM for a partition. For seq 0 (before Linux 5.15), an
 // entry and no event queued.
-func udevDone(dev string, t udevTarget, seq uint64) bool {
-	b, err := os.ReadFile(udevRoot + "/data/b" + dev)
+func (u udev) done(dev string, t udevTarget, seq uint64) bool {
+	b, err := os.ReadFile(u.udev + "/data/b" + dev)
 	if err != nil {
 		return false
 	}
 	if seq == 0 {
-		_, err := os.Stat(udevRoot + "/queue")
-		return os.IsNotExist(err)
+		_, err := os.Stat(u.udev + "/queue")
+		return errors.Is(err, os.ErrNotExist)
 	}
 	link := "S:disk/by-diskseq/" + strconv.FormatUint(seq, 10)
 	if t.part != 0 {

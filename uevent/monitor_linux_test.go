@@ -1,12 +1,14 @@
 //go:build !loopctl_stub
 
-package loopctl
+package uevent
 
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io/fs"
 	"os"
+	"path/filepath"
 	"runtime"
 	"slices"
 	"testing"
@@ -137,4 +139,74 @@ func TestRecvNetlinkTruncated(t *testing.T) {
 	if err != nil || string(buf[:n]) != "short" {
 		t.Fatalf("recvNetlink = %q, %v; want \"short\"", buf[:n], err)
 	}
+}
+
+// TestMonitorPollingTree: a polling Monitor of a sysfs tree of the test's
+// own reports a device added, bound with a partition, resized, unbound
+// and removed, as the tree shows them. Each state of the device is a
+// directory of its own, and /block/loop7 a symbolic link to it (as in
+// sysfs), replaced in one rename: a look sees one state or the next.
+func TestMonitorPollingTree(t *testing.T) {
+	root := t.TempDir()
+	if err := os.MkdirAll(root+"/block", 0o755); err != nil {
+		t.Fatal(err)
+	}
+	states := 0
+	show := func(attrs map[string]string) {
+		t.Helper()
+		states++
+		dir := fmt.Sprintf("%s/state%d", root, states)
+		for name, v := range attrs {
+			if err := os.MkdirAll(filepath.Dir(dir+"/"+name), 0o755); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.WriteFile(dir+"/"+name, []byte(v+"\n"), 0o644); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := os.Symlink(dir, root+"/new"); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Rename(root+"/new", root+"/block/loop7"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	m, err := open(root, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	m.SetPollInterval(time.Millisecond)
+	expect := func(what string, want ...Event) {
+		t.Helper()
+		var got []Event
+		for len(got) < len(want) {
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			e, err := m.Next(ctx)
+			cancel()
+			if err != nil {
+				t.Fatalf("%s: %v", what, err)
+			}
+			got = append(got, e)
+		}
+		if !slices.Equal(got, want) {
+			t.Fatalf("%s: events %+v, want %+v", what, got, want)
+		}
+	}
+	show(map[string]string{"diskseq": "40", "size": "0"})
+	expect("add", Event{Kind: EventAdded, Number: 7})
+	bound := map[string]string{"diskseq": "41", "size": "2048", "loop/backing_file": "/img", "loop7p1/start": "2048"}
+	show(bound)
+	expect("bind with a partition", Event{Kind: EventBound, Number: 7, DiskSeq: 41},
+		Event{Kind: EventPartitionAdded, Number: 7, Partition: 1, DiskSeq: 41})
+	bound["size"] = "4096"
+	show(bound)
+	expect("resize", Event{Kind: EventResized, Number: 7, DiskSeq: 41})
+	show(map[string]string{"diskseq": "41", "size": "0"})
+	expect("unbind", Event{Kind: EventPartitionRemoved, Number: 7, Partition: 1, DiskSeq: 41},
+		Event{Kind: EventUnbound, Number: 7, DiskSeq: 41})
+	if err := os.Remove(root + "/block/loop7"); err != nil {
+		t.Fatal(err)
+	}
+	expect("remove", Event{Kind: EventRemoved, Number: 7})
 }

@@ -1,6 +1,6 @@
 //go:build integration && !loopctl_stub
 
-package loopctl
+package uevent
 
 import (
 	"context"
@@ -9,44 +9,15 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"sync"
 	"testing"
 	"time"
 
-	"golang.org/x/sys/unix"
-)
+	"github.com/loopctl/loopctl"
 
-// udevd makes sure systemd-udevd runs for the test: the one already
-// running, or one the test starts and stops by its pid; it skips the test
-// where Debian's udev is not installed.
-func udevd(t *testing.T) {
-	t.Helper()
-	requireKernel(t)
-	if _, err := os.Stat("/run/udev/control"); err == nil {
-		return
-	}
-	const bin = "/lib/systemd/systemd-udevd"
-	if _, err := os.Stat(bin); err != nil {
-		t.Skip("udev is not installed (apt-get install udev); CI runs the tests with it once")
-	}
-	cmd := exec.Command(bin)
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		cmd.Process.Kill()
-		cmd.Wait()
-		os.RemoveAll("/run/udev")
-	})
-	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
-		if _, err := os.Stat("/run/udev/control"); err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("systemd-udevd did not start")
-		}
-	}
-}
+	"golang.org/x/sys/unix"
+
+	"github.com/loopctl/loopctl/internal/kerneltest"
+)
 
 // labelled returns an image holding an ext4 file system labelled label,
 // at offset into it.
@@ -56,8 +27,8 @@ func labelled(t *testing.T, label string, offset int64) *os.File {
 	if err := os.WriteFile(fs, nil, 0o644); err != nil || os.Truncate(fs, 8<<20) != nil {
 		t.Fatal(err)
 	}
-	mkfsExt4(t, fs, "-L", label)
-	f := tempFile(t, offset+8<<20)
+	kerneltest.MkfsExt4(t, fs, "-L", label)
+	f := kerneltest.TempFile(t, offset+8<<20)
 	src, err := os.Open(fs)
 	if err != nil {
 		t.Fatal(err)
@@ -72,7 +43,7 @@ func labelled(t *testing.T, label string, offset int64) *os.File {
 // TestKernelWaitUdev: once WaitUdev returns, /dev/disk/by-label/LABEL
 // names the device, or its partition, a hundred times in a row.
 func TestKernelWaitUdev(t *testing.T) {
-	udevd(t)
+	kerneltest.Udevd(t)
 	// The tests before have given udev thousands of events, which it
 	// works through at a few hundred a second on two cores: WaitUdev is
 	// timed from an idle udev.
@@ -89,7 +60,7 @@ func TestKernelWaitUdev(t *testing.T) {
 			}
 			f := labelled(t, label, offset)
 			for i := range 100 {
-				d, err := AttachFile(context.Background(), f, Options{Flags: FlagPartScan})
+				d, err := loopctl.AttachFile(context.Background(), f, loopctl.Options{Flags: loopctl.FlagPartScan})
 				if err != nil {
 					t.Fatal(err)
 				}
@@ -104,7 +75,7 @@ func TestKernelWaitUdev(t *testing.T) {
 					// udev's probes share, tells it to leave the
 					// table alone, as systemd's locking protocol has
 					// it.
-					release = lockShared(t, d.Path())
+					release = kerneltest.LockNode(t, d.Path(), unix.LOCK_SH)
 					// This machine's kernel reads no partition table:
 					// the partition is added as a partitioning tool does.
 					if out, err := exec.Command("addpart", d.Path(), "1", "2048", "16384").CombinedOutput(); err != nil {
@@ -113,7 +84,7 @@ func TestKernelWaitUdev(t *testing.T) {
 					want += "p1"
 				}
 				ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-				err = d.WaitUdev(ctx)
+				err = WaitUdev(ctx, d)
 				cancel()
 				if err != nil {
 					t.Fatal(err)
@@ -130,7 +101,7 @@ func TestKernelWaitUdev(t *testing.T) {
 					// link (there is no partition table), udev is asked
 					// to process it again.
 					ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-					err := d.WaitUdev(ctx)
+					err := WaitUdev(ctx, d)
 					cancel()
 					if err != nil {
 						t.Fatalf("WaitUdev once more: %v", err)
@@ -146,45 +117,12 @@ func TestKernelWaitUdev(t *testing.T) {
 
 // TestKernelWaitUdevNone: without udev, WaitUdev returns at once.
 func TestKernelWaitUdevNone(t *testing.T) {
-	requireKernel(t)
-	defer func(old string) { udevRoot = old }(udevRoot)
-	udevRoot = t.TempDir() // no control socket: no udev
-	d := attachT(t, tempFile(t, 1<<20).Name(), Options{})
+	kerneltest.Require(t)
+	none := udev{sysfs: "/sys", udev: t.TempDir()} // no control socket: no udev
+	d := attachT(t, kerneltest.TempFile(t, 1<<20).Name(), loopctl.Options{})
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel() // it must not even wait
-	if err := d.WaitUdev(ctx); err != nil {
+	if err := none.wait(ctx, d); err != nil {
 		t.Fatalf("WaitUdev without udev = %v", err)
 	}
-}
-
-// lockShared takes a shared lock (flock) of the device at path, on a
-// read-only descriptor of its own, and returns what releases it (once,
-// however often it is called).
-func lockShared(t *testing.T, path string) func() {
-	t.Helper()
-	return lockNode(t, path, unix.LOCK_SH)
-}
-
-// lockExclusive takes an exclusive flock of the node at path, waiting for
-// any holder of a shared one (udev probing), and returns its release.
-func lockExclusive(t *testing.T, path string) func() {
-	t.Helper()
-	return lockNode(t, path, unix.LOCK_EX)
-}
-
-// lockNode takes flock how of the node at path, on a read-only descriptor
-// of its own, and returns what releases it (once, however often it is
-// called).
-func lockNode(t *testing.T, path string, how int) func() {
-	t.Helper()
-	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := unix.Flock(fd, how); err != nil {
-		unix.Close(fd)
-		t.Fatal(err)
-	}
-	var once sync.Once
-	return func() { once.Do(func() { unix.Close(fd) }) }
 }

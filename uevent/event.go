@@ -1,9 +1,11 @@
-package loopctl
+package uevent
 
 import (
 	"bytes"
 	"encoding/binary"
 	"strconv"
+
+	"github.com/loopctl/loopctl"
 )
 
 // An EventKind says what happened to a loop device.
@@ -19,7 +21,7 @@ const (
 	EventResized                               // its size changed (LOOP_SET_CAPACITY, SetStatus)
 	EventPartitionAdded                        // a partition of it appeared
 	EventPartitionRemoved                      // a partition of it went
-	EventLost                                  // events were lost: rescan with List
+	EventLost                                  // events were lost: rescan with loopctl.List
 )
 
 var eventKindNames = [...]string{
@@ -147,7 +149,7 @@ func eventNumber(b []byte) (int, bool) {
 		}
 		n = n*10 + int(c-'0')
 	}
-	return n, n <= MaxNumber
+	return n, n <= loopctl.MaxNumber
 }
 
 // parseUdevMessage reads a message udev sent to its group: the

@@ -1,6 +1,4 @@
-//go:build !loopctl_stub
-
-package loopctl
+package userns
 
 import (
 	"os"
@@ -15,19 +13,19 @@ import (
 // kernel uevents do not arrive.
 func TestUserNamespace(t *testing.T) {
 	if os.Getenv("LOOPCTL_USERNS_CHILD") != "" {
-		if !inUserNamespace() || kernelEventsArrive() {
-			t.Fatalf("in a user namespace of its own: inUserNamespace %v, kernelEventsArrive %v; want true, false",
-				inUserNamespace(), kernelEventsArrive())
+		if !Inside() || EventsArrive() {
+			t.Fatalf("in a user namespace of its own: Inside %v, EventsArrive %v; want true, false",
+				Inside(), EventsArrive())
 		}
 		return
 	}
-	if initial, err := initialUserNS("/proc/self/ns/user"); err != nil {
+	if initial, err := Initial("/proc/self/ns/user"); err != nil {
 		t.Skipf("no namespace files: %v", err)
 	} else if !initial {
 		t.Skip("the tests run in a user namespace")
 	}
-	if inUserNamespace() || !kernelEventsArrive() {
-		t.Fatalf("inUserNamespace %v, kernelEventsArrive %v; want false, true", inUserNamespace(), kernelEventsArrive())
+	if Inside() || !EventsArrive() {
+		t.Fatalf("Inside %v, EventsArrive %v; want false, true", Inside(), EventsArrive())
 	}
 	cmd := exec.Command(os.Args[0], "-test.run=^TestUserNamespace$", "-test.v")
 	cmd.Env = append(os.Environ(), "LOOPCTL_USERNS_CHILD=1")

@@ -1,4 +1,4 @@
-package loopctl
+package uevent
 
 import (
 	"bytes"
@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"strings"
 	"testing"
+
+	"github.com/loopctl/loopctl"
 )
 
 // ueventBytes is a kernel uevent as the kernel writes it.
@@ -64,7 +66,7 @@ func FuzzParseUevent(f *testing.F) {
 		if !ok {
 			return
 		}
-		if e.number < 0 || e.number > MaxNumber || e.partition < 0 || e.partition > MaxNumber {
+		if e.number < 0 || e.number > loopctl.MaxNumber || e.partition < 0 || e.partition > loopctl.MaxNumber {
 			t.Fatalf("numbers out of range: %+v", e)
 		}
 		devpath := fmt.Sprintf("%s%d", loopDevpath, e.number)

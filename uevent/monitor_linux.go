@@ -1,6 +1,6 @@
 //go:build !loopctl_stub
 
-package loopctl
+package uevent
 
 import (
 	"context"
@@ -14,9 +14,8 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/loopctl/loopctl/internal/call"
-
 	"github.com/loopctl/loopctl/internal/sysfs"
+	"github.com/loopctl/loopctl/internal/userns"
 )
 
 // A Monitor reports changes of loop devices: devices added and removed,
@@ -27,6 +26,7 @@ import (
 // It is safe for concurrent use; Next calls take turns.
 type Monitor struct {
 	f       *os.File // the uevent socket; nil when polling
+	root    string   // where sysfs is: sysfs.Root, or a test's tree
 	polling bool
 	closed  atomic.Bool
 	done    chan struct{} // closed by Close: wakes a polling Next
@@ -56,62 +56,33 @@ const defaultPollInterval = time.Second
 // is some 3,000 events of about 1.5 KiB each in the kernel's accounting.
 const monitorRcvBuf = 16 << 20
 
-// OpenMonitor starts watching the loop devices. It listens to the kernel's
+// Open starts watching the loop devices. It listens to the kernel's
 // uevents where they can arrive, and polls sysfs elsewhere (see Polling);
 // as root the uevent socket's receive buffer is made large enough for a
-// burst of a thousand binds. Events from before OpenMonitor are not
-// reported: List tells how things stand.
-func OpenMonitor() (*Monitor, error) {
-	m := &Monitor{buf: make([]byte, 1<<16), oob: make([]byte, unix.CmsgSpace(unix.SizeofUcred)), done: make(chan struct{})}
+// burst of a thousand binds. Events from before Open are not reported:
+// loopctl.List tells how things stand.
+func Open() (*Monitor, error) { return open(sysfs.Root, !userns.EventsArrive()) }
+
+// open opens a Monitor of the devices in the sysfs tree at root, polling
+// it, or listening to the kernel's uevents.
+func open(root string, polling bool) (*Monitor, error) {
+	m := &Monitor{root: root, polling: polling, buf: make([]byte, 1<<16),
+		oob: make([]byte, unix.CmsgSpace(unix.SizeofUcred)), done: make(chan struct{})}
 	m.every.Store(int64(defaultPollInterval))
-	if kernelEventsArrive() {
-		f, err := openNetlinkGroup(1, monitorRcvBuf)
+	if !polling {
+		f, err := openNetlinkGroup(kernelGroup, monitorRcvBuf)
 		if err != nil {
-			return nil, newError("monitor", "uevent socket", err)
+			return nil, newError("monitor", "", err)
 		}
 		m.f = f
-	} else {
-		m.polling = true
 	}
-	last, err := scanDevices(m.polling)
+	last, err := m.scan(polling)
 	if err != nil {
 		m.Close()
-		return nil, newError("monitor", sysfsRoot+"/block", err)
+		return nil, err
 	}
 	m.last = last
 	return m, nil
-}
-
-// kernelEventsArrive tells whether this process's network namespace is
-// owned by the machine's own user namespace, the only one kernel uevents
-// reach. Where that cannot be told (no /proc, a kernel before 4.11), it
-// assumes they do.
-func kernelEventsArrive() bool {
-	initial, err := initialUserNS("/proc/self/ns/net")
-	return err != nil || initial
-}
-
-// openNetlinkGroup opens a uevent socket on multicast group g (1: the
-// kernel's events; 2: udev's), with the senders' credentials passed,
-// non-blocking for the runtime's poller, and a receive buffer of rcvBuf
-// bytes where that is not 0 (forced as root, else as large as allowed).
-func openNetlinkGroup(g uint32, rcvBuf int) (*os.File, error) {
-	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, unix.NETLINK_KOBJECT_UEVENT)
-	if err != nil {
-		return nil, os.NewSyscallError("socket", err)
-	}
-	if rcvBuf != 0 && unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, rcvBuf) != nil {
-		unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUF, rcvBuf)
-	}
-	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_PASSCRED, 1); err != nil {
-		unix.Close(fd)
-		return nil, os.NewSyscallError("setsockopt", err)
-	}
-	if err := unix.Bind(fd, &unix.SockaddrNetlink{Family: unix.AF_NETLINK, Groups: g}); err != nil {
-		unix.Close(fd)
-		return nil, os.NewSyscallError("bind", err)
-	}
-	return os.NewFile(uintptr(fd), "uevent"), nil
 }
 
 // Polling reports whether the Monitor polls sysfs, kernel uevents not
@@ -135,7 +106,7 @@ func (m *Monitor) Close() error {
 	}
 	close(m.done)
 	if m.f != nil {
-		return newError("close", "uevent socket", m.f.Close())
+		return newError("close", "", m.f.Close())
 	}
 	return nil
 }
@@ -155,13 +126,13 @@ func (m *Monitor) Close() error {
 // uid 0): another process of the machine sending to the group is not
 // listened to. When the kernel dropped events, because the receive buffer
 // was full, Next returns an Event of kind EventLost: what happened
-// meanwhile is unknown, and List tells how things stand.
+// meanwhile is unknown, and loopctl.List tells how things stand.
 func (m *Monitor) Next(ctx context.Context) (Event, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	for len(m.pending) == 0 {
 		if m.closed.Load() {
-			return Event{}, newError("monitor", "uevent socket", fs.ErrClosed)
+			return Event{}, newError("monitor", "", fs.ErrClosed)
 		}
 		var err error
 		if m.polling {
@@ -186,11 +157,11 @@ func (m *Monitor) receive(ctx context.Context) error {
 		// Dropped by the kernel, or cut short: lost either way.
 		return m.lost()
 	case errors.Is(err, fs.ErrClosed) || err != nil && m.closed.Load():
-		return newError("monitor", "uevent socket", fs.ErrClosed)
+		return newError("monitor", "", fs.ErrClosed)
 	case err == ctx.Err() && err != nil:
 		return err
 	case err != nil:
-		return newError("monitor", "uevent socket", err)
+		return newError("monitor", "", recvError(err))
 	}
 	if !fromKernel(from, m.oob[:oobn]) {
 		return nil
@@ -205,80 +176,12 @@ func (m *Monitor) receive(ctx context.Context) error {
 	return nil
 }
 
-// longAgo is a read deadline that has passed: it wakes a read at once.
-var longAgo = time.Unix(1, 0)
-
-// recvNetlink receives one message on the netlink socket f, waiting as
-// long as ctx allows: ctx's error when it ends first, recvmsg's errno
-// (ENOBUFS: messages were dropped) as it is, and EMSGSIZE for a message
-// longer than buf (MSG_TRUNC), whose rest is lost.
-func recvNetlink(ctx context.Context, f *os.File, buf, oob []byte) (n, oobn int, from unix.Sockaddr, err error) {
-	if err := ctx.Err(); err != nil {
-		return 0, 0, nil, err
-	}
-	deadline, _ := ctx.Deadline()
-	if err := f.SetReadDeadline(deadline); err != nil {
-		return 0, 0, nil, err
-	}
-	stop := context.AfterFunc(ctx, func() { f.SetReadDeadline(longAgo) })
-	defer stop()
-	rc, err := f.SyscallConn()
-	if err != nil {
-		return 0, 0, nil, err
-	}
-	var rerr error
-	var flags int
-	err = rc.Read(func(fd uintptr) bool {
-		rerr = call.Retry(func() (err error) {
-			n, oobn, flags, from, err = unix.Recvmsg(int(fd), buf, oob, 0)
-			return err
-		})
-		return rerr != unix.EAGAIN
-	})
-	switch {
-	case errors.Is(err, os.ErrDeadlineExceeded):
-		// ctx's deadline, which the poller may see a moment before ctx
-		// does, or its cancellation.
-		<-ctx.Done()
-		return 0, 0, nil, ctx.Err()
-	case err != nil:
-		return 0, 0, nil, err
-	case rerr != nil:
-		return 0, 0, nil, rerr
-	case flags&unix.MSG_TRUNC != 0:
-		return 0, 0, nil, unix.EMSGSIZE
-	}
-	return n, oobn, from, nil
-}
-
-// fromKernel tells whether a message came from the kernel: its sender's
-// port is 0, and its credentials, which the kernel fills in for any
-// sender, are uid 0's.
-func fromKernel(from unix.Sockaddr, oob []byte) bool {
-	sa, ok := from.(*unix.SockaddrNetlink)
-	return ok && sa.Pid == 0 && fromRoot(oob)
-}
-
-// fromRoot tells whether a message's credentials are root's.
-func fromRoot(oob []byte) bool {
-	msgs, err := unix.ParseSocketControlMessage(oob)
-	if err != nil {
-		return false
-	}
-	for i := range msgs {
-		if cred, err := unix.ParseUnixCredentials(&msgs[i]); err == nil {
-			return cred.Uid == 0
-		}
-	}
-	return false
-}
-
 // lost queues an EventLost and takes the devices' state afresh, so that
 // what is reported next follows from what is now.
 func (m *Monitor) lost() error {
-	last, err := scanDevices(false)
+	last, err := m.scan(false)
 	if err != nil {
-		return newError("monitor", sysfsRoot+"/block", err)
+		return err
 	}
 	m.last = last
 	m.pending = append(m.pending, Event{Kind: EventLost, Number: -1})
@@ -321,9 +224,9 @@ func (m *Monitor) translate(e uevent) error {
 		m.pending = append(m.pending, ev)
 		return nil
 	}
-	now, err := readDevState(e.number, false)
+	now, err := readDevState(m.root, e.number, false)
 	if err != nil {
-		return newError("monitor", sysfs.LoopDir(sysfsRoot, e.number), err)
+		return newError("monitor", "", err)
 	}
 	events, last := changes(m.last[e.number], now, e, ev)
 	m.pending = append(m.pending, events...)
@@ -384,12 +287,12 @@ func (m *Monitor) poll(ctx context.Context) error {
 	case <-ctx.Done():
 		return ctx.Err()
 	case <-m.done:
-		return newError("monitor", sysfsRoot+"/block", fs.ErrClosed)
+		return newError("monitor", "", fs.ErrClosed)
 	case <-t.C:
 	}
-	now, err := scanDevices(true)
+	now, err := m.scan(true)
 	if err != nil {
-		return newError("monitor", sysfsRoot+"/block", err)
+		return err
 	}
 	m.pending = append(m.pending, pollEvents(m.last, now)...)
 	m.last = now
@@ -442,32 +345,32 @@ func pollEvents(before, now map[int]devState) []Event {
 	return out
 }
 
-// scanDevices reads the state of every loop device in sysfs; with full,
-// their sizes and partitions too.
-func scanDevices(full bool) (map[int]devState, error) {
-	nums, err := loopNumbers()
+// scan reads the state of every loop device in sysfs; with full, their
+// sizes and partitions too.
+func (m *Monitor) scan(full bool) (map[int]devState, error) {
+	nums, err := sysfs.LoopNumbers(m.root)
 	if err != nil {
-		return nil, err
+		return nil, newError("monitor", "", err)
 	}
 	out := make(map[int]devState, len(nums))
 	for _, n := range nums {
-		s, err := readDevState(n, full)
+		s, err := readDevState(m.root, n, full)
 		if err != nil {
-			return nil, err
+			return nil, newError("monitor", "", err)
 		}
 		out[n] = s
 	}
 	return out, nil
 }
 
-// readDevState reads from sysfs what the kernel shows of device n now:
+// readDevState reads from the sysfs tree at root what the kernel shows of device n now:
 // bound or not, its disk sequence number (0 before 5.15); with full, its
 // size and partitions. What is missing is so (the device removed
 // meanwhile, a kernel without diskseq); any other failure to read (EMFILE,
 // say) is an error, never a state.
-func readDevState(n int, full bool) (devState, error) {
+func readDevState(root string, n int, full bool) (devState, error) {
 	var s devState
-	dir := sysfs.LoopDir(sysfsRoot, n)
+	dir := sysfs.LoopDir(root, n)
 	_, err := os.Lstat(dir + "/loop")
 	if s.bound = err == nil; err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return devState{}, err
