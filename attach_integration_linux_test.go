@@ -3,41 +3,23 @@
 package loopctl
 
 import (
-	"bufio"
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"io"
 	"io/fs"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"runtime"
-	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
-	"unsafe"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/loopctl/loopctl/internal/kerneltest"
 )
-
-// attachT attaches path with o for the test; cleanup detaches and closes.
-func attachT(t *testing.T, path string, o Options) *Device {
-	t.Helper()
-	kerneltest.Require(t)
-	d, err := Attach(context.Background(), path, o)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { detach(t, d) })
-	return d
-}
 
 func TestKernelAttach(t *testing.T) {
 	for _, o := range []Options{
@@ -102,228 +84,6 @@ func TestKernelAttachAutoClear(t *testing.T) {
 	kerneltest.WaitUnbound(t, n)
 	if found, err := FindByBackingFile(f.Name()); err != nil || len(found) != 0 {
 		t.Fatalf("FindByBackingFile = %+v, %v; want none", found, err)
-	}
-}
-
-func TestKernelAttachDeletedFile(t *testing.T) {
-	f := kerneltest.TempFile(t, 1<<20)
-	d := attachT(t, f.Name(), Options{})
-	dev, ino := fileID(t, f.Name())
-	if err := os.Remove(f.Name()); err != nil {
-		t.Fatal(err)
-	}
-	list, err := List()
-	if err != nil {
-		t.Fatal(err)
-	}
-	want := Status{Number: d.Number(), BackingFile: f.Name() + " (deleted)", BackingDevice: dev, BackingInode: ino,
-		BlockSize: 512, Size: 1 << 20, DiskSeq: kerneltest.DiskSeq(t, d.Number()), Ref: f.Name()[:63]}
-	var got *Status
-	for i := range list {
-		if list[i].Number == d.Number() {
-			got = &list[i]
-		}
-	}
-	if got == nil || *got != want || !got.Deleted() {
-		t.Fatalf("List has %+v, want %+v", got, want)
-	}
-	if s, err := d.Status(); err != nil || s != want {
-		t.Fatalf("Status = %+v, %v; want %+v", s, err, want)
-	}
-	if l := losetup(t, d.Path()); l.BackFile != want.BackingFile {
-		t.Fatalf("losetup back-file %q, want %q", l.BackFile, want.BackingFile)
-	}
-	if _, err := FindByBackingFile(f.Name()); !errors.Is(err, fs.ErrNotExist) {
-		t.Fatalf("FindByBackingFile(deleted path) = %v, want fs.ErrNotExist", err)
-	}
-}
-
-func TestKernelSetStatus(t *testing.T) {
-	f := kerneltest.TempFile(t, 2<<20)
-	d := attachT(t, f.Name(), Options{})
-	set := Status{Offset: 4096, SizeLimit: 1 << 20, Flags: FlagAutoClear | FlagPartScan}
-	if err := d.SetStatus(set); err != nil {
-		t.Fatal(err)
-	}
-	want := Options{Offset: set.Offset, SizeLimit: set.SizeLimit, Flags: set.Flags}
-	checkBound(t, d, f.Name(), want)
-	if got := readAttr(t, d.Number(), "size"); got != "2048" {
-		t.Fatalf("size %s sectors, want 2048", got)
-	}
-	// lo_file_name survives.
-	var info unix.LoopInfo64
-	if err := ioctlPtr(d.h, reqGetStatus64, unsafe.Pointer(&info)); err != nil || unix.ByteSliceToString(info.File_name[:]) == "" {
-		t.Fatalf("lo_file_name %q after SetStatus, %v", info.File_name, err)
-	}
-
-	// The kernel ignores, with success, a read-only or direct I/O flag
-	// through LOOP_SET_STATUS64: that is why SetStatus refuses them.
-	for _, flag := range []uint32{unix.LO_FLAGS_READ_ONLY, unix.LO_FLAGS_DIRECT_IO} {
-		raw := info
-		raw.Flags |= flag
-		if err := ioctlPtr(d.h, reqSetStatus64, unsafe.Pointer(&raw)); err != nil {
-			t.Fatalf("kernel LOOP_SET_STATUS64 with flag %#x: %v", flag, err)
-		}
-		checkBound(t, d, f.Name(), want)
-	}
-	raw := info
-	raw.Flags &^= unix.LO_FLAGS_PARTSCAN // nor can partscan be cleared
-	if err := ioctlPtr(d.h, reqSetStatus64, unsafe.Pointer(&raw)); err != nil {
-		t.Fatalf("kernel LOOP_SET_STATUS64 clearing partscan: %v", err)
-	}
-	checkBound(t, d, f.Name(), want)
-
-	// What the kernel would ignore is refused, and nothing changes.
-	for name, s := range map[string]Status{
-		"set read-only":   {Flags: set.Flags | FlagReadOnly},
-		"set direct I/O":  {Flags: set.Flags | FlagDirectIO},
-		"clear partscan":  {Flags: FlagAutoClear},
-		"unknown flag":    {Flags: set.Flags | 0x20},
-		"offset too big":  {Offset: 1 << 63, Flags: set.Flags},
-		"size too big":    {SizeLimit: 1 << 63, Flags: set.Flags},
-		"read-only alone": {Flags: FlagReadOnly},
-	} {
-		t.Run(name, func(t *testing.T) {
-			if err := d.SetStatus(s); !errors.Is(err, fs.ErrInvalid) {
-				t.Fatalf("SetStatus(%+v) = %v, want fs.ErrInvalid", s, err)
-			}
-			checkBound(t, d, f.Name(), want)
-		})
-	}
-
-	// Autoclear can be cleared.
-	set.Flags = FlagPartScan
-	if err := d.SetStatus(set); err != nil {
-		t.Fatal(err)
-	}
-	want.Flags = FlagPartScan
-	checkBound(t, d, f.Name(), want)
-}
-
-func TestKernelSetCapacity(t *testing.T) {
-	f := kerneltest.TempFile(t, 1<<20)
-	d := attachT(t, f.Name(), Options{})
-	if err := f.Truncate(2 << 20); err != nil {
-		t.Fatal(err)
-	}
-	if got := readAttr(t, d.Number(), "size"); got != "2048" {
-		t.Fatalf("size before SetCapacity %s, want 2048", got)
-	}
-	if err := d.SetCapacity(); err != nil {
-		t.Fatal(err)
-	}
-	if got := readAttr(t, d.Number(), "size"); got != "4096" {
-		t.Fatalf("size after SetCapacity %s, want 4096", got)
-	}
-	if s, err := d.Status(); err != nil || s.Size != 2<<20 {
-		t.Fatalf("Status = %+v, %v; want size %d", s, err, 2<<20)
-	}
-}
-
-func TestKernelSetBlockSize(t *testing.T) {
-	d := attachT(t, kerneltest.TempFile(t, 1<<20).Name(), Options{})
-	for _, size := range []uint32{4096, 1024, 65536, 512} {
-		err := d.SetBlockSize(size)
-		if size > uint32(os.Getpagesize()) && !kerneltest.AtLeast(t, 6, 15) {
-			// Block sizes above the page size came with Linux 6.15.
-			if !errors.Is(err, unix.EINVAL) || !strings.Contains(err.Error(), "page size") {
-				t.Fatalf("SetBlockSize(%d) on %s = %v, want EINVAL explained", size, kerneltest.Release(), err)
-			}
-			continue
-		}
-		if err != nil {
-			t.Fatal(err)
-		}
-		if got := readAttr(t, d.Number(), "queue/logical_block_size"); got != strconv.Itoa(int(size)) {
-			t.Fatalf("block size %s, want %d", got, size)
-		}
-		if s, err := d.Status(); err != nil || s.BlockSize != size {
-			t.Fatalf("Status = %+v, %v; want block size %d", s, err, size)
-		}
-	}
-	for _, size := range []uint32{0, 3, 256, 1000} {
-		if err := d.SetBlockSize(size); !errors.Is(err, fs.ErrInvalid) || errors.Is(err, unix.EINVAL) {
-			t.Fatalf("SetBlockSize(%d) = %v, want a refusal before the kernel", size, err)
-		}
-	}
-	// A power of two beyond the kernel's limit is the kernel's to refuse.
-	if err := d.SetBlockSize(1 << 20); !errors.Is(err, unix.EINVAL) {
-		t.Fatalf("SetBlockSize(1<<20) = %v, want the kernel's EINVAL", err)
-	}
-}
-
-func TestKernelSetDirectIO(t *testing.T) {
-	f := kerneltest.TempFile(t, 1<<20)
-	d := attachT(t, f.Name(), Options{BlockSize: 4096})
-	if !directIOOK(t, filepath.Dir(f.Name())) {
-		if err := d.SetDirectIO(true); !errors.Is(err, ErrNoDirectIO) || !errors.Is(err, unix.EINVAL) {
-			t.Fatalf("SetDirectIO(true) without O_DIRECT = %v, want ErrNoDirectIO", err)
-		}
-		if s, err := d.Status(); err != nil || s.Flags&FlagDirectIO != 0 {
-			t.Fatalf("Status = %+v, %v", s, err)
-		}
-		return
-	}
-	for _, on := range []bool{true, false, true} {
-		if err := d.SetDirectIO(on); err != nil {
-			t.Fatal(err)
-		}
-		s, err := d.Status()
-		if err != nil || (s.Flags&FlagDirectIO != 0) != on {
-			t.Fatalf("direct I/O %v: %+v, %v", on, s, err)
-		}
-		want := map[bool]string{false: "0", true: "1"}[on]
-		if got := readAttr(t, d.Number(), "loop/dio"); got != want {
-			t.Fatalf("sysfs dio %s, want %s", got, want)
-		}
-	}
-}
-
-func TestKernelChangeFD(t *testing.T) {
-	a := kerneltest.TempFile(t, 1<<20)
-	d := attachT(t, a.Name(), Options{Flags: FlagReadOnly})
-	b, err := os.Create(filepath.Join(t.TempDir(), "b-"+kerneltest.LongName))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer b.Close()
-	if err := b.Truncate(1 << 20); err != nil {
-		t.Fatal(err)
-	}
-	seq, err := d.DiskSeq()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := d.ChangeFD(b); err != nil {
-		t.Fatal(err)
-	}
-	// LOOP_CHANGE_FD leaves lo_file_name as the first bind wrote it, and
-	// moves the disk sequence number on: checkBound compares sysfs's.
-	checkBound(t, d, b.Name(), Options{Flags: FlagReadOnly, Ref: a.Name()[:63]})
-	if after, err := d.DiskSeq(); err != nil || kerneltest.AtLeast(t, 5, 15) && after == seq {
-		t.Fatalf("DiskSeq after ChangeFD = %d, %v; before %d", after, err, seq)
-	}
-
-	// Another size: the kernel refuses, and the error says why.
-	c := kerneltest.TempFile(t, 2<<20)
-	err = d.ChangeFD(c)
-	if !errors.Is(err, unix.EINVAL) || !strings.Contains(err.Error(), "same size") {
-		t.Fatalf("ChangeFD(other size) = %v, want EINVAL explained", err)
-	}
-	checkBound(t, d, b.Name(), Options{Flags: FlagReadOnly, Ref: a.Name()[:63]})
-
-	// A read-write device: refused before the kernel.
-	rw := attachT(t, c.Name(), Options{})
-	if err := rw.ChangeFD(a); !errors.Is(err, fs.ErrInvalid) || errors.Is(err, unix.EINVAL) || !strings.Contains(err.Error(), "read-only") {
-		t.Fatalf("ChangeFD on a read-write device = %v", err)
-	}
-	if err := d.ChangeFD(nil); !errors.Is(err, fs.ErrInvalid) {
-		t.Fatalf("ChangeFD(nil) = %v", err)
-	}
-	dir, _ := os.Open(t.TempDir())
-	defer dir.Close()
-	if err := d.ChangeFD(dir); !errors.Is(err, fs.ErrInvalid) {
-		t.Fatalf("ChangeFD(directory) = %v", err)
 	}
 }
 
@@ -510,43 +270,6 @@ func TestKernelAttachConcurrent(t *testing.T) {
 			t.Errorf("left bound: %+v", s)
 		}
 	}
-}
-
-// A pipedChild is the test binary running one test as a child process,
-// talking with its parent through its standard input and output.
-type pipedChild struct {
-	cmd   *exec.Cmd
-	stdin io.WriteCloser
-	out   *bufio.Scanner
-}
-
-// startPiped runs test again in a child process with env added.
-func startPiped(t *testing.T, test string, env ...string) *pipedChild {
-	t.Helper()
-	return startPipedIn(t, nil, test, env...)
-}
-
-// startPipedIn is startPiped with the child started with attr: in
-// namespaces of its own, for one.
-func startPipedIn(t *testing.T, attr *syscall.SysProcAttr, test string, env ...string) *pipedChild {
-	t.Helper()
-	cmd := exec.Command(os.Args[0], "-test.run=^"+test+"$", "-test.count=1", "-test.v")
-	cmd.Env = append(os.Environ(), env...)
-	cmd.SysProcAttr = attr
-	cmd.Stderr = os.Stderr
-	stdin, err := cmd.StdinPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	stdout, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
-	return &pipedChild{cmd, stdin, bufio.NewScanner(stdout)}
 }
 
 // attachChild is one process of TestKernelAttachConcurrent.
@@ -753,31 +476,6 @@ func TestKernelAttachWaitsForProbe(t *testing.T) {
 	}
 }
 
-// deviceNumber returns N of the path /dev/loopN.
-func deviceNumber(t *testing.T, path string) int {
-	t.Helper()
-	n, err := strconv.Atoi(strings.TrimPrefix(path, "/dev/loop"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	return n
-}
-
-// rawBind binds f to the device at path as another program would, and
-// returns its descriptor of the device.
-func rawBind(t *testing.T, path string, f *os.File) int {
-	t.Helper()
-	fd, err := unix.Open(path, unix.O_RDWR|unix.O_CLOEXEC, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := unix.IoctlLoopConfigure(fd, &unix.LoopConfig{Fd: uint32(mustFd(t, f))}); err != nil {
-		unix.Close(fd)
-		t.Fatal(err)
-	}
-	return fd
-}
-
 // TestKernelAttachTakesControlLock holds flock(LOCK_EX) on /dev/loop-control
 // as systemd does while it sets up a device: Attach must wait for it, bind
 // nothing meanwhile, honour its context while waiting, and go ahead once the
@@ -872,101 +570,4 @@ func waitLockRequest(t *testing.T, path string) {
 		}
 	}
 	t.Fatalf("no flock request on %s (%s) waiting in /proc/locks", path, id)
-}
-
-// TestKernelPreferDirectIO: PreferDirectIO binds with direct I/O where
-// the backing file system takes O_DIRECT and the offset is aligned, and
-// buffered elsewhere (tmpfs before Linux 6.6, an offset of 256 bytes on a
-// disk's file system),
-// without an error, through LOOP_CONFIGURE and through the calls before
-// it; Status and sysfs say which it got. With FlagDirectIO, which demands
-// it, a file system without O_DIRECT is still an error.
-func TestKernelPreferDirectIO(t *testing.T) {
-	kerneltest.Require(t)
-	dirs := map[string]string{"/tmp": t.TempDir(), "tmpfs": mountT(t, "tmpfs", 0)}
-	for _, legacy := range []bool{false, true} {
-		for fsName, dir := range dirs {
-			for _, offset := range []uint64{0, 256} {
-				name := fmt.Sprintf("%s,offset=%d,legacy=%v", fsName, offset, legacy)
-				t.Run(name, func(t *testing.T) {
-					if legacy {
-						useForced(t, map[uint]error{reqConfigure: unix.ENOTTY})
-					}
-					f := fileIn(t, dir, 2<<20)
-					o := Options{Offset: offset, BlockSize: 4096, PreferDirectIO: true}
-					d := attachT(t, f.Name(), o)
-					s, err := d.Status()
-					if err != nil {
-						t.Fatal(err)
-					}
-					got := s.Flags&FlagDirectIO != 0
-					want := offset == 0 && directIOOK(t, dir)
-					// An offset of 256 bytes is not aligned to a disk's
-					// blocks; tmpfs has no disk, and there some kernels
-					// give direct I/O at any offset (6.12), others not
-					// (6.18).
-					var sfs unix.Statfs_t
-					if err := unix.Statfs(dir, &sfs); err != nil {
-						t.Fatal(err)
-					}
-					if offset != 0 && sfs.Type == unix.TMPFS_MAGIC {
-						want = got
-					}
-					if got != want {
-						t.Fatalf("kernel %s, %s: direct I/O %v, want %v (Status %+v)", kerneltest.Release(), name, got, want, s)
-					}
-					if dio := readAttr(t, d.Number(), "loop/dio"); dio != map[bool]string{false: "0", true: "1"}[got] {
-						t.Fatalf("sysfs loop/dio %s, Status says %v", dio, got)
-					}
-					// The device works either way: a block written through
-					// it is in the file.
-					block := bytes.Repeat([]byte{0xa5}, 4096)
-					if err := writeDevice(d, block, 4096); err != nil {
-						t.Fatal(err)
-					}
-					back := make([]byte, 4096)
-					if _, err := f.ReadAt(back, int64(offset)+4096); err != nil || !bytes.Equal(back, block) {
-						t.Fatalf("the block written through the device is not in the file: %v", err)
-					}
-					t.Logf("kernel %s, %s: direct I/O %v", kerneltest.Release(), name, got)
-
-					if !want && offset == 0 {
-						// Another file: this one is bound, buffered.
-						g := fileIn(t, dir, 2<<20)
-						o.Flags |= FlagDirectIO
-						_, err := Attach(context.Background(), g.Name(), o)
-						wantNoDirectIO(t, err, g.Name())
-					}
-				})
-			}
-		}
-	}
-}
-
-// fileIn makes a file of size bytes in dir for the test.
-func fileIn(t *testing.T, dir string, size int64) *os.File {
-	t.Helper()
-	f, err := os.CreateTemp(dir, "image-*.img")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { f.Close(); os.Remove(f.Name()) })
-	if err := f.Truncate(size); err != nil {
-		t.Fatal(err)
-	}
-	return f
-}
-
-// writeDevice writes b at off through d's node, and syncs it, which
-// writes it through to the backing file.
-func writeDevice(d *Device, b []byte, off int64) error {
-	w, err := os.OpenFile(d.Path(), os.O_WRONLY, 0)
-	if err != nil {
-		return err
-	}
-	defer w.Close()
-	if _, err := w.WriteAt(b, off); err != nil {
-		return err
-	}
-	return w.Sync()
 }

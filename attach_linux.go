@@ -9,7 +9,6 @@ import (
 	"math/rand/v2"
 	"os"
 	"strconv"
-	"sync"
 	"sync/atomic"
 	"time"
 
@@ -274,43 +273,6 @@ func tryAttach(ctx context.Context, c *Control, n int, fd uintptr, name string, 
 	return d, false, nil
 }
 
-// flockOf is the flock(2) operation that gives a Device each LockMode,
-// without waiting.
-var flockOf = [...]int{LockNone: unix.LOCK_UN, LockShared: unix.LOCK_SH | unix.LOCK_NB, LockExclusive: unix.LOCK_EX | unix.LOCK_NB}
-
-// lockDevice takes flock(LOCK_EX) on device d, which LOOP_CTL_GET_FREE
-// named unbound. Another process may hold the lock. A shared holder is
-// udev probing the device after a change: it takes LOCK_SH|LOCK_NB for the
-// milliseconds its probe takes, and skips a device locked otherwise.
-// lockDevice waits for it, as systemd's tools do, while ctx allows, so
-// that Attach binds the device the kernel named, as losetup does. An
-// exclusive holder is a tool setting the device up, which will bind it:
-// EWOULDBLOCK, a lost race.
-func lockDevice(ctx context.Context, d *Device) error {
-	err := d.h.flock(unix.LOCK_EX | unix.LOCK_NB)
-	if err != unix.EWOULDBLOCK {
-		return err
-	}
-	if err := d.h.flock(unix.LOCK_SH | unix.LOCK_NB); err != nil {
-		return err
-	}
-	// Holding a shared lock beside the prober's, ask for the exclusive
-	// one: the kernel drops the shared lock and waits for the others'.
-	if ctx.Done() == nil {
-		return d.h.flock(unix.LOCK_EX)
-	}
-	got := make(chan error, 1)
-	go func() { got <- d.h.flock(unix.LOCK_EX) }()
-	select {
-	case err := <-got:
-		return err
-	case <-ctx.Done():
-		// The caller closes d: the flock in flight keeps the descriptor
-		// until it returns, and the close then drops the lock.
-		return ctx.Err()
-	}
-}
-
 // lostOpen tells whether the open of a device, named free a moment
 // before, failed because another process got there first. ENXIO: the
 // device is being torn down (bound and detached since, on Linux 6.11 and
@@ -390,117 +352,6 @@ func lostBind(err error) bool {
 	return err == unix.EBUSY
 }
 
-// The attach lock. This process's attachers take turns, so that they do
-// not all chase the number LOOP_CTL_GET_FREE gives them at once; the turn
-// is a one-slot channel, so that waiting for it honours a context. The
-// holder of the turn then takes flock(LOCK_EX) on /dev/loop-control, the
-// lock systemd's loop-util holds across LOOP_CTL_GET_FREE, open and bind,
-// so that other processes that follow the convention (systemd's tools,
-// losetup under flock(1), other loopctl programs) take turns with it. The
-// control device's lock is taken first and the device's second, always, as
-// systemd does.
-var turn = make(chan struct{}, 1)
-
-// attachLocking turns the attach lock on; a benchmark turns it off to
-// measure what it costs.
-var attachLocking = true
-
-// lockWaiters counts the goroutines that wait for the control lock on behalf
-// of an Attach whose context ended first; tests wait for them.
-var lockWaiters sync.WaitGroup
-
-// lockAttach takes this process's turn and then the lock of the process's
-// control device, which it returns: nil without a control device, when the
-// turn alone is taken. It honours ctx while it waits for either.
-func lockAttach(ctx context.Context) (*Control, error) {
-	select {
-	case turn <- struct{}{}:
-	case <-ctx.Done():
-		return nil, ctx.Err()
-	}
-	c, err := sharedControl()
-	if err != nil {
-		if errors.Is(err, fs.ErrNotExist) {
-			return nil, nil
-		}
-		<-turn
-		return nil, err
-	}
-	err = c.h.flock(unix.LOCK_EX | unix.LOCK_NB)
-	if err == unix.EWOULDBLOCK {
-		if ctx.Done() != nil {
-			if err := waitControlLock(ctx, c); err != nil {
-				return nil, err
-			}
-			return c, nil
-		}
-		err = c.h.flock(unix.LOCK_EX) // a context that never ends
-	}
-	if err != nil {
-		<-turn
-		return nil, newError("lock", ControlPath, err)
-	}
-	return c, nil
-}
-
-// waitControlLock waits, holding the turn, for the control device's lock
-// that another process holds. A blocking flock cannot be interrupted, so
-// it runs in a goroutine that hands the lock over, or, when ctx ends first,
-// releases the lock as soon as it gets it, and then the turn: until then no
-// other attacher of this process may use the control device's lock, which
-// they all share.
-func waitControlLock(ctx context.Context, c *Control) error {
-	got := make(chan error) // the hand-over: no buffer
-	abandoned := make(chan struct{})
-	lockWaiters.Add(1)
-	go func() {
-		defer lockWaiters.Done()
-		err := c.h.flock(unix.LOCK_EX)
-		select {
-		case got <- err:
-		case <-abandoned:
-			if err == nil {
-				unlockControl(c)
-			}
-			<-turn
-		}
-	}()
-	select {
-	case err := <-got:
-		if err != nil {
-			<-turn
-			return newError("lock", ControlPath, err)
-		}
-		return nil
-	case <-ctx.Done():
-		close(abandoned)
-		return ctx.Err()
-	}
-}
-
-// unlockAttach releases what lockAttach took.
-func unlockAttach(c *Control) {
-	if c != nil {
-		unlockControl(c)
-	}
-	<-turn
-}
-
-// unlockControl releases the control device's lock. Should the device
-// refuse LOCK_UN, closing it is what surely releases the lock: the next
-// Attach opens it again.
-func unlockControl(c *Control) {
-	if c.h.flock(unix.LOCK_UN) == nil {
-		return
-	}
-	shared.mu.Lock()
-	if shared.c == c {
-		shared.c = nil
-	}
-	shared.mu.Unlock()
-	c.Close()
-}
-
 // freeDevice names a device to try: LOOP_CTL_GET_FREE's answer, unless that
 // was tried already in this Attach, and then an unbound device from sysfs
 // that was not; without the control device (c is nil), always from sysfs.
@@ -546,38 +397,4 @@ func unboundDevice(skip map[int]bool) (int, bool) {
 		}
 	}
 	return -1, false
-}
-
-// The process-wide control device that Attach uses, opened on first need.
-var shared struct {
-	mu sync.Mutex
-	c  *Control
-}
-
-// sharedControl returns the process's Control, opening it if need be. A
-// missing /dev/loop-control is an error matching fs.ErrNotExist, asked
-// again next time (the driver may be loaded later).
-func sharedControl() (*Control, error) {
-	shared.mu.Lock()
-	defer shared.mu.Unlock()
-	if shared.c == nil {
-		c, err := Open()
-		if err != nil {
-			return nil, err
-		}
-		shared.c = c
-	}
-	return shared.c, nil
-}
-
-// resetShared closes the shared control device, once no attacher holds or
-// waits for its lock; tests that swap the kernel call it.
-func resetShared() {
-	turn <- struct{}{}
-	defer func() { <-turn }()
-	lockWaiters.Wait()
-	shared.mu.Lock()
-	defer shared.mu.Unlock()
-	shared.c.Close()
-	shared.c = nil
 }

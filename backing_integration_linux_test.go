@@ -460,3 +460,36 @@ func testKernelExtremeOptions(t *testing.T) {
 		})
 	}
 }
+
+func TestKernelAttachDeletedFile(t *testing.T) {
+	f := kerneltest.TempFile(t, 1<<20)
+	d := attachT(t, f.Name(), Options{})
+	dev, ino := fileID(t, f.Name())
+	if err := os.Remove(f.Name()); err != nil {
+		t.Fatal(err)
+	}
+	list, err := List()
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := Status{Number: d.Number(), BackingFile: f.Name() + " (deleted)", BackingDevice: dev, BackingInode: ino,
+		BlockSize: 512, Size: 1 << 20, DiskSeq: kerneltest.DiskSeq(t, d.Number()), Ref: f.Name()[:63]}
+	var got *Status
+	for i := range list {
+		if list[i].Number == d.Number() {
+			got = &list[i]
+		}
+	}
+	if got == nil || *got != want || !got.Deleted() {
+		t.Fatalf("List has %+v, want %+v", got, want)
+	}
+	if s, err := d.Status(); err != nil || s != want {
+		t.Fatalf("Status = %+v, %v; want %+v", s, err, want)
+	}
+	if l := losetup(t, d.Path()); l.BackFile != want.BackingFile {
+		t.Fatalf("losetup back-file %q, want %q", l.BackFile, want.BackingFile)
+	}
+	if _, err := FindByBackingFile(f.Name()); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("FindByBackingFile(deleted path) = %v, want fs.ErrNotExist", err)
+	}
+}

@@ -4,19 +4,23 @@ package loopctl
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"maps"
 	"os"
 	"path/filepath"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
 
 	"github.com/loopctl/loopctl/internal/kerneltest"
+	"golang.org/x/sys/unix"
 )
 
 // envHoldBindings makes a test binary a holder of bindings (holdBindings)
@@ -377,4 +381,154 @@ func TestKernelListThousands(t *testing.T) {
 		kerneltest.WaitUnbound(t, d.Number())
 	}
 	check(kept)
+}
+
+// TestKernelListNames checks that List reads the binding of now (a file
+// renamed or deleted since, another file bound since, the device unbound
+// or removed), and holds no descriptor from one List to the next.
+func TestKernelListNames(t *testing.T) {
+	c := openControl(t)
+	n, err := c.Add(AnyNumber)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if d, err := OpenDevice(n); err == nil {
+			detach(t, d)
+			kerneltest.WaitUnbound(t, n)
+		}
+		if err := c.Remove(n); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			t.Errorf("removing the test's device: %v", err)
+		}
+	})
+	dir := t.TempDir()
+	a, b := filepath.Join(dir, "a"), filepath.Join(dir, "b")
+	for _, p := range []string{a, b} {
+		if err := os.WriteFile(p, make([]byte, 1<<20), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	listed := func(want string) {
+		t.Helper()
+		before := kerneltest.OpenFDs(t)
+		list, err := List()
+		if err != nil {
+			t.Fatal(err)
+		}
+		i := slices.IndexFunc(list, func(s Status) bool { return s.Number == n })
+		switch {
+		case want == "" && i >= 0:
+			t.Fatalf("List has %+v, want loop%d unbound", list[i], n)
+		case want != "" && i < 0:
+			t.Fatalf("List lacks loop%d, want it on %s", n, want)
+		case want != "" && list[i].BackingFile != want:
+			t.Fatalf("List has %+v, want loop%d on %s", list[i], n, want)
+		}
+		if after := kerneltest.OpenFDs(t); !maps.Equal(after, before) {
+			t.Fatalf("descriptors %v after List, %v before", after, before)
+		}
+	}
+	// Each step opens the device and closes it: a cleared device is torn
+	// down at its last close.
+	bind := func(path string) {
+		t.Helper()
+		f, err := os.Open(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		d, err := OpenDevice(n)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer d.Close()
+		if err := d.Configure(f, Options{Flags: FlagReadOnly}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	clear := func() {
+		t.Helper()
+		d, err := OpenDevice(n)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := d.ClearFD(); err != nil {
+			t.Fatal(err)
+		}
+		d.Close()
+		kerneltest.WaitUnbound(t, n)
+	}
+
+	bind(a)
+	listed(a)
+	listed(a)
+	renamed := a + "-renamed"
+	if err := os.Rename(a, renamed); err != nil {
+		t.Fatal(err)
+	}
+	listed(renamed)
+	clear()
+	bind(b)
+	listed(b)
+	if err := os.Remove(b); err != nil {
+		t.Fatal(err)
+	}
+	listed(b + " (deleted)")
+	clear()
+	listed("")
+
+	// A device removed is listed no more.
+	bind(renamed)
+	listed(renamed)
+	clear()
+	if err := c.Remove(n); err != nil {
+		t.Fatal(err)
+	}
+	listed("")
+}
+
+// TestKernelListRundown checks what the package reports for a device between
+// LOOP_CLR_FD and its last close, where Linux 6.11 and later keep it in
+// "rundown": still in sysfs, but refusing opens with ENXIO.
+func TestKernelListRundown(t *testing.T) {
+	f := kerneltest.TempFile(t, 1<<20)
+	d := attachT(t, f.Name(), Options{})
+	clearAlone(t, d)
+	inSysfs := len(boundUnder(t, filepath.Dir(f.Name()))) == 1
+	_, err := d.Status()
+	wantErrno(t, err, unix.ENXIO, ErrNotBound)
+	od, err := OpenDevice(d.Number())
+	switch {
+	case inSysfs:
+		// A kernel with detach at last close: the device is half torn down.
+		if !errors.Is(err, ErrNotBound) || !errors.Is(err, unix.ENXIO) || !strings.Contains(err.Error(), "detached") {
+			t.Fatalf("OpenDevice in rundown = %v, want ENXIO explained, matching ErrNotBound", err)
+		}
+		t.Logf("kernel %s keeps the device in sysfs until the last close", kerneltest.Release())
+	case err != nil:
+		t.Fatalf("OpenDevice after LOOP_CLR_FD = %v", err)
+	default:
+		od.Close() // an older kernel: LOOP_CLR_FD tore down at once
+	}
+	if list, err := FindByBackingFile(f.Name()); err != nil || len(list) != 0 {
+		t.Fatalf("FindByBackingFile = %+v, %v; want nothing while the device is torn down", list, err)
+	}
+	list, err := List()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range list {
+		if s.Number == d.Number() {
+			t.Fatalf("List reports %+v", s)
+		}
+	}
+	d.Close()
+	if left := boundUnder(t, filepath.Dir(f.Name())); len(left) != 0 {
+		t.Fatalf("after the last close: %v", left)
+	}
+	od, err = OpenDevice(d.Number())
+	if err != nil {
+		t.Fatalf("OpenDevice after the teardown: %v", err)
+	}
+	od.Close()
 }

@@ -3,6 +3,7 @@
 package loopctl
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/binary"
@@ -467,4 +468,73 @@ func TestKernelNoSymlinks(t *testing.T) {
 	}
 	attachT(t, under.Path(), Options{Flags: FlagReadOnly}) // a block device binds without RegularFileOnly
 	detach(t, d)
+}
+
+// TestKernelPreferDirectIO: PreferDirectIO binds with direct I/O where
+// the backing file system takes O_DIRECT and the offset is aligned, and
+// buffered elsewhere (tmpfs before Linux 6.6, an offset of 256 bytes on a
+// disk's file system),
+// without an error, through LOOP_CONFIGURE and through the calls before
+// it; Status and sysfs say which it got. With FlagDirectIO, which demands
+// it, a file system without O_DIRECT is still an error.
+func TestKernelPreferDirectIO(t *testing.T) {
+	kerneltest.Require(t)
+	dirs := map[string]string{"/tmp": t.TempDir(), "tmpfs": mountT(t, "tmpfs", 0)}
+	for _, legacy := range []bool{false, true} {
+		for fsName, dir := range dirs {
+			for _, offset := range []uint64{0, 256} {
+				name := fmt.Sprintf("%s,offset=%d,legacy=%v", fsName, offset, legacy)
+				t.Run(name, func(t *testing.T) {
+					if legacy {
+						useForced(t, map[uint]error{reqConfigure: unix.ENOTTY})
+					}
+					f := fileIn(t, dir, 2<<20)
+					o := Options{Offset: offset, BlockSize: 4096, PreferDirectIO: true}
+					d := attachT(t, f.Name(), o)
+					s, err := d.Status()
+					if err != nil {
+						t.Fatal(err)
+					}
+					got := s.Flags&FlagDirectIO != 0
+					want := offset == 0 && directIOOK(t, dir)
+					// An offset of 256 bytes is not aligned to a disk's
+					// blocks; tmpfs has no disk, and there some kernels
+					// give direct I/O at any offset (6.12), others not
+					// (6.18).
+					var sfs unix.Statfs_t
+					if err := unix.Statfs(dir, &sfs); err != nil {
+						t.Fatal(err)
+					}
+					if offset != 0 && sfs.Type == unix.TMPFS_MAGIC {
+						want = got
+					}
+					if got != want {
+						t.Fatalf("kernel %s, %s: direct I/O %v, want %v (Status %+v)", kerneltest.Release(), name, got, want, s)
+					}
+					if dio := readAttr(t, d.Number(), "loop/dio"); dio != map[bool]string{false: "0", true: "1"}[got] {
+						t.Fatalf("sysfs loop/dio %s, Status says %v", dio, got)
+					}
+					// The device works either way: a block written through
+					// it is in the file.
+					block := bytes.Repeat([]byte{0xa5}, 4096)
+					if err := writeDevice(d, block, 4096); err != nil {
+						t.Fatal(err)
+					}
+					back := make([]byte, 4096)
+					if _, err := f.ReadAt(back, int64(offset)+4096); err != nil || !bytes.Equal(back, block) {
+						t.Fatalf("the block written through the device is not in the file: %v", err)
+					}
+					t.Logf("kernel %s, %s: direct I/O %v", kerneltest.Release(), name, got)
+
+					if !want && offset == 0 {
+						// Another file: this one is bound, buffered.
+						g := fileIn(t, dir, 2<<20)
+						o.Flags |= FlagDirectIO
+						_, err := Attach(context.Background(), g.Name(), o)
+						wantNoDirectIO(t, err, g.Name())
+					}
+				})
+			}
+		}
+	}
 }

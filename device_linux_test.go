@@ -1,0 +1,183 @@
+//go:build !loopctl_stub
+
+package loopctl
+
+import (
+	"context"
+	"errors"
+	"io/fs"
+	"os"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/loopctl/loopctl/internal/kerneltest"
+	"golang.org/x/sys/unix"
+)
+
+func TestOpenDeviceMissingNode(t *testing.T) {
+	k := useFake(t, 2)
+	k.noNode[1] = true
+	_, err := OpenDevice(1)
+	var missing *NodeMissingError
+	if !errors.As(err, &missing) || missing.Number != 1 || !errors.Is(err, fs.ErrNotExist) || !errors.Is(err, unix.ENOENT) {
+		t.Fatalf("OpenDevice(1) = %v, want a *NodeMissingError for loop1 matching fs.ErrNotExist and ENOENT", err)
+	}
+	if msg := err.Error(); !strings.Contains(msg, "/dev/loop1") || !strings.Contains(msg, "MakeNode") {
+		t.Errorf("message %q names neither the node nor the remedy", msg)
+	}
+	// A device that does not exist has no node to make.
+	_, err = OpenDevice(5)
+	if !errors.Is(err, fs.ErrNotExist) || errors.As(err, &missing) {
+		t.Fatalf("OpenDevice(5) = %v, want fs.ErrNotExist, no *NodeMissingError", err)
+	}
+}
+
+// TestExplainNodeOpen checks what an open of a node just made says when a
+// device cgroup refuses the device (EPERM), or /dev takes no device nodes
+// (EACCES): no test here runs under a device cgroup.
+func TestExplainNodeOpen(t *testing.T) {
+	rdev := unix.Mkdev(7, 3)
+	for _, c := range []struct {
+		errno unix.Errno
+		want  string
+	}{
+		{unix.EPERM, `device cgroup (the container's device rules) refuses block device 7:3: allow "b 7:* rw"`},
+		{unix.EACCES, "takes no device nodes (mounted nodev"},
+	} {
+		err := explainNodeOpen(&os.PathError{Op: "open", Path: "/dev/loop3", Err: c.errno}, rdev)
+		if !strings.Contains(err.Error(), c.want) || !strings.Contains(err.Error(), "/dev/loop3") ||
+			!errors.Is(err, c.errno) || !errors.Is(err, fs.ErrPermission) {
+			t.Errorf("%v: %v, want it to say %q and match the errno and fs.ErrPermission", c.errno, err, c.want)
+		}
+	}
+	if err := explainNodeOpen(&os.PathError{Op: "open", Path: "/dev/loop3", Err: unix.ENXIO}, rdev); !errors.Is(err, unix.ENXIO) ||
+		strings.Contains(err.Error(), "cgroup") {
+		t.Errorf("ENXIO: %v, want it as it was", err)
+	}
+}
+
+// TestConfigureRefusesOptions: what only Attach can honour is refused
+// before any ioctl; Configure honours Lock, and lets it go again when the
+// bind fails.
+func TestConfigureRefusesOptions(t *testing.T) {
+	k := useFake(t, 2)
+	d := fakeDevice(t, k, 0)
+	f := kerneltest.TempFile(t, 1<<20)
+	for _, o := range []Options{{Reuse: true}, {MakeNode: true}, {NoSymlinks: true}} {
+		before := len(k.calls(""))
+		if err := d.Configure(f, o); !errors.Is(err, fs.ErrInvalid) {
+			t.Errorf("Configure(%+v) = %v, want fs.ErrInvalid", o, err)
+		}
+		if log := k.calls("")[before:]; len(log) != 0 {
+			t.Errorf("Configure(%+v) made calls %q", o, log)
+		}
+	}
+	if _, err := AttachFile(context.Background(), f, Options{NoSymlinks: true}); !errors.Is(err, fs.ErrInvalid) {
+		t.Errorf("AttachFile with NoSymlinks = %v, want fs.ErrInvalid", err)
+	}
+	k.failAt("LOOP_CONFIGURE", 1, unix.EIO)
+	if err := d.Configure(f, Options{Lock: LockExclusive}); !errors.Is(err, unix.EIO) {
+		t.Fatalf("Configure = %v, want EIO", err)
+	}
+	if got := k.calls("flock"); !slices.Equal(got, []string{"flock-ex /dev/loop0", "flock-un /dev/loop0"}) {
+		t.Fatalf("lock steps %q, want the lock taken and let go", got)
+	}
+	if err := d.Configure(f, Options{Lock: LockExclusive}); err != nil {
+		t.Fatal(err)
+	}
+	if got := k.calls("flock"); got[len(got)-1] != "flock-ex /dev/loop0" {
+		t.Fatalf("lock steps %q, want the lock kept", got)
+	}
+}
+
+// TestStatusMidTeardown: a teardown that begins between LOOP_GET_STATUS64
+// and the sysfs read empties backing_file; Status keeps lo_file_name.
+func TestStatusMidTeardown(t *testing.T) {
+	k := useFake(t, 1)
+	d, f := bindFake(t, k, 0, Options{})
+	// Begun as LOOP_GET_STATUS64 answers: sysfs shows it at once.
+	k.actAt("BLKSSZGET", k.counts["BLKSSZGET"]+1, func(k *fakeKernel) { k.devs[0].backing = ""; k.sync(0) }, nil)
+	s, err := d.Status()
+	if want := f.Name()[:unix.LO_NAME_SIZE-1]; err != nil || s.BackingFile != want {
+		t.Fatalf("Status = %+v, %v; want lo_file_name %q", s, err, want)
+	}
+}
+
+func TestSetStatusFake(t *testing.T) {
+	k := useFake(t, 1)
+	d, _ := bindFake(t, k, 0, Options{Flags: FlagPartScan})
+	before := len(k.calls("LOOP_SET_STATUS64"))
+	for _, s := range []Status{
+		{Flags: FlagPartScan | FlagReadOnly},
+		{Flags: FlagPartScan | FlagDirectIO},
+		{Flags: 0},
+		{Flags: FlagPartScan | 0x80},
+		{Flags: FlagPartScan, Offset: 1 << 63},
+	} {
+		if err := d.SetStatus(s); !errors.Is(err, fs.ErrInvalid) {
+			t.Errorf("SetStatus(%+v) = %v, want fs.ErrInvalid", s, err)
+		}
+	}
+	if n := len(k.calls("LOOP_SET_STATUS64")); n != before {
+		t.Fatal("a refused SetStatus reached the kernel")
+	}
+	k.failAt("LOOP_SET_STATUS64", 1, unix.EAGAIN)
+	if err := d.SetStatus(Status{Offset: 1024, SizeLimit: 2048, Flags: FlagPartScan | FlagAutoClear}); err != nil {
+		t.Fatal(err)
+	}
+	s, err := d.Status()
+	if err != nil || s.Offset != 1024 || s.SizeLimit != 2048 || s.Flags != FlagPartScan|FlagAutoClear {
+		t.Fatalf("Status = %+v, %v", s, err)
+	}
+	if name := unix.ByteSliceToString(k.devs[0].info.File_name[:]); name == "" {
+		t.Fatal("SetStatus erased lo_file_name")
+	}
+}
+
+func TestDeviceSettersFake(t *testing.T) {
+	k := useFake(t, 1)
+	d, f := bindFake(t, k, 0, Options{})
+	before := len(k.calls("LOOP_"))
+	for _, size := range []uint32{0, 1, 511, 768, 4095} {
+		if err := d.SetBlockSize(size); !errors.Is(err, fs.ErrInvalid) {
+			t.Errorf("SetBlockSize(%d) = %v", size, err)
+		}
+	}
+	if err := d.ChangeFD(f); !errors.Is(err, fs.ErrInvalid) { // read-write device
+		t.Errorf("ChangeFD on a read-write device = %v", err)
+	}
+	if got := k.calls("LOOP_")[before:]; !slices.Equal(got, []string{"LOOP_GET_STATUS64 /dev/loop0"}) {
+		t.Fatalf("refused calls reached the kernel: %q", got)
+	}
+	k.failAt("LOOP_SET_BLOCK_SIZE", 1, unix.EAGAIN)
+	if err := d.SetBlockSize(4096); err != nil || k.devs[0].blockSize != 4096 {
+		t.Fatalf("SetBlockSize(4096) = %v, size %d", err, k.devs[0].blockSize)
+	}
+	for _, on := range []bool{true, false} {
+		if err := d.SetDirectIO(on); err != nil || k.devs[0].directIO != on {
+			t.Fatalf("SetDirectIO(%v) = %v", on, err)
+		}
+	}
+	if err := d.SetCapacity(); err != nil {
+		t.Fatal(err)
+	}
+	d.ClearFD()
+	for name, err := range map[string]error{
+		"SetCapacity": d.SetCapacity(), "SetDirectIO": d.SetDirectIO(true),
+		"SetBlockSize": d.SetBlockSize(512), "SetStatus": d.SetStatus(Status{}), "ChangeFD": d.ChangeFD(f),
+	} {
+		if !errors.Is(err, ErrNotBound) {
+			t.Errorf("%s on an unbound device = %v, want ErrNotBound", name, err)
+		}
+	}
+	d.Close()
+	for name, err := range map[string]error{
+		"SetCapacity": d.SetCapacity(), "SetDirectIO": d.SetDirectIO(true),
+		"SetBlockSize": d.SetBlockSize(512), "SetStatus": d.SetStatus(Status{}), "ChangeFD": d.ChangeFD(f),
+	} {
+		if !errors.Is(err, fs.ErrClosed) {
+			t.Errorf("%s after Close = %v, want fs.ErrClosed", name, err)
+		}
+	}
+}
