@@ -4,7 +4,6 @@ package uevent
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -22,137 +21,6 @@ import (
 
 	"github.com/loopctl/loopctl/internal/kerneltest"
 )
-
-// openMonitor opens a Monitor for the test.
-func openMonitor(t *testing.T) *Monitor {
-	t.Helper()
-	kerneltest.Require(t)
-	m, err := Open()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { m.Close() })
-	return m
-}
-
-// nextOf returns m's next event of device n, passing over the others',
-// and fails the test after 30 s without one.
-func nextOf(t *testing.T, m *Monitor, n int) Event {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	for {
-		e, err := m.Next(ctx)
-		if err != nil {
-			t.Fatalf("waiting for an event of loop%d: %v", n, err)
-		}
-		if e.Kind == EventLost {
-			t.Fatalf("events lost")
-		}
-		if e.Number == n {
-			return e
-		}
-	}
-}
-
-// readUntil hands m's events to f until f says it has what it waits for,
-// and reports false after a minute without.
-func readUntil(t *testing.T, m *Monitor, f func(Event) bool) bool {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	for {
-		e, err := m.Next(ctx)
-		if errors.Is(err, context.DeadlineExceeded) {
-			return false
-		}
-		if err != nil {
-			t.Fatal(err)
-		}
-		if f(e) {
-			return true
-		}
-	}
-}
-
-// readPastSentinel hands f m's events up to that of a device it adds
-// (and removes after): the kernel sends its events in order, so every
-// event of a change made before is among them.
-func readPastSentinel(t *testing.T, m *Monitor, f func(Event)) {
-	t.Helper()
-	c := openControl(t)
-	n, err := c.Add(loopctl.AnyNumber)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Remove(n)
-	added := readUntil(t, m, func(e Event) bool {
-		if e.Number == n && e.Kind == EventAdded {
-			return true
-		}
-		f(e)
-		return false
-	})
-	if !added {
-		t.Fatalf("no EventAdded of the sentinel loop%d in a minute", n)
-	}
-}
-
-// drainQueued hands f the events m holds and those the kernel has queued
-// for it, waiting for no more: all that it will read, once nothing
-// changes. The socket reads ready with a message queued, or an overflow
-// (ENOBUFS) to report, which a poll leaves for the read.
-func drainQueued(t *testing.T, m *Monitor, f func(Event)) {
-	t.Helper()
-	rc, err := m.f.SyscallConn()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for {
-		m.mu.Lock()
-		queued := len(m.pending)
-		if queued == 0 {
-			ready := false
-			if err := rc.Control(func(fd uintptr) {
-				pfd := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
-				n, perr := unix.Poll(pfd, 0)
-				ready = perr == nil && n > 0
-			}); err != nil {
-				m.mu.Unlock()
-				t.Fatal(err)
-			}
-			if !ready {
-				m.mu.Unlock()
-				return
-			}
-			if err := m.receive(context.Background()); err != nil {
-				m.mu.Unlock()
-				t.Fatal(err)
-			}
-			queued = len(m.pending)
-		}
-		m.mu.Unlock()
-		for range queued {
-			e, err := m.Next(context.Background())
-			if err != nil {
-				t.Fatal(err)
-			}
-			f(e)
-		}
-	}
-}
-
-// expect checks that m's next events of device n are want, in order.
-func expect(t *testing.T, m *Monitor, n int, what string, want ...Event) {
-	t.Helper()
-	for _, w := range want {
-		e := nextOf(t, m, n)
-		e.Seq = 0
-		if e != w {
-			t.Fatalf("%s: event %+v, want %+v", what, e, w)
-		}
-	}
-}
 
 // TestKernelMonitor: a Monitor sees a device of the test's added, bound,
 // resized, given a partition and rid of it, unbound and removed, with
@@ -263,32 +131,6 @@ func TestKernelMonitorLate(t *testing.T) {
 		expect(t, m, n, "bind and detach", Event{Kind: EventBound, Number: n, DiskSeq: seq},
 			Event{Kind: EventUnbound, Number: n, DiskSeq: seq})
 	}
-}
-
-// TestKernelMonitorForged: a uevent sent to the kernel's group by a
-// process, root's own, is not the kernel's, and is not reported.
-func TestKernelMonitorForged(t *testing.T) {
-	m := openMonitor(t)
-	c := openControl(t)
-	d := newDevice(t, c)
-	expect(t, m, d.Number(), "add", Event{Kind: EventAdded, Number: d.Number(), DiskSeq: kerneltest.DiskSeq(t, d.Number())})
-	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.NETLINK_KOBJECT_UEVENT)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer unix.Close(fd)
-	path := loopDevpath + strconv.Itoa(d.Number())
-	forged := fmt.Sprintf("remove@%s\x00ACTION=remove\x00DEVPATH=%s\x00SUBSYSTEM=block\x00DEVTYPE=disk\x00SEQNUM=1\x00", path, path)
-	if err := unix.Sendto(fd, []byte(forged), 0, &unix.SockaddrNetlink{Family: unix.AF_NETLINK, Groups: 1}); err != nil {
-		t.Fatalf("sending a forged uevent: %v", err)
-	}
-	// The next event of the device is the real one that follows.
-	f := kerneltest.TempFile(t, 1<<20)
-	if err := d.Configure(f, loopctl.Options{}); err != nil {
-		t.Fatal(err)
-	}
-	seq, _ := d.DiskSeq()
-	expect(t, m, d.Number(), "bind after a forged remove", Event{Kind: EventBound, Number: d.Number(), DiskSeq: seq})
 }
 
 // bindAndClose binds a file of the test's binds times, each with autoclear
@@ -578,53 +420,6 @@ func TestKernelMonitorChurn(t *testing.T) {
 		count, losetups, refused, len(seen), lost, kerneltest.Release())
 	if count == 0 {
 		t.Fatal("no binding made")
-	}
-}
-
-// TestKernelMonitorLost: with a receive buffer too small for the burst
-// (as a process without the right to enlarge it may get), the kernel
-// drops events, and Next says so with an EventLost; what it reports
-// after follows from the devices' state then.
-func TestKernelMonitorLost(t *testing.T) {
-	m := openMonitor(t)
-	rc, err := m.f.SyscallConn()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var serr error
-	if err := rc.Control(func(fd uintptr) { serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, 4096) }); err != nil || serr != nil {
-		t.Fatal(err, serr)
-	}
-	numbers := bindAndClose(t, 300)
-	lost := 0
-	state := map[int]bool{}
-	handle := func(e Event) {
-		switch e.Kind {
-		case EventLost:
-			lost++
-			if e.Number != -1 {
-				t.Fatalf("EventLost of device %d", e.Number)
-			}
-			clear(state)
-		case EventBound, EventUnbound:
-			bound := e.Kind == EventBound
-			if was, ok := state[e.Number]; ok && was == bound {
-				t.Fatalf("loop%d reported %s twice in a row after a loss", e.Number, e.Kind)
-			}
-			state[e.Number] = bound
-		}
-	}
-	// All that is queued, the overflow with it; then, with room in the
-	// buffer again, up to a sentinel's event.
-	drainQueued(t, m, handle)
-	readPastSentinel(t, m, handle)
-	if lost == 0 {
-		t.Fatal("300 binds into a 4 KiB buffer, and no EventLost")
-	}
-	for n := range numbers {
-		if state[n] {
-			t.Fatalf("loop%d last reported bound; it is not", n)
-		}
 	}
 }
 
