@@ -73,7 +73,7 @@ func TestKernelAttachAutoClear(t *testing.T) {
 	d := attachT(t, f.Name(), Options{Flags: FlagAutoClear})
 	n := d.Number()
 	// The returned Device holds the binding open.
-	if _, err := os.Stat(sysfsLoopAttr(n, "")); err != nil {
+	if _, err := os.Stat(host.sysfsLoopAttr(n, "")); err != nil {
 		t.Fatalf("bound device: %v", err)
 	}
 	if err := d.Close(); err != nil {
@@ -102,7 +102,7 @@ func (k forceOpen) open(path string, mode int) (handle, error) {
 }
 
 func TestKernelAttachWithoutControl(t *testing.T) {
-	useKernel(t, forceOpen{prefix: ControlPath, err: unix.ENOENT})
+	s := useKernel(t, forceOpen{prefix: ControlPath, err: unix.ENOENT})
 	f := kerneltest.TempFile(t, 1<<20)
 	// Without the control device, Attach binds the lowest device that
 	// sysfs shows unbound. A device of an earlier test may still be
@@ -112,7 +112,7 @@ func TestKernelAttachWithoutControl(t *testing.T) {
 	// (internal/testlock): one unbound both before and after Attach was
 	// unbound at its scan.
 	before := sysfsUnbound(t)
-	d := attachT(t, f.Name(), Options{Offset: 512})
+	d := attachOn(t, s, f.Name(), Options{Offset: 512})
 	checkBound(t, d, f.Name(), Options{Offset: 512})
 	after := sysfsUnbound(t)
 	if !before[d.Number()] {
@@ -129,13 +129,13 @@ func TestKernelAttachWithoutControl(t *testing.T) {
 // directory), as Attach without the control device reads them.
 func sysfsUnbound(t *testing.T) map[int]bool {
 	t.Helper()
-	nums, err := loopNumbers()
+	nums, err := host.loopNumbers()
 	if err != nil {
 		t.Fatal(err)
 	}
 	unbound := map[int]bool{}
 	for _, n := range nums {
-		if _, err := os.Lstat(sysfsLoopAttr(n, "")); errors.Is(err, fs.ErrNotExist) {
+		if _, err := os.Lstat(host.sysfsLoopAttr(n, "")); errors.Is(err, fs.ErrNotExist) {
 			unbound[n] = true
 		}
 	}
@@ -149,8 +149,7 @@ func TestKernelAttachMissingNode(t *testing.T) {
 			if !noControl {
 				k.keep = ControlPath // only the /dev/loopN nodes are missing
 			}
-			useKernel(t, k)
-			_, err := Attach(context.Background(), kerneltest.TempFile(t, 1<<20).Name(), Options{})
+			_, err := useKernel(t, k).Attach(context.Background(), kerneltest.TempFile(t, 1<<20).Name(), Options{})
 			var missing *NodeMissingError
 			if !errors.Is(err, fs.ErrNotExist) || !errors.As(err, &missing) || missing.Path != DevicePath(missing.Number) {
 				t.Fatalf("Attach = %v, want the missing /dev/loopN named", err)
@@ -160,15 +159,15 @@ func TestKernelAttachMissingNode(t *testing.T) {
 }
 
 func TestKernelAttachFallback(t *testing.T) {
-	useForced(t, map[uint]error{reqConfigure: unix.ENOTTY})
+	s := useForced(t, map[uint]error{reqConfigure: unix.ENOTTY}).sys
 	o := Options{Offset: 4096, SizeLimit: 1 << 20, BlockSize: 4096, Flags: FlagAutoClear | FlagDirectIO | FlagReadOnly}
 	f := kerneltest.TempFile(t, 2<<20)
 	if !directIOOK(t, filepath.Dir(f.Name())) {
-		_, err := Attach(context.Background(), f.Name(), o)
+		_, err := s.Attach(context.Background(), f.Name(), o)
 		wantNoDirectIO(t, err, f.Name())
 		return
 	}
-	d := attachT(t, f.Name(), o)
+	d := attachOn(t, s, f.Name(), o)
 	checkBound(t, d, f.Name(), o)
 }
 
@@ -274,7 +273,7 @@ func TestKernelAttachConcurrent(t *testing.T) {
 
 // attachChild is one process of TestKernelAttachConcurrent.
 func attachChild(t *testing.T, dir string) {
-	if _, err := sharedControl(); err != nil {
+	if _, err := host.sharedControl(); err != nil {
 		t.Fatal(err)
 	}
 	before := len(kerneltest.OpenFDs(t))
@@ -372,7 +371,7 @@ func TestKernelAttachLostRace(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			var fd int
 			var raced string
-			useKernel(t, &racingKernel{race: func(path string) {
+			s := useKernel(t, &racingKernel{race: func(path string) {
 				raced, fd = path, tt.race(t, path)
 				t.Cleanup(func() {
 					unix.IoctlRetInt(fd, unix.LOOP_CLR_FD) // ENXIO where not bound
@@ -380,7 +379,7 @@ func TestKernelAttachLostRace(t *testing.T) {
 				})
 			}})
 			f := kerneltest.TempFile(t, 1<<20)
-			d := attachT(t, f.Name(), Options{})
+			d := attachOn(t, s, f.Name(), Options{})
 			// Before Linux 6.11 LOOP_CLR_FD tore the device down at once:
 			// no race, and the device is free again for Attach.
 			noRace := tt.name == "torn down" && !kerneltest.AtLeast(t, 6, 11)
@@ -412,7 +411,7 @@ func TestKernelAttachWaitsForProbe(t *testing.T) {
 				fd   int
 			}
 			probes := make(chan probe, 1)
-			useKernel(t, &racingKernel{race: func(path string) {
+			s := useKernel(t, &racingKernel{race: func(path string) {
 				fd, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
 				if err != nil {
 					t.Error(err)
@@ -422,7 +421,7 @@ func TestKernelAttachWaitsForProbe(t *testing.T) {
 				probes <- probe{path, fd}
 			}})
 			f := kerneltest.TempFile(t, 1<<20)
-			if _, err := sharedControl(); err != nil { // Attach keeps it open
+			if _, err := s.sharedControl(); err != nil { // Attach keeps it open
 				t.Fatal(err)
 			}
 			fds := kerneltest.OpenFDs(t)
@@ -434,7 +433,7 @@ func TestKernelAttachWaitsForProbe(t *testing.T) {
 			}
 			done := make(chan result, 1)
 			go func() {
-				d, err := Attach(ctx, f.Name(), Options{})
+				d, err := s.Attach(ctx, f.Name(), Options{})
 				done <- result{d, err}
 			}()
 			p := <-probes
@@ -450,7 +449,7 @@ func TestKernelAttachWaitsForProbe(t *testing.T) {
 				if r := <-done; !errors.Is(r.err, context.Canceled) {
 					t.Fatalf("Attach = %v, %v; want context.Canceled", r.d, r.err)
 				}
-				if _, err := os.Stat(sysfsLoopAttr(deviceNumber(t, probed), "")); err == nil {
+				if _, err := os.Stat(host.sysfsLoopAttr(deviceNumber(t, probed), "")); err == nil {
 					t.Fatalf("%s bound after a cancelled Attach", probed)
 				}
 			}
@@ -481,7 +480,7 @@ func TestKernelAttachWaitsForProbe(t *testing.T) {
 // nothing meanwhile, honour its context while waiting, and go ahead once the
 // lock is released.
 func TestKernelAttachTakesControlLock(t *testing.T) {
-	lock := holdControlLock(t)
+	lock, s := holdControlLock(t)
 	f := kerneltest.TempFile(t, 1<<20)
 
 	// Given up while waiting: nothing is bound, and the lock is left as
@@ -489,7 +488,7 @@ func TestKernelAttachTakesControlLock(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() {
-		d, err := Attach(ctx, f.Name(), Options{})
+		d, err := s.Attach(ctx, f.Name(), Options{})
 		if err == nil {
 			detach(t, d)
 		}
@@ -504,14 +503,14 @@ func TestKernelAttachTakesControlLock(t *testing.T) {
 	// Waiting with a context that cannot end.
 	attached := make(chan *Device, 1)
 	go func() {
-		d, err := Attach(context.Background(), f.Name(), Options{Flags: FlagAutoClear})
+		d, err := s.Attach(context.Background(), f.Name(), Options{Flags: FlagAutoClear})
 		if err != nil {
 			t.Error(err)
 		}
 		attached <- d
 	}()
 	waitLockRequest(t, ControlPath)
-	if found, err := FindByBackingFile(f.Name()); err != nil || len(found) != 0 {
+	if found, err := s.FindByBackingFile(f.Name()); err != nil || len(found) != 0 {
 		t.Fatalf("bound while the control lock was held elsewhere: %+v, %v", found, err)
 	}
 	if err := unix.Flock(lock, unix.LOCK_UN); err != nil {
@@ -524,7 +523,7 @@ func TestKernelAttachTakesControlLock(t *testing.T) {
 	checkBound(t, d, f.Name(), Options{Flags: FlagAutoClear})
 	d.Close()
 	// The abandoned wait took the lock when it was free, and let it go.
-	lockWaiters.Wait()
+	s.lockWaiters.Wait()
 	if err := unix.Flock(lock, unix.LOCK_EX|unix.LOCK_NB); err != nil {
 		t.Fatalf("the control lock after Attach: %v", err)
 	}
@@ -532,12 +531,12 @@ func TestKernelAttachTakesControlLock(t *testing.T) {
 
 // holdControlLock takes flock(LOCK_EX) on /dev/loop-control through a
 // descriptor of its own, as another process would, and returns the
-// descriptor, closed at the end of the test. The process's shared control
-// device is made anew for the test.
-func holdControlLock(t *testing.T) int {
+// descriptor, closed at the end of the test, and a system of the test's
+// own, whose shared control device is made anew.
+func holdControlLock(t *testing.T) (int, *system) {
 	t.Helper()
 	kerneltest.Require(t)
-	useKernel(t, osKernel{})
+	s := useKernel(t, osKernel{})
 	lock, err := unix.Open(ControlPath, unix.O_RDWR|unix.O_CLOEXEC, 0)
 	if err != nil {
 		t.Fatal(err)
@@ -546,7 +545,7 @@ func holdControlLock(t *testing.T) int {
 	if err := unix.Flock(lock, unix.LOCK_EX); err != nil {
 		t.Fatal(err)
 	}
-	return lock
+	return lock, s
 }
 
 // waitLockRequest waits until /proc/locks shows a request for a flock of

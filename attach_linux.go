@@ -9,7 +9,6 @@ import (
 	"math/rand/v2"
 	"os"
 	"strconv"
-	"sync/atomic"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -42,6 +41,10 @@ import (
 // outlives the Device, unless FlagAutoClear has the kernel detach it at
 // the last close.
 func Attach(ctx context.Context, path string, o Options) (*Device, error) {
+	return host.attachPath(ctx, path, o)
+}
+
+func (s *system) attachPath(ctx context.Context, path string, o Options) (*Device, error) {
 	const op = "attach"
 	if err := ctx.Err(); err != nil {
 		return nil, newError(op, path, err)
@@ -49,12 +52,12 @@ func Attach(ctx context.Context, path string, o Options) (*Device, error) {
 	if err := o.validate(); err != nil {
 		return nil, newError(op, path, err)
 	}
-	fd, err := openBackingFile(ctx, path, o)
+	fd, err := s.openBackingFile(ctx, path, o)
 	if err != nil {
 		return nil, newError(op, path, err)
 	}
 	defer closeFD(fd)
-	return attach(ctx, uintptr(fd), path, o)
+	return s.attach(ctx, uintptr(fd), path, o)
 }
 
 // AttachFile is Attach for a file the caller has open; f stays the
@@ -64,6 +67,10 @@ func Attach(ctx context.Context, path string, o Options) (*Device, error) {
 // With FlagReadOnly the device is read-only whatever f's mode; without it,
 // a read-only f gives a read-only device, as the kernel decides.
 func AttachFile(ctx context.Context, f *os.File, o Options) (*Device, error) {
+	return host.attachFile(ctx, f, o)
+}
+
+func (s *system) attachFile(ctx context.Context, f *os.File, o Options) (*Device, error) {
 	const op = "attach"
 	name := ""
 	if f != nil {
@@ -84,15 +91,11 @@ func AttachFile(ctx context.Context, f *os.File, o Options) (*Device, error) {
 			return newError(op, name, err)
 		}
 		var err error
-		d, err = attach(ctx, fd, name, o)
+		d, err = s.attach(ctx, fd, name, o)
 		return err
 	})
 	return d, err
 }
-
-// lostRaces counts the races this process's attachers lost; tests report
-// it.
-var lostRaces atomic.Int64
 
 // maxAttempts bounds how many devices one Attach tries: each lost race
 // means another process bound or tore down a device, so only a crowd this
@@ -101,7 +104,7 @@ const maxAttempts = 256
 
 // attach finds a free device and binds the file open as fd to it,
 // retrying lost races.
-func attach(ctx context.Context, fd uintptr, name string, o Options) (*Device, error) {
+func (s *system) attach(ctx context.Context, fd uintptr, name string, o Options) (*Device, error) {
 	const op = "attach"
 	var err error
 	if o.BlockSize, err = backingBlockSize(ctx, fd, o); err != nil {
@@ -109,14 +112,14 @@ func attach(ctx context.Context, fd uintptr, name string, o Options) (*Device, e
 	}
 	var tried map[int]bool
 	for attempt := 0; ; attempt++ {
-		d, n, lost, err := attachOnce(ctx, fd, name, o, tried)
+		d, n, lost, err := s.attachOnce(ctx, fd, name, o, tried)
 		if err == nil {
 			return d, nil
 		}
 		if !lost {
 			return nil, newError(op, name, err)
 		}
-		lostRaces.Add(1)
+		s.lostRaces.Add(1)
 		if attempt+1 == maxAttempts {
 			return nil, newError(op, name, &gaveUp{last: err})
 		}
@@ -124,7 +127,7 @@ func attach(ctx context.Context, fd uintptr, name string, o Options) (*Device, e
 			tried = map[int]bool{}
 		}
 		tried[n] = true
-		if err := backoff(ctx, attempt, maxBackoff); err != nil {
+		if err := backoff(ctx, attempt, s.bindPause); err != nil {
 			return nil, newError(op, name, err)
 		}
 	}
@@ -143,40 +146,36 @@ func (e *gaveUp) Is(target error) bool { return target == ErrBusy }
 // attachOnce is one attempt, under the attach lock: ask for a free device
 // (skipping those tried already when another is free) and bind to it. It
 // returns the device's number, and whether err means a lost race.
-func attachOnce(ctx context.Context, fd uintptr, name string, o Options, tried map[int]bool) (d *Device, n int, lost bool, err error) {
+func (s *system) attachOnce(ctx context.Context, fd uintptr, name string, o Options, tried map[int]bool) (d *Device, n int, lost bool, err error) {
 	var c *Control
-	if attachLocking {
-		if c, err = lockAttach(ctx); err != nil {
+	if !s.noAttachLock {
+		if c, err = s.lockAttach(ctx); err != nil {
 			return nil, -1, false, err
 		}
-		defer unlockAttach(c)
-	} else if c, err = sharedControl(); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		defer s.unlockAttach(c)
+	} else if c, err = s.sharedControl(); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return nil, -1, false, err
 	}
 	if o.Reuse {
 		// Under the lock, so that two processes attaching one file with
 		// Reuse end with one device between them.
-		if d, err := sharedDevice(fd, name, o); d != nil || err != nil {
+		if d, err := s.sharedDevice(fd, name, o); d != nil || err != nil {
 			return d, -1, false, err
 		}
 	}
-	n, err = freeDevice(c, tried)
+	n, err = s.freeDevice(c, tried)
 	if err != nil {
 		return nil, -1, false, err
 	}
-	d, lost, err = tryAttach(ctx, c, n, fd, name, o)
+	d, lost, err = s.tryAttach(ctx, c, n, fd, name, o)
 	return d, n, lost, err
 }
-
-// maxBackoff caps the pause between attempts of a bind that lost a race;
-// tests shorten it.
-var maxBackoff = 20 * time.Millisecond
 
 // backoff is the package's one retry policy: it waits before attempt+1,
 // not at all after the first (a lost race is the common case: GET_FREE
 // then names another device), then exponentially from 100 µs with jitter,
-// each pause at most limit (maxBackoff for a bind, maxAgainPause for a
-// busy kernel). It returns early with ctx.Err().
+// each pause at most limit (the system's bindPause for a bind, againPause
+// for a busy kernel). It returns early with ctx.Err().
 func backoff(ctx context.Context, attempt int, limit time.Duration) error {
 	if attempt == 0 {
 		return ctx.Err()
@@ -196,7 +195,7 @@ func backoff(ctx context.Context, attempt int, limit time.Duration) error {
 // tryAttach binds the file open as fd to device n under an exclusive flock
 // of the device, and reports whether a failure means that another process
 // got to the device first (see lostOpen and lostBind).
-func tryAttach(ctx context.Context, c *Control, n int, fd uintptr, name string, o Options) (*Device, bool, error) {
+func (s *system) tryAttach(ctx context.Context, c *Control, n int, fd uintptr, name string, o Options) (*Device, bool, error) {
 	// A read-only binding is made and held through a read-only
 	// descriptor: a kernel that refuses to mount a device with writers
 	// (CONFIG_BLK_DEV_WRITE_MOUNTED=n) mounts it while the Device is open.
@@ -204,7 +203,7 @@ func tryAttach(ctx context.Context, c *Control, n int, fd uintptr, name string, 
 	if o.Flags&FlagReadOnly != 0 || readOnlyFD(fd) {
 		mode = readOnly
 	}
-	d, err := openDeviceMode(n, mode)
+	d, err := s.openDeviceMode(n, mode)
 	if err != nil {
 		var missing *NodeMissingError
 		if !errors.As(err, &missing) || !stillFree(c, n) {
@@ -214,7 +213,7 @@ func tryAttach(ctx context.Context, c *Control, n int, fd uintptr, name string, 
 		if !o.MakeNode {
 			return nil, false, err
 		}
-		if d, err = makeAndOpen(n, mode); err != nil {
+		if d, err = s.makeAndOpen(n, mode); err != nil {
 			return nil, false, err
 		}
 	}
@@ -230,17 +229,17 @@ func tryAttach(ctx context.Context, c *Control, n int, fd uintptr, name string, 
 		return nil, false, newError("lock", d.path, err)
 	}
 	bindWith := d.h
-	seq, err := configure(bindWith, fd, name, o)
+	seq, err := s.configure(bindWith, fd, name, o)
 	if mode == readOnly && errors.Is(err, errReadOnlyDescriptor) {
 		// Without CAP_SYS_ADMIN the kernel binds only through a
 		// descriptor open for writing: bind through one opened for the
 		// moment, and hold the read-only one, and its lock.
-		if bindWith, err = openDevice(d.path, readWrite); err != nil {
+		if bindWith, err = s.openDevice(d.path, readWrite); err != nil {
 			d.Close()
 			return nil, lostOpen(err), err
 		}
 		defer bindWith.Close()
-		seq, err = configure(bindWith, fd, name, o)
+		seq, err = s.configure(bindWith, fd, name, o)
 	}
 	if err != nil {
 		d.Close() // also drops the lock
@@ -248,7 +247,7 @@ func tryAttach(ctx context.Context, c *Control, n int, fd uintptr, name string, 
 	}
 	d.seq.Store(seq)
 	if o.MakeNode && o.Flags&FlagPartScan != 0 {
-		if err := makePartitionNodes(d); err != nil {
+		if err := s.makePartitionNodes(d); err != nil {
 			err = undo(bindWith, err)
 			d.Close()
 			return nil, false, err
@@ -308,13 +307,13 @@ func stillFree(c *Control, n int) bool {
 // makeAndOpen makes the missing node of device n and opens it. A node it
 // made that cannot be opened (a device cgroup refusing the device, a /dev
 // that takes no device nodes) is of no use to anyone: it removes it again.
-func makeAndOpen(n, mode int) (*Device, error) {
+func (s *system) makeAndOpen(n, mode int) (*Device, error) {
 	path := DevicePath(n)
-	rdev, made, err := makeNodeOf(path, sysfs.LoopDir(sysfsRoot, n)+"/dev")
+	rdev, made, err := makeNodeOf(path, sysfs.LoopDir(s.sysfs, n)+"/dev")
 	if err != nil {
 		return nil, err
 	}
-	d, err := openDeviceMode(n, mode)
+	d, err := s.openDeviceMode(n, mode)
 	if err == nil {
 		return d, nil
 	}
@@ -327,7 +326,7 @@ func makeAndOpen(n, mode int) (*Device, error) {
 
 // makePartitionNodes makes the missing nodes of the partitions the kernel
 // found on d.
-func makePartitionNodes(d *Device) error {
+func (s *system) makePartitionNodes(d *Device) error {
 	parts, err := d.Partitions()
 	if err != nil {
 		return err
@@ -355,27 +354,27 @@ func lostBind(err error) bool {
 // freeDevice names a device to try: LOOP_CTL_GET_FREE's answer, unless that
 // was tried already in this Attach, and then an unbound device from sysfs
 // that was not; without the control device (c is nil), always from sysfs.
-func freeDevice(c *Control, tried map[int]bool) (int, error) {
+func (s *system) freeDevice(c *Control, tried map[int]bool) (int, error) {
 	if c != nil {
 		n, err := c.GetFree()
 		if err != nil || !tried[n] {
 			return n, err
 		}
-		if m, ok := unboundDevice(tried); ok {
+		if m, ok := s.unboundDevice(tried); ok {
 			return m, nil
 		}
 		return n, nil
 	}
-	if m, ok := unboundDevice(tried); ok {
+	if m, ok := s.unboundDevice(tried); ok {
 		return m, nil
 	}
 	if len(tried) > 0 {
 		// All unbound devices were tried: try them again after the backoff.
-		if m, ok := unboundDevice(nil); ok {
+		if m, ok := s.unboundDevice(nil); ok {
 			return m, nil
 		}
 	}
-	return -1, newError("find free", sysfsRoot+"/block", errNoFree)
+	return -1, newError("find free", s.sysfs+"/block", errNoFree)
 }
 
 // errNoFree reports that sysfs lists no unbound loop device.
@@ -383,8 +382,8 @@ var errNoFree = &stepError{step: "no unbound loop device", err: unix.EBUSY}
 
 // unboundDevice returns the lowest-numbered loop device in sysfs that is not
 // bound and not in skip.
-func unboundDevice(skip map[int]bool) (int, bool) {
-	nums, err := loopNumbers()
+func (s *system) unboundDevice(skip map[int]bool) (int, bool) {
+	nums, err := s.loopNumbers()
 	if err != nil {
 		return -1, false
 	}
@@ -392,7 +391,7 @@ func unboundDevice(skip map[int]bool) (int, bool) {
 		if skip[n] {
 			continue
 		}
-		if _, err := os.Lstat(sysfsLoopAttr(n, "")); errors.Is(err, fs.ErrNotExist) {
+		if _, err := os.Lstat(s.sysfsLoopAttr(n, "")); errors.Is(err, fs.ErrNotExist) {
 			return n, true
 		}
 	}

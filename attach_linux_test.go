@@ -53,9 +53,10 @@ func checkNothingLeft(t *testing.T, k *fakeKernel) {
 }
 
 func TestAttachSteps(t *testing.T) {
+	t.Parallel()
 	k := useFake(t, 2)
 	f := kerneltest.TempFile(t, 1<<20)
-	d, err := Attach(context.Background(), f.Name(), Options{Flags: FlagAutoClear})
+	d, err := k.sys.Attach(context.Background(), f.Name(), Options{Flags: FlagAutoClear})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -80,7 +81,7 @@ func TestAttachSteps(t *testing.T) {
 
 	// The control device stays open for the next Attach.
 	before := len(k.calls("open " + ControlPath))
-	d, err = AttachFile(context.Background(), f, Options{})
+	d, err = k.sys.AttachFile(context.Background(), f, Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -94,6 +95,7 @@ func TestAttachSteps(t *testing.T) {
 // named first. Attach binds another, and never clears a binding it did not
 // make.
 func TestAttachLostRace(t *testing.T) {
+	t.Parallel()
 	for _, tt := range []struct {
 		name  string
 		race  func(k *fakeKernel)
@@ -133,7 +135,7 @@ func TestAttachLostRace(t *testing.T) {
 			k := useFake(t, 3)
 			tt.race(k)
 			f := kerneltest.TempFile(t, 1<<20)
-			d, err := Attach(context.Background(), f.Name(), Options{})
+			d, err := k.sys.Attach(context.Background(), f.Name(), Options{})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -155,6 +157,7 @@ func TestAttachLostRace(t *testing.T) {
 // each errno in turn, and checks the retry or the full rollback, and that
 // the error keeps the errno and names the operation that failed.
 func TestAttachFaults(t *testing.T) {
+	t.Parallel()
 	type outcome int
 	const (
 		fails   outcome = iota // error matching the errno, nothing left behind
@@ -198,11 +201,11 @@ func TestAttachFaults(t *testing.T) {
 			t.Run(name, func(t *testing.T) {
 				k := useFake(t, 4)
 				if s.fallback {
-					noConfigure.Store(true)
+					k.sys.noConfigure.Store(true)
 				}
 				k.failAt(s.step, s.nth, errno)
 				f := kerneltest.TempFile(t, 1<<20)
-				d, err := Attach(context.Background(), f.Name(), Options{BlockSize: 4096, Flags: FlagDirectIO})
+				d, err := k.sys.Attach(context.Background(), f.Name(), Options{BlockSize: 4096, Flags: FlagDirectIO})
 				switch want {
 				case retried, waits, ignored:
 					if err != nil {
@@ -217,7 +220,7 @@ func TestAttachFaults(t *testing.T) {
 					checkAttached(t, k, d, f.Name())
 					if want == ignored {
 						opens := len(k.calls("open " + ControlPath))
-						d, err := Attach(context.Background(), f.Name(), Options{})
+						d, err := k.sys.Attach(context.Background(), f.Name(), Options{})
 						if err != nil || len(k.calls("open "+ControlPath)) != opens+1 {
 							t.Fatalf("the next Attach: %v, control device opens %d, want it reopened", err, opens)
 						}
@@ -268,6 +271,7 @@ func errorOps(err error) []string {
 }
 
 func TestAttachRefusesBeforeTouchingDevices(t *testing.T) {
+	t.Parallel()
 	k := useFake(t, 2)
 	dir := t.TempDir()
 	f := kerneltest.TempFile(t, 1<<20)
@@ -291,19 +295,19 @@ func TestAttachRefusesBeforeTouchingDevices(t *testing.T) {
 		attach func() (*Device, error)
 		is     error
 	}{
-		{"cancelled", func() (*Device, error) { return Attach(cancelled, f.Name(), Options{}) }, context.Canceled},
-		{"cancelled file", func() (*Device, error) { return AttachFile(cancelled, f, Options{}) }, context.Canceled},
-		{"missing", func() (*Device, error) { return Attach(bg, filepath.Join(dir, "missing"), Options{}) }, fs.ErrNotExist},
-		{"directory", func() (*Device, error) { return Attach(bg, dir, Options{}) }, fs.ErrInvalid},
-		{"directory read-only", func() (*Device, error) { return Attach(bg, dir, Options{Flags: FlagReadOnly}) }, fs.ErrInvalid},
-		{"directory file", func() (*Device, error) { return AttachFile(bg, dirFile, Options{}) }, fs.ErrInvalid},
-		{"nil file", func() (*Device, error) { return AttachFile(bg, nil, Options{}) }, fs.ErrInvalid},
-		{"closed file", func() (*Device, error) { return AttachFile(bg, closed, Options{}) }, fs.ErrInvalid},
-		{"bad flags", func() (*Device, error) { return Attach(bg, f.Name(), Options{Flags: 0x40}) }, fs.ErrInvalid},
-		{"bad block size", func() (*Device, error) { return AttachFile(bg, f, Options{BlockSize: 1000}) }, fs.ErrInvalid},
+		{"cancelled", func() (*Device, error) { return k.sys.Attach(cancelled, f.Name(), Options{}) }, context.Canceled},
+		{"cancelled file", func() (*Device, error) { return k.sys.AttachFile(cancelled, f, Options{}) }, context.Canceled},
+		{"missing", func() (*Device, error) { return k.sys.Attach(bg, filepath.Join(dir, "missing"), Options{}) }, fs.ErrNotExist},
+		{"directory", func() (*Device, error) { return k.sys.Attach(bg, dir, Options{}) }, fs.ErrInvalid},
+		{"directory read-only", func() (*Device, error) { return k.sys.Attach(bg, dir, Options{Flags: FlagReadOnly}) }, fs.ErrInvalid},
+		{"directory file", func() (*Device, error) { return k.sys.AttachFile(bg, dirFile, Options{}) }, fs.ErrInvalid},
+		{"nil file", func() (*Device, error) { return k.sys.AttachFile(bg, nil, Options{}) }, fs.ErrInvalid},
+		{"closed file", func() (*Device, error) { return k.sys.AttachFile(bg, closed, Options{}) }, fs.ErrInvalid},
+		{"bad flags", func() (*Device, error) { return k.sys.Attach(bg, f.Name(), Options{Flags: 0x40}) }, fs.ErrInvalid},
+		{"bad block size", func() (*Device, error) { return k.sys.AttachFile(bg, f, Options{BlockSize: 1000}) }, fs.ErrInvalid},
 		// Not writable: never a silent switch to read-only. Root may
 		// write it; TestKernelBadBackingFiles has a read-only mount.
-		{"not writable", func() (*Device, error) { return Attach(bg, readOnlyFile, Options{}) }, fs.ErrPermission},
+		{"not writable", func() (*Device, error) { return k.sys.Attach(bg, readOnlyFile, Options{}) }, fs.ErrPermission},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -327,19 +331,19 @@ func TestAttachRefusesBeforeTouchingDevices(t *testing.T) {
 }
 
 func TestAttachCancelledWhileBusy(t *testing.T) {
+	t.Parallel()
 	k := useFake(t, 1)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
 	for i := 1; i <= maxAttempts; i++ {
+		if i == 3 {
+			// Cancelled while Attach retries.
+			k.actAt("LOOP_CONFIGURE", i, func(*fakeKernel) { cancel() }, unix.EBUSY)
+			continue
+		}
 		k.failAt("LOOP_CONFIGURE", i, unix.EBUSY)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	go func() {
-		// Cancel once Attach is retrying.
-		for len(k.calls("LOOP_CONFIGURE")) < 3 {
-			runtime.Gosched()
-		}
-		cancel()
-	}()
-	_, err := Attach(ctx, kerneltest.TempFile(t, 4096).Name(), Options{})
+	_, err := k.sys.Attach(ctx, kerneltest.TempFile(t, 4096).Name(), Options{})
 	if !errors.Is(err, context.Canceled) {
 		t.Fatalf("Attach = %v, want context.Canceled", err)
 	}
@@ -358,7 +362,7 @@ func TestAttachCancelledWhileProbed(t *testing.T) {
 		waitBlocked(t, "lockDevice")
 		cancel()
 	}()
-	_, err := Attach(ctx, kerneltest.TempFile(t, 4096).Name(), Options{})
+	_, err := k.sys.Attach(ctx, kerneltest.TempFile(t, 4096).Name(), Options{})
 	if !errors.Is(err, context.Canceled) {
 		t.Fatalf("Attach = %v, want context.Canceled", err)
 	}
@@ -375,6 +379,7 @@ func TestAttachCancelledWhileProbed(t *testing.T) {
 }
 
 func TestAttachGivesUp(t *testing.T) {
+	t.Parallel()
 	for _, step := range []string{"LOOP_CONFIGURE", "open"} {
 		t.Run(step, func(t *testing.T) {
 			k := useFake(t, 1)
@@ -385,7 +390,7 @@ func TestAttachGivesUp(t *testing.T) {
 			for i := first; i < first+maxAttempts; i++ {
 				k.failAt(step, i, map[string]unix.Errno{"open": unix.ENXIO, "LOOP_CONFIGURE": unix.EBUSY}[step])
 			}
-			_, err := Attach(context.Background(), kerneltest.TempFile(t, 4096).Name(), Options{})
+			_, err := k.sys.Attach(context.Background(), kerneltest.TempFile(t, 4096).Name(), Options{})
 			if !errors.Is(err, ErrBusy) || !strings.Contains(err.Error(), "gave up after 256 lost races") {
 				t.Fatalf("Attach = %v, want ErrBusy after 256 lost races", err)
 			}
@@ -401,12 +406,13 @@ func TestAttachGivesUp(t *testing.T) {
 }
 
 func TestAttachWithoutControl(t *testing.T) {
+	t.Parallel()
 	k := useFake(t, 3)
 	k.noControl = true
 	f := kerneltest.TempFile(t, 1<<20)
 	var devs []*Device
 	for want := range 3 {
-		d, err := Attach(context.Background(), f.Name(), Options{})
+		d, err := k.sys.Attach(context.Background(), f.Name(), Options{})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -419,7 +425,7 @@ func TestAttachWithoutControl(t *testing.T) {
 	if got := k.calls("LOOP_CTL_"); len(got) != 0 {
 		t.Fatalf("control calls without a control device: %q", got)
 	}
-	_, err := Attach(context.Background(), f.Name(), Options{})
+	_, err := k.sys.Attach(context.Background(), f.Name(), Options{})
 	if !errors.Is(err, ErrBusy) {
 		t.Fatalf("Attach with every device bound = %v, want ErrBusy", err)
 	}
@@ -429,11 +435,12 @@ func TestAttachWithoutControl(t *testing.T) {
 }
 
 func TestAttachMissingNode(t *testing.T) {
+	t.Parallel()
 	for _, noControl := range []bool{false, true} {
 		k := useFake(t, 2)
 		k.noControl = noControl
 		k.noNode[0] = true
-		_, err := Attach(context.Background(), kerneltest.TempFile(t, 4096).Name(), Options{})
+		_, err := k.sys.Attach(context.Background(), kerneltest.TempFile(t, 4096).Name(), Options{})
 		if !errors.Is(err, fs.ErrNotExist) || !errors.Is(err, unix.ENOENT) || !strings.Contains(err.Error(), "open /dev/loop0: ") {
 			t.Fatalf("noControl=%v: Attach = %v, want the missing /dev/loop0", noControl, err)
 		}
@@ -446,6 +453,7 @@ func TestAttachMissingNode(t *testing.T) {
 }
 
 func TestAttachConcurrentFake(t *testing.T) {
+	t.Parallel()
 	k := useFake(t, 2)
 	const n = 32
 	var wg sync.WaitGroup
@@ -456,7 +464,7 @@ func TestAttachConcurrentFake(t *testing.T) {
 	}
 	for i := range n {
 		wg.Go(func() {
-			d, err := Attach(context.Background(), files[i].Name(), Options{})
+			d, err := k.sys.Attach(context.Background(), files[i].Name(), Options{})
 			if err != nil {
 				t.Error(err)
 				return
@@ -487,12 +495,13 @@ func TestAttachConcurrentFake(t *testing.T) {
 // read-write. Through a read-only descriptor, a caller without
 // CAP_SYS_ADMIN is refused a change with EPERM, explained.
 func TestAttachReadOnlyDescriptor(t *testing.T) {
+	t.Parallel()
 	k := useFake(t, 4)
 	k.noAdmin = true
 	mode := func(d *Device) bool { return d.h.(readOnlyHandle).readOnly() }
 	f := kerneltest.TempFile(t, 1<<20)
 
-	ro := attachFake(t, f.Name(), Options{Flags: FlagReadOnly})
+	ro := attachFake(t, k, f.Name(), Options{Flags: FlagReadOnly})
 	if !mode(ro) {
 		t.Fatal("Attach with FlagReadOnly holds a read-write descriptor")
 	}
@@ -507,7 +516,7 @@ func TestAttachReadOnlyDescriptor(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	rw := attachFake(t, f.Name(), Options{})
+	rw := attachFake(t, k, f.Name(), Options{})
 	if mode(rw) {
 		t.Fatal("Attach without FlagReadOnly holds a read-only descriptor")
 	}
@@ -516,7 +525,7 @@ func TestAttachReadOnlyDescriptor(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer rf.Close()
-	d, err := AttachFile(context.Background(), rf, Options{})
+	d, err := k.sys.AttachFile(context.Background(), rf, Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -533,7 +542,7 @@ func TestAttachReadOnlyDescriptor(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		b, err := OpenBinding(s)
+		b, err := k.sys.OpenBinding(s)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -542,7 +551,7 @@ func TestAttachReadOnlyDescriptor(t *testing.T) {
 		}
 		b.Close()
 	}
-	od, err := OpenDevice(ro.Number())
+	od, err := k.sys.OpenDevice(ro.Number())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -556,6 +565,7 @@ func TestAttachReadOnlyDescriptor(t *testing.T) {
 // gives the kernel's default; headers at two sizes are an error naming
 // both, before any device is touched.
 func TestAttachBlockSizeAuto(t *testing.T) {
+	t.Parallel()
 	k := useFake(t, 4)
 	for _, tt := range []struct {
 		name   string
@@ -573,7 +583,7 @@ func TestAttachBlockSizeAuto(t *testing.T) {
 		if err := os.WriteFile(path, img, 0o644); err != nil {
 			t.Fatal(err)
 		}
-		d := attachFake(t, path, Options{BlockSize: BlockSizeAuto, Offset: tt.offset})
+		d := attachFake(t, k, path, Options{BlockSize: BlockSizeAuto, Offset: tt.offset})
 		if s, err := d.Status(); err != nil || s.BlockSize != tt.want {
 			t.Errorf("%s: Status = %+v, %v; want %d-byte blocks", tt.name, s, err, tt.want)
 		}
@@ -585,7 +595,7 @@ func TestAttachBlockSizeAuto(t *testing.T) {
 		t.Fatal(err)
 	}
 	before := len(k.calls("LOOP_CONFIGURE"))
-	_, err := Attach(context.Background(), path, Options{BlockSize: BlockSizeAuto})
+	_, err := k.sys.Attach(context.Background(), path, Options{BlockSize: BlockSizeAuto})
 	if !errors.Is(err, fs.ErrInvalid) || !strings.Contains(err.Error(), "512- and 4096-byte") {
 		t.Fatalf("Attach of an image with two GPT headers = %v, want an error naming both sizes", err)
 	}

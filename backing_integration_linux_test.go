@@ -93,9 +93,15 @@ func heldFlocks(t *testing.T) []string {
 // minute: a hang is what it catches, not a slow answer.
 func attachWithin(t *testing.T, path string, o Options, deadline time.Duration) (*Device, error) {
 	t.Helper()
+	return attachWithinOn(t, host, path, o, deadline)
+}
+
+// attachWithinOn is attachWithin on system s.
+func attachWithinOn(t *testing.T, s *system, path string, o Options, deadline time.Duration) (*Device, error) {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), deadline)
 	defer cancel()
-	d, err := within(t, time.Minute, func() (*Device, error) { return Attach(ctx, path, o) })
+	d, err := within(t, time.Minute, func() (*Device, error) { return s.Attach(ctx, path, o) })
 	if err == nil {
 		t.Cleanup(func() {
 			detach(t, d)
@@ -202,8 +208,7 @@ func TestKernelBadBackingFiles(t *testing.T) {
 					t.Error(err)
 				}
 			}}
-			useKernel(t, k)
-			d, err := attachWithin(t, f.Name(), tt.o, 10*time.Second)
+			d, err := attachWithinOn(t, useKernel(t, k), f.Name(), tt.o, 10*time.Second)
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -42,7 +42,7 @@ import (
 // Without a /proc of this process's own (a container or an initramfs that
 // mounts none), the path is opened a second time, and the file opened must
 // be the one checked.
-func openBackingFile(ctx context.Context, path string, o Options) (int, error) {
+func (s *system) openBackingFile(ctx context.Context, path string, o Options) (int, error) {
 	if strings.IndexByte(path, 0) >= 0 {
 		return -1, fileErr(invalid("the path %q has a NUL byte", path))
 	}
@@ -66,7 +66,7 @@ func openBackingFile(ctx context.Context, path string, o Options) (int, error) {
 		flags = unix.O_RDONLY
 	}
 	flags |= unix.O_NONBLOCK | unix.O_NOCTTY
-	fd, err := reopen(ctx, pfd, flags)
+	fd, err := s.reopen(ctx, pfd, flags)
 	if err == unix.ENOENT {
 		fd, err = openAgain(path, flags, &st, o.NoSymlinks)
 	}
@@ -89,9 +89,9 @@ func openBackingFile(ctx context.Context, path string, o Options) (int, error) {
 // file that the open breaks (EWOULDBLOCK, with O_NONBLOCK), it tries
 // again with backoff, until the holder lets go, the kernel breaks the
 // lease itself, or ctx ends. An error is an errno, or a *leaseError.
-func reopen(ctx context.Context, pfd, flags int) (int, error) {
+func (s *system) reopen(ctx context.Context, pfd, flags int) (int, error) {
 	var buf [64]byte
-	p := strconv.AppendInt(append(buf[:0], procSelfFD...), int64(pfd), 10)
+	p := strconv.AppendInt(append(buf[:0], s.procFD...), int64(pfd), 10)
 	p = append(p, 0)
 	for attempt := 0; ; attempt++ {
 		fd, errno := call.OpenAt(unix.AT_FDCWD, &p[0], flags)
@@ -102,15 +102,11 @@ func reopen(ctx context.Context, pfd, flags int) (int, error) {
 		default:
 			return -1, errno
 		}
-		if err := backoff(ctx, attempt+1, maxBackoff); err != nil {
+		if err := backoff(ctx, attempt+1, s.bindPause); err != nil {
 			return -1, &leaseError{ctx: err}
 		}
 	}
 }
-
-// procSelfFD is where this process's descriptors are, as paths; a test
-// points it elsewhere, as in a process with no /proc of its own.
-var procSelfFD = "/proc/self/fd/"
 
 // A leaseError ends an open that waited for another process's lease on
 // the file to be broken, when the context ended first. It matches both

@@ -135,7 +135,7 @@ func TestAttachBadBackingFiles(t *testing.T) {
 				fds := fdCount(t)
 				ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 				defer cancel()
-				d, err := within(t, time.Minute, func() (*Device, error) { return Attach(ctx, hp.path, o) })
+				d, err := within(t, time.Minute, func() (*Device, error) { return k.sys.Attach(ctx, hp.path, o) })
 				if err == nil {
 					d.Close()
 				}
@@ -155,6 +155,7 @@ func TestAttachBadBackingFiles(t *testing.T) {
 // ChangeFD files of each kind that cannot back a loop device: each is
 // refused before any ioctl.
 func TestAttachFileBadBackingFiles(t *testing.T) {
+	t.Parallel()
 	k := useFake(t, 2)
 	var files []hostilePath
 	for _, hp := range hostilePaths(t) {
@@ -172,7 +173,7 @@ func TestAttachFileBadBackingFiles(t *testing.T) {
 			}
 			defer f.Close()
 			before := len(k.calls(""))
-			_, err = AttachFile(context.Background(), f, Options{})
+			_, err = k.sys.AttachFile(context.Background(), f, Options{})
 			checkFileBlamed(t, err, hp.words, hp.is)
 			checkFileBlamed(t, d.Configure(f, Options{}), hp.words, hp.is)
 			checkFileBlamed(t, d.SetFD(f), hp.words, hp.is)
@@ -193,7 +194,7 @@ func TestAttachFileBadBackingFiles(t *testing.T) {
 			t.Fatal(err)
 		}
 		defer f.Close()
-		_, err = AttachFile(context.Background(), f, Options{})
+		_, err = k.sys.AttachFile(context.Background(), f, Options{})
 		checkFileBlamed(t, err, "is a socket", fs.ErrInvalid)
 	})
 }
@@ -208,15 +209,15 @@ func TestOpenBackingFile(t *testing.T) {
 		for _, c := range []struct{ ro, noSymlinks bool }{{false, false}, {true, false}, {false, true}, {true, true}} {
 			ro := c.ro
 			t.Run(fmt.Sprintf("noProc=%v/readOnly=%v/noSymlinks=%v", noProc, ro, c.noSymlinks), func(t *testing.T) {
+				s := newSystem(osKernel{}, "/sys")
 				if noProc {
-					defer func(old string) { procSelfFD = old }(procSelfFD)
-					procSelfFD = "/nonexistent/"
+					s.procFD = "/nonexistent/" // a process without /proc
 				}
 				o := Options{NoSymlinks: c.noSymlinks}
 				if ro {
 					o.Flags = FlagReadOnly
 				}
-				fd, err := openBackingFile(context.Background(), f.Name(), o)
+				fd, err := s.openBackingFile(context.Background(), f.Name(), o)
 				if err != nil {
 					t.Fatal(err)
 				}
@@ -270,7 +271,7 @@ func BenchmarkOpenBackingFile(b *testing.B) {
 	b.Run("checked", func(b *testing.B) {
 		b.ReportAllocs()
 		for b.Loop() {
-			fd, err := openBackingFile(context.Background(), path, Options{})
+			fd, err := host.openBackingFile(context.Background(), path, Options{})
 			if err != nil {
 				b.Fatal(err)
 			}
@@ -351,6 +352,7 @@ func TestOpenPathNoSymlinks(t *testing.T) {
 // refused with NoSymlinks, and a block device with RegularFileOnly, both
 // before any loop device is touched.
 func TestAttachUntrustedPaths(t *testing.T) {
+	t.Parallel()
 	k := useFake(t, 2)
 	dir := t.TempDir()
 	path := filepath.Join(dir, "image")
@@ -370,7 +372,7 @@ func TestAttachUntrustedPaths(t *testing.T) {
 	if err := os.Symlink(secret, path); err != nil {
 		t.Fatal(err)
 	}
-	_, err := Attach(context.Background(), path, Options{NoSymlinks: true})
+	_, err := k.sys.Attach(context.Background(), path, Options{NoSymlinks: true})
 	if !errors.Is(err, unix.ELOOP) || !errors.Is(err, fs.ErrInvalid) || errors.Is(err, ErrBusy) {
 		t.Fatalf("Attach of a path swapped for a symbolic link = %v, want ELOOP", err)
 	}
@@ -387,7 +389,7 @@ func TestAttachUntrustedPaths(t *testing.T) {
 	if blk == "" {
 		t.Skip("no block device node to try RegularFileOnly with")
 	}
-	if _, err := Attach(context.Background(), blk, Options{RegularFileOnly: true, Flags: FlagReadOnly}); !errors.Is(err, fs.ErrInvalid) ||
+	if _, err := k.sys.Attach(context.Background(), blk, Options{RegularFileOnly: true, Flags: FlagReadOnly}); !errors.Is(err, fs.ErrInvalid) ||
 		!strings.Contains(err.Error(), "RegularFileOnly") {
 		t.Fatalf("Attach of %s with RegularFileOnly = %v, want it refused", blk, err)
 	}

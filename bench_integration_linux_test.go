@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/loopctl/loopctl/internal/kerneltest"
+	"github.com/loopctl/loopctl/internal/sysfs"
 )
 
 func benchFile(b *testing.B) string {
@@ -137,13 +138,14 @@ func BenchmarkAttachConcurrent(b *testing.B) {
 			for _, attachers := range []int{1, 8, 32} {
 				name := fmt.Sprintf("lock=%v/second-process=%v/attachers=%d", lock, contended, attachers)
 				b.Run(name, func(b *testing.B) {
-					defer func(old bool) { attachLocking = old }(attachLocking)
-					attachLocking = lock
+					s := newSystem(osKernel{}, sysfs.Root)
+					s.noAttachLock = !lock
+					defer s.resetShared()
 					if contended {
 						stop := startContender(b, lock)
 						defer stop()
 					}
-					benchAttachers(b, attachers)
+					benchAttachers(b, s, attachers)
 				})
 			}
 		}
@@ -151,7 +153,7 @@ func BenchmarkAttachConcurrent(b *testing.B) {
 }
 
 // benchAttachers runs b.N attach cycles shared among n goroutines.
-func benchAttachers(b *testing.B, n int) {
+func benchAttachers(b *testing.B, s *system, n int) {
 	var files []*os.File
 	for range n {
 		f, err := os.OpenFile(benchFile(b), os.O_RDWR, 0)
@@ -168,7 +170,7 @@ func benchAttachers(b *testing.B, n int) {
 	for _, f := range files {
 		wg.Go(func() {
 			for next.Add(1) <= int64(b.N) {
-				d, err := AttachFile(context.Background(), f, Options{})
+				d, err := s.AttachFile(context.Background(), f, Options{})
 				if err != nil {
 					b.Error(err)
 					return
@@ -217,7 +219,9 @@ func TestKernelContender(t *testing.T) {
 		kerneltest.Require(t)
 		mode, input = "true", strings.NewReader("") // one round each
 	}
-	attachLocking = mode == "true"
+	s := newSystem(osKernel{}, sysfs.Root)
+	s.noAttachLock = mode != "true"
+	defer s.resetShared()
 	done := make(chan struct{})
 	go func() {
 		io.Copy(io.Discard, input)
@@ -232,7 +236,7 @@ func TestKernelContender(t *testing.T) {
 		}
 		wg.Go(func() {
 			for {
-				d, err := Attach(context.Background(), path, Options{Flags: FlagAutoClear})
+				d, err := s.Attach(context.Background(), path, Options{Flags: FlagAutoClear})
 				if err != nil {
 					t.Error(err)
 					return
@@ -274,7 +278,7 @@ func BenchmarkReuseLookup(b *testing.B) {
 	b.ReportAllocs()
 	for b.Loop() {
 		var d *Device
-		rc.Control(func(fd uintptr) { d, err = sharedDevice(fd, f.Name(), Options{Reuse: true}) })
+		rc.Control(func(fd uintptr) { d, err = host.sharedDevice(fd, f.Name(), Options{Reuse: true}) })
 		if d != nil || err != nil {
 			b.Fatal(d, err)
 		}

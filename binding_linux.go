@@ -40,29 +40,32 @@ import (
 // ClearFD never detaches a binding other than the one listed. Without
 // disk sequence numbers, a device bound anew to the same file with the
 // same offset and size limit passes for the binding s describes.
-func OpenBinding(s Status) (*Device, error) {
+func OpenBinding(s Status) (*Device, error) { return host.openBinding(s) }
+
+func (s *system) openBinding(st Status) (*Device, error) {
 	mode := readWrite
-	if s.Flags&FlagReadOnly != 0 {
+	if st.Flags&FlagReadOnly != 0 {
 		mode = readOnly
 	}
-	return openBinding(s, mode)
+	return s.openBindingMode(st, mode)
 }
 
-// openBinding is OpenBinding, opening the device read-write or read-only.
-func openBinding(s Status, mode int) (*Device, error) {
+// openBindingMode is OpenBinding, opening the device read-write or
+// read-only.
+func (s *system) openBindingMode(st Status, mode int) (*Device, error) {
 	const op = "open binding"
-	if err := checkNumber(op, "", s.Number, 0); err != nil {
+	if err := checkNumber(op, "", st.Number, 0); err != nil {
 		return nil, err
 	}
-	path := DevicePath(s.Number)
-	d, err := openDeviceMode(s.Number, mode)
+	path := DevicePath(st.Number)
+	d, err := s.openDeviceMode(st.Number, mode)
 	if errors.Is(err, ErrNotBound) || errors.Is(err, unix.ENODEV) {
 		return nil, newError(op, path, &changedError{"it is being detached or removed", err})
 	}
 	if err != nil {
 		return nil, err
 	}
-	seq, err := d.sameBinding(s)
+	seq, err := d.sameBinding(st)
 	if err != nil {
 		d.Close()
 		return nil, newError(op, path, err)
@@ -88,7 +91,7 @@ func (d *Device) sameBinding(s Status) (uint64, error) {
 		}
 		return 0, inStep("LOOP_GET_STATUS64", err)
 	}
-	if err := c.answers.readDiskSeq(d.h); err != nil {
+	if err := c.answers.readDiskSeq(d.sys, d.h); err != nil {
 		return 0, err
 	}
 	seq, info := c.answers.diskSeq, &c.info
@@ -130,14 +133,16 @@ func (e *changedError) Is(target error) bool { return target == ErrChanged }
 // The reference is only in the device, so FindByRef needs the right to
 // open the devices (root, or the disk group): without it, the open's
 // error, matching fs.ErrPermission.
-func FindByRef(ref string) ([]Status, error) {
+func FindByRef(ref string) ([]Status, error) { return host.findByRef(ref) }
+
+func (s *system) findByRef(ref string) ([]Status, error) {
 	if err := validRef(ref); err != nil || ref == "" {
 		if err == nil {
 			err = invalid("an empty owner reference")
 		}
 		return nil, newError("find", "", err)
 	}
-	return list(&match{ref: ref})
+	return s.list(&match{ref: ref})
 }
 
 // Detach detaches the device, closes it, and returns once the kernel has
@@ -176,6 +181,7 @@ func (d *Device) Detach(ctx context.Context) error {
 // binding is gone, or, without sysfs, the binding's status, which the
 // device stops answering to.
 type detaching struct {
+	sys      *system
 	op, path string
 	n        int
 	attr     int
@@ -189,13 +195,13 @@ func (d *Device) startDetach(op string) (*detaching, error) {
 	if err != nil {
 		return nil, err
 	}
-	w := &detaching{op: op, path: d.path, n: d.number, attr: -1}
-	if fd, err := openFD(sysfsLoopAttr(d.number, "backing_file"), unix.O_RDONLY); err == nil {
+	w := &detaching{sys: d.sys, op: op, path: d.path, n: d.number, attr: -1}
+	if fd, err := openFD(d.sys.sysfsLoopAttr(d.number, "backing_file"), unix.O_RDONLY); err == nil {
 		var fs unix.Statfs_t
 		if unix.Fstatfs(fd, &fs) == nil && fs.Type == unix.SYSFS_MAGIC {
 			w.attr = fd
 		} else {
-			closeFD(fd) // not sysfs (a test's tree): it would read on
+			closeFD(fd) // not sysfs (a /sys mounted otherwise): the file would read on after the unbind
 		}
 	}
 	if w.attr < 0 {
@@ -231,8 +237,8 @@ func (w *detaching) wait(ctx context.Context) error {
 		if err != nil || gone {
 			return err
 		}
-		if err := backoff(ctx, attempt, maxBackoff); err != nil {
-			return newError(w.op, w.path, &heldError{holders: holdersOf(w.n), ctx: err})
+		if err := backoff(ctx, attempt, w.sys.bindPause); err != nil {
+			return newError(w.op, w.path, &heldError{holders: w.sys.holdersOf(w.n), ctx: err})
 		}
 	}
 }
@@ -242,7 +248,7 @@ func (w *detaching) wait(ctx context.Context) error {
 // device refuses an open, being torn down, or is bound anew.
 func (w *detaching) gone() (bool, error) {
 	if w.attr < 0 {
-		d, err := OpenBinding(w.status)
+		d, err := w.sys.openBinding(w.status)
 		if errors.Is(err, ErrChanged) || errors.Is(err, os.ErrNotExist) {
 			return true, nil
 		}
@@ -258,7 +264,7 @@ func (w *detaching) gone() (bool, error) {
 	case err == unix.ENODEV || err == unix.ENOENT || err == nil && (n == 0 || buf[0] == '\n'):
 		return true, nil
 	case err != nil:
-		return false, newError(w.op, w.path, &os.PathError{Op: "read", Path: sysfsLoopAttr(w.n, "backing_file"), Err: err})
+		return false, newError(w.op, w.path, &os.PathError{Op: "read", Path: w.sys.sysfsLoopAttr(w.n, "backing_file"), Err: err})
 	}
 	return false, nil
 }
@@ -284,9 +290,9 @@ func (e *heldError) Is(target error) bool { return target == ErrBusy }
 // holdersOf names what the kernel says holds device n: devices stacked on
 // it (holders/ in sysfs), and file systems mounted on it or on one of its
 // partitions (/proc/self/mountinfo).
-func holdersOf(n int) []string {
+func (s *system) holdersOf(n int) []string {
 	var held []string
-	dir := sysfs.LoopDir(sysfsRoot, n)
+	dir := sysfs.LoopDir(s.sysfs, n)
 	if ents, err := os.ReadDir(dir + "/holders"); err == nil {
 		for _, e := range ents {
 			held = append(held, "/dev/"+e.Name()+" (stacked on it)")
@@ -329,19 +335,21 @@ func holdersOf(n int) []string {
 // returns the bindings it detached, deferred ones included, with an error
 // that names each one still bound when ctx ended and what holds it
 // (matching ErrBusy), along with any other failure.
-func Sweep(ctx context.Context, ref string) ([]Status, error) {
+func Sweep(ctx context.Context, ref string) ([]Status, error) { return host.sweep(ctx, ref) }
+
+func (s *system) sweep(ctx context.Context, ref string) ([]Status, error) {
 	const op = "sweep"
-	found, err := FindByRef(ref)
+	found, err := s.findByRef(ref)
 	if err != nil {
 		return nil, err
 	}
 	var swept []Status
 	var waits []*detaching
 	var errs []error
-	for _, s := range found {
+	for _, st := range found {
 		// Read-write: a caller in the disk group, without CAP_SYS_ADMIN,
 		// detaches only through a descriptor open for writing.
-		d, err := openBinding(s, readWrite)
+		d, err := s.openBindingMode(st, readWrite)
 		if errors.Is(err, ErrChanged) {
 			continue // detached, or bound anew, since
 		}

@@ -37,13 +37,14 @@ func rebindFake(t *testing.T, k *fakeKernel, n int, file *os.File, o Options) {
 // and refuses the number bound anew, with disk sequence numbers and, as
 // before Linux 5.15, without.
 func TestOpenBindingFake(t *testing.T) {
+	t.Parallel()
 	for _, noSeq := range []bool{false, true} {
 		t.Run(map[bool]string{false: "diskseq", true: "no diskseq"}[noSeq], func(t *testing.T) {
 			k := useFake(t, 3)
 			k.noDiskSeq = noSeq
 			d, f := bindFake(t, k, 1, Options{Flags: FlagReadOnly})
 			d.Close()
-			list, err := List()
+			list, err := k.sys.List()
 			if err != nil || len(list) != 1 {
 				t.Fatalf("List = %+v, %v", list, err)
 			}
@@ -51,7 +52,7 @@ func TestOpenBindingFake(t *testing.T) {
 			if want := k.devs[1].diskSeq; noSeq && s.DiskSeq != 0 || !noSeq && (s.DiskSeq != want || want == 0) {
 				t.Fatalf("listed disk sequence number %d, want %d (no diskseq: %v)", s.DiskSeq, want, noSeq)
 			}
-			b, err := OpenBinding(s)
+			b, err := k.sys.OpenBinding(s)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -63,7 +64,7 @@ func TestOpenBindingFake(t *testing.T) {
 			// Bound anew to the same file and range: a new binding, which
 			// only a disk sequence number tells from the old.
 			rebindFake(t, k, 1, f, Options{Flags: FlagReadOnly})
-			b, err = OpenBinding(s)
+			b, err = k.sys.OpenBinding(s)
 			if noSeq {
 				if err != nil {
 					t.Fatalf("without diskseq, the same file and range: %v", err)
@@ -79,18 +80,18 @@ func TestOpenBindingFake(t *testing.T) {
 					file = kerneltest.TempFile(t, 1<<20)
 				}
 				rebindFake(t, k, 1, file, o)
-				if _, err := OpenBinding(s); !errors.Is(err, ErrChanged) {
+				if _, err := k.sys.OpenBinding(s); !errors.Is(err, ErrChanged) {
 					t.Fatalf("OpenBinding after a rebind with %+v = %v, want ErrChanged", o, err)
 				}
 			}
 			// Unbound, and being torn down.
 			c := fakeDevice(t, k, 1)
 			c.ClearFD()
-			if _, err := OpenBinding(s); !errors.Is(err, ErrChanged) {
+			if _, err := k.sys.OpenBinding(s); !errors.Is(err, ErrChanged) {
 				t.Fatalf("OpenBinding in rundown = %v, want ErrChanged", err)
 			}
 			c.Close()
-			if _, err := OpenBinding(s); !errors.Is(err, ErrChanged) || !errors.Is(err, ErrNotBound) {
+			if _, err := k.sys.OpenBinding(s); !errors.Is(err, ErrChanged) || !errors.Is(err, ErrNotBound) {
 				t.Fatalf("OpenBinding of an unbound device = %v, want ErrChanged", err)
 			}
 			if n := k.deviceHandles(); n != 0 {
@@ -104,6 +105,7 @@ func TestOpenBindingFake(t *testing.T) {
 // check, the device is bound anew (which the real kernel's pin forbids,
 // but for LOOP_CHANGE_FD): the check sees it, and nothing stays open.
 func TestOpenBindingChangedBeforeCheck(t *testing.T) {
+	t.Parallel()
 	k := useFake(t, 2)
 	d, _ := bindFake(t, k, 0, Options{})
 	s, err := d.Status()
@@ -112,7 +114,7 @@ func TestOpenBindingChangedBeforeCheck(t *testing.T) {
 	}
 	open := k.deviceHandles()
 	k.actAt("LOOP_GET_STATUS64", len(k.calls("LOOP_GET_STATUS64"))+1, func(k *fakeKernel) { k.nextSeq(0) }, nil)
-	if _, err := OpenBinding(s); !errors.Is(err, ErrChanged) {
+	if _, err := k.sys.OpenBinding(s); !errors.Is(err, ErrChanged) {
 		t.Fatalf("OpenBinding = %v, want ErrChanged", err)
 	}
 	if n := k.deviceHandles(); n != open {
@@ -121,30 +123,31 @@ func TestOpenBindingChangedBeforeCheck(t *testing.T) {
 }
 
 func TestRefFake(t *testing.T) {
+	t.Parallel()
 	k := useFake(t, 4)
 	for _, bad := range []string{strings.Repeat("r", 64), "a\x00b"} {
 		before := len(k.calls(""))
-		if _, err := AttachFile(context.Background(), kerneltest.TempFile(t, 4096), Options{Ref: bad}); !errors.Is(err, fs.ErrInvalid) {
+		if _, err := k.sys.AttachFile(context.Background(), kerneltest.TempFile(t, 4096), Options{Ref: bad}); !errors.Is(err, fs.ErrInvalid) {
 			t.Fatalf("Ref %q: %v, want fs.ErrInvalid", bad, err)
 		}
-		if _, err := FindByRef(bad); !errors.Is(err, fs.ErrInvalid) {
-			t.Fatalf("FindByRef(%q) = %v, want fs.ErrInvalid", bad, err)
+		if _, err := k.sys.FindByRef(bad); !errors.Is(err, fs.ErrInvalid) {
+			t.Fatalf("k.sys.FindByRef(%q) = %v, want fs.ErrInvalid", bad, err)
 		}
 		if log := k.calls("")[before:]; len(log) != 0 {
 			t.Fatalf("devices touched: %q", log)
 		}
 	}
-	if _, err := FindByRef(""); !errors.Is(err, fs.ErrInvalid) {
-		t.Fatalf("FindByRef(\"\") = %v, want fs.ErrInvalid", err)
+	if _, err := k.sys.FindByRef(""); !errors.Is(err, fs.ErrInvalid) {
+		t.Fatalf("k.sys.FindByRef(\"\") = %v, want fs.ErrInvalid", err)
 	}
 	ref := strings.Repeat("r", 63)
 	f := kerneltest.TempFile(t, 4096)
-	a, err := AttachFile(context.Background(), f, Options{Ref: ref})
+	a, err := k.sys.AttachFile(context.Background(), f, Options{Ref: ref})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer a.Close()
-	b, err := AttachFile(context.Background(), f, Options{})
+	b, err := k.sys.AttachFile(context.Background(), f, Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -157,13 +160,13 @@ func TestRefFake(t *testing.T) {
 			t.Fatalf("Status = %+v, %v; want Ref %q and the file's path", s, err, tt.ref)
 		}
 	}
-	found, err := FindByRef(ref)
+	found, err := k.sys.FindByRef(ref)
 	if err != nil || len(found) != 1 || found[0].Number != a.Number() || found[0].Ref != ref {
 		t.Fatalf("FindByRef = %+v, %v; want %s", found, err, a.Path())
 	}
 	// Without the right to open the devices, references cannot be read.
 	k.noAccess = true
-	if _, err := FindByRef(ref); !errors.Is(err, fs.ErrPermission) {
+	if _, err := k.sys.FindByRef(ref); !errors.Is(err, fs.ErrPermission) {
 		t.Fatalf("FindByRef without access = %v, want fs.ErrPermission", err)
 	}
 }
@@ -172,6 +175,7 @@ func TestRefFake(t *testing.T) {
 // last opener; for a device another opener holds, at its close, or with
 // ErrBusy when the context ends first, the detach still set.
 func TestDetachFake(t *testing.T) {
+	t.Parallel()
 	k := useFake(t, 2)
 	d, _ := bindFake(t, k, 0, Options{})
 	if err := d.Detach(context.Background()); err != nil {
@@ -204,6 +208,7 @@ func TestDetachFake(t *testing.T) {
 // TestSweepFake: Sweep detaches the bindings of its reference, and no
 // other: not another reference's, not one bound anew since it looked.
 func TestSweepFake(t *testing.T) {
+	t.Parallel()
 	k := useFake(t, 5)
 	bind := func(n int, ref string) {
 		d := fakeDevice(t, k, n)
@@ -222,7 +227,7 @@ func TestSweepFake(t *testing.T) {
 		k.devs[3].bound = false
 		k.bind(3, 0, k.devs[3].info, 512)
 	}, nil)
-	swept, err := Sweep(context.Background(), "mine")
+	swept, err := k.sys.Sweep(context.Background(), "mine")
 	if err != nil {
 		t.Fatal(err)
 	}

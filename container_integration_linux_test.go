@@ -236,7 +236,7 @@ func bareDev(t *testing.T) {
 func attachInContainer(t *testing.T, path string, o Options, want error) (*Device, error) {
 	t.Helper()
 	bareDev(t)
-	races := lostRaces.Load()
+	races := host.lostRaces.Load()
 	d, err := Attach(context.Background(), path, o)
 	if want == nil {
 		if err != nil {
@@ -258,7 +258,7 @@ func attachInContainer(t *testing.T, path string, o Options, want error) (*Devic
 	if !errors.Is(err, want) {
 		t.Fatalf("Attach(%+v) = %v, want %v", o, err, want)
 	}
-	if n := lostRaces.Load() - races; n != 0 {
+	if n := host.lostRaces.Load() - races; n != 0 {
 		t.Errorf("Attach(%+v) took %d lost races to fail, want it at once", o, n)
 	}
 	if found, ferr := FindByBackingFile(path); ferr != nil || len(found) != 0 {
@@ -281,7 +281,7 @@ func missingNodeOf(t *testing.T, err error) *NodeMissingError {
 	if missing.Path != DevicePath(missing.Number) || missing.Partition != 0 {
 		t.Errorf("%+v: want the node of loop%d", missing, missing.Number)
 	}
-	if _, err := os.Stat(sysfs.LoopDir(sysfsRoot, missing.Number)); err != nil {
+	if _, err := os.Stat(sysfs.LoopDir(host.sysfs, missing.Number)); err != nil {
 		t.Errorf("loop%d, named missing, is not in sysfs: %v", missing.Number, err)
 	}
 	return missing

@@ -283,6 +283,7 @@ func (s Status) Deleted() bool { return strings.HasSuffix(s.BackingFile, deleted
 // safe for concurrent use.
 type Device struct {
 	h      handle
+	sys    *system
 	number int
 	path   string
 	shared bool // found bound by Attach with Reuse
@@ -310,26 +311,26 @@ var _ io.Closer = (*Device)(nil)
 // its last close, or being removed) refuses the open: the error then says
 // so and matches ErrNotBound and ENXIO.
 func OpenDevice(n int) (*Device, error) {
-	return openDeviceMode(n, readWrite)
+	return host.openDeviceMode(n, readWrite)
 }
 
 // openDeviceMode is OpenDevice, opening the node read-write or read-only.
-func openDeviceMode(n, mode int) (*Device, error) {
+func (s *system) openDeviceMode(n, mode int) (*Device, error) {
 	if err := checkNumber("open", "", n, 0); err != nil {
 		return nil, err
 	}
 	path := DevicePath(n)
-	h, err := openDevice(path, mode)
+	h, err := s.openDevice(path, mode)
 	if err != nil {
-		return nil, nodeOpenError(path, missingNode(n, err))
+		return nil, nodeOpenError(path, s.missingNode(n, err))
 	}
-	return &Device{h: h, number: n, path: path}, nil
+	return &Device{h: h, sys: s, number: n, path: path}, nil
 }
 
 // openDevice opens the loop device at path, read-write or read-only,
 // explaining ENXIO.
-func openDevice(path string, mode int) (handle, error) {
-	h, err := sys.open(path, mode)
+func (s *system) openDevice(path string, mode int) (handle, error) {
+	h, err := s.k.open(path, mode)
 	if err == nil {
 		return h, nil
 	}
@@ -344,12 +345,14 @@ func openDevice(path string, mode int) (handle, error) {
 // whole loop block device is accepted, bound or not: anything else (a
 // partition, /dev/null, a regular file, /dev/loop-control) is an error
 // matching ErrNotLoop, refused before the node is opened.
-func OpenDevicePath(path string) (*Device, error) {
-	n, rdev, err := loopNumber(path)
+func OpenDevicePath(path string) (*Device, error) { return host.openDevicePath(path) }
+
+func (s *system) openDevicePath(path string) (*Device, error) {
+	n, rdev, err := s.loopNumber(path)
 	if err != nil {
 		return nil, err
 	}
-	h, err := openDevice(path, readWrite)
+	h, err := s.openDevice(path, readWrite)
 	if err != nil {
 		return nil, nodeOpenError(path, err)
 	}
@@ -358,7 +361,7 @@ func OpenDevicePath(path string) (*Device, error) {
 		h.Close()
 		return nil, newError("open", path, ErrNotLoop)
 	}
-	return &Device{h: h, number: n, path: path}, nil
+	return &Device{h: h, sys: s, number: n, path: path}, nil
 }
 
 // Shared reports whether Attach, with Options.Reuse, returned a device

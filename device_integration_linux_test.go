@@ -126,7 +126,7 @@ func TestKernelConfigureRejected(t *testing.T) {
 			wantErrno(t, err, unix.ENXIO, ErrNotBound)
 		})
 	}
-	if noConfigure.Load() {
+	if host.noConfigure.Load() {
 		t.Fatal("an argument error was taken for a kernel without LOOP_CONFIGURE")
 	}
 	// The kernel itself refuses unknown flags, as validation assumes.
@@ -145,7 +145,6 @@ func TestKernelConfigureRejected(t *testing.T) {
 }
 
 func TestKernelConfigureFallback(t *testing.T) {
-	c := openControl(t)
 	for _, o := range []Options{
 		{},
 		{Offset: 8192, SizeLimit: 1 << 20, BlockSize: 4096, Flags: FlagAutoClear | FlagPartScan},
@@ -153,8 +152,8 @@ func TestKernelConfigureFallback(t *testing.T) {
 	} {
 		t.Run(o.Flags.String(), func(t *testing.T) {
 			k := useForced(t, map[uint]error{reqConfigure: unix.ENOTTY})
-			checkConfigure(t, c, o)
-			if !noConfigure.Load() {
+			checkConfigure(t, openControlOn(t, k.sys), o)
+			if !k.sys.noConfigure.Load() {
 				t.Fatal("ENOTTY not remembered")
 			}
 			if !containsReq(k.seen, reqSetFD) {
@@ -164,17 +163,17 @@ func TestKernelConfigureFallback(t *testing.T) {
 	}
 	t.Run("pre-5.8 EINVAL", func(t *testing.T) {
 		// Old kernels answer EINVAL to the request and to the probe.
-		useForced(t, map[uint]error{reqConfigure: unix.EINVAL})
-		checkConfigure(t, c, Options{Offset: 512})
-		if !noConfigure.Load() {
+		k := useForced(t, map[uint]error{reqConfigure: unix.EINVAL})
+		checkConfigure(t, openControlOn(t, k.sys), Options{Offset: 512})
+		if !k.sys.noConfigure.Load() {
 			t.Fatal("EINVAL with an EINVAL probe not taken for a kernel without LOOP_CONFIGURE")
 		}
 	})
 	t.Run("rollback", func(t *testing.T) {
 		// The kernel itself refuses the block size after LOOP_SET_FD
 		// bound the file: the binding must be undone.
-		useForced(t, map[uint]error{reqConfigure: unix.ENOTTY})
-		d := newDevice(t, c)
+		k := useForced(t, map[uint]error{reqConfigure: unix.ENOTTY})
+		d := newDevice(t, openControlOn(t, k.sys))
 		err := d.Configure(kerneltest.TempFile(t, 1<<20), Options{BlockSize: 1 << 20})
 		if !errors.Is(err, unix.EINVAL) || !strings.Contains(err.Error(), "LOOP_SET_BLOCK_SIZE") {
 			t.Fatalf("Configure = %v, want EINVAL from LOOP_SET_BLOCK_SIZE", err)
@@ -260,11 +259,11 @@ func TestKernelUnbound(t *testing.T) {
 
 func TestKernelENOTTY(t *testing.T) {
 	kerneltest.Require(t)
-	h, err := sys.open("/dev/null", readWrite)
+	h, err := osKernel{}.open("/dev/null", readWrite)
 	if err != nil {
 		t.Fatal(err)
 	}
-	c := &Control{h: h}
+	c := &Control{h: h, sys: host}
 	defer c.Close()
 	_, err = c.GetFree()
 	wantErrno(t, err, unix.ENOTTY, errors.ErrUnsupported)

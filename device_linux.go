@@ -34,14 +34,14 @@ func (d *Device) Status() (Status, error) {
 		return Status{}, err
 	}
 	s := statusFromInfo(&info)
-	if err := new(blockAnswers).read(h, &s); err != nil {
+	if err := new(blockAnswers).read(d.sys, h, &s); err != nil {
 		return Status{}, newError(op, d.path, err)
 	}
 	var buf [sysfs.BufSize]byte
 	// Empty, or gone, once a teardown that began since has let go of the
 	// file: lo_file_name then stands. Any other failure (EMFILE) is an
 	// error, not a reason to give the short name.
-	b, err := sysfs.ReadFile(sysfsLoopAttr(s.Number, "backing_file"), buf[:])
+	b, err := sysfs.ReadFile(d.sys.sysfsLoopAttr(s.Number, "backing_file"), buf[:])
 	if err := unbinding(err); err != nil {
 		return Status{}, newError(op, d.path, err)
 	}
@@ -121,7 +121,7 @@ func (d *Device) DiskSeq() (uint64, error) {
 		return seq, nil
 	}
 	var b blockAnswers
-	if err := b.readDiskSeq(h); err != nil {
+	if err := b.readDiskSeq(d.sys, h); err != nil {
 		return 0, newError(op, d.path, err)
 	}
 	return b.diskSeq, nil
@@ -137,36 +137,34 @@ type blockAnswers struct {
 	diskSeq   uint64
 }
 
-// read sets s.BlockSize, s.Size and s.DiskSeq from the device open as h.
-func (z *blockAnswers) read(h handle, s *Status) error {
+// read sets st.BlockSize, st.Size and st.DiskSeq from the device open as
+// h on system s.
+func (z *blockAnswers) read(s *system, h handle, st *Status) error {
 	if err := ioctlPtr(h, unix.BLKSSZGET, unsafe.Pointer(&z.blockSize)); err != nil {
 		return inStep("BLKSSZGET", err)
 	}
 	if err := ioctlPtr(h, uint(unix.BLKGETSIZE64), unsafe.Pointer(&z.size)); err != nil {
 		return inStep("BLKGETSIZE64", err)
 	}
-	if err := z.readDiskSeq(h); err != nil {
+	if err := z.readDiskSeq(s, h); err != nil {
 		return err
 	}
-	s.BlockSize, s.Size, s.DiskSeq = uint32(z.blockSize), z.size, z.diskSeq
+	st.BlockSize, st.Size, st.DiskSeq = uint32(z.blockSize), z.size, z.diskSeq
 	return nil
 }
 
-// noDiskSeq remembers for the whole process that the kernel has no disk
-// sequence numbers (before 5.15), so that no later read asks.
-var noDiskSeq atomic.Bool
-
 // readDiskSeq sets z.diskSeq from BLKGETDISKSEQ on the block device open
 // as h: 0, and no error, on a kernel that does not know the request
-// (EINVAL or ENOTTY, before 5.15).
-func (z *blockAnswers) readDiskSeq(h handle) error {
+// (EINVAL or ENOTTY, before 5.15), which s remembers, so that no later
+// read asks.
+func (z *blockAnswers) readDiskSeq(s *system, h handle) error {
 	z.diskSeq = 0
-	if noDiskSeq.Load() {
+	if s.noDiskSeq.Load() {
 		return nil
 	}
 	err := ioctlPtr(h, uint(unix.BLKGETDISKSEQ), unsafe.Pointer(&z.diskSeq))
 	if err == unix.EINVAL || err == unix.ENOTTY {
-		noDiskSeq.Store(true)
+		s.noDiskSeq.Store(true)
 		z.diskSeq = 0
 		return nil
 	}
@@ -200,11 +198,6 @@ func loopInfo(name string, o Options) unix.LoopInfo64 {
 	copy(info.File_name[:unix.LO_NAME_SIZE-1], name)
 	return info
 }
-
-// noConfigure remembers for the whole process that the kernel does not
-// know LOOP_CONFIGURE (Linux before 5.8), so that later binds go straight
-// to the older sequence.
-var noConfigure atomic.Bool
 
 // Configure binds f to the device with o in one LOOP_CONFIGURE call. With
 // FlagReadOnly the device is read-only even when f is open for writing.
@@ -264,7 +257,7 @@ func (d *Device) Configure(f *os.File, o Options) error {
 				return err
 			}
 		}
-		seq, err := configure(h, fd, f.Name(), o)
+		seq, err := d.sys.configure(h, fd, f.Name(), o)
 		if err != nil {
 			if o.Lock != prev {
 				d.Lock(prev) // as it was: a lock d held, given back without waiting
@@ -283,9 +276,9 @@ func (d *Device) Configure(f *os.File, o Options) error {
 // that the kernel turned direct I/O on: older kernels leave it off, and
 // report success, where the backing file system cannot do it. Then, as on
 // any failure after the bind, it clears the binding it made.
-func configure(h handle, fd uintptr, name string, o Options) (uint64, error) {
+func (s *system) configure(h handle, fd uintptr, name string, o Options) (uint64, error) {
 	b := new(bindArgs)
-	if err := b.bind(h, fd, name, o); err != nil {
+	if err := b.bind(s, h, fd, name, o); err != nil {
 		return 0, err
 	}
 	if o.Flags&FlagDirectIO != 0 {
@@ -297,7 +290,7 @@ func configure(h handle, fd uintptr, name string, o Options) (uint64, error) {
 			return 0, undo(h, errNoDirectIO)
 		}
 	}
-	if err := b.answers.readDiskSeq(h); err != nil {
+	if err := b.answers.readDiskSeq(s, h); err != nil {
 		return 0, undo(h, err)
 	}
 	return b.answers.diskSeq, nil
@@ -312,9 +305,10 @@ type bindArgs struct {
 }
 
 // bind binds with one LOOP_CONFIGURE, or the calls before it on a kernel
-// that lacks it.
-func (b *bindArgs) bind(h handle, fd uintptr, name string, o Options) error {
-	if !noConfigure.Load() {
+// that lacks it (Linux before 5.8), which s then remembers, so that later
+// binds go straight to the older sequence.
+func (b *bindArgs) bind(s *system, h handle, fd uintptr, name string, o Options) error {
+	if !s.noConfigure.Load() {
 		b.cfg = unix.LoopConfig{Fd: uint32(fd), Size: o.BlockSize, Info: loopInfo(name, o)}
 		if o.PreferDirectIO {
 			// Where direct I/O is impossible the kernel binds buffered.
@@ -324,9 +318,9 @@ func (b *bindArgs) bind(h handle, fd uintptr, name string, o Options) error {
 		if !lacksConfigure(h, err) {
 			return explainBlockSize(err, o.BlockSize)
 		}
-		noConfigure.Store(true)
+		s.noConfigure.Store(true)
 	}
-	return configureLegacy(h, fd, name, o)
+	return s.configureLegacy(h, fd, name, o)
 }
 
 // undo clears the binding that configure made, after err.
@@ -379,10 +373,10 @@ const legacyFlags = FlagAutoClear | FlagPartScan
 // configureLegacy binds with the calls that predate LOOP_CONFIGURE. Once its
 // LOOP_SET_FD has succeeded the binding is its own, and a later failure
 // clears it.
-func configureLegacy(h handle, fd uintptr, name string, o Options) error {
+func (s *system) configureLegacy(h handle, fd uintptr, name string, o Options) error {
 	if o.Flags&FlagReadOnly != 0 {
 		// LOOP_SET_FD makes the device read-only only for a read-only file.
-		ro, done, err := reopenReadOnly(fd)
+		ro, done, err := s.reopenReadOnly(fd)
 		if err != nil {
 			return inStep("reopen read-only", err)
 		}
@@ -392,20 +386,20 @@ func configureLegacy(h handle, fd uintptr, name string, o Options) error {
 	if _, err := ioctl(h, reqSetFD, fd); err != nil {
 		return inStep(stepSetFD, err)
 	}
-	if err := legacySettings(h, name, o); err != nil {
+	if err := s.legacySettings(h, name, o); err != nil {
 		return undo(h, err)
 	}
 	return nil
 }
 
-func legacySettings(h handle, name string, o Options) error {
+func (s *system) legacySettings(h handle, name string, o Options) error {
 	info := loopInfo(name, o)
 	info.Flags &= uint32(legacyFlags)
-	if err := retryAgain(func() error { return ioctlPtr(h, reqSetStatus64, unsafe.Pointer(&info)) }); err != nil {
+	if err := s.retryAgain(func() error { return ioctlPtr(h, reqSetStatus64, unsafe.Pointer(&info)) }); err != nil {
 		return inStep("LOOP_SET_STATUS64", err)
 	}
 	if o.BlockSize != 0 {
-		err := retryAgain(func() error {
+		err := s.retryAgain(func() error {
 			_, err := ioctl(h, reqSetBlockSize, uintptr(o.BlockSize))
 			return err
 		})
@@ -476,7 +470,7 @@ func (d *Device) SetStatus(s Status) error {
 	// info keeps lo_file_name, which LOOP_SET_STATUS64 would otherwise
 	// overwrite.
 	info.Offset, info.Sizelimit, info.Flags = s.Offset, s.SizeLimit, uint32(s.Flags&legacyFlags)
-	return newError(op, d.path, heldExclusively(retryAgain(func() error {
+	return newError(op, d.path, heldExclusively(d.sys.retryAgain(func() error {
 		return ioctlPtr(h, reqSetStatus64, unsafe.Pointer(&info))
 	}), "offset, size limit and flags"))
 }
@@ -500,7 +494,7 @@ func (d *Device) SetBlockSize(size uint32) error {
 	if err := validBlockSize(size, false); err != nil {
 		return newError(op, d.path, err)
 	}
-	return newError(op, d.path, heldExclusively(explainBlockSize(retryAgain(func() error {
+	return newError(op, d.path, heldExclusively(explainBlockSize(d.sys.retryAgain(func() error {
 		_, err := ioctl(h, reqSetBlockSize, uintptr(size))
 		return err
 	}), size), "block size"))
@@ -536,7 +530,7 @@ func (d *Device) ChangeFD(f *os.File) error {
 		switch err {
 		case nil:
 			var b blockAnswers
-			if err := b.readDiskSeq(h); err != nil {
+			if err := b.readDiskSeq(d.sys, h); err != nil {
 				d.seq.Store(0) // the kernel will be asked
 				return nil
 			}

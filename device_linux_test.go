@@ -16,20 +16,21 @@ import (
 )
 
 func TestOpenDeviceMissingNode(t *testing.T) {
+	t.Parallel()
 	k := useFake(t, 2)
 	k.noNode[1] = true
-	_, err := OpenDevice(1)
+	_, err := k.sys.OpenDevice(1)
 	var missing *NodeMissingError
 	if !errors.As(err, &missing) || missing.Number != 1 || !errors.Is(err, fs.ErrNotExist) || !errors.Is(err, unix.ENOENT) {
-		t.Fatalf("OpenDevice(1) = %v, want a *NodeMissingError for loop1 matching fs.ErrNotExist and ENOENT", err)
+		t.Fatalf("k.sys.OpenDevice(1) = %v, want a *NodeMissingError for loop1 matching fs.ErrNotExist and ENOENT", err)
 	}
 	if msg := err.Error(); !strings.Contains(msg, "/dev/loop1") || !strings.Contains(msg, "MakeNode") {
 		t.Errorf("message %q names neither the node nor the remedy", msg)
 	}
 	// A device that does not exist has no node to make.
-	_, err = OpenDevice(5)
+	_, err = k.sys.OpenDevice(5)
 	if !errors.Is(err, fs.ErrNotExist) || errors.As(err, &missing) {
-		t.Fatalf("OpenDevice(5) = %v, want fs.ErrNotExist, no *NodeMissingError", err)
+		t.Fatalf("k.sys.OpenDevice(5) = %v, want fs.ErrNotExist, no *NodeMissingError", err)
 	}
 }
 
@@ -61,6 +62,7 @@ func TestExplainNodeOpen(t *testing.T) {
 // before any ioctl; Configure honours Lock, and lets it go again when the
 // bind fails.
 func TestConfigureRefusesOptions(t *testing.T) {
+	t.Parallel()
 	k := useFake(t, 2)
 	d := fakeDevice(t, k, 0)
 	f := kerneltest.TempFile(t, 1<<20)
@@ -73,7 +75,7 @@ func TestConfigureRefusesOptions(t *testing.T) {
 			t.Errorf("Configure(%+v) made calls %q", o, log)
 		}
 	}
-	if _, err := AttachFile(context.Background(), f, Options{NoSymlinks: true}); !errors.Is(err, fs.ErrInvalid) {
+	if _, err := k.sys.AttachFile(context.Background(), f, Options{NoSymlinks: true}); !errors.Is(err, fs.ErrInvalid) {
 		t.Errorf("AttachFile with NoSymlinks = %v, want fs.ErrInvalid", err)
 	}
 	k.failAt("LOOP_CONFIGURE", 1, unix.EIO)
@@ -94,6 +96,7 @@ func TestConfigureRefusesOptions(t *testing.T) {
 // TestStatusMidTeardown: a teardown that begins between LOOP_GET_STATUS64
 // and the sysfs read empties backing_file; Status keeps lo_file_name.
 func TestStatusMidTeardown(t *testing.T) {
+	t.Parallel()
 	k := useFake(t, 1)
 	d, f := bindFake(t, k, 0, Options{})
 	// Begun as LOOP_GET_STATUS64 answers: sysfs shows it at once.
@@ -105,6 +108,7 @@ func TestStatusMidTeardown(t *testing.T) {
 }
 
 func TestSetStatusFake(t *testing.T) {
+	t.Parallel()
 	k := useFake(t, 1)
 	d, _ := bindFake(t, k, 0, Options{Flags: FlagPartScan})
 	before := len(k.calls("LOOP_SET_STATUS64"))
@@ -136,6 +140,7 @@ func TestSetStatusFake(t *testing.T) {
 }
 
 func TestDeviceSettersFake(t *testing.T) {
+	t.Parallel()
 	k := useFake(t, 1)
 	d, f := bindFake(t, k, 0, Options{})
 	before := len(k.calls("LOOP_"))

@@ -23,6 +23,7 @@ import (
 // errno the kernel gave through errors.Is and errors.As, and maps it onto
 // the same sentinel whichever call failed.
 func TestFailureModes(t *testing.T) {
+	t.Parallel()
 	type env struct {
 		k    *fakeKernel
 		c    *Control
@@ -44,7 +45,7 @@ func TestFailureModes(t *testing.T) {
 		is    []error // errno, sentinel, ...
 	}{
 		// The control device.
-		{"Open refused", fault("open /dev/loop-control", unix.EACCES), func(*env) error { _, err := Open(); return err },
+		{"Open refused", fault("open /dev/loop-control", unix.EACCES), func(e *env) error { _, err := e.k.sys.Open(); return err },
 			"open", ControlPath, []error{unix.EACCES, fs.ErrPermission}},
 		{"Add taken", nil, func(e *env) error { _, err := e.c.Add(1); return err },
 			"add", "/dev/loop1", []error{unix.EEXIST, fs.ErrExist}},
@@ -60,15 +61,15 @@ func TestFailureModes(t *testing.T) {
 			"get free", ControlPath, []error{fs.ErrClosed}},
 
 		// Opening a device.
-		{"OpenDevice missing", nil, func(*env) error { _, err := OpenDevice(9); return err },
+		{"OpenDevice missing", nil, func(e *env) error { _, err := e.k.sys.OpenDevice(9); return err },
 			"open", "/dev/loop9", []error{unix.ENOENT, fs.ErrNotExist}},
-		{"OpenDevice out of range", nil, func(*env) error { _, err := OpenDevice(-1); return err },
+		{"OpenDevice out of range", nil, func(e *env) error { _, err := e.k.sys.OpenDevice(-1); return err },
 			"open", "", []error{fs.ErrInvalid}},
-		{"OpenDevice being removed", fault("open /dev/loop2", unix.ENXIO), func(*env) error { _, err := OpenDevice(2); return err },
+		{"OpenDevice being removed", fault("open /dev/loop2", unix.ENXIO), func(e *env) error { _, err := e.k.sys.OpenDevice(2); return err },
 			"open", "/dev/loop2", []error{unix.ENXIO, ErrNotBound}},
-		{"OpenDevicePath not a loop device", nil, func(e *env) error { _, err := OpenDevicePath(e.f.Name()); return err },
+		{"OpenDevicePath not a loop device", nil, func(e *env) error { _, err := e.k.sys.OpenDevicePath(e.f.Name()); return err },
 			"open", filePath, []error{ErrNotLoop}},
-		{"OpenBinding changed", nil, func(e *env) error { _, err := OpenBinding(Status{Number: 1, DiskSeq: 1}); return err },
+		{"OpenBinding changed", nil, func(e *env) error { _, err := e.k.sys.OpenBinding(Status{Number: 1, DiskSeq: 1}); return err },
 			"open binding", "/dev/loop1", []error{ErrChanged}},
 
 		// A device's calls.
@@ -106,34 +107,37 @@ func TestFailureModes(t *testing.T) {
 			"partitions", "/dev/loop1", []error{fs.ErrClosed}},
 		{"Detach unbound", nil, func(e *env) error { return e.free.Detach(context.Background()) },
 			"detach", "/dev/loop2", []error{unix.ENXIO, ErrNotBound}},
-		{"MakeNode out of range", nil, func(*env) error { return MakeNode(-1) },
+		{"MakeNode out of range", nil, func(e *env) error { return e.k.sys.MakeNode(-1) },
 			"make node", "", []error{fs.ErrInvalid}},
 
 		// Binding a file, and the lookups.
 		{"Attach of a missing file", nil, func(e *env) error {
-			_, err := Attach(context.Background(), e.f.Name()+".missing", Options{})
+			_, err := e.k.sys.Attach(context.Background(), e.f.Name()+".missing", Options{})
 			return err
 		}, "attach", e2path, []error{unix.ENOENT, fs.ErrNotExist}},
 		{"AttachFile offset too large", nil, func(e *env) error {
-			_, err := AttachFile(context.Background(), e.f, Options{Offset: 1 << 63})
+			_, err := e.k.sys.AttachFile(context.Background(), e.f, Options{Offset: 1 << 63})
 			return err
 		}, "attach", filePath, []error{fs.ErrInvalid}},
-		{"List refused", fault("LOOP_GET_STATUS64", unix.EIO), func(*env) error { _, err := List(); return err },
+		{"List refused", fault("LOOP_GET_STATUS64", unix.EIO), func(e *env) error { _, err := e.k.sys.List(); return err },
 			"list", "/dev/loop1", []error{unix.EIO}},
 		{"FindByBackingFile of a missing file", nil, func(e *env) error {
-			_, err := FindByBackingFile(e.f.Name() + ".missing")
+			_, err := e.k.sys.FindByBackingFile(e.f.Name() + ".missing")
 			return err
 		}, "find", e2path, []error{unix.ENOENT, fs.ErrNotExist}},
-		{"FindByRef empty", nil, func(*env) error { _, err := FindByRef(""); return err },
+		{"FindByRef empty", nil, func(e *env) error { _, err := e.k.sys.FindByRef(""); return err },
 			"find", "", []error{fs.ErrInvalid}},
-		{"Sweep of a reference too long", nil, func(*env) error { _, err := Sweep(context.Background(), string(make([]byte, 64))); return err },
+		{"Sweep of a reference too long", nil, func(e *env) error {
+			_, err := e.k.sys.Sweep(context.Background(), string(make([]byte, 64)))
+			return err
+		},
 			"find", "", []error{fs.ErrInvalid}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			e := &env{k: useFake(t, 3), f: kerneltest.TempFile(t, 1<<20)}
 			var err error
-			if e.c, err = Open(); err != nil {
+			if e.c, err = e.k.sys.Open(); err != nil {
 				t.Fatal(err)
 			}
 			t.Cleanup(func() { e.c.Close() })

@@ -59,7 +59,9 @@ type fakeKernel struct {
 	devWait chan struct{}
 	// root is the fake sysfs tree, kept in step with devs.
 	root string
-	t    *testing.T
+	// sys is the system of this kernel and tree, which the test calls.
+	sys *system
+	t   *testing.T
 }
 
 type fakeDev struct {
@@ -96,17 +98,9 @@ func useFake(t *testing.T, n int) *fakeKernel {
 	for i := range n {
 		k.add(i)
 	}
-	resetShared()
-	old, oldRoot, oldNoConfigure, oldNoDiskSeq, oldPause, oldBackoff := sys, sysfsRoot, noConfigure.Load(), noDiskSeq.Load(), maxAgainPause, maxBackoff
-	sys, sysfsRoot, maxAgainPause, maxBackoff = k, k.root, time.Microsecond, time.Microsecond
-	noConfigure.Store(false)
-	noDiskSeq.Store(false)
-	t.Cleanup(func() {
-		resetShared()
-		sys, sysfsRoot, maxAgainPause, maxBackoff = old, oldRoot, oldPause, oldBackoff
-		noConfigure.Store(oldNoConfigure)
-		noDiskSeq.Store(oldNoDiskSeq)
-	})
+	k.sys = newSystem(k, k.root)
+	k.sys.bindPause, k.sys.againPause = time.Microsecond, time.Microsecond
+	t.Cleanup(k.sys.resetShared)
 	return k
 }
 

@@ -29,8 +29,15 @@ import (
 
 func openControl(t *testing.T) *Control {
 	t.Helper()
+	return openControlOn(t, host)
+}
+
+// openControlOn is openControl on system s: the devices newDevice opens
+// through the Control are s's too.
+func openControlOn(t *testing.T, s *system) *Control {
+	t.Helper()
 	kerneltest.Require(t)
-	c, err := Open()
+	c, err := s.Open()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -54,7 +61,7 @@ func newDevice(t *testing.T, c *Control) *Device {
 			t.Errorf("removing the test's device: %v", err)
 		}
 	})
-	d, err := OpenDevice(n)
+	d, err := c.sys.OpenDevice(n)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -147,7 +154,7 @@ func losetup(t *testing.T, dev string) losetupDevice {
 func readAttr(t *testing.T, n int, name string) string {
 	t.Helper()
 	var buf [sysfs.BufSize]byte
-	b, err := sysfs.ReadFile(sysfs.LoopDir(sysfsRoot, n)+"/"+name, buf[:])
+	b, err := sysfs.ReadFile(sysfs.LoopDir(host.sysfs, n)+"/"+name, buf[:])
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -278,6 +285,7 @@ func mustFd(t *testing.T, f *os.File) int {
 // A forcedKernel is the real kernel with chosen requests failing, to drive
 // fallbacks and rollbacks on a kernel that would not take them.
 type forcedKernel struct {
+	sys  *system
 	mu   sync.Mutex
 	fail map[uint]error
 	seen []uint
@@ -296,23 +304,22 @@ func (k probingByOpen) probe(n int, _ *probeBuf) (handle, error) {
 	return k.open(DevicePath(n), readOnly)
 }
 
-// useKernel puts k in place of the real kernel for the test, with a fresh
-// shared control device opened through it.
-func useKernel(t *testing.T, k opener) {
+// useKernel returns a system of the real sysfs whose kernel is k, for the
+// test to call: what the package does when the kernel's opens do what k's
+// do.
+func useKernel(t *testing.T, k opener) *system {
 	t.Helper()
 	kerneltest.Require(t)
-	old := sys
-	resetShared()
-	sys = probingByOpen{k}
-	t.Cleanup(func() { resetShared(); sys = old })
+	s := newSystem(probingByOpen{k}, sysfs.Root)
+	t.Cleanup(s.resetShared)
+	return s
 }
 
+// useForced returns a forcedKernel failing the requests in fail, with its
+// system (k.sys).
 func useForced(t *testing.T, fail map[uint]error) *forcedKernel {
 	k := &forcedKernel{fail: fail}
-	useKernel(t, k)
-	oldNo := noConfigure.Load()
-	noConfigure.Store(false)
-	t.Cleanup(func() { noConfigure.Store(oldNo) })
+	k.sys = useKernel(t, k)
 	return k
 }
 
@@ -369,8 +376,14 @@ func addPartition(t *testing.T, d *Device, num, start, size int) (release func()
 // attachT attaches path with o for the test; cleanup detaches and closes.
 func attachT(t *testing.T, path string, o Options) *Device {
 	t.Helper()
+	return attachOn(t, host, path, o)
+}
+
+// attachOn is attachT on system s.
+func attachOn(t *testing.T, s *system, path string, o Options) *Device {
+	t.Helper()
 	kerneltest.Require(t)
-	d, err := Attach(context.Background(), path, o)
+	d, err := s.Attach(context.Background(), path, o)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -9,7 +9,6 @@ import (
 	"strconv"
 	"strings"
 	"sync/atomic"
-	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -19,7 +18,7 @@ import (
 	"github.com/loopctl/loopctl/internal/sysfs"
 )
 
-// kernel opens handles; sys is the one in use, replaced only by tests.
+// kernel opens handles: the machine's (osKernel), or a test's fake.
 type kernel interface {
 	open(path string, mode int) (handle, error)
 	// probe opens /dev/loopN read-only for one call's use, in buf's
@@ -34,12 +33,6 @@ type probeBuf struct {
 	path [32]byte
 	fd   fdHandle
 }
-
-// sys is the kernel in use; tests replace it with fakes.
-var sys kernel = osKernel{}
-
-// sysfsRoot is where sysfs is mounted; tests point it at a fake tree.
-var sysfsRoot = "/sys"
 
 // osKernel opens real device nodes.
 type osKernel struct{}
@@ -401,7 +394,7 @@ func blockRdev(fd int) (uint64, error) {
 // loop/ directory exists only while a device is bound, so the test is where
 // /sys/dev/block/MAJ:MIN leads: to .../block/loopN for a whole loop disk,
 // to .../block/loopN/loopNpM for a partition.
-func loopNumber(path string) (int, uint64, error) {
+func (s *system) loopNumber(path string) (int, uint64, error) {
 	st, err := stat(path)
 	if err != nil {
 		return -1, 0, newError("open", path, err)
@@ -410,7 +403,7 @@ func loopNumber(path string) (int, uint64, error) {
 		return -1, 0, newError("open", path, ErrNotLoop)
 	}
 	rdev := uint64(st.Rdev)
-	target, err := os.Readlink(sysfs.DevBlockPath(sysfsRoot, unix.Major(rdev), unix.Minor(rdev)))
+	target, err := os.Readlink(sysfs.DevBlockPath(s.sysfs, unix.Major(rdev), unix.Minor(rdev)))
 	if err != nil {
 		return -1, 0, newError("open", path, ErrNotLoop)
 	}
@@ -424,37 +417,34 @@ func loopNumber(path string) (int, uint64, error) {
 // againTries bounds the tries again of a call that answers EAGAIN
 // (LOOP_SET_STATUS64 and LOOP_SET_BLOCK_SIZE while the kernel drains the
 // queue) or EBUSY from LOOP_CTL_REMOVE of a device open elsewhere: with
-// backoff's pauses up to maxAgainPause, about a second in all, after which
-// the error is returned.
+// backoff's pauses up to the system's againPause, about a second in all,
+// after which the error is returned.
 const againTries = 16
-
-// maxAgainPause caps backoff's pause between those tries; tests shorten it.
-var maxAgainPause = 250 * time.Millisecond
 
 // retryAgain runs fn, retrying while it fails with EAGAIN (retryWhile).
 // It is the one place EAGAIN is retried.
-func retryAgain(fn func() error) error {
-	return retryWhile(fn, func(err error) bool { return err == unix.EAGAIN })
+func (s *system) retryAgain(fn func() error) error {
+	return s.retryWhile(fn, func(err error) bool { return err == unix.EAGAIN })
 }
 
 // retryWhile runs fn, and again while again holds for its error, up to
 // againTries more times, pausing before each as backoff does (the one
 // retry policy, here for calls that take no context); then it returns
 // the error.
-func retryWhile(fn func() error, again func(error) bool) error {
+func (s *system) retryWhile(fn func() error, again func(error) bool) error {
 	for i := 0; ; i++ {
 		err := fn()
 		if err == nil || i == againTries || !again(err) {
 			return err
 		}
-		backoff(context.Background(), i+1, maxAgainPause)
+		backoff(context.Background(), i+1, s.againPause)
 	}
 }
 
 // reopenReadOnly returns a read-only descriptor of the file open as fd, and
 // a function that releases it: fd itself when it is read-only already,
 // otherwise a new open of /proc/self/fd/N.
-func reopenReadOnly(fd uintptr) (uintptr, func(), error) {
+func (s *system) reopenReadOnly(fd uintptr) (uintptr, func(), error) {
 	fl, err := unix.FcntlInt(fd, unix.F_GETFL, 0)
 	if err != nil {
 		return 0, nil, err
@@ -462,7 +452,7 @@ func reopenReadOnly(fd uintptr) (uintptr, func(), error) {
 	if fl&unix.O_ACCMODE == unix.O_RDONLY {
 		return fd, func() {}, nil
 	}
-	ro, err := openFD(procSelfFD+strconv.Itoa(int(fd)), unix.O_RDONLY)
+	ro, err := openFD(s.procFD+strconv.Itoa(int(fd)), unix.O_RDONLY)
 	if err != nil {
 		return 0, nil, err
 	}

@@ -23,6 +23,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/loopctl/loopctl/internal/kerneltest"
+	"github.com/loopctl/loopctl/internal/sysfs"
 )
 
 // The kill test: a process SIGKILLed anywhere inside Attach. With
@@ -100,8 +101,7 @@ func (h *killHandle) flock(how int) (err error) {
 // killChild is the child: Attach through a killKernel, then exit without
 // closing anything, as a crashing program would.
 func killChild(t *testing.T, cfg killConfig) {
-	k := &killKernel{cfg: cfg}
-	sys = probingByOpen{k}
+	s := newSystem(probingByOpen{&killKernel{cfg: cfg}}, sysfs.Root)
 	o := Options{}
 	if cfg.AutoClear {
 		o.Flags = FlagAutoClear
@@ -110,7 +110,7 @@ func killChild(t *testing.T, cfg killConfig) {
 		fmt.Println("looping") // the parent's kill timer starts now
 	}
 	for {
-		d, err := Attach(context.Background(), cfg.File, o)
+		d, err := s.Attach(context.Background(), cfg.File, o)
 		if err != nil {
 			t.Fatal(err)
 		}

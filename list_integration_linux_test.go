@@ -187,7 +187,7 @@ func TestKernelLookupsHoldNothing(t *testing.T) {
 	}
 	// What the process keeps by design: the control device Attach shares
 	// (see Attach).
-	if _, err := sharedControl(); err != nil {
+	if _, err := host.sharedControl(); err != nil {
 		t.Fatal(err)
 	}
 	for _, l := range []struct {

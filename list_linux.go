@@ -50,21 +50,21 @@ import (
 // before it returns. While it runs it holds the sysfs directory of the
 // devices and at most two descriptors a reading goroutine (two for each
 // of GOMAXPROCS, sixteen at most), whatever the number of devices.
-func List() ([]Status, error) {
-	return list(nil)
-}
+func List() ([]Status, error) { return host.list(nil) }
 
 // FindByBackingFile returns the status of every bound loop device whose
 // backing file is the file at path: the same device and inode, whatever
 // name it was bound by (a hard link, a renamed file, a relative path). It
 // reads what List reads, and on a device of another file stops at
 // LOOP_GET_STATUS64.
-func FindByBackingFile(path string) ([]Status, error) {
+func FindByBackingFile(path string) ([]Status, error) { return host.findByBackingFile(path) }
+
+func (s *system) findByBackingFile(path string) ([]Status, error) {
 	st, err := stat(path)
 	if err != nil {
 		return nil, newError("find", path, &os.PathError{Op: "stat", Path: path, Err: err})
 	}
-	return list(&match{file: backingFileID{dev: uint64(st.Dev), ino: uint64(st.Ino)}, byFile: true})
+	return s.list(&match{file: backingFileID{dev: uint64(st.Dev), ino: uint64(st.Ino)}, byFile: true})
 }
 
 // A backingFileID is a file's device and inode.
@@ -98,8 +98,8 @@ func (m *match) ofInfo(info *unix.LoopInfo64) bool {
 }
 
 // list returns the bound devices that want matches, in order of number.
-func list(want *match) ([]Status, error) {
-	return readDevices(want)
+func (s *system) list(want *match) ([]Status, error) {
+	return s.readDevices(want)
 }
 
 // devicesPerWorker is the share of the devices below which another
@@ -136,10 +136,10 @@ type reader struct {
 // each taking the next batch of devices as it finishes one. An error ends
 // every reader's work, and is returned; each has closed what it opened by
 // then.
-func readDevices(want *match) ([]Status, error) {
-	dir, err := openBlockDir()
+func (s *system) readDevices(want *match) ([]Status, error) {
+	dir, err := s.openBlockDir()
 	if err != nil {
-		return nil, newError("list", sysfsRoot+"/block", err)
+		return nil, newError("list", s.sysfs+"/block", err)
 	}
 	defer closeFD(dir.fd)
 	nums, err := sysfs.LoopNumbersIn(dir.fd)
@@ -152,9 +152,9 @@ func readDevices(want *match) ([]Status, error) {
 	// them bound makes none.
 	var found []Status
 	var made sync.Once
-	put := func(i int, s Status) {
+	put := func(i int, st Status) {
 		made.Do(func() { found = make([]Status, len(nums)) })
-		found[i] = s
+		found[i] = st
 	}
 	const batch = 8
 	var next atomic.Int64
@@ -170,14 +170,14 @@ func readDevices(want *match) ([]Status, error) {
 				return
 			}
 			for j := i; j < min(i+batch, len(nums)); j++ {
-				s, ok, err := readStatus(dir, nums[j], want, &r.scratch)
+				st, ok, err := s.readStatus(dir, nums[j], want, &r.scratch)
 				if err != nil {
 					r.err = newError("list", DevicePath(nums[j]), err)
 					failed.Store(true)
 					return
 				}
 				if ok {
-					put(j, s)
+					put(j, st)
 				}
 			}
 		}
@@ -233,7 +233,7 @@ type blockDir struct {
 	fd   int
 	path string
 	// sysfs is true when the directory is on sysfs, whose lookups wait for
-	// nothing (see sysfs.ExistsAt); a test's tree is not.
+	// nothing (see sysfs.ExistsAt); a /sys mounted otherwise may wait.
 	sysfs bool
 }
 
@@ -242,9 +242,9 @@ type blockDir struct {
 // as symbolic links to there, and resolving one costs the kernel about as
 // much as the read of the attribute itself. Where that directory is
 // missing (an unusual sysfs), /sys/block serves.
-func openBlockDir() (blockDir, error) {
+func (s *system) openBlockDir() (blockDir, error) {
 	var err error
-	for _, path := range []string{sysfsRoot + "/devices/virtual/block", sysfsRoot + "/block"} {
+	for _, path := range []string{s.sysfs + "/devices/virtual/block", s.sysfs + "/block"} {
 		var fd int
 		if fd, err = openFD(path, unix.O_RDONLY|unix.O_DIRECTORY); err == nil {
 			var fs unix.Statfs_t
@@ -304,7 +304,7 @@ func (sc *scratch) loopAttr(n int) (name []byte, dirLen int) {
 // bound anew in between); it then reads ENODEV, and is opened again.
 //
 // Whatever it returns, readStatus has closed what it opened.
-func readStatus(block blockDir, n int, want *match, sc *scratch) (Status, bool, error) {
+func (s *system) readStatus(block blockDir, n int, want *match, sc *scratch) (Status, bool, error) {
 	name, dirLen := sc.loopAttr(n)
 	attr := -1
 	defer func() {
@@ -328,15 +328,15 @@ func readStatus(block blockDir, n int, want *match, sc *scratch) (Status, bool, 
 			return Status{}, false, err
 		}
 	}
-	h, err := sys.probe(n, &sc.probe)
+	h, err := s.k.probe(n, &sc.probe)
 	switch {
 	case err == nil:
 		defer h.Close()
 	case errors.Is(err, syscall.ENXIO) || errors.Is(err, syscall.ENODEV):
 		return Status{}, false, nil // being torn down, or removed
 	case readSysfsInstead(err) && (want == nil || want.ref == ""):
-		s, ok, err := sysfsStatus(block, n, name, &attr, sc)
-		return s, ok && (want == nil || !want.byFile || want.file == backingFileID{s.BackingDevice, s.BackingInode}), err
+		st, ok, err := sysfsStatus(block, n, name, &attr, sc)
+		return st, ok && (want == nil || !want.byFile || want.file == backingFileID{st.BackingDevice, st.BackingInode}), err
 	default:
 		return Status{}, false, err
 	}
@@ -352,17 +352,17 @@ func readStatus(block blockDir, n int, want *match, sc *scratch) (Status, bool, 
 	}
 	ref := info.File_name
 	info.File_name[0] = 0 // sysfs has the whole name
-	s := statusFromInfo(info)
-	if err := sc.block.read(h, &s); err != nil {
+	st := statusFromInfo(info)
+	if err := sc.block.read(s, h, &st); err != nil {
 		return Status{}, false, err
 	}
 	file, ok, err := sc.backingFile(block, name, &attr)
 	if !ok {
 		return Status{}, false, err
 	}
-	s.BackingFile, s.Ref = file, refOf(&ref, file)
+	st.BackingFile, st.Ref = file, refOf(&ref, file)
 	sc.nameRead = true
-	return s, true, nil
+	return st, true, nil
 }
 
 // readSysfsInstead tells whether err, from opening a device, means that
@@ -428,8 +428,8 @@ func (c *Control) addUnused() (int, error) {
 	var err error
 	for range maxAddTries {
 		var nums []int
-		if nums, err = loopNumbers(); err != nil {
-			return -1, newError("add", sysfsRoot+"/block", err)
+		if nums, err = c.sys.loopNumbers(); err != nil {
+			return -1, newError("add", c.sys.sysfs+"/block", err)
 		}
 		n := 0
 		for _, m := range nums { // in order
@@ -453,14 +453,14 @@ func (c *Control) addUnused() (int, error) {
 func (c *Control) remove(n int) error {
 	path := DevicePath(n)
 	bound := false
-	err := retryWhile(func() error {
+	err := c.sys.retryWhile(func() error {
 		_, err := c.ioctl("remove", path, reqCtlRemove, uintptr(n))
 		return err
 	}, func(err error) bool {
 		if !errors.Is(err, syscall.EBUSY) {
 			return false
 		}
-		_, serr := os.Lstat(sysfsLoopAttr(n, ""))
+		_, serr := os.Lstat(c.sys.sysfsLoopAttr(n, ""))
 		bound = serr == nil
 		return !bound
 	})
@@ -481,15 +481,15 @@ var (
 )
 
 // loopNumbers returns the numbers of the loop devices sysfs lists, in order.
-func loopNumbers() ([]int, error) { return sysfs.LoopNumbers(sysfsRoot) }
+func (s *system) loopNumbers() ([]int, error) { return sysfs.LoopNumbers(s.sysfs) }
 
 // sysfsLoopAttr returns the path of attribute attr of device n's loop/
 // directory, or of the directory itself for "".
-func sysfsLoopAttr(n int, attr string) string {
+func (s *system) sysfsLoopAttr(n int, attr string) string {
 	if attr == "" {
-		return sysfs.LoopDir(sysfsRoot, n) + "/loop"
+		return sysfs.LoopDir(s.sysfs, n) + "/loop"
 	}
-	return sysfs.LoopDir(sysfsRoot, n) + "/loop/" + attr
+	return sysfs.LoopDir(s.sysfs, n) + "/loop/" + attr
 }
 
 // sysfsStatus reads device n's binding from sysfs, relative to block (the

@@ -31,6 +31,7 @@ func bindFake(t *testing.T, k *fakeKernel, n int, o Options) (*Device, *os.File)
 }
 
 func TestListFake(t *testing.T) {
+	t.Parallel()
 	// With access to the devices, List asks them; without, it reads sysfs:
 	// the same answers.
 	for _, noAccess := range []bool{false, true} {
@@ -40,7 +41,7 @@ func TestListFake(t *testing.T) {
 		_, f9 := bindFake(t, k, 9, Options{BlockSize: 4096})
 		k.noAccess = noAccess
 		before := len(k.calls(""))
-		list, err := List()
+		list, err := k.sys.List()
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -107,17 +108,17 @@ func TestListFake(t *testing.T) {
 		}
 		for path, want := range map[string][]Status{f2.Name(): want[:1], link: want[2:], kerneltest.TempFile(t, 1).Name(): nil} {
 			before := len(k.calls(""))
-			got, err := FindByBackingFile(path)
+			got, err := k.sys.FindByBackingFile(path)
 			if err != nil || !slices.Equal(got, want) {
-				t.Errorf("FindByBackingFile(%s) = %+v, %v; want %+v", path, got, err, want)
+				t.Errorf("k.sys.FindByBackingFile(%s) = %+v, %v; want %+v", path, got, err, want)
 			}
 			// Devices of other files are passed over at LOOP_GET_STATUS64.
 			if n := len(filterFrom(k.calls(""), before, "BLKSSZGET")); !noAccess && n != len(want) {
-				t.Errorf("FindByBackingFile(%s) read the block size of %d devices, want %d", path, n, len(want))
+				t.Errorf("k.sys.FindByBackingFile(%s) read the block size of %d devices, want %d", path, n, len(want))
 			}
 		}
-		if _, err := FindByBackingFile(filepath.Join(t.TempDir(), "missing")); !errors.Is(err, fs.ErrNotExist) {
-			t.Errorf("FindByBackingFile(missing) = %v", err)
+		if _, err := k.sys.FindByBackingFile(filepath.Join(t.TempDir(), "missing")); !errors.Is(err, fs.ErrNotExist) {
+			t.Errorf("k.sys.FindByBackingFile(missing) = %v", err)
 		}
 		if n := k.deviceHandles(); n != 3 { // the test's own Devices
 			t.Fatalf("%d device handles open", n)
@@ -138,6 +139,7 @@ func filterFrom(log []string, from int, prefix string) []string {
 }
 
 func TestListDeletedFake(t *testing.T) {
+	t.Parallel()
 	for _, noAccess := range []bool{false, true} {
 		k := useFake(t, 1)
 		_, f := bindFake(t, k, 0, Options{})
@@ -152,7 +154,7 @@ func TestListDeletedFake(t *testing.T) {
 		k.sync(0)
 		k.mu.Unlock()
 		k.noAccess = noAccess
-		list, err := List()
+		list, err := k.sys.List()
 		if err != nil || len(list) != 1 {
 			t.Fatalf("List = %+v, %v", list, err)
 		}
@@ -176,6 +178,7 @@ func TestListDeletedFake(t *testing.T) {
 // /sys/block's symbolic links (which cost the kernel as much as the read);
 // on a sysfs without that directory, from /sys/block.
 func TestListSysfsLayout(t *testing.T) {
+	t.Parallel()
 	for _, flat := range []bool{false, true} {
 		k := useFake(t, 0)
 		k.flatSysfs = flat
@@ -195,7 +198,7 @@ func TestListSysfsLayout(t *testing.T) {
 		}
 		for _, noAccess := range []bool{false, true} {
 			k.noAccess = noAccess
-			list, err := List()
+			list, err := k.sys.List()
 			if err != nil || len(list) != 1 || list[0].Number != 1 || list[0].BackingFile != f.Name() {
 				t.Errorf("flat sysfs %t, no access %t: List = %+v, %v", flat, noAccess, list, err)
 			}
@@ -206,11 +209,12 @@ func TestListSysfsLayout(t *testing.T) {
 // TestListMalformed: a sysfs value that does not parse is an error, from
 // the sysfs reads of a process without access to the devices.
 func TestListMalformed(t *testing.T) {
+	t.Parallel()
 	k := useFake(t, 1)
 	bindFake(t, k, 0, Options{})
 	k.noAccess = true
 	k.write(k.root+"/block/loop0/loop/offset", "12x\n")
-	if _, err := List(); err == nil || !errors.As(err, new(*Error)) {
+	if _, err := k.sys.List(); err == nil || !errors.As(err, new(*Error)) {
 		t.Fatalf("List with a malformed offset = %v", err)
 	}
 }
@@ -218,12 +222,13 @@ func TestListMalformed(t *testing.T) {
 // TestListUnboundDuringRead: a device unbound while List reads it is left
 // out, without error, on both paths.
 func TestListUnboundDuringRead(t *testing.T) {
+	t.Parallel()
 	k := useFake(t, 1)
 	bindFake(t, k, 0, Options{})
 	k.noAccess = true
 	// backing_file is there, the rest already gone.
 	os.Remove(k.root + "/block/loop0/loop/dio")
-	if list, err := List(); err != nil || len(list) != 0 {
+	if list, err := k.sys.List(); err != nil || len(list) != 0 {
 		t.Fatalf("List = %+v, %v; want none", list, err)
 	}
 
@@ -231,7 +236,7 @@ func TestListUnboundDuringRead(t *testing.T) {
 	k = useFake(t, 1)
 	bindFake(t, k, 0, Options{})
 	k.actAt("BLKSSZGET", 1, func(k *fakeKernel) { k.devs[0].bound = false; k.sync(0) }, nil)
-	if list, err := List(); err != nil || len(list) != 0 {
+	if list, err := k.sys.List(); err != nil || len(list) != 0 {
 		t.Fatalf("List = %+v, %v; want none", list, err)
 	}
 }
@@ -239,10 +244,11 @@ func TestListUnboundDuringRead(t *testing.T) {
 // TestListIoctlError: a failure of the device's own answers is an error
 // naming the device and the step.
 func TestListIoctlError(t *testing.T) {
+	t.Parallel()
 	k := useFake(t, 2)
 	bindFake(t, k, 1, Options{})
 	k.failAt("BLKGETSIZE64", 1, unix.EIO)
-	_, err := List()
+	_, err := k.sys.List()
 	var e *Error
 	if !errors.As(err, &e) || e.Path != "/dev/loop1" || !errors.Is(err, unix.EIO) || !strings.Contains(err.Error(), "BLKGETSIZE64") {
 		t.Fatalf("List = %v, want an *Error for /dev/loop1, BLKGETSIZE64, EIO", err)
@@ -253,6 +259,7 @@ func TestListIoctlError(t *testing.T) {
 // until that opener closes it (Linux 6.11 and later); meanwhile nothing
 // reports it bound.
 func TestListRundownFake(t *testing.T) {
+	t.Parallel()
 	k := useFake(t, 2)
 	d, f := bindFake(t, k, 1, Options{})
 	if err := d.ClearFD(); err != nil {
@@ -261,22 +268,22 @@ func TestListRundownFake(t *testing.T) {
 	if _, err := os.Stat(k.root + "/block/loop1/loop/backing_file"); err != nil {
 		t.Fatalf("the fake should keep sysfs until the last close: %v", err)
 	}
-	if list, err := List(); err != nil || len(list) != 0 {
+	if list, err := k.sys.List(); err != nil || len(list) != 0 {
 		t.Fatalf("List = %+v, %v; want nothing", list, err)
 	}
-	if found, err := FindByBackingFile(f.Name()); err != nil || len(found) != 0 {
+	if found, err := k.sys.FindByBackingFile(f.Name()); err != nil || len(found) != 0 {
 		t.Fatalf("FindByBackingFile = %+v, %v; want nothing", found, err)
 	}
 	if _, err := d.Status(); !errors.Is(err, ErrNotBound) {
 		t.Fatalf("Status = %v, want ErrNotBound", err)
 	}
-	_, err := OpenDevice(1)
+	_, err := k.sys.OpenDevice(1)
 	var e *Error
 	if !errors.Is(err, ErrNotBound) || !errors.Is(err, unix.ENXIO) || !errors.As(err, &e) || e.Op != "open" || e.Path != "/dev/loop1" {
 		t.Fatalf("OpenDevice = %v, want an *Error of the open matching ErrNotBound and ENXIO", err)
 	}
 	d.Close()
-	if _, err := OpenDevice(1); err != nil {
+	if _, err := k.sys.OpenDevice(1); err != nil {
 		t.Fatalf("OpenDevice after the last close = %v", err)
 	}
 }
@@ -284,6 +291,7 @@ func TestListRundownFake(t *testing.T) {
 // TestListMidTeardown: the kernel empties backing_file before it removes
 // the loop/ directory; such a device is left out, on both paths.
 func TestListMidTeardown(t *testing.T) {
+	t.Parallel()
 	for _, noAccess := range []bool{false, true} {
 		k := useFake(t, 1)
 		bindFake(t, k, 0, Options{})
@@ -292,7 +300,7 @@ func TestListMidTeardown(t *testing.T) {
 		k.sync(0)
 		k.mu.Unlock()
 		k.noAccess = noAccess
-		if list, err := List(); err != nil || len(list) != 0 {
+		if list, err := k.sys.List(); err != nil || len(list) != 0 {
 			t.Fatalf("no access %t: List = %+v, %v; want none", noAccess, list, err)
 		}
 	}
@@ -422,13 +430,13 @@ func TestLookupsOutOfDescriptors(t *testing.T) {
 			// the backing_file of a device read.
 			opens []string
 		}{
-			{"List", func() (int, error) { s, err := List(); return len(s), err }, 2, []string{"/block", "/loop/backing_file"}},
-			{"FindByBackingFile", func() (int, error) { s, err := FindByBackingFile(f3.Name()); return len(s), err }, 1,
+			{"List", func() (int, error) { s, err := k.sys.List(); return len(s), err }, 2, []string{"/block", "/loop/backing_file"}},
+			{"FindByBackingFile", func() (int, error) { s, err := k.sys.FindByBackingFile(f3.Name()); return len(s), err }, 1,
 				[]string{"/block", "/loop/backing_file"}},
-			{"FindByRef", func() (int, error) { s, err := FindByRef("mine"); return len(s), err }, 1,
+			{"FindByRef", func() (int, error) { s, err := k.sys.FindByRef("mine"); return len(s), err }, 1,
 				[]string{"/block", "/loop/backing_file"}},
 			{"Attach with Reuse", func() (int, error) {
-				d, err := Attach(context.Background(), f1.Name(), Options{Ref: "mine", Reuse: true})
+				d, err := k.sys.Attach(context.Background(), f1.Name(), Options{Ref: "mine", Reuse: true})
 				if err != nil {
 					return 0, err
 				}
@@ -439,7 +447,7 @@ func TestLookupsOutOfDescriptors(t *testing.T) {
 				return 1, nil
 			}, 1, []string{f1.Name(), "/loop/backing_file"}},
 			// A reference that matches nothing reads no backing_file.
-			{"Sweep", func() (int, error) { s, err := Sweep(context.Background(), "nobody's"); return len(s), err }, 0,
+			{"Sweep", func() (int, error) { s, err := k.sys.Sweep(context.Background(), "nobody's"); return len(s), err }, 0,
 				[]string{"/block"}},
 		}
 		for _, l := range lookups {
@@ -486,7 +494,7 @@ func TestLookupsOutOfDescriptors(t *testing.T) {
 		for _, errno := range []unix.Errno{unix.EMFILE, unix.ENFILE} {
 			k.failAt("open /dev/loop3", k.counts["open /dev/loop3"]+1, errno)
 			before := filesOpen(t)
-			list, err := List()
+			list, err := k.sys.List()
 			var e *Error
 			switch {
 			case noAccess:

@@ -6,7 +6,6 @@ import (
 	"context"
 	"errors"
 	"io/fs"
-	"sync"
 
 	"golang.org/x/sys/unix"
 )
@@ -57,37 +56,28 @@ func lockDevice(ctx context.Context, d *Device) error {
 // losetup under flock(1), other loopctl programs) take turns with it. The
 // control device's lock is taken first and the device's second, always, as
 // systemd does.
-var turn = make(chan struct{}, 1)
-
-// attachLocking turns the attach lock on; a benchmark turns it off to
-// measure what it costs.
-var attachLocking = true
-
-// lockWaiters counts the goroutines that wait for the control lock on behalf
-// of an Attach whose context ended first; tests wait for them.
-var lockWaiters sync.WaitGroup
-
+//
 // lockAttach takes this process's turn and then the lock of the process's
 // control device, which it returns: nil without a control device, when the
 // turn alone is taken. It honours ctx while it waits for either.
-func lockAttach(ctx context.Context) (*Control, error) {
+func (s *system) lockAttach(ctx context.Context) (*Control, error) {
 	select {
-	case turn <- struct{}{}:
+	case s.turn <- struct{}{}:
 	case <-ctx.Done():
 		return nil, ctx.Err()
 	}
-	c, err := sharedControl()
+	c, err := s.sharedControl()
 	if err != nil {
 		if errors.Is(err, fs.ErrNotExist) {
 			return nil, nil
 		}
-		<-turn
+		<-s.turn
 		return nil, err
 	}
 	err = c.h.flock(unix.LOCK_EX | unix.LOCK_NB)
 	if err == unix.EWOULDBLOCK {
 		if ctx.Done() != nil {
-			if err := waitControlLock(ctx, c); err != nil {
+			if err := s.waitControlLock(ctx, c); err != nil {
 				return nil, err
 			}
 			return c, nil
@@ -95,7 +85,7 @@ func lockAttach(ctx context.Context) (*Control, error) {
 		err = c.h.flock(unix.LOCK_EX) // a context that never ends
 	}
 	if err != nil {
-		<-turn
+		<-s.turn
 		return nil, newError("lock", ControlPath, err)
 	}
 	return c, nil
@@ -107,26 +97,26 @@ func lockAttach(ctx context.Context) (*Control, error) {
 // releases the lock as soon as it gets it, and then the turn: until then no
 // other attacher of this process may use the control device's lock, which
 // they all share.
-func waitControlLock(ctx context.Context, c *Control) error {
+func (s *system) waitControlLock(ctx context.Context, c *Control) error {
 	got := make(chan error) // the hand-over: no buffer
 	abandoned := make(chan struct{})
-	lockWaiters.Add(1)
+	s.lockWaiters.Add(1)
 	go func() {
-		defer lockWaiters.Done()
+		defer s.lockWaiters.Done()
 		err := c.h.flock(unix.LOCK_EX)
 		select {
 		case got <- err:
 		case <-abandoned:
 			if err == nil {
-				unlockControl(c)
+				s.unlockControl(c)
 			}
-			<-turn
+			<-s.turn
 		}
 	}()
 	select {
 	case err := <-got:
 		if err != nil {
-			<-turn
+			<-s.turn
 			return newError("lock", ControlPath, err)
 		}
 		return nil
@@ -137,58 +127,41 @@ func waitControlLock(ctx context.Context, c *Control) error {
 }
 
 // unlockAttach releases what lockAttach took.
-func unlockAttach(c *Control) {
+func (s *system) unlockAttach(c *Control) {
 	if c != nil {
-		unlockControl(c)
+		s.unlockControl(c)
 	}
-	<-turn
+	<-s.turn
 }
 
 // unlockControl releases the control device's lock. Should the device
 // refuse LOCK_UN, closing it is what surely releases the lock: the next
 // Attach opens it again.
-func unlockControl(c *Control) {
+func (s *system) unlockControl(c *Control) {
 	if c.h.flock(unix.LOCK_UN) == nil {
 		return
 	}
-	shared.mu.Lock()
-	if shared.c == c {
-		shared.c = nil
+	s.shared.mu.Lock()
+	if s.shared.c == c {
+		s.shared.c = nil
 	}
-	shared.mu.Unlock()
+	s.shared.mu.Unlock()
 	c.Close()
 }
 
-// The process-wide control device that Attach uses, opened on first need.
-var shared struct {
-	mu sync.Mutex
-	c  *Control
-}
-
-// sharedControl returns the process's Control, opening it if need be. A
-// missing /dev/loop-control is an error matching fs.ErrNotExist, asked
-// again next time (the driver may be loaded later).
-func sharedControl() (*Control, error) {
-	shared.mu.Lock()
-	defer shared.mu.Unlock()
-	if shared.c == nil {
-		c, err := Open()
+// sharedControl returns the system's shared Control (for host, the
+// process's), opening it if need be. A missing /dev/loop-control is an
+// error matching fs.ErrNotExist, asked again next time (the driver may be
+// loaded later).
+func (s *system) sharedControl() (*Control, error) {
+	s.shared.mu.Lock()
+	defer s.shared.mu.Unlock()
+	if s.shared.c == nil {
+		c, err := s.open()
 		if err != nil {
 			return nil, err
 		}
-		shared.c = c
+		s.shared.c = c
 	}
-	return shared.c, nil
-}
-
-// resetShared closes the shared control device, once no attacher holds or
-// waits for its lock; tests that swap the kernel call it.
-func resetShared() {
-	turn <- struct{}{}
-	defer func() { <-turn }()
-	lockWaiters.Wait()
-	shared.mu.Lock()
-	defer shared.mu.Unlock()
-	shared.c.Close()
-	shared.c = nil
+	return s.shared.c, nil
 }

@@ -31,7 +31,7 @@ func TestAttachWaitsForControlLock(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error)
 	go func() {
-		_, err := Attach(ctx, f.Name(), Options{})
+		_, err := k.sys.Attach(ctx, f.Name(), Options{})
 		done <- err
 	}()
 	for len(k.calls("ctl-lock-wait")) == 0 {
@@ -46,13 +46,13 @@ func TestAttachWaitsForControlLock(t *testing.T) {
 	// it, and goes ahead once the other process has let go of the lock and
 	// the abandoned wait has released it.
 	go func() {
-		d, err := Attach(context.Background(), f.Name(), Options{Flags: FlagAutoClear})
+		d, err := k.sys.Attach(context.Background(), f.Name(), Options{Flags: FlagAutoClear})
 		if err == nil {
 			d.Close()
 		}
 		done <- err
 	}()
-	waitBlocked(t, "loopctl.lockAttach")
+	waitBlocked(t, "loopctl.(*system).lockAttach")
 	release()
 	if err := <-done; err != nil {
 		t.Fatal(err)
@@ -62,7 +62,7 @@ func TestAttachWaitsForControlLock(t *testing.T) {
 	if got := stepNames(log); !slices.Equal(got, want) {
 		t.Fatalf("control lock steps %q, want %q", got, want)
 	}
-	lockWaiters.Wait()
+	k.sys.lockWaiters.Wait()
 	checkNothingLeft(t, k)
 }
 
@@ -70,17 +70,17 @@ func TestAttachWaitsForControlLock(t *testing.T) {
 // gives up with its context.
 func TestAttachTurnHonoursContext(t *testing.T) {
 	k := useFake(t, 2)
-	turn <- struct{}{} // another attacher's turn
+	k.sys.turn <- struct{}{} // another attacher's turn
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error)
 	go func() {
-		_, err := Attach(ctx, kerneltest.TempFile(t, 4096).Name(), Options{})
+		_, err := k.sys.Attach(ctx, kerneltest.TempFile(t, 4096).Name(), Options{})
 		done <- err
 	}()
-	waitBlocked(t, "loopctl.lockAttach")
+	waitBlocked(t, "loopctl.(*system).lockAttach")
 	cancel()
 	err := <-done
-	<-turn
+	<-k.sys.turn
 	if !errors.Is(err, context.Canceled) {
 		t.Fatalf("Attach = %v, want context.Canceled", err)
 	}
@@ -106,13 +106,14 @@ func waitBlocked(t *testing.T, fn string) {
 // TestAttachWaitsInline: with a context that cannot end, Attach waits for
 // the control lock in the calling goroutine.
 func TestAttachWaitsInline(t *testing.T) {
+	t.Parallel()
 	k := useFake(t, 2)
 	k.ctlWait = make(chan struct{})
 	k.failAt("ctl-lock", 1, unix.EWOULDBLOCK)
 	f := kerneltest.TempFile(t, 1<<20)
 	done := make(chan *Device)
 	go func() {
-		d, err := Attach(context.Background(), f.Name(), Options{})
+		d, err := k.sys.Attach(context.Background(), f.Name(), Options{})
 		if err != nil {
 			t.Error(err)
 		}
@@ -131,13 +132,14 @@ func TestAttachWaitsInline(t *testing.T) {
 // asked for, and Device.Lock changes it; a lock another process holds is
 // an error matching ErrBusy, after which the Device holds what it held.
 func TestAttachLock(t *testing.T) {
+	t.Parallel()
 	k := useFake(t, 4)
 	f := kerneltest.TempFile(t, 1<<20)
 	for _, tt := range []struct {
 		m    LockMode
 		last string // the last lock step of Attach
 	}{{LockNone, "flock-un"}, {LockShared, "flock-sh"}, {LockExclusive, "flock-ex"}} {
-		d := attachFake(t, f.Name(), Options{Lock: tt.m})
+		d := attachFake(t, k, f.Name(), Options{Lock: tt.m})
 		steps := k.calls("flock")
 		if got := steps[len(steps)-1]; got != tt.last+" "+d.Path() {
 			t.Errorf("Attach with %v: lock steps end with %q, want %s", tt.m, got, tt.last)
@@ -149,7 +151,7 @@ func TestAttachLock(t *testing.T) {
 			t.Errorf("Lock(LockNone) after %v: %q", tt.m, got[len(got)-1])
 		}
 	}
-	d := attachFake(t, f.Name(), Options{Lock: LockShared})
+	d := attachFake(t, k, f.Name(), Options{Lock: LockShared})
 	k.failAt("flock-ex "+d.Path(), k.counts["flock-ex "+d.Path()]+1, unix.EWOULDBLOCK)
 	before := len(k.calls("flock"))
 	if err := d.Lock(LockExclusive); !errors.Is(err, ErrBusy) || !errors.Is(err, unix.EWOULDBLOCK) {
@@ -162,7 +164,7 @@ func TestAttachLock(t *testing.T) {
 	if err := d.Lock(LockMode(7)); !errors.Is(err, fs.ErrInvalid) {
 		t.Fatalf("Lock(7) = %v, want fs.ErrInvalid", err)
 	}
-	if _, err := Attach(context.Background(), f.Name(), Options{Lock: -1}); !errors.Is(err, fs.ErrInvalid) {
+	if _, err := k.sys.Attach(context.Background(), f.Name(), Options{Lock: -1}); !errors.Is(err, fs.ErrInvalid) {
 		t.Fatalf("Attach with lock mode -1 = %v, want fs.ErrInvalid", err)
 	}
 }

@@ -46,6 +46,7 @@ func DevicePath(n int) string { return "/dev/loop" + strconv.Itoa(n) }
 // loop devices. It is safe for concurrent use.
 type Control struct {
 	h      handle
+	sys    *system
 	closed atomic.Bool
 }
 
@@ -54,12 +55,14 @@ var _ io.Closer = (*Control)(nil)
 // Open opens ControlPath. Its error matches fs.ErrNotExist when the node
 // is missing (no loop driver, or a container without it), and
 // fs.ErrPermission when it is not accessible (not root).
-func Open() (*Control, error) {
-	h, err := sys.open(ControlPath, readWrite)
+func Open() (*Control, error) { return host.open() }
+
+func (s *system) open() (*Control, error) {
+	h, err := s.k.open(ControlPath, readWrite)
 	if err != nil {
 		return nil, nodeOpenError(ControlPath, err)
 	}
-	return &Control{h: h}, nil
+	return &Control{h: h, sys: s}, nil
 }
 
 // Add creates loop device n with LOOP_CTL_ADD and returns its number, or

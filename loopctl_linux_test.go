@@ -40,7 +40,7 @@ func TestRequestNumbers(t *testing.T) {
 
 func fakeDevice(t *testing.T, k *fakeKernel, n int) *Device {
 	t.Helper()
-	d, err := OpenDevice(n)
+	d, err := k.sys.OpenDevice(n)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -53,8 +53,9 @@ func fakeDevice(t *testing.T, k *fakeKernel, n int) *Device {
 // of, or the tries run out; a bound device is refused at once. Each
 // EBUSY says which it is.
 func TestRemoveBusy(t *testing.T) {
+	t.Parallel()
 	k := useFake(t, 3)
-	c, err := Open()
+	c, err := k.sys.Open()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -92,8 +93,9 @@ func TestRemoveBusy(t *testing.T) {
 }
 
 func TestInvalidInputMakesNoIoctl(t *testing.T) {
+	t.Parallel()
 	k := useFake(t, 2)
-	c, err := Open()
+	c, err := k.sys.Open()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -104,20 +106,20 @@ func TestInvalidInputMakesNoIoctl(t *testing.T) {
 	good := kerneltest.TempFile(t, 4096)
 
 	calls := map[string]func() error{
-		"Add(-2)":              func() error { _, err := c.Add(-2); return err },
-		"Add(MaxNumber+1)":     func() error { _, err := c.Add(MaxNumber + 1); return err },
-		"Remove(-1)":           func() error { return c.Remove(-1) },
-		"Remove(MaxNumber+1)":  func() error { return c.Remove(MaxNumber + 1) },
-		"OpenDevice(-1)":       func() error { _, err := OpenDevice(-1); return err },
-		"OpenDevice(1<<20)":    func() error { _, err := OpenDevice(1 << 20); return err },
-		"SetFD(nil)":           func() error { return d.SetFD(nil) },
-		"SetFD(closed)":        func() error { return d.SetFD(closedFile) },
-		"Configure(nil)":       func() error { return d.Configure(nil, Options{}) },
-		"Configure(closed)":    func() error { return d.Configure(closedFile, Options{}) },
-		"Configure(flag 0x20)": func() error { return d.Configure(good, Options{Flags: 0x20}) },
-		"Configure(block 3)":   func() error { return d.Configure(good, Options{BlockSize: 3}) },
-		"Configure(block 256)": func() error { return d.Configure(good, Options{BlockSize: 256}) },
-		"Configure(offset)":    func() error { return d.Configure(good, Options{Offset: 1 << 63}) },
+		"Add(-2)":                 func() error { _, err := c.Add(-2); return err },
+		"Add(MaxNumber+1)":        func() error { _, err := c.Add(MaxNumber + 1); return err },
+		"Remove(-1)":              func() error { return c.Remove(-1) },
+		"Remove(MaxNumber+1)":     func() error { return c.Remove(MaxNumber + 1) },
+		"k.sys.OpenDevice(-1)":    func() error { _, err := k.sys.OpenDevice(-1); return err },
+		"k.sys.OpenDevice(1<<20)": func() error { _, err := k.sys.OpenDevice(1 << 20); return err },
+		"SetFD(nil)":              func() error { return d.SetFD(nil) },
+		"SetFD(closed)":           func() error { return d.SetFD(closedFile) },
+		"Configure(nil)":          func() error { return d.Configure(nil, Options{}) },
+		"Configure(closed)":       func() error { return d.Configure(closedFile, Options{}) },
+		"Configure(flag 0x20)":    func() error { return d.Configure(good, Options{Flags: 0x20}) },
+		"Configure(block 3)":      func() error { return d.Configure(good, Options{BlockSize: 3}) },
+		"Configure(block 256)":    func() error { return d.Configure(good, Options{BlockSize: 256}) },
+		"Configure(offset)":       func() error { return d.Configure(good, Options{Offset: 1 << 63}) },
 	}
 	for name, call := range calls {
 		t.Run(name, func(t *testing.T) {
@@ -128,7 +130,7 @@ func TestInvalidInputMakesNoIoctl(t *testing.T) {
 			}
 			var e *Error
 			// A device number out of range names no path: no node has it.
-			if !errors.As(err, &e) || e.Op == "" || e.Path == "" && !strings.HasPrefix(name, "OpenDevice(") {
+			if !errors.As(err, &e) || e.Op == "" || e.Path == "" && !strings.HasPrefix(name, "k.sys.OpenDevice(") {
 				t.Fatalf("got %#v, want an *Error naming op and path", err)
 			}
 			if log := k.calls("")[before:]; len(log) != 0 {
@@ -148,8 +150,9 @@ func TestInvalidInputMakesNoIoctl(t *testing.T) {
 }
 
 func TestClosedObjects(t *testing.T) {
+	t.Parallel()
 	k := useFake(t, 1)
-	c, err := Open()
+	c, err := k.sys.Open()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -190,6 +193,7 @@ func TestClosedObjects(t *testing.T) {
 }
 
 func TestConfigureFallback(t *testing.T) {
+	t.Parallel()
 	k := useFake(t, 2)
 	k.noConfigure = true
 	f := kerneltest.TempFile(t, 1<<20)
@@ -227,11 +231,12 @@ func TestConfigureFallback(t *testing.T) {
 }
 
 func TestConfigureFallbackRollback(t *testing.T) {
+	t.Parallel()
 	for _, step := range []string{"LOOP_SET_STATUS64", "LOOP_SET_BLOCK_SIZE", "LOOP_SET_DIRECT_IO"} {
 		for _, errno := range []unix.Errno{unix.EPERM, unix.EINVAL, unix.ENXIO, unix.EBUSY} {
 			t.Run(step+"/"+unix.ErrnoName(errno), func(t *testing.T) {
 				k := useFake(t, 1)
-				noConfigure.Store(true)
+				k.sys.noConfigure.Store(true)
 				k.failAt(step, 1, errno)
 				d := fakeDevice(t, k, 0)
 				err := d.Configure(kerneltest.TempFile(t, 8192), Options{BlockSize: 4096, Flags: FlagDirectIO})
@@ -254,8 +259,9 @@ func TestConfigureFallbackRollback(t *testing.T) {
 }
 
 func TestConfigureFallbackSetFDBusy(t *testing.T) {
+	t.Parallel()
 	k := useFake(t, 1)
-	noConfigure.Store(true)
+	k.sys.noConfigure.Store(true)
 	k.failAt("LOOP_SET_FD", 1, unix.EBUSY)
 	d := fakeDevice(t, k, 0)
 	if err := d.Configure(kerneltest.TempFile(t, 4096), Options{}); !errors.Is(err, ErrBusy) {
@@ -268,8 +274,9 @@ func TestConfigureFallbackSetFDBusy(t *testing.T) {
 }
 
 func TestConfigureEAGAINRetried(t *testing.T) {
+	t.Parallel()
 	k := useFake(t, 1)
-	noConfigure.Store(true)
+	k.sys.noConfigure.Store(true)
 	k.failAt("LOOP_SET_STATUS64", 1, unix.EAGAIN)
 	k.failAt("LOOP_SET_STATUS64", 2, unix.EAGAIN)
 	k.failAt("LOOP_SET_BLOCK_SIZE", 1, unix.EAGAIN)
@@ -283,6 +290,7 @@ func TestConfigureEAGAINRetried(t *testing.T) {
 }
 
 func TestConfigureEINVALIsNotFallback(t *testing.T) {
+	t.Parallel()
 	// A kernel with LOOP_CONFIGURE that refuses an argument answers the
 	// probe with EBADF: the EINVAL is returned, with no fallback.
 	k := useFake(t, 1)
@@ -292,7 +300,7 @@ func TestConfigureEINVALIsNotFallback(t *testing.T) {
 	if !errors.Is(err, unix.EINVAL) || !errors.Is(err, fs.ErrInvalid) {
 		t.Fatalf("Configure = %v, want EINVAL", err)
 	}
-	if noConfigure.Load() || len(k.calls("LOOP_SET_FD")) != 0 {
+	if k.sys.noConfigure.Load() || len(k.calls("LOOP_SET_FD")) != 0 {
 		t.Fatal("fell back on an argument error")
 	}
 }
@@ -320,8 +328,9 @@ func TestStatusDecoding(t *testing.T) {
 }
 
 func TestControlErrorsNameTheDevice(t *testing.T) {
+	t.Parallel()
 	k := useFake(t, 4)
-	c, err := Open()
+	c, err := k.sys.Open()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -353,11 +362,12 @@ func TestControlErrorsNameTheDevice(t *testing.T) {
 // instead, with ErrNoDirectIO, and clears its own binding; without the flag
 // nothing changes.
 func TestDirectIONotApplied(t *testing.T) {
+	t.Parallel()
 	for _, legacy := range []bool{false, true} {
 		t.Run(fmt.Sprint("legacy=", legacy), func(t *testing.T) {
 			k := useFake(t, 2)
 			k.noDirectIO = true
-			noConfigure.Store(legacy)
+			k.sys.noConfigure.Store(legacy)
 			f := kerneltest.TempFile(t, 1<<20)
 			d := fakeDevice(t, k, 0)
 			err := d.Configure(f, Options{Flags: FlagDirectIO})
@@ -371,14 +381,14 @@ func TestDirectIONotApplied(t *testing.T) {
 			if b := k.bound(); len(b) != 0 {
 				t.Fatalf("left bound: %v", b)
 			}
-			_, err = Attach(context.Background(), f.Name(), Options{Flags: FlagDirectIO})
+			_, err = k.sys.Attach(context.Background(), f.Name(), Options{Flags: FlagDirectIO})
 			if !errors.Is(err, ErrNoDirectIO) {
 				t.Fatalf("Attach = %v, want ErrNoDirectIO", err)
 			}
 			if b := k.bound(); len(b) != 0 {
 				t.Fatalf("left bound: %v", b)
 			}
-			d, err = Attach(context.Background(), f.Name(), Options{})
+			d, err = k.sys.Attach(context.Background(), f.Name(), Options{})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -397,12 +407,13 @@ func TestDirectIONotApplied(t *testing.T) {
 // EEXIST while an unbound device exists; Add picks the lowest number sysfs
 // does not list, and the next one when another process takes that first.
 func TestAddAnyNumberOldKernel(t *testing.T) {
+	t.Parallel()
 	k := useFake(t, 0)
 	k.oldAdd = true
 	for _, n := range []int{0, 1, 2, 5} {
 		k.add(n)
 	}
-	c, err := Open()
+	c, err := k.sys.Open()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -464,12 +475,13 @@ func FuzzStatusDecoding(f *testing.F) {
 // device by number, is an *Error of op "open" naming the node, and its
 // errno maps onto the same sentinels as any other call's.
 func TestOpenErrors(t *testing.T) {
+	t.Parallel()
 	opens := map[string]struct {
 		path string
-		open func() error
+		open func(k *fakeKernel) error
 	}{
-		"Open":          {ControlPath, func() error { _, err := Open(); return err }},
-		"OpenDevice(1)": {"/dev/loop1", func() error { _, err := OpenDevice(1); return err }},
+		"Open":          {ControlPath, func(k *fakeKernel) error { _, err := k.sys.Open(); return err }},
+		"OpenDevice(1)": {"/dev/loop1", func(k *fakeKernel) error { _, err := k.sys.OpenDevice(1); return err }},
 	}
 	errnos := []struct {
 		errno unix.Errno
@@ -488,7 +500,7 @@ func TestOpenErrors(t *testing.T) {
 			t.Run(name+"/"+unix.ErrnoName(tt.errno), func(t *testing.T) {
 				k := useFake(t, 2)
 				k.failAt("open "+o.path, 1, tt.errno)
-				err := o.open()
+				err := o.open(k)
 				var e *Error
 				if !errors.As(err, &e) || e.Op != "open" || e.Path != o.path {
 					t.Fatalf("%s = %#v, want an *Error of op open on %s", name, err, o.path)
@@ -502,12 +514,12 @@ func TestOpenErrors(t *testing.T) {
 	t.Run("missing node", func(t *testing.T) {
 		k := useFake(t, 2)
 		k.noNode[1] = true
-		_, err := OpenDevice(1)
+		_, err := k.sys.OpenDevice(1)
 		var e *Error
 		var missing *NodeMissingError
 		if !errors.As(err, &e) || e.Op != "open" || e.Path != "/dev/loop1" || !errors.As(err, &missing) ||
 			missing.Number != 1 || !errors.Is(err, fs.ErrNotExist) || !errors.Is(err, unix.ENOENT) {
-			t.Fatalf("OpenDevice(1) without its node = %#v, want an *Error of the open holding a *NodeMissingError", err)
+			t.Fatalf("k.sys.OpenDevice(1) without its node = %#v, want an *Error of the open holding a *NodeMissingError", err)
 		}
 		if got := err.Error(); strings.Count(got, "/dev/loop1") != 1 {
 			t.Errorf("message %q names the node more than once", got)

@@ -17,7 +17,12 @@ type kernel interface {
 	open(path string, mode int) (handle, error)
 }
 
-var sys kernel = unsupportedKernel{}
+// A system is what the package works against; here, a kernel that opens
+// nothing.
+type system struct{ k kernel }
+
+// host is this machine.
+var host = &system{k: unsupportedKernel{}}
 
 type unsupportedKernel struct{}
 
@@ -25,7 +30,7 @@ func (unsupportedKernel) open(path string, _ int) (handle, error) {
 	return nil, &os.PathError{Op: "open", Path: path, Err: errors.ErrUnsupported}
 }
 
-func loopNumber(path string) (int, uint64, error) {
+func (s *system) loopNumber(path string) (int, uint64, error) {
 	return -1, 0, newError("open", path, errors.ErrUnsupported)
 }
 
@@ -44,7 +49,7 @@ func (c *Control) remove(n int) error {
 func checkBackingFile(fd uintptr, name string, o Options) error { return nil }
 
 // missingNode has nothing to add to an open's error here.
-func missingNode(n int, err error) error { return err }
+func (s *system) missingNode(n int, err error) error { return err }
 
 // ioctl is never reached here: no handle can be opened.
 func ioctl(h handle, req uint, arg uintptr) (int, error) { return h.rawIoctl(req, arg) }

@@ -485,12 +485,13 @@ func TestKernelPreferDirectIO(t *testing.T) {
 			for _, offset := range []uint64{0, 256} {
 				name := fmt.Sprintf("%s,offset=%d,legacy=%v", fsName, offset, legacy)
 				t.Run(name, func(t *testing.T) {
+					sy := host
 					if legacy {
-						useForced(t, map[uint]error{reqConfigure: unix.ENOTTY})
+						sy = useForced(t, map[uint]error{reqConfigure: unix.ENOTTY}).sys
 					}
 					f := fileIn(t, dir, 2<<20)
 					o := Options{Offset: offset, BlockSize: 4096, PreferDirectIO: true}
-					d := attachT(t, f.Name(), o)
+					d := attachOn(t, sy, f.Name(), o)
 					s, err := d.Status()
 					if err != nil {
 						t.Fatal(err)
@@ -530,7 +531,7 @@ func TestKernelPreferDirectIO(t *testing.T) {
 						// Another file: this one is bound, buffered.
 						g := fileIn(t, dir, 2<<20)
 						o.Flags |= FlagDirectIO
-						_, err := Attach(context.Background(), g.Name(), o)
+						_, err := sy.Attach(context.Background(), g.Name(), o)
 						wantNoDirectIO(t, err, g.Name())
 					}
 				})

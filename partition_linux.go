@@ -30,7 +30,7 @@ func (d *Device) Partitions() ([]Partition, error) {
 	if _, err := d.handle(op); err != nil {
 		return nil, err
 	}
-	dir := sysfs.LoopDir(sysfsRoot, d.number)
+	dir := sysfs.LoopDir(d.sys.sysfs, d.number)
 	nums, err := sysfs.Partitions(dir, d.number)
 	if err != nil {
 		return nil, newError(op, d.path, err)
@@ -99,23 +99,27 @@ func (d *Device) Rescan() error {
 // in this package creates a node by itself. A node of that device already
 // there is left as it is; anything else at the path is an error matching
 // fs.ErrExist.
-func MakeNode(n int) error {
+func MakeNode(n int) error { return host.makeNode(n) }
+
+func (s *system) makeNode(n int) error {
 	if err := checkNumber("make node", "", n, 0); err != nil {
 		return err
 	}
-	return makeNode(DevicePath(n), sysfs.LoopDir(sysfsRoot, n)+"/dev")
+	return makeNode(DevicePath(n), sysfs.LoopDir(s.sysfs, n)+"/dev")
 }
 
 // MakeNode creates the partition's block device node, p.Path, if it is
 // missing, as the function MakeNode does for a device.
-func (p Partition) MakeNode() error {
+func (p Partition) MakeNode() error { return host.makePartitionNode(p) }
+
+func (s *system) makePartitionNode(p Partition) error {
 	name := filepath.Base(p.Path)
 	disk, _, ok := strings.Cut(strings.TrimPrefix(name, "loop"), "p")
 	n, err := strconv.Atoi(disk)
 	if m, ok2 := sysfs.PartitionNumber(name, n); !ok || err != nil || !ok2 || m != p.Number || p.Path != "/dev/"+name {
 		return newError("make node", p.Path, invalid("%s is not the node of partition %d of a loop device", p.Path, p.Number))
 	}
-	return makeNode(p.Path, sysfs.LoopDir(sysfsRoot, n)+"/"+name+"/dev")
+	return makeNode(p.Path, sysfs.LoopDir(s.sysfs, n)+"/"+name+"/dev")
 }
 
 // makeNode makes path a block device node of the device number in the
@@ -240,12 +244,12 @@ func effectiveCap(c int) bool {
 
 // missingNode returns err, from opening device n, as a *NodeMissingError
 // when it is ENOENT while sysfs lists the device.
-func missingNode(n int, err error) error {
+func (s *system) missingNode(n int, err error) error {
 	var pe *os.PathError
 	if !errors.As(err, &pe) || pe.Err != unix.ENOENT {
 		return err
 	}
-	if _, serr := os.Lstat(sysfs.LoopDir(sysfsRoot, n)); serr != nil {
+	if _, serr := os.Lstat(sysfs.LoopDir(s.sysfs, n)); serr != nil {
 		return err
 	}
 	return &NodeMissingError{Number: n, Path: pe.Path, Err: pe.Err}

@@ -12,6 +12,7 @@ import (
 )
 
 func TestPartitionsFake(t *testing.T) {
+	t.Parallel()
 	k := useFake(t, 4)
 	d, _ := bindFake(t, k, 3, Options{Flags: FlagPartScan})
 	k.addPartition(3, 10, 100, 10)
@@ -45,6 +46,7 @@ func TestPartitionsFake(t *testing.T) {
 }
 
 func TestRescanFake(t *testing.T) {
+	t.Parallel()
 	k := useFake(t, 3)
 	d, _ := bindFake(t, k, 0, Options{})
 	if err := d.Rescan(); !errors.Is(err, fs.ErrInvalid) || !strings.Contains(err.Error(), "FlagPartScan") {

@@ -142,7 +142,7 @@ func TestKernelAttachReuseRace(t *testing.T) {
 // to, reports the devices, and holds them until its input closes.
 func reuseChild(t *testing.T, path string) {
 	n, _ := strconv.Atoi(os.Getenv("LOOPCTL_REUSE_GOROUTINES"))
-	if _, err := sharedControl(); err != nil {
+	if _, err := host.sharedControl(); err != nil {
 		t.Fatal(err)
 	}
 	fmt.Println("ready")
@@ -179,11 +179,11 @@ func reuseChild(t *testing.T, path string) {
 // holds the lock and binds the file meanwhile; once it lets go, Attach
 // must find that device, not bind one of its own.
 func TestKernelAttachReuseUnderLock(t *testing.T) {
-	lock := holdControlLock(t)
+	lock, s := holdControlLock(t)
 	f := kerneltest.TempFile(t, 1<<20)
 	got := make(chan *Device, 1)
 	go func() {
-		d, err := Attach(context.Background(), f.Name(), Options{Reuse: true})
+		d, err := s.Attach(context.Background(), f.Name(), Options{Reuse: true})
 		if err != nil {
 			t.Error(err)
 		}

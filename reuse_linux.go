@@ -24,32 +24,32 @@ import (
 // (EMFILE, say) fails the look, which cannot then tell that no device is
 // to be shared. One found is opened again (OpenBinding) and its binding
 // checked again before it is returned.
-func sharedDevice(fd uintptr, name string, o Options) (*Device, error) {
+func (s *system) sharedDevice(fd uintptr, name string, o Options) (*Device, error) {
 	st, err := fstat(fd)
 	if err != nil {
 		return nil, inStep("fstat", err)
 	}
 	want := wantBinding{file: backingFileID{dev: uint64(st.Dev), ino: uint64(st.Ino)}, o: o, name: name,
 		readOnly: o.Flags&FlagReadOnly != 0 || readOnlyFD(fd)}
-	found, err := readDevices(&match{file: want.file, byFile: true})
+	found, err := s.readDevices(&match{file: want.file, byFile: true})
 	if err != nil {
 		return nil, err
 	}
 	var overlap *OverlapError
-	for _, s := range found {
-		if !want.overlaps(s) {
+	for _, b := range found {
+		if !want.overlaps(b) {
 			continue
 		}
-		diff := want.diff(s)
+		diff := want.diff(b)
 		if diff == "" {
-			d, err := openShared(s, want)
+			d, err := s.openShared(b, want)
 			if d != nil || err != nil {
 				return d, err
 			}
 			continue // torn down, or bound anew, since
 		}
 		if overlap == nil {
-			overlap = &OverlapError{Device: DevicePath(s.Number), Status: s, Differs: diff}
+			overlap = &OverlapError{Device: DevicePath(b.Number), Status: b, Differs: diff}
 		}
 	}
 	if overlap != nil {
@@ -145,11 +145,11 @@ func fmtAny(v any) string {
 // MakeNode it first makes the device's node if it is missing (a
 // container's /dev), as Attach would for a device it binds. A lock
 // another process holds is an error matching ErrBusy.
-func openShared(s Status, want wantBinding) (*Device, error) {
+func (s *system) openShared(st Status, want wantBinding) (*Device, error) {
 	if want.o.MakeNode {
-		MakeNode(s.Number) // if it fails, so does the open
+		s.makeNode(st.Number) // if it fails, so does the open
 	}
-	d, err := OpenBinding(s)
+	d, err := s.openBinding(st)
 	if err != nil {
 		return nil, nil
 	}

@@ -13,9 +13,9 @@ import (
 )
 
 // attachFake attaches path with o on the fake kernel.
-func attachFake(t *testing.T, path string, o Options) *Device {
+func attachFake(t *testing.T, k *fakeKernel, path string, o Options) *Device {
 	t.Helper()
-	d, err := Attach(context.Background(), path, o)
+	d, err := k.sys.Attach(context.Background(), path, o)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -24,12 +24,13 @@ func attachFake(t *testing.T, path string, o Options) *Device {
 }
 
 func TestAttachReuseFake(t *testing.T) {
+	t.Parallel()
 	k := useFake(t, 4)
 	// Another binder's device: loop2, f from byte 4096 to 8192.
 	_, f := bindFake(t, k, 2, Options{Offset: 4096, SizeLimit: 4096})
 	configures := len(k.calls("LOOP_CONFIGURE"))
 
-	d := attachFake(t, f.Name(), Options{Offset: 4096, SizeLimit: 4096, Reuse: true})
+	d := attachFake(t, k, f.Name(), Options{Offset: 4096, SizeLimit: 4096, Reuse: true})
 	if d.Number() != 2 || !d.Shared() {
 		t.Fatalf("attached loop%d, shared %v; want loop2, shared", d.Number(), d.Shared())
 	}
@@ -48,11 +49,11 @@ func TestAttachReuseFake(t *testing.T) {
 		t.Run(name, func(t *testing.T) {
 			o.Reuse = true
 			before := len(k.calls("LOOP_CONFIGURE"))
-			_, err := Attach(context.Background(), f.Name(), o)
+			_, err := k.sys.Attach(context.Background(), f.Name(), o)
 			var oe *OverlapError
 			if !errors.Is(err, ErrOverlap) || !errors.As(err, &oe) || oe.Device != "/dev/loop2" ||
 				oe.Status.Offset != 4096 || oe.Status.BackingFile != f.Name() || !strings.Contains(err.Error(), "/dev/loop2") {
-				t.Fatalf("Attach(%+v) = %v, want ErrOverlap naming /dev/loop2", o, err)
+				t.Fatalf("k.sys.Attach(%+v) = %v, want ErrOverlap naming /dev/loop2", o, err)
 			}
 			if len(k.calls("LOOP_CONFIGURE")) != before {
 				t.Fatal("bound a device")
@@ -62,12 +63,12 @@ func TestAttachReuseFake(t *testing.T) {
 	// Ranges that do not overlap are bound anew.
 	for _, o := range []Options{{SizeLimit: 4096}, {Offset: 8192}} {
 		o.Reuse = true
-		if d := attachFake(t, f.Name(), o); d.Shared() || d.Number() == 2 {
-			t.Fatalf("Attach(%+v): loop%d, shared %v; want a device of its own", o, d.Number(), d.Shared())
+		if d := attachFake(t, k, f.Name(), o); d.Shared() || d.Number() == 2 {
+			t.Fatalf("k.sys.Attach(%+v): loop%d, shared %v; want a device of its own", o, d.Number(), d.Shared())
 		}
 	}
 	// Without Reuse, nothing changes.
-	if d := attachFake(t, f.Name(), Options{Offset: 4096, SizeLimit: 4096}); d.Number() == 2 || d.Shared() {
+	if d := attachFake(t, k, f.Name(), Options{Offset: 4096, SizeLimit: 4096}); d.Number() == 2 || d.Shared() {
 		t.Fatalf("without Reuse: loop%d, shared %v", d.Number(), d.Shared())
 	}
 }
@@ -76,6 +77,7 @@ func TestAttachReuseFake(t *testing.T) {
 // file, between the look and the open: Attach looks again, and binds a
 // device of its own.
 func TestAttachReuseRaces(t *testing.T) {
+	t.Parallel()
 	for _, tt := range []struct {
 		name string
 		race func(k *fakeKernel)
@@ -94,7 +96,7 @@ func TestAttachReuseRaces(t *testing.T) {
 			_, f := bindFake(t, k, 1, Options{}) // open 1 of loop1
 			// Open 2 is the probe's, 3 Attach's: the race comes between.
 			k.actAt("open /dev/loop1", 3, func(k *fakeKernel) { tt.race(k) }, nil)
-			d := attachFake(t, f.Name(), Options{Reuse: true})
+			d := attachFake(t, k, f.Name(), Options{Reuse: true})
 			if d.Shared() || d.Number() == 1 {
 				t.Fatalf("attached loop%d, shared %v; want a device of its own", d.Number(), d.Shared())
 			}
@@ -108,6 +110,7 @@ func TestAttachReuseRaces(t *testing.T) {
 // TestAttachReuseReadOnlyFile: a read-only file makes a read-only device
 // without FlagReadOnly; Reuse compares what the device will be.
 func TestAttachReuseReadOnlyFile(t *testing.T) {
+	t.Parallel()
 	k := useFake(t, 3)
 	_, f := bindFake(t, k, 1, Options{Flags: FlagReadOnly})
 	ro, err := os.Open(f.Name())
@@ -115,7 +118,7 @@ func TestAttachReuseReadOnlyFile(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer ro.Close()
-	d, err := AttachFile(context.Background(), ro, Options{Reuse: true})
+	d, err := k.sys.AttachFile(context.Background(), ro, Options{Reuse: true})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -123,7 +126,7 @@ func TestAttachReuseReadOnlyFile(t *testing.T) {
 	if d.Number() != 1 || !d.Shared() {
 		t.Fatalf("loop%d, shared %v; want loop1, shared", d.Number(), d.Shared())
 	}
-	if _, err := Attach(context.Background(), f.Name(), Options{Reuse: true}); !errors.Is(err, ErrOverlap) {
+	if _, err := k.sys.Attach(context.Background(), f.Name(), Options{Reuse: true}); !errors.Is(err, ErrOverlap) {
 		t.Fatalf("read-write over a read-only binding = %v, want ErrOverlap", err)
 	}
 }
@@ -134,6 +137,7 @@ func TestAttachReuseReadOnlyFile(t *testing.T) {
 // one that differs only in what was left unsaid (PreferDirectIO, BlockSize
 // 0) is shared.
 func TestAttachReuseComparesEverything(t *testing.T) {
+	t.Parallel()
 	for _, tt := range []struct {
 		name        string
 		bound, want Options
@@ -159,10 +163,10 @@ func TestAttachReuseComparesEverything(t *testing.T) {
 			configures := len(k.calls("LOOP_CONFIGURE"))
 			o := tt.want
 			o.Reuse = true
-			d, err := Attach(context.Background(), f.Name(), o)
+			d, err := k.sys.Attach(context.Background(), f.Name(), o)
 			if tt.differs == "" {
 				if err != nil || !d.Shared() || d.Number() != 1 {
-					t.Fatalf("Attach(%+v) over %+v = %v, %v; want loop1 shared", o, tt.bound, d, err)
+					t.Fatalf("k.sys.Attach(%+v) over %+v = %v, %v; want loop1 shared", o, tt.bound, d, err)
 				}
 				d.Close()
 				return
@@ -170,7 +174,7 @@ func TestAttachReuseComparesEverything(t *testing.T) {
 			var oe *OverlapError
 			if !errors.Is(err, ErrOverlap) || !errors.As(err, &oe) || oe.Device != "/dev/loop1" ||
 				!strings.Contains(oe.Differs, tt.differs) || !strings.Contains(err.Error(), tt.differs) {
-				t.Fatalf("Attach(%+v) over %+v = %v; want ErrOverlap naming %q", o, tt.bound, err, tt.differs)
+				t.Fatalf("k.sys.Attach(%+v) over %+v = %v; want ErrOverlap naming %q", o, tt.bound, err, tt.differs)
 			}
 			if n := len(k.calls("LOOP_CONFIGURE")); n != configures {
 				t.Fatal("bound a device")
@@ -183,14 +187,15 @@ func TestAttachReuseComparesEverything(t *testing.T) {
 // waiting; another holder's lock is an error matching ErrBusy, and the
 // device is not handed out.
 func TestAttachReuseLock(t *testing.T) {
+	t.Parallel()
 	k := useFake(t, 3)
 	_, f := bindFake(t, k, 1, Options{})
-	d := attachFake(t, f.Name(), Options{Reuse: true, Lock: LockShared})
+	d := attachFake(t, k, f.Name(), Options{Reuse: true, Lock: LockShared})
 	if !d.Shared() || len(k.calls("flock-sh /dev/loop1")) != 1 {
 		t.Fatalf("shared %v, locks %q; want loop1 shared, locked shared", d.Shared(), k.calls("flock-"))
 	}
 	k.failAt("flock-ex /dev/loop1", 1, unix.EWOULDBLOCK)
-	if _, err := Attach(context.Background(), f.Name(), Options{Reuse: true, Lock: LockExclusive}); !errors.Is(err, ErrBusy) ||
+	if _, err := k.sys.Attach(context.Background(), f.Name(), Options{Reuse: true, Lock: LockExclusive}); !errors.Is(err, ErrBusy) ||
 		!errors.Is(err, unix.EWOULDBLOCK) {
 		t.Fatalf("Attach with Reuse and LockExclusive of a device locked elsewhere = %v, want ErrBusy", err)
 	}
