@@ -19,6 +19,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/loopctl/loopctl/internal/kerneltest"
+	"github.com/loopctl/loopctl/internal/sysfs"
 )
 
 func TestKernelAttach(t *testing.T) {
@@ -73,7 +74,7 @@ func TestKernelAttachAutoClear(t *testing.T) {
 	d := attachT(t, f.Name(), Options{Flags: FlagAutoClear})
 	n := d.Number()
 	// The returned Device holds the binding open.
-	if _, err := os.Stat(host.sysfsLoopAttr(n, "")); err != nil {
+	if _, err := os.Stat(sysfs.LoopAttr(sysfs.Root, n, "")); err != nil {
 		t.Fatalf("bound device: %v", err)
 	}
 	if err := d.Close(); err != nil {
@@ -129,13 +130,13 @@ func TestKernelAttachWithoutControl(t *testing.T) {
 // directory), as Attach without the control device reads them.
 func sysfsUnbound(t *testing.T) map[int]bool {
 	t.Helper()
-	nums, err := host.loopNumbers()
+	nums, err := sysfs.LoopNumbers(sysfs.Root)
 	if err != nil {
 		t.Fatal(err)
 	}
 	unbound := map[int]bool{}
 	for _, n := range nums {
-		if _, err := os.Lstat(host.sysfsLoopAttr(n, "")); errors.Is(err, fs.ErrNotExist) {
+		if _, err := os.Lstat(sysfs.LoopAttr(sysfs.Root, n, "")); errors.Is(err, fs.ErrNotExist) {
 			unbound[n] = true
 		}
 	}
@@ -273,6 +274,8 @@ func TestKernelAttachConcurrent(t *testing.T) {
 
 // attachChild is one process of TestKernelAttachConcurrent.
 func attachChild(t *testing.T, dir string) {
+	// Internal state: the control device Attach keeps once made, opened
+	// first so that the descriptor count leaves it out.
 	if _, err := host.sharedControl(); err != nil {
 		t.Fatal(err)
 	}
@@ -449,7 +452,7 @@ func TestKernelAttachWaitsForProbe(t *testing.T) {
 				if r := <-done; !errors.Is(r.err, context.Canceled) {
 					t.Fatalf("Attach = %v, %v; want context.Canceled", r.d, r.err)
 				}
-				if _, err := os.Stat(host.sysfsLoopAttr(deviceNumber(t, probed), "")); err == nil {
+				if _, err := os.Stat(sysfs.LoopAttr(sysfs.Root, deviceNumber(t, probed), "")); err == nil {
 					t.Fatalf("%s bound after a cancelled Attach", probed)
 				}
 			}

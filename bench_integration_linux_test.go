@@ -278,6 +278,7 @@ func BenchmarkReuseLookup(b *testing.B) {
 	b.ReportAllocs()
 	for b.Loop() {
 		var d *Device
+		// Internal: the look alone, without the bind a miss leads to.
 		rc.Control(func(fd uintptr) { d, err = host.sharedDevice(fd, f.Name(), Options{Reuse: true}) })
 		if d != nil || err != nil {
 			b.Fatal(d, err)

@@ -16,6 +16,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/loopctl/loopctl/internal/kerneltest"
+	"github.com/loopctl/loopctl/internal/sysfs"
 )
 
 // uevents listens to the kernel's uevents (NETLINK_KOBJECT_UEVENT, group
@@ -242,7 +243,7 @@ func TestKernelDetach(t *testing.T) {
 		if err := d.Detach(context.Background()); err != nil {
 			t.Fatal(err)
 		}
-		if _, err := os.Stat(host.sysfsLoopAttr(n, "")); !errors.Is(err, os.ErrNotExist) {
+		if _, err := os.Stat(sysfs.LoopAttr(sysfs.Root, n, "")); !errors.Is(err, os.ErrNotExist) {
 			t.Fatalf("loop%d bound after Detach returned: %v", n, err)
 		}
 	})
@@ -256,7 +257,7 @@ func TestKernelDetach(t *testing.T) {
 		done := make(chan error, 1)
 		go func() { done <- d.Detach(context.Background()) }()
 		// The binding stays while the other opener holds the device.
-		if _, err := os.Stat(host.sysfsLoopAttr(n, "")); err != nil {
+		if _, err := os.Stat(sysfs.LoopAttr(sysfs.Root, n, "")); err != nil {
 			t.Fatalf("loop%d unbound under a second opener: %v", n, err)
 		}
 		select {
@@ -268,7 +269,7 @@ func TestKernelDetach(t *testing.T) {
 		if err := <-done; err != nil {
 			t.Fatal(err)
 		}
-		if _, err := os.Stat(host.sysfsLoopAttr(n, "")); !errors.Is(err, os.ErrNotExist) {
+		if _, err := os.Stat(sysfs.LoopAttr(sysfs.Root, n, "")); !errors.Is(err, os.ErrNotExist) {
 			t.Fatalf("loop%d bound after Detach returned: %v", n, err)
 		}
 	})
@@ -347,7 +348,7 @@ func TestKernelSweep(t *testing.T) {
 		t.Fatalf("Sweep = %v; want ErrBusy for %s alone", err, devs[3].Path())
 	}
 	for _, d := range []*Device{devs[0], devs[2]} {
-		if _, err := os.Stat(host.sysfsLoopAttr(d.Number(), "")); !errors.Is(err, os.ErrNotExist) {
+		if _, err := os.Stat(sysfs.LoopAttr(sysfs.Root, d.Number(), "")); !errors.Is(err, os.ErrNotExist) {
 			t.Fatalf("%s bound after Sweep: %v", d.Path(), err)
 		}
 	}

@@ -258,14 +258,14 @@ func writeReport(t *testing.T, v any) {
 // not through List, which leaves out a device being torn down.
 func boundUnder(t *testing.T, dir string) []string {
 	t.Helper()
-	nums, err := host.loopNumbers()
+	nums, err := sysfs.LoopNumbers(sysfs.Root)
 	if err != nil {
 		t.Fatal(err)
 	}
 	var buf [sysfs.BufSize]byte
 	var out []string
 	for _, n := range nums {
-		b, err := sysfs.ReadFile(host.sysfsLoopAttr(n, "backing_file"), buf[:])
+		b, err := sysfs.ReadFile(sysfs.LoopAttr(sysfs.Root, n, "backing_file"), buf[:])
 		if err == nil && strings.HasPrefix(sysfs.Value(b), dir) {
 			out = append(out, fmt.Sprintf("loop%d: %s", n, sysfs.Value(b)))
 		}
@@ -276,6 +276,8 @@ func boundUnder(t *testing.T, dir string) []string {
 // churnProcess is one churn process: cfg.Goroutines attachers and one
 // observer until cfg.Deadline, then its leak checks.
 func churnProcess(t *testing.T, cfg churnConfig) churnCounts {
+	// Internal state: the control device Attach keeps once made, opened
+	// first so that the leak check's descriptor count leaves it out.
 	if _, err := host.sharedControl(); err != nil {
 		t.Fatal(err)
 	}
@@ -298,7 +300,7 @@ func churnProcess(t *testing.T, cfg churnConfig) churnCounts {
 		wg.Go(func() { sweeper(&tl, cfg, strconv.Itoa(os.Getpid())) })
 	}
 	wg.Wait()
-	tl.LostRaces = int(host.lostRaces.Load())
+	tl.LostRaces = int(host.lostRaces.Load()) // internal: no API tells a race retried
 	if after := len(kerneltest.OpenFDs(t)); after != fds {
 		tl.LeakedFDs = after - fds
 		tl.fail(false, "%d descriptors before, %d after", fds, after)

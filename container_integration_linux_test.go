@@ -236,7 +236,7 @@ func bareDev(t *testing.T) {
 func attachInContainer(t *testing.T, path string, o Options, want error) (*Device, error) {
 	t.Helper()
 	bareDev(t)
-	races := host.lostRaces.Load()
+	races := host.lostRaces.Load() // internal: no API tells a race retried
 	d, err := Attach(context.Background(), path, o)
 	if want == nil {
 		if err != nil {
@@ -281,7 +281,7 @@ func missingNodeOf(t *testing.T, err error) *NodeMissingError {
 	if missing.Path != DevicePath(missing.Number) || missing.Partition != 0 {
 		t.Errorf("%+v: want the node of loop%d", missing, missing.Number)
 	}
-	if _, err := os.Stat(sysfs.LoopDir(host.sysfs, missing.Number)); err != nil {
+	if _, err := os.Stat(sysfs.LoopDir(sysfs.Root, missing.Number)); err != nil {
 		t.Errorf("loop%d, named missing, is not in sysfs: %v", missing.Number, err)
 	}
 	return missing

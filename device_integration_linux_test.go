@@ -126,7 +126,7 @@ func TestKernelConfigureRejected(t *testing.T) {
 			wantErrno(t, err, unix.ENXIO, ErrNotBound)
 		})
 	}
-	if host.noConfigure.Load() {
+	if host.noConfigure.Load() { // internal: what the package learnt of the kernel
 		t.Fatal("an argument error was taken for a kernel without LOOP_CONFIGURE")
 	}
 	// The kernel itself refuses unknown flags, as validation assumes.

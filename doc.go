@@ -208,8 +208,9 @@
 // detach at the last close from 6.11, direct I/O on tmpfs from 6.6, block
 // sizes above the page size from 6.18), it gives the newer behaviour or an
 // error that says why. The integration tests run on each in a virtual
-// machine (internal/vmrun); RELIABILITY.md's "Kernels" table records what
-// they found, kernel by kernel.
+// machine (internal/vmrun); KERNELS.md records what each kernel answers,
+// as a test measures it there, and RELIABILITY.md ("Kernels") what the
+// package does about it.
 //
 // # Errors
 //

@@ -154,7 +154,7 @@ func losetup(t *testing.T, dev string) losetupDevice {
 func readAttr(t *testing.T, n int, name string) string {
 	t.Helper()
 	var buf [sysfs.BufSize]byte
-	b, err := sysfs.ReadFile(sysfs.LoopDir(host.sysfs, n)+"/"+name, buf[:])
+	b, err := sysfs.ReadFile(sysfs.LoopDir(sysfs.Root, n)+"/"+name, buf[:])
 	if err != nil {
 		t.Fatal(err)
 	}

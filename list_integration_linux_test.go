@@ -186,7 +186,8 @@ func TestKernelLookupsHoldNothing(t *testing.T) {
 		return nums
 	}
 	// What the process keeps by design: the control device Attach shares
-	// (see Attach).
+	// (see Attach), internal state opened first so that the count leaves
+	// it out.
 	if _, err := host.sharedControl(); err != nil {
 		t.Fatal(err)
 	}

@@ -485,12 +485,7 @@ func (s *system) loopNumbers() ([]int, error) { return sysfs.LoopNumbers(s.sysfs
 
 // sysfsLoopAttr returns the path of attribute attr of device n's loop/
 // directory, or of the directory itself for "".
-func (s *system) sysfsLoopAttr(n int, attr string) string {
-	if attr == "" {
-		return sysfs.LoopDir(s.sysfs, n) + "/loop"
-	}
-	return sysfs.LoopDir(s.sysfs, n) + "/loop/" + attr
-}
+func (s *system) sysfsLoopAttr(n int, attr string) string { return sysfs.LoopAttr(s.sysfs, n, attr) }
 
 // sysfsStatus reads device n's binding from sysfs, relative to block (the
 // devices' sysfs directory), into a Status, for a process that may not

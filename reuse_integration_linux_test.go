@@ -142,6 +142,8 @@ func TestKernelAttachReuseRace(t *testing.T) {
 // to, reports the devices, and holds them until its input closes.
 func reuseChild(t *testing.T, path string) {
 	n, _ := strconv.Atoi(os.Getenv("LOOPCTL_REUSE_GOROUTINES"))
+	// Internal state: the control device Attach keeps once made, opened
+	// first so that the descriptor count leaves it out.
 	if _, err := host.sharedControl(); err != nil {
 		t.Fatal(err)
 	}

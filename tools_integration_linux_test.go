@@ -55,7 +55,7 @@ func losetupChurn(t *testing.T, dir string, deadline time.Time, locked bool) chu
 			continue
 		}
 		var buf [sysfs.BufSize]byte
-		if b, err := sysfs.ReadFile(host.sysfsLoopAttr(n, "backing_file"), buf[:]); err != nil || sysfs.Value(b) != path {
+		if b, err := sysfs.ReadFile(sysfs.LoopAttr(sysfs.Root, n, "backing_file"), buf[:]); err != nil || sysfs.Value(b) != path {
 			tl.fail(true, "losetup's %s: backing %q, %v; want %s", dev, b, err, path)
 		}
 		if out, err := exec.Command("losetup", "-d", dev).CombinedOutput(); err != nil {

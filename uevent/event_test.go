@@ -16,6 +16,7 @@ func ueventBytes(head string, env ...string) []byte {
 }
 
 func TestParseUevent(t *testing.T) {
+	t.Parallel()
 	for _, tt := range []struct {
 		msg  []byte
 		want uevent
@@ -92,6 +93,7 @@ func udevMessage(props ...string) []byte {
 }
 
 func TestParseUdevMessage(t *testing.T) {
+	t.Parallel()
 	msg := udevMessage("ACTION=change", "DEVPATH=/devices/virtual/block/loop3", "SUBSYSTEM=block", "DISKSEQ=77",
 		"ID_FS_LABEL=ROOT")
 	if devpath, seq, ok := parseUdevMessage(msg); !ok || devpath != "/devices/virtual/block/loop3" || seq != 77 {

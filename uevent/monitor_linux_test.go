@@ -18,6 +18,7 @@ import (
 // TestChanges: a device's change uevents, read late or on time, make each
 // binding's Bound and Unbound once, in order.
 func TestChanges(t *testing.T) {
+	t.Parallel()
 	b := func(seq uint64) Event { return Event{Kind: EventBound, Number: 3, DiskSeq: seq} }
 	u := func(seq uint64) Event { return Event{Kind: EventUnbound, Number: 3, DiskSeq: seq} }
 	st := func(bound bool, seq uint64) devState { return devState{bound: bound, diskSeq: seq} }
@@ -52,6 +53,7 @@ func TestChanges(t *testing.T) {
 
 // TestPollEvents: what a polling Monitor makes of two looks at sysfs.
 func TestPollEvents(t *testing.T) {
+	t.Parallel()
 	before := map[int]devState{
 		0: {bound: true, diskSeq: 5, size: 100},
 		1: {bound: true, diskSeq: 6, size: 100, parts: []int{1, 2}},
@@ -88,6 +90,7 @@ func TestPollEvents(t *testing.T) {
 // TestMonitorCloseWakesPoll checks that Close wakes a Next waiting for a
 // polling Monitor's next look, which is an hour away.
 func TestMonitorCloseWakesPoll(t *testing.T) {
+	t.Parallel()
 	m := &Monitor{polling: true, done: make(chan struct{})}
 	m.SetPollInterval(time.Hour)
 	errc := make(chan error, 1)
@@ -119,6 +122,7 @@ func TestMonitorCloseWakesPoll(t *testing.T) {
 // directory of its own, and /block/loop7 a symbolic link to it (as in
 // sysfs), replaced in one rename: a look sees one state or the next.
 func TestMonitorPollingTree(t *testing.T) {
+	t.Parallel()
 	root := t.TempDir()
 	if err := os.MkdirAll(root+"/block", 0o755); err != nil {
 		t.Fatal(err)

@@ -14,6 +14,7 @@ import (
 // is reported (EMSGSIZE), not returned cut short, and that the next one
 // is read whole.
 func TestRecvNetlinkTruncated(t *testing.T) {
+	t.Parallel()
 	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_DGRAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
 		t.Fatal(err)

@@ -37,6 +37,7 @@ func fakeUdev(t *testing.T) udev {
 // TestUdevTargets: WaitUdev waits for the device and each partition, by
 // device number, at their devpaths; nothing else in the directory counts.
 func TestUdevTargets(t *testing.T) {
+	t.Parallel()
 	u := fakeUdev(t)
 	want := map[string]udevTarget{
 		"7:5":   {devpath: "/devices/virtual/block/loop5"},
@@ -56,6 +57,7 @@ func TestUdevTargets(t *testing.T) {
 // binding's; before Linux 5.15 (seq 0), when an entry exists and udev's
 // queue is empty.
 func TestUdevDone(t *testing.T) {
+	t.Parallel()
 	u := fakeUdev(t)
 	disk := udevTarget{devpath: "/devices/virtual/block/loop5"}
 	part := udevTarget{devpath: disk.devpath + "/loop5p1", part: 1}
@@ -102,6 +104,7 @@ func TestUdevDone(t *testing.T) {
 
 // TestUdevTrigger: trigger writes "change" to the device's uevent file.
 func TestUdevTrigger(t *testing.T) {
+	t.Parallel()
 	u := fakeUdev(t)
 	devpath := "/devices/virtual/block/loop5"
 	if err := os.MkdirAll(u.sysfs+devpath, 0o755); err != nil {

@@ -27,6 +27,16 @@ func LoopDir(root string, n int) string {
 	return root + "/block/loop" + strconv.Itoa(n)
 }
 
+// LoopAttr returns the path of attribute attr of loop device n's loop/
+// directory under root, which exists only while the device is bound, or
+// of the directory itself for "".
+func LoopAttr(root string, n int, attr string) string {
+	if attr == "" {
+		return LoopDir(root, n) + "/loop"
+	}
+	return LoopDir(root, n) + "/loop/" + attr
+}
+
 // maxDigits bounds the number in a loop device name, so that parsing never
 // overflows: the kernel's highest number, 1<<20 - 1, has seven digits.
 const maxDigits = 7

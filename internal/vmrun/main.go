@@ -11,6 +11,11 @@
 //	go run ./internal/vmrun -kernel newest -arch 386          # the tests as 32-bit programs
 //	go run ./internal/vmrun -kernel 6.12 -cmdline bdev_allow_write_mounted=0 -- -test.run TestKernelReadOnlyDescriptor
 //	go run ./internal/vmrun -kernel 5.10 -- -test.run 'TestKernelAttach' -test.v
+//	go run ./internal/vmrun -tmp tmpfs -facts KERNELS.md -- -test.run '^TestKernelFacts$' -test.v
+//
+// With -facts it gathers the lines TestKernelFacts prints on each machine,
+// runs that test on this machine too, and writes the table of what each
+// kernel answers (KERNELS.md).
 //
 // Arguments after the flags go to each test binary (default: -test.short
 // -test.timeout=10m, so that a test that hangs dumps its goroutines before
@@ -81,6 +86,7 @@ func main() {
 	timeout := flag.Duration("timeout", 15*time.Minute, "the longest one machine may run")
 	cmdline := flag.String("cmdline", "", "more kernel parameters for the machines, such as bdev_allow_write_mounted=0")
 	modules := flag.String("modules", "", "more kernel modules to load in the machines, comma-separated, such as squashfs,vfat (loop and ext4 always are)")
+	facts := flag.String("facts", "", "write the table of what TestKernelFacts printed on each machine, and on this one, to this Markdown file (KERNELS.md)")
 	flag.Usage = func() {
 		fmt.Fprintf(flag.CommandLine.Output(), "usage: vmrun [flags] [test binary arguments]\n")
 		flag.PrintDefaults()
@@ -97,6 +103,9 @@ func main() {
 		log.Fatalf("unknown -arch %q", *arch)
 	}
 	r := &runner{cache: *cache, timeout: *timeout, testArgs: testArgs, arch: *arch, cmdline: *cmdline}
+	if *facts != "" {
+		r.facts = &factTable{answers: map[string]map[string]string{}}
+	}
 	if *modules != "" {
 		r.modules = strings.Split(*modules, ",")
 	}
@@ -115,6 +124,12 @@ func main() {
 			default:
 				log.Printf("Linux %s, /tmp on %s: ok", k, tmp)
 			}
+		}
+	}
+	if r.facts != nil && failed == 0 {
+		if err := r.writeFacts(*facts); err != nil {
+			log.Printf("-facts: %v", err)
+			failed = 1
 		}
 	}
 	r.cleanup()
@@ -136,6 +151,8 @@ type runner struct {
 	arch     string   // of the test binaries
 	cmdline  string   // kernel parameters beyond the console's
 	modules  []string // kernel modules beyond those the tests always need
+
+	facts *factTable // gathered for -facts, or nil
 
 	work      string // this run's scratch directory
 	updated   bool   // the package lists are fresh
@@ -182,14 +199,14 @@ func (r *runner) run(k, tmp string) (int, error) {
 		defer os.Remove(disk)
 		args = append(args, "-drive", "file="+disk+",if=virtio,format=raw")
 	}
-	code, err := boot(args, r.timeout)
+	code, err := boot(args, r.timeout, r.facts.line)
 	if errors.Is(err, errNoInit) {
 		// None of the tests ran: the emulated kernel died in its own
 		// boot (once, 6.12 under TCG: an int3 oops while it patched its
 		// code). A second boot tells such a flake from a kernel that
 		// cannot boot here.
 		log.Printf("Linux %s, /tmp on %s: %v; booting once more", k, tmp, err)
-		code, err = boot(args, r.timeout)
+		code, err = boot(args, r.timeout, r.facts.line)
 	}
 	return code, err
 }
@@ -496,6 +513,11 @@ func (r *runner) initramfs(path string, kern *kernel, tmp string) error {
 		files[guest] = host
 		modPaths = append(modPaths, guest)
 	}
+	env := []string{"PATH=/bin:/usr/bin:/sbin:/usr/sbin", "HOME=/tmp", "TMPDIR=/tmp",
+		"LOOPCTL_REQUIRE_INTEGRATION=1", "LOOPCTL_IN_VM=1"}
+	if r.facts != nil {
+		env = append(env, "LOOPCTL_FACTS=1") // TestKernelFacts may ask what breaks the machine
+	}
 	cfg, err := json.Marshal(map[string]any{
 		"Modules": modPaths,
 		"Tmp":     tmp,
@@ -503,8 +525,7 @@ func (r *runner) initramfs(path string, kern *kernel, tmp string) error {
 			append([]string{"/loopctl.test"}, r.testArgs...),
 			append([]string{"/losetup.test"}, r.testArgs...),
 		},
-		"Env": []string{"PATH=/bin:/usr/bin:/sbin:/usr/sbin", "HOME=/tmp", "TMPDIR=/tmp",
-			"LOOPCTL_REQUIRE_INTEGRATION=1", "LOOPCTL_IN_VM=1"},
+		"Env": env,
 	})
 	if err != nil {
 		return err
@@ -758,8 +779,9 @@ func mkfs(path string) error {
 }
 
 // boot runs qemu with args, copies the guest's console to standard output,
-// and returns the exit status the guest's init reports.
-func boot(args []string, timeout time.Duration) (int, error) {
+// handing each line from the init on to onLine, and returns the exit
+// status the guest's init reports.
+func boot(args []string, timeout time.Duration, onLine func(string)) (int, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, "qemu-system-x86_64", args...)
@@ -787,6 +809,7 @@ func boot(args []string, timeout time.Duration) (int, error) {
 			continue
 		}
 		fmt.Println(line)
+		onLine(line)
 		if s, ok := strings.CutPrefix(line, "vmrun: exit "); ok {
 			code, _ = strconv.Atoi(s)
 		}

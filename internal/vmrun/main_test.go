@@ -265,7 +265,7 @@ func TestBootStatus(t *testing.T) {
 		if err := os.WriteFile(filepath.Join(dir, "qemu-system-x86_64"), []byte(script), 0o755); err != nil {
 			t.Fatal(err)
 		}
-		code, err := boot(nil, time.Minute)
+		code, err := boot(nil, time.Minute, func(string) {})
 		if code != tt.code || (err != nil) != tt.fails || errors.Is(err, errNoInit) != tt.noInit {
 			t.Errorf("console %q: boot = %d, %v; want %d, failure %t, errNoInit %t", tt.console, code, err, tt.code, tt.fails, tt.noInit)
 		}
