@@ -317,3 +317,61 @@ func TestKernelConcurrent(t *testing.T) {
 	d2.Close()
 	wg.Wait()
 }
+
+func TestKernelCloexecAndNoLeak(t *testing.T) {
+	c := openControl(t)
+	d := newDevice(t, c)
+	f := kerneltest.TempFile(t, 1<<20)
+	before := len(kerneltest.OpenFDs(t))
+
+	c2, err := Open()
+	if err != nil {
+		t.Fatal(err)
+	}
+	d2, err := OpenDevicePath(d.Path())
+	if err != nil {
+		t.Fatal(err)
+	}
+	found := 0
+	for fd, target := range kerneltest.OpenFDs(t) {
+		if target != ControlPath && target != d.Path() {
+			continue
+		}
+		info, err := os.ReadFile("/proc/self/fdinfo/" + strconv.Itoa(fd))
+		if err != nil {
+			t.Fatal(err)
+		}
+		var flags uint64
+		for _, line := range strings.Split(string(info), "\n") {
+			if v, ok := strings.CutPrefix(line, "flags:"); ok {
+				flags, _ = strconv.ParseUint(strings.TrimSpace(v), 8, 64)
+			}
+		}
+		if flags&unix.O_CLOEXEC == 0 {
+			t.Errorf("fd %d (%s) lacks O_CLOEXEC: flags %o", fd, target, flags)
+		}
+		found++
+	}
+	if found < 3 { // c, c2 on loop-control; d, d2 on the device
+		t.Fatalf("found %d loop fds", found)
+	}
+
+	// Successes and failures alike leave no descriptor behind.
+	if err := d2.Configure(f, Options{}); err != nil {
+		t.Fatal(err)
+	}
+	d2.Status()
+	d2.Configure(f, Options{})
+	d2.ClearFD()
+	d2.ClearFD()
+	c2.GetFree()
+	c2.Remove(MaxNumber)
+	c2.Close()
+	d2.Close()
+	OpenDevicePath("/dev/null")
+	OpenDevicePath(f.Name())
+	OpenDevice(MaxNumber)
+	if after := len(kerneltest.OpenFDs(t)); after != before {
+		t.Fatalf("%d descriptors before, %d after", before, after)
+	}
+}
