@@ -115,9 +115,15 @@ func attachWithinOn(t *testing.T, s *system, path string, o Options, deadline ti
 // returns the directory; the test's cleanup unmounts it.
 func mountT(t *testing.T, fstype string, flags uintptr) string {
 	t.Helper()
+	return mountFrom(t, fstype, fstype, flags)
+}
+
+// mountFrom is mountT of the file system on source: a device's, say.
+func mountFrom(t *testing.T, source, fstype string, flags uintptr) string {
+	t.Helper()
 	dir := t.TempDir()
-	if err := unix.Mount(fstype, dir, fstype, flags, ""); err != nil {
-		t.Fatalf("mount %s: %v", fstype, err)
+	if err := unix.Mount(source, dir, fstype, flags, ""); err != nil {
+		t.Fatalf("mount %s of %s: %v", fstype, source, err)
 	}
 	t.Cleanup(func() {
 		if err := unix.Unmount(dir, unix.MNT_DETACH); err != nil {

@@ -511,15 +511,7 @@ func TestKernelHeldExclusively(t *testing.T) {
 				}
 				t.Cleanup(func() { unix.Close(fd) })
 			case "mount":
-				dir := t.TempDir()
-				if err := unix.Mount(d.Path(), dir, "ext4", 0, ""); err != nil {
-					t.Fatal(err)
-				}
-				t.Cleanup(func() {
-					if err := unix.Unmount(dir, 0); err != nil {
-						t.Error(err)
-					}
-				})
+				mountFrom(t, d.Path(), "ext4", 0)
 			}
 			s, err := d.Status()
 			if err != nil {

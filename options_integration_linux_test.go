@@ -276,15 +276,7 @@ func TestKernelReuseDirectIO4K(t *testing.T) {
 	fsImage := kerneltest.TempFile(t, 64<<20)
 	kerneltest.MkfsExt4(t, fsImage.Name(), "-b", "4096")
 	disk := attachT(t, fsImage.Name(), Options{BlockSize: 4096})
-	dir := t.TempDir()
-	if err := unix.Mount(disk.Path(), dir, "ext4", 0, ""); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if err := unix.Unmount(dir, 0); err != nil {
-			t.Error(err)
-		}
-	})
+	dir := mountFrom(t, disk.Path(), "ext4", 0)
 	img := filepath.Join(dir, "image")
 	if err := os.WriteFile(img, make([]byte, 1<<20), 0o644); err != nil {
 		t.Fatal(err)
