@@ -196,8 +196,8 @@ func TestKernelAttachNoLeak(t *testing.T) {
 		Attach(context.Background(), f.Name(), Options{BlockSize: 1 << 20}) // the kernel refuses
 		AttachFile(context.Background(), f, Options{Flags: 0x20})
 	}
-	if after := kerneltest.OpenFDs(t); len(after) != len(before) {
-		t.Fatalf("descriptors before %v, after %v", before, after)
+	if left := kerneltest.NewFDs(t, before); len(left) != 0 {
+		t.Fatalf("descriptors %v left open", left)
 	}
 	for n := range used {
 		kerneltest.WaitUnbound(t, n) // autoclear: at the last close, maybe udev's
@@ -469,9 +469,9 @@ func TestKernelAttachWaitsForProbe(t *testing.T) {
 				checkBound(t, r.d, f.Name(), Options{})
 				return
 			}
-			for end := time.Now().Add(10 * time.Second); len(kerneltest.OpenFDs(t)) != len(fds); runtime.Gosched() {
+			for end := time.Now().Add(10 * time.Second); len(kerneltest.NewFDs(t, fds)) != 0; runtime.Gosched() {
 				if time.Now().After(end) {
-					t.Fatalf("descriptors %v after the probe ended, %v before Attach", kerneltest.OpenFDs(t), fds)
+					t.Fatalf("descriptors %v still open after the probe ended", kerneltest.NewFDs(t, fds))
 				}
 			}
 		})

@@ -49,8 +49,8 @@ func before(t *testing.T, path string) untouched {
 
 func (u untouched) check(t *testing.T) {
 	t.Helper()
-	if fds := kerneltest.OpenFDs(t); len(fds) != len(u.fds) {
-		t.Errorf("descriptors open: %v, before: %v", fds, u.fds)
+	if left := kerneltest.NewFDs(t, u.fds); len(left) != 0 {
+		t.Errorf("descriptors %v left open", left)
 	}
 	if l := heldFlocks(t); !slices.Equal(l, u.flocks) {
 		t.Errorf("flocks held: %q, before: %q", l, u.flocks)

@@ -103,24 +103,6 @@ func checkFileBlamed(t *testing.T, err error, words string, is error) {
 	}
 }
 
-// fdCount is the number of descriptors this process has open, leaving
-// out one closed while the directory is read (its own, one a cleanup
-// closes after a collection).
-func fdCount(t *testing.T) int {
-	t.Helper()
-	ents, err := os.ReadDir("/proc/self/fd")
-	if err != nil {
-		t.Fatal(err)
-	}
-	n := 0
-	for _, e := range ents {
-		if _, err := os.Readlink("/proc/self/fd/" + e.Name()); err == nil {
-			n++
-		}
-	}
-	return n
-}
-
 func TestAttachBadBackingFiles(t *testing.T) {
 	k := useFake(t, 2)
 	for _, hp := range hostilePaths(t) {
@@ -132,7 +114,7 @@ func TestAttachBadBackingFiles(t *testing.T) {
 				o.Flags = FlagReadOnly
 			}
 			t.Run(name, func(t *testing.T) {
-				fds := fdCount(t)
+				before := filesOpen(t)
 				ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 				defer cancel()
 				d, err := within(t, time.Minute, func() (*Device, error) { return k.sys.Attach(ctx, hp.path, o) })
@@ -143,8 +125,8 @@ func TestAttachBadBackingFiles(t *testing.T) {
 				if log := k.calls(""); len(log) != 0 {
 					t.Fatalf("devices touched: %q", log)
 				}
-				if n := fdCount(t); n != fds {
-					t.Fatalf("%d descriptors open, %d before", n, fds)
+				if left := leftOpen(t, before); len(left) != 0 {
+					t.Fatalf("descriptors %v left open", left)
 				}
 			})
 		}

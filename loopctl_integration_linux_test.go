@@ -322,7 +322,7 @@ func TestKernelCloexecAndNoLeak(t *testing.T) {
 	c := openControl(t)
 	d := newDevice(t, c)
 	f := kerneltest.TempFile(t, 1<<20)
-	before := len(kerneltest.OpenFDs(t))
+	before := kerneltest.OpenFDs(t)
 
 	c2, err := Open()
 	if err != nil {
@@ -371,7 +371,7 @@ func TestKernelCloexecAndNoLeak(t *testing.T) {
 	OpenDevicePath("/dev/null")
 	OpenDevicePath(f.Name())
 	OpenDevice(MaxNumber)
-	if after := len(kerneltest.OpenFDs(t)); after != before {
-		t.Fatalf("%d descriptors before, %d after", before, after)
+	if left := kerneltest.NewFDs(t, before); len(left) != 0 {
+		t.Fatalf("descriptors %v left open", left)
 	}
 }

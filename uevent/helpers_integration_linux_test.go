@@ -5,7 +5,6 @@ package uevent
 import (
 	"context"
 	"errors"
-	"fmt"
 	"io/fs"
 	"os"
 	"os/exec"
@@ -114,8 +113,8 @@ func countDescriptors(t *testing.T, name string, run func() error) {
 	if err := run(); err != nil {
 		t.Fatalf("%s: %v", name, err)
 	}
-	if after := kerneltest.OpenFDs(t); fmt.Sprint(after) != fmt.Sprint(before) {
-		t.Errorf("%s: descriptors %v after, %v before", name, after, before)
+	if left := kerneltest.NewFDs(t, before); len(left) != 0 {
+		t.Errorf("%s: descriptors %v left open", name, left)
 	}
 }
 

@@ -5,6 +5,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -219,5 +220,21 @@ func OpenFDs(t testing.TB) map[int]string {
 			fds[n] = target
 		}
 	}
+	return fds
+}
+
+// NewFDs returns the descriptors open now that were not open before (an
+// OpenFDs), or are open on another file now: what a call left open. One
+// closed meanwhile is passed over: the runtime closes a file an earlier
+// test dropped when it collects it, at a moment of its own.
+func NewFDs(t testing.TB, before map[int]string) []int {
+	t.Helper()
+	var fds []int
+	for fd, target := range OpenFDs(t) {
+		if was, ok := before[fd]; !ok || was != target {
+			fds = append(fds, fd)
+		}
+	}
+	slices.Sort(fds)
 	return fds
 }
