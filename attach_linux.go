@@ -332,7 +332,7 @@ func (s *system) makePartitionNodes(d *Device) error {
 		return err
 	}
 	for _, p := range parts {
-		if err := p.MakeNode(); err != nil {
+		if err := s.makePartitionNode(p); err != nil {
 			return err
 		}
 	}
