@@ -143,8 +143,8 @@ func factRemoveAny(t *testing.T, c *Control) string {
 
 // bindRaw binds a new file of size bytes in dir ("" for the temporary
 // directory) to a new device of the test's own with LOOP_CONFIGURE and
-// cfg, and returns the device's descriptor (closed at the test's end) and
-// the error; the device is unbound again at the test's end.
+// cfg, and returns the device and the kernel's answer; the device is
+// unbound, closed and removed at the test's end.
 func bindRaw(t *testing.T, c *Control, dir string, size int64, cfg unix.LoopConfig) (*Device, error) {
 	t.Helper()
 	d := newDevice(t, c)

@@ -6,6 +6,7 @@ import (
 	"strconv"
 
 	"github.com/loopctl/loopctl"
+	"github.com/loopctl/loopctl/internal/sysfs"
 )
 
 // An EventKind says what happened to a loop device.
@@ -137,19 +138,10 @@ func parseUevent(b []byte) (uevent, bool) {
 }
 
 // eventNumber parses a device or partition number as the kernel writes
-// it: decimal, no sign, no leading zero.
+// it (sysfs.Number), up to loopctl.MaxNumber.
 func eventNumber(b []byte) (int, bool) {
-	if len(b) == 0 || len(b) > 7 || b[0] == '0' && len(b) > 1 {
-		return 0, false
-	}
-	n := 0
-	for _, c := range b {
-		if c < '0' || c > '9' {
-			return 0, false
-		}
-		n = n*10 + int(c-'0')
-	}
-	return n, n <= loopctl.MaxNumber
+	n, ok := sysfs.Number(string(b))
+	return n, ok && n <= loopctl.MaxNumber
 }
 
 // parseUdevMessage reads a message udev sent to its group: the

@@ -45,7 +45,17 @@ const maxDigits = 7
 // followed by a canonical decimal number (no sign, no leading zero).
 func LoopNumber(name string) (int, bool) {
 	digits, ok := strings.CutPrefix(name, "loop")
-	if !ok || digits == "" || len(digits) > maxDigits || (digits[0] == '0' && len(digits) > 1) {
+	if !ok {
+		return -1, false
+	}
+	return Number(digits)
+}
+
+// Number parses a device or partition number as the kernel writes it in
+// names: canonical decimal (no sign, no leading zero), at most maxDigits
+// digits.
+func Number(digits string) (int, bool) {
+	if digits == "" || len(digits) > maxDigits || (digits[0] == '0' && len(digits) > 1) {
 		return -1, false
 	}
 	n := 0

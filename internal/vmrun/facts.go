@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"slices"
 	"strings"
 	"time"
 )
@@ -45,19 +46,10 @@ func (t *factTable) line(line string) {
 	if t.column == "" {
 		return
 	}
-	if _, seen := t.answers[t.column][name]; !seen && !contains(t.names, name) {
+	if !slices.Contains(t.names, name) {
 		t.names = append(t.names, name)
 	}
 	t.answers[t.column][name] = answer
-}
-
-func contains(list []string, s string) bool {
-	for _, v := range list {
-		if v == s {
-			return true
-		}
-	}
-	return false
 }
 
 // writeFacts runs TestKernelFacts on this machine too, with the test
