@@ -227,10 +227,9 @@
 //
 // Control and Device are safe for concurrent use. Every descriptor is
 // opened with O_CLOEXEC, and a concurrent Close can never send a call to a
-// reused descriptor number: a Device's calls hold a reference on its
-// descriptor, and a Control's Close puts an eventfd in its descriptor's
-// place, which is closed once the Control is unreachable. Close is
-// idempotent.
+// reused descriptor number: each call holds a reference on the descriptor,
+// and Close closes it at once, or when the last call in flight returns.
+// Close is idempotent, and a closed Control or Device holds nothing.
 //
 // Besides the descriptors of the Controls and Devices it returns, the
 // package holds one of its own: the control device that Attach shares.

@@ -49,9 +49,6 @@ func (osKernel) open(path string, mode int) (handle, error) {
 	if err != nil {
 		return nil, err
 	}
-	if path == ControlPath {
-		return newControlHandle(fd), nil
-	}
 	h := newFileHandle(fd)
 	h.ro = mode == readOnly
 	return h, nil
@@ -176,84 +173,6 @@ func (h *fileHandle) Close() error {
 	}
 	h.cleanup.Stop()
 	return h.release()
-}
-
-// A controlHandle is a descriptor of /dev/loop-control. A call on it takes
-// no reference, so that GetFree costs what its ioctl costs (a fileHandle's
-// two atomic operations are a tenth of that). Close instead puts an
-// eventfd in the descriptor's place with dup3: the control device is
-// released at once, and the number stays taken, so that a call racing the
-// Close reaches the eventfd (which knows no ioctl and whose flock locks
-// nothing shared), never a file opened since. The number itself is closed
-// when the handle becomes unreachable, when no call can be in flight any
-// more. A process has few control devices (Attach shares one), so an
-// eventfd left until the next garbage collection costs little.
-type controlHandle struct {
-	fd     int
-	closed atomic.Bool
-}
-
-func newControlHandle(fd int) *controlHandle {
-	h := &controlHandle{fd: fd}
-	runtime.AddCleanup(h, closeFD, fd)
-	return h
-}
-
-// call runs fn on the descriptor, and reports os.ErrClosed for a call made
-// after Close or racing it.
-func (h *controlHandle) call(fn func(fd fdHandle) error) error {
-	if h.closed.Load() {
-		return os.ErrClosed
-	}
-	err := fn(fdHandle(h.fd))
-	if err != nil && h.closed.Load() {
-		err = os.ErrClosed
-	}
-	runtime.KeepAlive(h) // the cleanup must not close the number under the call
-	return err
-}
-
-// rawIoctl is call written out: GetFree comes here, and a closure that
-// writes the result back would cost it.
-func (h *controlHandle) rawIoctl(req uint, arg uintptr) (int, error) {
-	if h.closed.Load() {
-		return -1, os.ErrClosed
-	}
-	r, err := fdHandle(h.fd).rawIoctl(req, arg)
-	if err != nil && h.closed.Load() {
-		r, err = -1, os.ErrClosed
-	}
-	runtime.KeepAlive(h)
-	return r, err
-}
-
-func (h *controlHandle) rawIoctlPtr(req uint, arg unsafe.Pointer) error {
-	return h.call(func(fd fdHandle) error { return fd.rawIoctlPtr(req, arg) })
-}
-
-func (h *controlHandle) flock(how int) error {
-	return h.call(func(fd fdHandle) error { return fd.flock(how) })
-}
-
-func (h *controlHandle) rdev() (uint64, error) {
-	var rdev uint64
-	err := h.call(func(fd fdHandle) (err error) { rdev, err = fd.rdev(); return err })
-	return rdev, err
-}
-
-// Close releases the control device; see controlHandle.
-func (h *controlHandle) Close() error {
-	if h.closed.Swap(true) {
-		return os.ErrClosed
-	}
-	stand, err := unix.Eventfd(0, unix.EFD_CLOEXEC)
-	if err != nil {
-		// No eventfd to stand in (out of descriptors): the control device
-		// stays open, refusing calls, until the cleanup closes it.
-		return nil
-	}
-	defer unix.Close(stand)
-	return call.Retry(func() error { return unix.Dup3(stand, h.fd, unix.O_CLOEXEC) })
 }
 
 // ioctl makes request req on h with a value argument. With ioctlPtr, it is
