@@ -1,14 +1,17 @@
 //go:build linux
 
-// Command vmrun runs loopctl's integration tests on the kernels users run,
-// each in a qemu virtual machine: Debian's 5.10 (bullseye), 6.1 (bookworm)
-// and 6.12 (trixie), and the newest kernel Debian serves, from
-// trixie-backports, chosen by its version (so that the matrix follows new
-// releases without edits), with /tmp on a tmpfs or on ext4.
+// Command vmrun runs loopctl's integration tests on the kernels and the
+// architectures users run, each in a qemu virtual machine: Debian's 5.10
+// (bullseye), 6.1 (bookworm) and 6.12 (trixie), and the newest kernel Debian
+// serves, from trixie-backports, chosen by its version (so that the matrix
+// follows new releases without edits), with /tmp on a tmpfs or on ext4; on
+// amd64, or as 32-bit programs on it (386), or on arm64, 32-bit ARM
+// (armhf, GOARM=7), s390x (big-endian) or ppc64el.
 //
 //	go run ./internal/vmrun                                   # every kernel, both /tmp kinds
 //	go run ./internal/vmrun -kernel 6.1 -tmp ext4             # one machine
 //	go run ./internal/vmrun -kernel newest -arch 386          # the tests as 32-bit programs
+//	go run ./internal/vmrun -kernel newest -arch s390x -tmp tmpfs
 //	go run ./internal/vmrun -kernel 6.12 -cmdline bdev_allow_write_mounted=0 -- -test.run TestKernelReadOnlyDescriptor
 //	go run ./internal/vmrun -kernel 5.10 -- -test.run 'TestKernelAttach' -test.v
 //	go run ./internal/vmrun -tmp tmpfs -facts KERNELS.md -- -test.run '^TestKernelFacts$' -test.v
@@ -19,26 +22,38 @@
 //
 // Arguments after the flags go to each test binary (default: -test.short
 // -test.timeout=10m, so that a test that hangs dumps its goroutines before
-// the machine's own timeout stops it silently).
+// the machine's own timeout stops it silently). The guest's init runs them
+// with -test.v, to count what passed, skipped and failed, but prints what
+// go test prints without it, unless -test.v is among them.
+//
 // It needs root (apt, and the loop devices the tests make inside the
-// machine are the guest's own), qemu-system-x86_64, dpkg-deb, xz, ldd,
-// mkfs.ext4, util-linux, and Go; nothing but Debian's kernel packages is
+// machine are the guest's own), the machine's qemu (qemu-system-x86_64,
+// -aarch64, -arm, -s390x or -ppc64: Debian's qemu-system-x86,
+// qemu-system-arm, qemu-system-misc and qemu-system-ppc), dpkg-deb, xz,
+// mkfs.ext4, util-linux, and Go; nothing but Debian's packages is
 // downloaded, by apt, with a sources list of its own. Kernels, package lists
 // and packages are kept in -cache between runs.
 //
-// For each kernel it fetches the newest linux-image-VERSION-amd64-unsigned
-// of the Debian release that ships it (from Linux 7 on, Debian splits a
-// kernel into linux-binary-unsigned-VERSION-amd64, with the kernel at
-// usr/lib/modules/VERSION/vmlinuz.unsigned, linux-modules-VERSION-amd64 and
-// linux-base-VERSION-amd64, with its config), builds the integration test binaries
-// (the library's, and examples/losetup's comparison with util-linux, which
-// there also compares -D) and a static init (internal/vmrun/guestinit), packs them with the
-// util-linux programs the tests compare against, their libraries and the
-// kernel's loop module into an initramfs, and boots it under qemu's TCG (a
-// KVM guest hung at boot on the project's machines). It streams the guest's
-// console from its init on (all of it when the init is never reached), and
-// exits with the highest exit status of the test binaries, 0 when every
-// machine passed.
+// For each kernel it fetches the newest package of the Debian release that
+// ships it, of the machine's flavour (amd64, arm64, armmp, s390x,
+// powerpc64le): linux-image-VERSION-FLAVOUR, -unsigned where Debian signs
+// that flavour; from Linux 7 on, Debian splits a kernel into
+// linux-binary[-unsigned]-VERSION-FLAVOUR, with the kernel in
+// usr/lib/modules/VERSION/, linux-modules-VERSION-FLAVOUR and
+// linux-base-VERSION-FLAVOUR, with its config. It builds the integration
+// test binaries (the library's, and examples/losetup's comparison with
+// util-linux, which there also compares -D) and a static init
+// (internal/vmrun/guestinit) for the machine, packs them with the programs
+// the tests run (util-linux's, which they compare against, and
+// mkfs.ext4), the libraries those load (their ELF DT_NEEDED entries,
+// resolved as the loader does) and the kernel's loop module into an
+// initramfs, and boots it under qemu's TCG (a KVM guest hung at boot on the
+// project's machines). The programs are this machine's for amd64 and 386;
+// for another architecture, Debian's packages of them for it, of this
+// machine's release (bookworm), so that every guest compares against the
+// same util-linux. It streams the guest's console from its init on (all of
+// it when the init is never reached), and exits with the highest exit
+// status of the test binaries, 0 when every machine passed.
 package main
 
 import (
@@ -81,7 +96,8 @@ func main() {
 	log.SetPrefix("vmrun: ")
 	kernels := flag.String("kernel", "5.10,6.1,6.12,"+newest, "kernel versions, comma-separated: "+strings.Join(slices.Sorted(maps.Keys(releases)), ", "))
 	tmps := flag.String("tmp", "tmpfs,ext4", "what /tmp is in the guest, comma-separated: tmpfs, ext4")
-	arch := flag.String("arch", "amd64", "the test binaries' GOARCH: amd64, or 386 for the kernel's compat ioctl path")
+	arch := flag.String("arch", "amd64", "the machine: "+strings.Join(slices.Sorted(maps.Keys(machines)), ", ")+
+		" (386: the tests as 32-bit programs on amd64's kernel, the compat ioctl path; armhf: as GOARM=7 programs)")
 	cache := flag.String("cache", cacheDir(), "where kernels and package lists are kept between runs ($LOOPCTL_VM_CACHE)")
 	timeout := flag.Duration("timeout", 15*time.Minute, "the longest one machine may run")
 	cmdline := flag.String("cmdline", "", "more kernel parameters for the machines, such as bdev_allow_write_mounted=0")
@@ -99,10 +115,11 @@ func main() {
 	if os.Geteuid() != 0 {
 		log.Fatal("run as root: apt needs it, and so does the cache in /var/cache")
 	}
-	if *arch != "amd64" && *arch != "386" {
+	m, ok := machines[*arch]
+	if !ok {
 		log.Fatalf("unknown -arch %q", *arch)
 	}
-	r := &runner{cache: *cache, timeout: *timeout, testArgs: testArgs, arch: *arch, cmdline: *cmdline}
+	r := &runner{cache: *cache, timeout: *timeout, testArgs: testArgs, arch: *arch, machine: m, cmdline: *cmdline}
 	if *facts != "" {
 		r.facts = &factTable{answers: map[string]map[string]string{}}
 	}
@@ -148,18 +165,20 @@ type runner struct {
 	cache    string
 	timeout  time.Duration
 	testArgs []string
-	arch     string   // of the test binaries
+	arch     string   // the -arch
+	machine  machine  // what it boots
 	cmdline  string   // kernel parameters beyond the console's
 	modules  []string // kernel modules beyond those the tests always need
 
 	facts *factTable // gathered for -facts, or nil
 
-	work      string // this run's scratch directory
-	updated   bool   // the package lists are fresh
-	updateErr error  // what apt-get update said went wrong, if anything
-	test      string // the library's test binary
-	losetup   string // examples/losetup's test binary: the comparison with util-linux
-	init      string // the guest's init
+	work      string   // this run's scratch directory
+	updated   bool     // the package lists are fresh
+	arches    []string // Debian architectures the package lists are of
+	updateErr error    // what apt-get update said went wrong, if anything
+	test      string   // the library's test binary
+	losetup   string   // examples/losetup's test binary: the comparison with util-linux
+	init      string   // the guest's init
 }
 
 // cleanup removes the scratch directory.
@@ -187,10 +206,10 @@ func (r *runner) run(k, tmp string) (int, error) {
 	if err := r.initramfs(initrd, kern, tmp); err != nil {
 		return 0, fmt.Errorf("initramfs: %w", err)
 	}
-	args := []string{"-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", "2048",
+	args := append(slices.Clone(r.machine.qemuArgs), "-accel", "tcg", "-smp", "2", "-m", "2048",
 		"-kernel", kern.vmlinuz, "-initrd", initrd,
-		"-append", strings.TrimSpace("console=ttyS0 panic=-1 loglevel=4 " + r.cmdline),
-		"-nographic", "-no-reboot", "-monitor", "none", "-nic", "none"}
+		"-append", strings.TrimSpace("console="+r.machine.console+" panic=-1 loglevel=4 "+r.cmdline),
+		"-nographic", "-no-reboot", "-monitor", "none", "-nic", "none")
 	if tmp == "ext4" {
 		disk := filepath.Join(r.work, "tmp.ext4")
 		if err := mkfs(disk); err != nil {
@@ -199,14 +218,14 @@ func (r *runner) run(k, tmp string) (int, error) {
 		defer os.Remove(disk)
 		args = append(args, "-drive", "file="+disk+",if=virtio,format=raw")
 	}
-	code, err := boot(args, r.timeout, r.facts.line)
+	code, err := boot(r.machine.qemu, args, r.timeout, r.facts.line)
 	if errors.Is(err, errNoInit) {
 		// None of the tests ran: the emulated kernel died in its own
 		// boot (once, 6.12 under TCG: an int3 oops while it patched its
 		// code). A second boot tells such a flake from a kernel that
 		// cannot boot here.
 		log.Printf("Linux %s, /tmp on %s: %v; booting once more", k, tmp, err)
-		code, err = boot(args, r.timeout, r.facts.line)
+		code, err = boot(r.machine.qemu, args, r.timeout, r.facts.line)
 	}
 	return code, err
 }
@@ -227,14 +246,18 @@ func (r *runner) prepare() error {
 	r.work = work
 	r.test, r.init = filepath.Join(work, "loopctl.test"), filepath.Join(work, "init")
 	r.losetup = filepath.Join(work, "losetup.test")
+	m := r.machine
 	for _, c := range [][]string{
-		{r.arch, "go", "test", "-c", "-tags", "integration", "-o", r.test, "."},
-		{r.arch, "go", "test", "-c", "-tags", "integration", "-o", r.losetup, "./examples/losetup"},
-		{"amd64", "go", "build", "-o", r.init, "./internal/vmrun/guestinit"},
+		{m.goarch, "go", "test", "-c", "-tags", "integration", "-o", r.test, "."},
+		{m.goarch, "go", "test", "-c", "-tags", "integration", "-o", r.losetup, "./examples/losetup"},
+		{m.goInit, "go", "build", "-o", r.init, "./internal/vmrun/guestinit"},
 	} {
 		arch, c := c[0], c[1:]
 		cmd := exec.Command(c[0], c[1:]...)
 		cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOOS=linux", "GOARCH="+arch)
+		if arch == "arm" {
+			cmd.Env = append(cmd.Env, "GOARM="+m.goarm)
+		}
 		if out, err := cmd.CombinedOutput(); err != nil {
 			return fmt.Errorf("%s: %v\n%s", strings.Join(c, " "), err, out)
 		}
@@ -251,23 +274,45 @@ type kernel struct {
 }
 
 // kernel returns Debian's newest kernel of version k, fetching and unpacking
-// it unless the cache has it.
+// it unless the cache has it. A kernel the mirror does not serve (a mirror
+// can lag its package lists, or hold a part of an architecture's pool) is
+// passed over for the next older one, at most maxTries of them.
 func (r *runner) kernel(k string) (*kernel, error) {
 	suite, ok := releases[k]
 	if !ok {
 		return nil, fmt.Errorf("no Debian release known for Linux %s", k)
 	}
-	pkgs, err := r.newestPackages(suite, k)
+	candidates, err := r.kernelPackages(suite, k)
 	if err != nil {
 		return nil, err
 	}
-	dir := filepath.Join(r.cache, "kernels", pkgs[0])
-	if _, err := os.Stat(dir); err != nil {
-		if err := r.unpack(pkgs, dir); err != nil {
-			return nil, err
+	var errs []error
+	for _, pkgs := range candidates[:min(len(candidates), maxTries)] {
+		dir := filepath.Join(r.cache, "kernels", pkgs[0])
+		if isDir(dir) {
+			return findKernel(dir)
 		}
+		var qualified []string
+		for _, p := range pkgs {
+			qualified = append(qualified, p+":"+r.machine.debian)
+		}
+		err := r.unpack(qualified, dir)
+		if err == nil {
+			return findKernel(dir)
+		}
+		log.Printf("%s: %v", pkgs[0], firstLine(err))
+		errs = append(errs, err)
 	}
-	return findKernel(dir)
+	return nil, fmt.Errorf("no kernel of Linux %s for %s could be fetched: %w", k, r.machine.debian, errors.Join(errs...))
+}
+
+// maxTries is how many kernels, newest first, kernel tries to fetch.
+const maxTries = 8
+
+// firstLine is the first line of err's text, for a log.
+func firstLine(err error) string {
+	s, _, _ := strings.Cut(err.Error(), "\n")
+	return s
 }
 
 // findKernel finds the kernel, its config and its modules where its
@@ -321,10 +366,11 @@ func (r *runner) apt(wd, tool string, args ...string) ([]byte, error) {
 	}
 	list := filepath.Join(dir, "sources.list")
 	var b strings.Builder
+	opt := "[signed-by=/usr/share/keyrings/debian-archive-keyring.gpg arch=" + strings.Join(r.arches, ",") + "]"
 	for _, suite := range slices.Sorted(maps.Values(releases)) {
-		fmt.Fprintf(&b, "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian %s main\n", suite)
+		fmt.Fprintf(&b, "deb %s http://deb.debian.org/debian %s main\n", opt, suite)
 		if !strings.HasSuffix(suite, "-backports") {
-			fmt.Fprintf(&b, "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian-security %s-security main\n", suite)
+			fmt.Fprintf(&b, "deb %s http://deb.debian.org/debian-security %s-security main\n", opt, suite)
 		}
 	}
 	if err := os.WriteFile(list, []byte(b.String()), 0o644); err != nil {
@@ -334,6 +380,10 @@ func (r *runner) apt(wd, tool string, args ...string) ([]byte, error) {
 		"-o", "Dir::Etc::SourceList=" + list, "-o", "Dir::Etc::SourceParts=/dev/null",
 		"-o", "Dir::State::Lists=" + filepath.Join(dir, "lists"), "-o", "Dir::Cache=" + filepath.Join(dir, "cache"),
 		"-o", "Dir::State::status=/dev/null", "-o", "APT::Sandbox::User=root", "-q",
+		"-o", "APT::Architecture=amd64",
+	}
+	for _, a := range r.arches {
+		opts = append(opts, "-o", "APT::Architectures::="+a)
 	}
 	cmd := exec.Command(tool, append(opts, args...)...)
 	cmd.Dir = wd
@@ -346,38 +396,45 @@ func (r *runner) apt(wd, tool string, args ...string) ([]byte, error) {
 	return out, nil
 }
 
-// newestPackages returns the names of the packages of the newest unsigned
-// amd64 kernel of version k (of the newest version Debian serves, for
-// "newest", which is in suite), the kernel's first, refreshing the package
-// lists once a run (at most once a day).
-func (r *runner) newestPackages(suite, k string) ([]string, error) {
-	if !r.updated {
-		// The stamp holds the releases the lists are of: a release added
-		// to the matrix has no list until the next update.
-		stamp := filepath.Join(r.cache, "apt", "updated")
-		suites := strings.Join(slices.Sorted(maps.Values(releases)), " ")
-		if fi, err := os.Stat(stamp); err != nil || time.Since(fi.ModTime()) > 24*time.Hour || !stampOf(stamp, suites) {
-			log.Print("apt-get update (Debian ", strings.Join(slices.Sorted(maps.Values(releases)), ", "), ")")
-			// A release gone from the mirror (an old one moves to
-			// archive.debian.org in time) fails its own kernels, below,
-			// not the others.
-			if _, err := r.apt("", "apt-get", "update"); err != nil {
-				r.updateErr = err
-				log.Print(err)
-			} else if err := os.WriteFile(stamp, []byte(suites), 0o644); err != nil {
-				return nil, err
-			}
+// lists makes sure the package lists are of the Debian releases of the
+// kernels and of the machine's architecture, refreshing them once a run
+// (at most once a day). They stay of the architectures they were of, so
+// that runs of different machines do not fetch them anew in turn.
+func (r *runner) lists() {
+	if r.updated {
+		return
+	}
+	r.updated = true
+	stamp := filepath.Join(r.cache, "apt", "updated")
+	suites := strings.Join(slices.Sorted(maps.Values(releases)), " ")
+	had, fresh := stampOf(stamp, suites)
+	r.arches = had
+	for _, a := range []string{"amd64", r.machine.debian} {
+		if !slices.Contains(r.arches, a) {
+			r.arches, fresh = append(r.arches, a), false
 		}
-		r.updated = true
 	}
-	version := regexp.QuoteMeta(k) + `\.[0-9.]+`
-	if k == newest {
-		version = `[0-9]+\.[0-9.]+`
+	slices.Sort(r.arches)
+	if fresh {
+		return
 	}
-	// 5.10.0-46-amd64 in bullseye, 6.12.118+deb13-amd64 in trixie: one
-	// package. 7.3.4+deb13-amd64 in trixie-backports: the kernel, its
-	// modules and its config (in linux-base) apart.
-	pattern := "^(linux-image-" + version + `(-[0-9]+|\+deb[0-9]+)-amd64-unsigned|linux-binary-unsigned-` + version + `\+deb[0-9]+-amd64)$`
+	log.Print("apt-get update (Debian ", suites, "; ", strings.Join(r.arches, ", "), ")")
+	// A release gone from the mirror (an old one moves to archive.debian.org
+	// in time) fails its own kernels, below, not the others.
+	if _, err := r.apt("", "apt-get", "update"); err != nil {
+		r.updateErr = err
+		log.Print(err)
+	} else if err := os.WriteFile(stamp, []byte(suites+"\n"+strings.Join(r.arches, " ")), 0o644); err != nil {
+		r.updateErr = err
+	}
+}
+
+// kernelPackages returns the packages of each kernel of version k of the
+// machine's flavour (of any version, for "newest", which is in suite),
+// newest first, each kernel's own package first.
+func (r *runner) kernelPackages(suite, k string) ([][]string, error) {
+	r.lists()
+	pattern := kernelPattern(k, r.machine.flavour)
 	out, err := r.apt("", "apt-cache", "search", "--names-only", pattern)
 	if err != nil {
 		return nil, err
@@ -388,33 +445,26 @@ func (r *runner) newestPackages(suite, k string) ([]string, error) {
 			names = append(names, name)
 		}
 	}
-	if len(names) == 0 {
+	pkgs := kernelCandidates(names)
+	if len(pkgs) == 0 {
 		if r.updateErr != nil {
 			return nil, fmt.Errorf("no package matches %s in Debian %s; apt-get update failed: %w", pattern, suite, r.updateErr)
 		}
 		return nil, fmt.Errorf("no package matches %s in Debian %s", pattern, suite)
 	}
-	slices.SortFunc(names, compareKernels)
-	name := names[len(names)-1]
-	if release, ok := strings.CutPrefix(name, "linux-binary-unsigned-"); ok {
-		return []string{name, "linux-modules-" + release, "linux-base-" + release}, nil
-	}
-	return []string{name}, nil
+	return pkgs, nil
 }
 
-// stampOf tells whether the stamp file at path was written for suites.
-func stampOf(path, suites string) bool {
+// stampOf reads the stamp file at path: the architectures the package
+// lists are of, and whether it is less than a day old and of suites.
+func stampOf(path, suites string) (arches []string, fresh bool) {
 	b, err := os.ReadFile(path)
-	return err == nil && string(b) == suites
-}
-
-// compareKernels orders kernel package names by their kernel's version,
-// whichever naming they follow.
-func compareKernels(a, b string) int {
-	strip := func(s string) string {
-		return strings.TrimPrefix(strings.TrimPrefix(s, "linux-image-"), "linux-binary-unsigned-")
+	if err != nil {
+		return nil, false
 	}
-	return compareVersions(strip(a), strip(b))
+	fi, err := os.Stat(path)
+	of, archLine, _ := strings.Cut(string(b), "\n")
+	return strings.Fields(archLine), err == nil && time.Since(fi.ModTime()) < 24*time.Hour && of == suites
 }
 
 // compareVersions orders package names by their numbers: 5.10.0-9 before
@@ -438,10 +488,16 @@ func compareVersions(a, b string) int {
 	return len(as) - len(bs)
 }
 
-// unpack downloads packages pkgs and unpacks them into dir.
+// unpack downloads packages pkgs and unpacks them into dir, leaving
+// nothing there when it fails. Each is named as apt-get download takes it:
+// NAME:ARCH, or NAME:ARCH/RELEASE.
 func (r *runner) unpack(pkgs []string, dir string) error {
 	debs := filepath.Join(r.cache, "debs")
 	if err := os.MkdirAll(debs, 0o755); err != nil {
+		return err
+	}
+	log.Printf("apt-get download %s", strings.Join(pkgs, " "))
+	if _, err := r.apt(debs, "apt-get", append([]string{"download"}, pkgs...)...); err != nil {
 		return err
 	}
 	tmp := dir + ".partial"
@@ -450,15 +506,18 @@ func (r *runner) unpack(pkgs []string, dir string) error {
 		return err
 	}
 	for _, pkg := range pkgs {
-		log.Printf("apt-get download %s", pkg)
-		if _, err := r.apt(debs, "apt-get", "download", pkg); err != nil {
-			return err
-		}
-		deb, _ := filepath.Glob(filepath.Join(debs, pkg+"_*.deb"))
+		name, arch, _ := strings.Cut(pkg, ":")
+		arch, _, _ = strings.Cut(arch, "/")
+		deb, _ := filepath.Glob(filepath.Join(debs, name+"_*_"+arch+".deb"))
 		if len(deb) == 0 {
+			deb, _ = filepath.Glob(filepath.Join(debs, name+"_*_all.deb")) // of every architecture
+		}
+		if len(deb) == 0 {
+			os.RemoveAll(tmp)
 			return fmt.Errorf("apt-get download %s left no package", pkg)
 		}
 		if out, err := exec.Command("dpkg-deb", "-x", deb[len(deb)-1], tmp).CombinedOutput(); err != nil {
+			os.RemoveAll(tmp)
 			return fmt.Errorf("dpkg-deb -x: %v\n%s", err, out)
 		}
 		os.Remove(deb[len(deb)-1]) // what is unpacked is kept; the package is not needed again
@@ -474,11 +533,15 @@ func (r *runner) initramfs(path string, kern *kernel, tmp string) error {
 		"/init": r.init, "/loopctl.test": r.test, "/losetup.test": r.losetup,
 		"/boot/config-" + kern.release: kern.config,
 	}
-	if err := addLocale(files); err != nil {
+	root, err := r.toolRoot()
+	if err != nil {
+		return fmt.Errorf("the programs for %s: %w", r.machine.debian, err)
+	}
+	if err := addLocale(files, root); err != nil {
 		return err
 	}
 	for _, p := range programs {
-		bin, err := exec.LookPath(p)
+		bin, err := findProgram(root, p)
 		if err != nil {
 			return err
 		}
@@ -486,17 +549,17 @@ func (r *runner) initramfs(path string, kern *kernel, tmp string) error {
 		if p == "losetup" {
 			files["/usr/sbin/losetup"] = bin // where examples/losetup's tests look for it
 		}
-		libs, err := sharedLibraries(bin)
+		libs, err := sharedLibraries(root, bin)
 		if err != nil {
 			return err
 		}
-		for _, l := range libs {
-			files[l] = l
-		}
+		maps.Copy(files, libs)
 	}
 	want := append([]string{"loop", "crc32c_generic", "ext4"}, r.modules...) // ext4: for the tests' mounts too
 	if tmp == "ext4" {
-		want = append(want, "virtio_pci", "virtio_blk")
+		// The disk: on PCI (x86, ARM's virt, pseries) or on s390x's
+		// channel subsystem.
+		want = append(want, "virtio_pci", "virtio_ccw", "virtio_blk")
 	}
 	mods, err := moduleOrder(kern.modules, want)
 	if err != nil {
@@ -537,11 +600,13 @@ func (r *runner) initramfs(path string, kern *kernel, tmp string) error {
 // to print in that locale as it does here.
 const localeDir = "/usr/lib/locale/C.utf8"
 
-// addLocale adds the C.UTF-8 locale's files, if this machine has them.
-func addLocale(files map[string]string) error {
-	err := filepath.WalkDir(localeDir, func(path string, d fs.DirEntry, err error) error {
+// addLocale adds the C.UTF-8 locale's files under root, if it has them:
+// its own for each architecture, since the files are in the machine's byte
+// order.
+func addLocale(files map[string]string, root string) error {
+	err := filepath.WalkDir(filepath.Join(root, localeDir), func(path string, d fs.DirEntry, err error) error {
 		if err == nil && d.Type().IsRegular() {
-			files[path] = path
+			files[filepath.Join("/", strings.TrimPrefix(path, root))] = path
 		}
 		return err
 	})
@@ -549,24 +614,6 @@ func addLocale(files map[string]string) error {
 		return nil
 	}
 	return err
-}
-
-// sharedLibraries returns the libraries the dynamic program bin loads,
-// the loader included, as ldd names them.
-func sharedLibraries(bin string) ([]string, error) {
-	out, err := exec.Command("ldd", bin).Output()
-	if err != nil {
-		return nil, fmt.Errorf("ldd %s: %v", bin, err)
-	}
-	var libs []string
-	for _, line := range strings.Split(string(out), "\n") {
-		for _, f := range strings.Fields(line) {
-			if strings.HasPrefix(f, "/") {
-				libs = append(libs, f)
-			}
-		}
-	}
-	return libs, nil
 }
 
 // moduleOrder returns the files of the named modules of the kernel whose
@@ -778,13 +825,13 @@ func mkfs(path string) error {
 	return nil
 }
 
-// boot runs qemu with args, copies the guest's console to standard output,
+// boot runs the qemu program with args, copies the guest's console to standard output,
 // handing each line from the init on to onLine, and returns the exit
 // status the guest's init reports.
-func boot(args []string, timeout time.Duration, onLine func(string)) (int, error) {
+func boot(qemu string, args []string, timeout time.Duration, onLine func(string)) (int, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, "qemu-system-x86_64", args...)
+	cmd := exec.CommandContext(ctx, qemu, args...)
 	cmd.Stdin = nil
 	out, err := cmd.StdoutPipe()
 	if err != nil {

@@ -37,23 +37,6 @@ func TestCompareVersions(t *testing.T) {
 	}
 }
 
-func TestCompareKernels(t *testing.T) {
-	names := []string{
-		"linux-binary-unsigned-7.3.4+deb13-amd64",
-		"linux-image-6.17.8+deb13-amd64-unsigned",
-		"linux-binary-unsigned-7.2.12+deb13-amd64",
-		"linux-binary-unsigned-7.10.1+deb13-amd64",
-		"linux-image-6.12.118+deb13-amd64-unsigned",
-	}
-	slices.SortFunc(names, compareKernels)
-	if got := names[len(names)-1]; got != "linux-binary-unsigned-7.10.1+deb13-amd64" {
-		t.Fatalf("newest of %q: %s", names, got)
-	}
-	if got := names[0]; got != "linux-image-6.12.118+deb13-amd64-unsigned" {
-		t.Fatalf("oldest of %q: %s", names, got)
-	}
-}
-
 // TestFindKernel finds the kernel, config and modules in both of Debian's
 // layouts: one package with boot/ (to 6.x), and three unpacked together
 // with everything under usr/lib/modules/RELEASE (from 7).
@@ -265,7 +248,7 @@ func TestBootStatus(t *testing.T) {
 		if err := os.WriteFile(filepath.Join(dir, "qemu-system-x86_64"), []byte(script), 0o755); err != nil {
 			t.Fatal(err)
 		}
-		code, err := boot(nil, time.Minute, func(string) {})
+		code, err := boot("qemu-system-x86_64", nil, time.Minute, func(string) {})
 		if code != tt.code || (err != nil) != tt.fails || errors.Is(err, errNoInit) != tt.noInit {
 			t.Errorf("console %q: boot = %d, %v; want %d, failure %t, errNoInit %t", tt.console, code, err, tt.code, tt.fails, tt.noInit)
 		}

@@ -9,11 +9,17 @@
 package main
 
 import (
+	"bufio"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
+	"maps"
 	"os"
 	"os/exec"
+	"regexp"
+	"slices"
+	"strings"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -73,24 +79,99 @@ func run() (int, error) {
 	status := 0
 	for _, test := range cfg.Tests {
 		fmt.Printf("vmrun-guest: %s\n", test[0])
-		cmd := exec.Command(test[0], test[1:]...)
-		cmd.Dir, cmd.Env = "/tmp", cfg.Env
-		cmd.Stdout, cmd.Stderr = os.Stdout, os.Stderr
 		start := time.Now()
-		err := cmd.Run()
-		var ee *exec.ExitError
-		switch {
-		case errors.As(err, &ee):
-			if status == 0 {
-				status = ee.ExitCode()
-			}
-		case err != nil:
+		code, n, err := runTest(os.Stdout, test, cfg.Env)
+		if err != nil {
 			return 0, err
 		}
-		fmt.Printf("vmrun-guest: %s: exit %d after %s\n", test[0], cmd.ProcessState.ExitCode(), time.Since(start).Round(time.Second))
+		if status == 0 {
+			status = code
+		}
+		fmt.Printf("vmrun-guest: %s: exit %d after %s: %d passed, %d skipped, %d failed (tests and subtests)\n",
+			test[0], code, time.Since(start).Round(time.Second), n.passed, n.skipped, n.failed)
 	}
 	return status, nil
 }
+
+// counts are how many tests and subtests passed, skipped and failed.
+type counts struct{ passed, skipped, failed int }
+
+// runTest runs a test binary with -test.v, so that every result is known,
+// and copies its output to the console as go test prints it without
+// -test.v: a passing or skipped test's log and the === lines are left out,
+// a failing test's log follows its --- FAIL line. With -test.v among its
+// arguments the output is copied whole.
+func runTest(console io.Writer, test, env []string) (int, counts, error) {
+	verbose := slices.Contains(test[1:], "-test.v")
+	cmd := exec.Command(test[0], append(slices.Clone(test[1:]), "-test.v")...)
+	cmd.Dir, cmd.Env = "/tmp", env
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		return 0, counts{}, err
+	}
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		return 0, counts{}, err
+	}
+	var n counts
+	logs := map[string][]string{} // the lines each running test logged
+	current := ""                 // the test the indented lines are of
+	sc := bufio.NewScanner(out)
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	for sc.Scan() {
+		line := sc.Text()
+		if verbose {
+			fmt.Fprintln(console, line)
+		}
+		if m := resultLine.FindStringSubmatch(line); m != nil {
+			switch m[1] {
+			case "PASS":
+				n.passed++
+			case "SKIP":
+				n.skipped++
+			case "FAIL":
+				n.failed++
+				if !verbose {
+					fmt.Fprintln(console, strings.TrimLeft(line, " "))
+					for _, l := range logs[m[2]] {
+						fmt.Fprintln(console, l)
+					}
+				}
+			}
+			delete(logs, m[2])
+			continue
+		}
+		if verbose {
+			continue
+		}
+		switch {
+		case strings.HasPrefix(line, "=== "):
+			if f := strings.Fields(line); len(f) == 3 && f[1] != "PAUSE" {
+				current = f[2]
+			}
+		case strings.HasPrefix(line, "    ") && current != "":
+			logs[current] = append(logs[current], line)
+		default:
+			fmt.Fprintln(console, line)
+		}
+	}
+	// A test that never ended (the binary's timeout panicked, or it
+	// crashed) shows what it logged.
+	for _, name := range slices.Sorted(maps.Keys(logs)) {
+		if len(logs[name]) > 0 {
+			fmt.Fprintf(console, "(%s did not end; it logged:)\n%s\n", name, strings.Join(logs[name], "\n"))
+		}
+	}
+	err = cmd.Wait()
+	var ee *exec.ExitError
+	if errors.As(err, &ee) {
+		return ee.ExitCode(), n, nil
+	}
+	return 0, n, err
+}
+
+// resultLine is a test's or subtest's result line in -test.v output.
+var resultLine = regexp.MustCompile(`^\s*--- (PASS|FAIL|SKIP): (\S+) `)
 
 // loadModule loads the module at path; one built in or loaded already is
 // no error.
