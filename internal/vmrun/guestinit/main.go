@@ -155,6 +155,12 @@ func runTest(console io.Writer, test, env []string) (int, counts, error) {
 			fmt.Fprintln(console, line)
 		}
 	}
+	if err := sc.Err(); err != nil {
+		// A line too long to scan: say so, and drain the rest, so that
+		// the test does not block on a full pipe.
+		fmt.Fprintf(console, "(%s: its output from here on is not shown: %v)\n", test[0], err)
+		io.Copy(io.Discard, out)
+	}
 	// A test that never ended (the binary's timeout panicked, or it
 	// crashed) shows what it logged.
 	for _, name := range slices.Sorted(maps.Keys(logs)) {

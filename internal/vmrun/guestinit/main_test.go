@@ -61,3 +61,21 @@ FAIL
 		t.Errorf("with -test.v: %v, console:\n%s\nwant all of it", err, console.String())
 	}
 }
+
+// TestRunTestLongLine checks that a line too long to scan neither hangs
+// the test binary on a full pipe nor goes unsaid.
+func TestRunTestLongLine(t *testing.T) {
+	bin := filepath.Join(t.TempDir(), "x.test")
+	script := "#!/bin/sh\nhead -c 4194304 /dev/zero | tr '\\0' x\necho\necho '--- PASS: TestA (0.00s)'\nexit 3\n"
+	if err := os.WriteFile(bin, []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	var console strings.Builder
+	code, _, err := runTest(&console, []string{bin}, nil)
+	if err != nil || code != 3 {
+		t.Fatalf("runTest = %d, %v; want 3", code, err)
+	}
+	if !strings.Contains(console.String(), "its output from here on is not shown") {
+		t.Errorf("console:\n%.200s\nwant a word that output was dropped", console.String())
+	}
+}
