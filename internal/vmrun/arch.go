@@ -20,36 +20,42 @@ import (
 type machine struct {
 	goarch, goarm string // the test binaries'
 	// debian is Debian's name of the kernel's architecture, which the
-	// init and the programs the tests run are built for; goInit is its
-	// GOARCH.
-	debian, goInit string
-	flavour        string   // the kernel packages' flavour: linux-image-VERSION-FLAVOUR
-	qemu           string   // the qemu program
-	qemuArgs       []string // its machine and processor
-	console        string   // the console that machine has, for console=
+	// init and the programs the tests run are built for.
+	debian   string
+	flavour  string   // the kernel packages' flavour: linux-image-VERSION-FLAVOUR
+	qemu     string   // the qemu program
+	qemuArgs []string // its machine and processor
+	console  string   // the console that machine has, for console=
 }
 
 // machines are the -arch values. 386 runs the tests as 32-bit programs on
 // amd64's kernel (the compat ioctl path); armhf runs them as GOARM=7
 // programs, as Raspberry Pi image builders do.
 var machines = map[string]machine{
-	"amd64": {goarch: "amd64", debian: "amd64", goInit: "amd64", flavour: "amd64",
+	"amd64": {goarch: "amd64", debian: "amd64", flavour: "amd64",
 		qemu: "qemu-system-x86_64", qemuArgs: []string{"-cpu", "max"}, console: "ttyS0"},
-	"386": {goarch: "386", debian: "amd64", goInit: "amd64", flavour: "amd64",
+	"386": {goarch: "386", debian: "amd64", flavour: "amd64",
 		qemu: "qemu-system-x86_64", qemuArgs: []string{"-cpu", "max"}, console: "ttyS0"},
-	"arm64": {goarch: "arm64", debian: "arm64", goInit: "arm64", flavour: "arm64",
+	"arm64": {goarch: "arm64", debian: "arm64", flavour: "arm64",
 		qemu: "qemu-system-aarch64", qemuArgs: []string{"-M", "virt", "-cpu", "max"}, console: "ttyAMA0"},
-	"armhf": {goarch: "arm", goarm: "7", debian: "armhf", goInit: "arm", flavour: "armmp",
+	"armhf": {goarch: "arm", goarm: "7", debian: "armhf", flavour: "armmp",
 		qemu: "qemu-system-arm", qemuArgs: []string{"-M", "virt", "-cpu", "cortex-a15"}, console: "ttyAMA0"},
-	"s390x": {goarch: "s390x", debian: "s390x", goInit: "s390x", flavour: "s390x",
+	"s390x": {goarch: "s390x", debian: "s390x", flavour: "s390x",
 		qemu: "qemu-system-s390x", qemuArgs: []string{"-M", "s390-ccw-virtio", "-cpu", "max"}, console: "ttysclp0"},
-	"ppc64el": {goarch: "ppc64le", debian: "ppc64el", goInit: "ppc64le", flavour: "powerpc64le",
+	"ppc64el": {goarch: "ppc64le", debian: "ppc64el", flavour: "powerpc64le",
 		qemu: "qemu-system-ppc64", qemuArgs: []string{"-M", "pseries", "-cpu", "power9"}, console: "hvc0"},
 }
 
 // foreign tells whether the machine's programs are of another architecture
 // than this machine's, which is amd64: they come from Debian's packages.
-func (m machine) foreign() bool { return m.debian != "amd64" }
+func (m machine) foreign() bool { return m.debian != hostArch }
+
+// hostArch is Debian's name of this machine's architecture.
+const hostArch = "amd64"
+
+// initArch is the GOARCH of the guest's init: that of the machine whose
+// tests are of the kernel's own architecture (amd64's for 386).
+func (m machine) initArch() string { return machines[m.debian].goarch }
 
 // toolsRelease is the Debian release whose packages give a foreign
 // machine its programs: this machine's, so that every guest compares the

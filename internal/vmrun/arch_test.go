@@ -119,3 +119,16 @@ func TestSharedLibraries(t *testing.T) {
 		t.Errorf("inRoot through an absolute link = %q, %v", got, err)
 	}
 }
+
+// TestMachines checks that every machine's init can be built: its kernel's
+// architecture is itself a machine, whose GOARCH the init takes.
+func TestMachines(t *testing.T) {
+	for name, m := range machines {
+		if m.initArch() == "" {
+			t.Errorf("-arch %s: no machine is of Debian's %s, the GOARCH of its init", name, m.debian)
+		}
+	}
+	if got := machines["386"].initArch(); got != "amd64" {
+		t.Errorf("-arch 386: init of GOARCH %s, want amd64", got)
+	}
+}

@@ -250,7 +250,7 @@ func (r *runner) prepare() error {
 	for _, c := range [][]string{
 		{m.goarch, "go", "test", "-c", "-tags", "integration", "-o", r.test, "."},
 		{m.goarch, "go", "test", "-c", "-tags", "integration", "-o", r.losetup, "./examples/losetup"},
-		{m.goInit, "go", "build", "-o", r.init, "./internal/vmrun/guestinit"},
+		{m.initArch(), "go", "build", "-o", r.init, "./internal/vmrun/guestinit"},
 	} {
 		arch, c := c[0], c[1:]
 		cmd := exec.Command(c[0], c[1:]...)
@@ -380,7 +380,7 @@ func (r *runner) apt(wd, tool string, args ...string) ([]byte, error) {
 		"-o", "Dir::Etc::SourceList=" + list, "-o", "Dir::Etc::SourceParts=/dev/null",
 		"-o", "Dir::State::Lists=" + filepath.Join(dir, "lists"), "-o", "Dir::Cache=" + filepath.Join(dir, "cache"),
 		"-o", "Dir::State::status=/dev/null", "-o", "APT::Sandbox::User=root", "-q",
-		"-o", "APT::Architecture=amd64",
+		"-o", "APT::Architecture=" + hostArch,
 	}
 	for _, a := range r.arches {
 		opts = append(opts, "-o", "APT::Architectures::="+a)
@@ -409,7 +409,7 @@ func (r *runner) lists() {
 	suites := strings.Join(slices.Sorted(maps.Values(releases)), " ")
 	had, fresh := stampOf(stamp, suites)
 	r.arches = had
-	for _, a := range []string{"amd64", r.machine.debian} {
+	for _, a := range []string{hostArch, r.machine.debian} {
 		if !slices.Contains(r.arches, a) {
 			r.arches, fresh = append(r.arches, a), false
 		}
@@ -825,9 +825,9 @@ func mkfs(path string) error {
 	return nil
 }
 
-// boot runs the qemu program with args, copies the guest's console to standard output,
-// handing each line from the init on to onLine, and returns the exit
-// status the guest's init reports.
+// boot runs the qemu program with args, copies the guest's console to
+// standard output, handing each line from the init on to onLine, and
+// returns the exit status the guest's init reports.
 func boot(qemu string, args []string, timeout time.Duration, onLine func(string)) (int, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
