@@ -47,7 +47,7 @@ var machines = map[string]machine{
 }
 
 // foreign tells whether the machine's programs are of another architecture
-// than this machine's, which is amd64: they come from Debian's packages.
+// than this machine's (hostArch): they come from Debian's packages.
 func (m machine) foreign() bool { return m.debian != hostArch }
 
 // hostArch is Debian's name of this machine's architecture.

@@ -96,7 +96,7 @@ func main() {
 	log.SetPrefix("vmrun: ")
 	kernels := flag.String("kernel", "5.10,6.1,6.12,"+newest, "kernel versions, comma-separated: "+strings.Join(slices.Sorted(maps.Keys(releases)), ", "))
 	tmps := flag.String("tmp", "tmpfs,ext4", "what /tmp is in the guest, comma-separated: tmpfs, ext4")
-	arch := flag.String("arch", "amd64", "the machine: "+strings.Join(slices.Sorted(maps.Keys(machines)), ", ")+
+	arch := flag.String("arch", hostArch, "the machine: "+strings.Join(slices.Sorted(maps.Keys(machines)), ", ")+
 		" (386: the tests as 32-bit programs on amd64's kernel, the compat ioctl path; armhf: as GOARM=7 programs)")
 	cache := flag.String("cache", cacheDir(), "where kernels and package lists are kept between runs ($LOOPCTL_VM_CACHE)")
 	timeout := flag.Duration("timeout", 15*time.Minute, "the longest one machine may run")
