@@ -228,8 +228,19 @@ func (s *system) tryAttach(ctx context.Context, c *Control, n int, fd uintptr, n
 		}
 		return nil, false, newError("lock", d.path, err)
 	}
+	// Partitions an earlier binding left would show over this one.
+	if parts, err := s.stalePartitions(n); err != nil || len(parts) > 0 {
+		if err == nil {
+			err = s.dropPartitions(d.h, n, parts)
+		}
+		if err != nil {
+			d.Close()
+			// In use, or bound meanwhile: the device is not free.
+			return nil, errors.Is(err, unix.EBUSY), newError("configure", d.path, err)
+		}
+	}
 	bindWith := d.h
-	seq, err := s.configure(bindWith, fd, name, o)
+	seq, err := s.configure(bindWith, d.path, fd, name, o)
 	if mode == readOnly && errors.Is(err, errReadOnlyDescriptor) {
 		// Without CAP_SYS_ADMIN the kernel binds only through a
 		// descriptor open for writing: bind through one opened for the
@@ -239,7 +250,7 @@ func (s *system) tryAttach(ctx context.Context, c *Control, n int, fd uintptr, n
 			return nil, lostOpen(err), err
 		}
 		defer bindWith.Close()
-		seq, err = s.configure(bindWith, fd, name, o)
+		seq, err = s.configure(bindWith, d.path, fd, name, o)
 	}
 	if err != nil {
 		d.Close() // also drops the lock

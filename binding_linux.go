@@ -238,7 +238,7 @@ func (w *detaching) wait(ctx context.Context) error {
 			return err
 		}
 		if err := backoff(ctx, attempt, w.sys.bindPause); err != nil {
-			return newError(w.op, w.path, &heldError{holders: w.sys.holdersOf(w.n), ctx: err})
+			return newError(w.op, w.path, &heldError{holders: w.sys.holdersOf(w.n, 0), ctx: err})
 		}
 	}
 }
@@ -287,26 +287,37 @@ func (e *heldError) Error() string {
 func (e *heldError) Unwrap() []error      { return []error{e.ctx, unix.EBUSY} }
 func (e *heldError) Is(target error) bool { return target == ErrBusy }
 
-// holdersOf names what the kernel says holds device n: devices stacked on
-// it (holders/ in sysfs), and file systems mounted on it or on one of its
-// partitions (/proc/self/mountinfo).
-func (s *system) holdersOf(n int) []string {
-	var held []string
+// holdersOf names what the kernel says holds device n, or for m > 0 its
+// partition m alone: devices stacked on it (holders/ in sysfs), and file
+// systems mounted on it, or for the device on one of its partitions too
+// (/proc/self/mountinfo).
+func (s *system) holdersOf(n, m int) []string {
 	dir := sysfs.LoopDir(s.sysfs, n)
-	if ents, err := os.ReadDir(dir + "/holders"); err == nil {
-		for _, e := range ents {
-			held = append(held, "/dev/"+e.Name()+" (stacked on it)")
+	type node struct{ dir, path, stacked string }
+	var nodes []node
+	if m == 0 {
+		nodes = append(nodes, node{dir, DevicePath(n), "it"})
+		parts, _ := sysfs.Partitions(dir, n)
+		for _, p := range parts {
+			name := sysfs.PartitionName(n, p)
+			nodes = append(nodes, node{dir + "/" + name, "/dev/" + name, ""})
 		}
-	}
-	devs := map[string]string{}
-	if b, err := os.ReadFile(dir + "/dev"); err == nil {
-		devs[strings.TrimSpace(string(b))] = DevicePath(n)
-	}
-	parts, _ := sysfs.Partitions(dir, n)
-	for _, m := range parts {
+	} else {
 		name := sysfs.PartitionName(n, m)
-		if b, err := os.ReadFile(dir + "/" + name + "/dev"); err == nil {
-			devs[strings.TrimSpace(string(b))] = "/dev/" + name
+		nodes = append(nodes, node{dir + "/" + name, "/dev/" + name, "it"})
+	}
+	var held []string
+	devs := map[string]string{}
+	for _, nd := range nodes {
+		if nd.stacked != "" {
+			if ents, err := os.ReadDir(nd.dir + "/holders"); err == nil {
+				for _, e := range ents {
+					held = append(held, "/dev/"+e.Name()+" (stacked on "+nd.stacked+")")
+				}
+			}
+		}
+		if b, err := os.ReadFile(nd.dir + "/dev"); err == nil {
+			devs[strings.TrimSpace(string(b))] = nd.path
 		}
 	}
 	if b, err := os.ReadFile("/proc/self/mountinfo"); err == nil {

@@ -387,12 +387,18 @@ func (d *Device) Path() string { return d.path }
 // read-only binding from Attach or OpenBinding is not (see OpenDevice).
 func (d *Device) SetFD(f *os.File) error {
 	const op = "set fd"
+	h, err := d.handle(op)
+	if err != nil {
+		return err
+	}
 	return withFile(op, d.path, f, func(fd uintptr) error {
 		if err := checkBackingFile(fd, f.Name(), Options{}); err != nil {
 			return newError(op, d.path, err)
 		}
-		_, err := d.ioctl(op, reqSetFD, fd)
-		return err
+		return newError(op, d.path, d.setUp(h, func() error {
+			_, err := ioctl(h, reqSetFD, fd)
+			return err
+		}))
 	})
 }
 
@@ -450,7 +456,7 @@ func (d *Device) SetDirectIO(on bool) error {
 	if on && err == syscall.EINVAL {
 		err = errNoDirectIO
 	}
-	return newError(op, d.path, heldExclusively(err, "direct I/O"))
+	return newError(op, d.path, d.heldExclusively(err, "direct I/O"))
 }
 
 // Close closes the device. It does not unbind it, unless FlagAutoClear is

@@ -491,7 +491,7 @@ func TestKernelChangeFD(t *testing.T) {
 // another opener holds it exclusively: a mounted file system, or an open
 // with O_EXCL. Since Linux 6.17 the kernel refuses LOOP_SET_BLOCK_SIZE
 // then (and stable kernels took it: Debian's 6.12.118 refuses it too):
-// the error must say what it means and match ErrBusy. LOOP_SET_STATUS64
+// the error must say what it means, name the mount, and match ErrBusy. LOOP_SET_STATUS64
 // was to follow in 6.19, but neither 6.18 nor Debian's 7.3.4 refuses it,
 // even to move the offset under a mounted file system; nor
 // LOOP_SET_DIRECT_IO. A kernel that does not refuse makes the change.
@@ -503,6 +503,8 @@ func TestKernelHeldExclusively(t *testing.T) {
 				kerneltest.MkfsExt4(t, f.Name())
 			}
 			d := attachT(t, f.Name(), Options{})
+			// What the error names: the mount, where there is one.
+			named := "mounted, or open with O_EXCL"
 			switch holder {
 			case "O_EXCL":
 				fd, err := unix.Open(d.Path(), unix.O_RDONLY|unix.O_EXCL|unix.O_CLOEXEC, 0)
@@ -511,7 +513,7 @@ func TestKernelHeldExclusively(t *testing.T) {
 				}
 				t.Cleanup(func() { unix.Close(fd) })
 			case "mount":
-				mountFrom(t, d.Path(), "ext4", 0)
+				named = "a file system on " + d.Path() + " mounted at " + mountFrom(t, d.Path(), "ext4", 0)
 			}
 			s, err := d.Status()
 			if err != nil {
@@ -529,8 +531,8 @@ func TestKernelHeldExclusively(t *testing.T) {
 			} {
 				err := change.do()
 				switch refused := errors.Is(err, unix.EBUSY); {
-				case refused && (!errors.Is(err, ErrBusy) ||
-					!strings.Contains(err.Error(), "held exclusively") || !strings.Contains(err.Error(), "Options at Attach")):
+				case refused && (!errors.Is(err, ErrBusy) || !strings.Contains(err.Error(), "held exclusively ("+named+")") ||
+					!strings.Contains(err.Error(), "Options at Attach")):
 					t.Errorf("%s on %s, held by %s: %v; want ErrBusy, explained", change.name, kerneltest.Release(), holder, err)
 				case !refused && kerneltest.AtLeast(t, change.major, change.minor):
 					t.Errorf("%s on %s, held by %s: %v; want EBUSY from Linux %d.%d on", change.name, kerneltest.Release(),

@@ -257,7 +257,11 @@ func (d *Device) Configure(f *os.File, o Options) error {
 				return err
 			}
 		}
-		seq, err := d.sys.configure(h, fd, f.Name(), o)
+		var seq uint64
+		err = d.setUp(h, func() (err error) {
+			seq, err = d.sys.configure(h, d.path, fd, f.Name(), o)
+			return err
+		})
 		if err != nil {
 			if o.Lock != prev {
 				d.Lock(prev) // as it was: a lock d held, given back without waiting
@@ -269,6 +273,42 @@ func (d *Device) Configure(f *os.File, o Options) error {
 	})
 }
 
+// setUp runs bind, which binds d's device through h, once partitions an
+// earlier binding left on the device are deleted (stalePartitions). It
+// deletes them, and binds, under the device's exclusive lock, as Attach
+// does, so that no process that follows the protocol binds the device
+// meanwhile: a lock other processes hold for a moment (udev's probe) is
+// waited for, up to about a second, as a busy kernel is (retryWhile);
+// then d holds the lock it held before. A device without such
+// partitions, the common case, is bound at once.
+func (d *Device) setUp(h handle, bind func() error) error {
+	parts, err := d.sys.stalePartitions(d.number)
+	if err != nil {
+		return err
+	}
+	if len(parts) == 0 {
+		return bind()
+	}
+	d.lock.mu.Lock()
+	defer d.lock.mu.Unlock()
+	if held := LockMode(d.lock.mode.Load()); held != LockExclusive {
+		err := d.sys.retryWhile(func() error { return h.flock(unix.LOCK_EX | unix.LOCK_NB) },
+			func(err error) bool { return err == unix.EWOULDBLOCK })
+		if err == unix.EWOULDBLOCK {
+			return errLockHeld
+		}
+		if err != nil {
+			return inStep("flock", err)
+		}
+		// Back to the lock d held: from exclusive, never refused.
+		defer h.flock(flockOf[held])
+	}
+	if err := d.sys.dropPartitions(h, d.number, parts); err != nil {
+		return err
+	}
+	return bind()
+}
+
 // configure binds the file open as fd, named name, with valid options o,
 // and returns the binding's disk sequence number (0 on kernels without),
 // read right after the bind, by the binder: while it holds the device open
@@ -276,9 +316,9 @@ func (d *Device) Configure(f *os.File, o Options) error {
 // that the kernel turned direct I/O on: older kernels leave it off, and
 // report success, where the backing file system cannot do it. Then, as on
 // any failure after the bind, it clears the binding it made.
-func (s *system) configure(h handle, fd uintptr, name string, o Options) (uint64, error) {
+func (s *system) configure(h handle, dev string, fd uintptr, name string, o Options) (uint64, error) {
 	b := new(bindArgs)
-	if err := b.bind(s, h, fd, name, o); err != nil {
+	if err := b.bind(s, h, dev, fd, name, o); err != nil {
 		return 0, err
 	}
 	if o.Flags&FlagDirectIO != 0 {
@@ -304,23 +344,55 @@ type bindArgs struct {
 	answers blockAnswers
 }
 
-// bind binds with one LOOP_CONFIGURE, or the calls before it on a kernel
-// that lacks it (Linux before 5.8), which s then remembers, so that later
-// binds go straight to the older sequence.
-func (b *bindArgs) bind(s *system, h handle, fd uintptr, name string, o Options) error {
+// bind binds the device at dev, open as h, with one LOOP_CONFIGURE, or
+// the calls before it on a kernel that lacks it (Linux before 5.8), which
+// s then remembers, so that later binds go straight to the older
+// sequence. On a kernel that may scan a partition table twice in
+// LOOP_CONFIGURE (scansTwice), FlagPartScan is set after it
+// (setPartScan).
+func (b *bindArgs) bind(s *system, h handle, dev string, fd uintptr, name string, o Options) error {
 	if !s.noConfigure.Load() {
 		b.cfg = unix.LoopConfig{Fd: uint32(fd), Size: o.BlockSize, Info: loopInfo(name, o)}
 		if o.PreferDirectIO {
 			// Where direct I/O is impossible the kernel binds buffered.
 			b.cfg.Info.Flags |= unix.LO_FLAGS_DIRECT_IO
 		}
+		later := o.Flags&FlagPartScan != 0 && s.kernel().scansTwice()
+		if later {
+			b.cfg.Info.Flags &^= unix.LO_FLAGS_PARTSCAN
+		}
 		err := ioctlPtr(h, reqConfigure, unsafe.Pointer(&b.cfg))
 		if !lacksConfigure(h, err) {
-			return explainBlockSize(err, o.BlockSize)
+			if err != nil || !later {
+				return explainBlockSize(err, o.BlockSize)
+			}
+			return s.setPartScan(h, dev, name, o)
 		}
 		s.noConfigure.Store(true)
 	}
 	return s.configureLegacy(h, fd, name, o)
+}
+
+// setPartScan turns on FlagPartScan, with LOOP_SET_STATUS64, of the device
+// at dev, open as h, just bound without it, so that the kernel scans its
+// partition table once. LOOP_CONFIGURE marks the disk for a scan; the
+// first open of the disk after it runs that scan, which finds nothing
+// while the flag is off, and clears the mark: setPartScan opens the disk
+// once first, so that no open after the flag is set (udev's probe) scans
+// beside LOOP_SET_STATUS64's own scan. On failure it clears the binding.
+func (s *system) setPartScan(h handle, dev, name string, o Options) error {
+	scanned, err := s.k.open(dev, readOnly)
+	if err != nil {
+		return undo(h, inStep("open", err))
+	}
+	scanned.Close()
+	info := loopInfo(name, o)
+	info.Flags &= uint32(legacyFlags)
+	err = s.retryAgain(func() error { return ioctlPtr(h, reqSetStatus64, unsafe.Pointer(&info)) })
+	if err != nil {
+		return undo(h, inStep("LOOP_SET_STATUS64", err))
+	}
+	return nil
 }
 
 // undo clears the binding that configure made, after err.
@@ -470,7 +542,7 @@ func (d *Device) SetStatus(s Status) error {
 	// info keeps lo_file_name, which LOOP_SET_STATUS64 would otherwise
 	// overwrite.
 	info.Offset, info.Sizelimit, info.Flags = s.Offset, s.SizeLimit, uint32(s.Flags&legacyFlags)
-	return newError(op, d.path, heldExclusively(d.sys.retryAgain(func() error {
+	return newError(op, d.path, d.heldExclusively(d.sys.retryAgain(func() error {
 		return ioctlPtr(h, reqSetStatus64, unsafe.Pointer(&info))
 	}), "offset, size limit and flags"))
 }
@@ -494,7 +566,7 @@ func (d *Device) SetBlockSize(size uint32) error {
 	if err := validBlockSize(size, false); err != nil {
 		return newError(op, d.path, err)
 	}
-	return newError(op, d.path, heldExclusively(explainBlockSize(d.sys.retryAgain(func() error {
+	return newError(op, d.path, d.heldExclusively(explainBlockSize(d.sys.retryAgain(func() error {
 		_, err := ioctl(h, reqSetBlockSize, uintptr(size))
 		return err
 	}), size), "block size"))

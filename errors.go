@@ -6,6 +6,7 @@ import (
 	"io/fs"
 	"os"
 	"strconv"
+	"strings"
 	"syscall"
 )
 
@@ -235,15 +236,19 @@ var errTornDown error = &explained{text: "device is being detached or removed", 
 var errNoDirectIO error = &explained{text: "the kernel would not turn direct I/O on: the backing file system lacks " +
 	"O_DIRECT, or the offset or block size is not aligned to its disk's blocks", errno: syscall.EINVAL, is: ErrNoDirectIO}
 
-// heldExclusively explains EBUSY from a change of a bound device's
-// setting: since Linux 6.17 the kernel refuses LOOP_SET_BLOCK_SIZE while
-// another opener holds the device exclusively, as a mounted file system
-// does, and LOOP_SET_STATUS64 was announced to follow.
-func heldExclusively(err error, setting string) error {
+// heldExclusively explains EBUSY from a change of d's binding (setting
+// names it) that the kernel makes only while nobody holds the device
+// exclusively: it names the holders where the kernel says (a file system
+// mounted on it, a device stacked on it).
+func (d *Device) heldExclusively(err error, setting string) error {
 	if err != syscall.EBUSY {
 		return err
 	}
-	return &explained{text: "the device is held exclusively (mounted, or open with O_EXCL), and the kernel changes its " +
+	by := "mounted, or open with O_EXCL"
+	if held := d.sys.holdersOf(d.number, 0); len(held) > 0 {
+		by = strings.Join(held, ", ")
+	}
+	return &explained{text: "the device is held exclusively (" + by + "), and the kernel changes its " +
 		setting + " only while nobody does: set it in Options at Attach", errno: syscall.EBUSY, is: ErrBusy}
 }
 

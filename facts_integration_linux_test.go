@@ -43,6 +43,8 @@ var kernelFacts = []struct {
 			return ioctlPtr(h, reqSetStatus64, unsafe.Pointer(&info))
 		})
 	}},
+	{"a partition added by hand, after detach", factHandPartition},
+	{"an open after LOOP_CONFIGURE scans", factConfigureMarksScan},
 	{"MBR partitions found", func(t *testing.T, c *Control) string { return factParser(t, c, writeMBR) }},
 	{"GPT partitions found", func(t *testing.T, c *Control) string { return factParser(t, c, writeGPT) }},
 	{"LOOP_CTL_ADD 1<<20", factAddHuge}, // last: see factAddHuge
@@ -57,7 +59,7 @@ func TestKernelFacts(t *testing.T) {
 	c := openControl(t)
 	known := map[string]bool{"new": true, "taken": true, "removes": true, "detach": true, "at close": true,
 		"on": true, "off": true, "64 KiB": true, "changed": true, "yes": true, "no": true, "not asked": true,
-		"EEXIST": true, "EINVAL": true, "EBUSY": true}
+		"EEXIST": true, "EINVAL": true, "EBUSY": true, "kept": true, "at open": true}
 	fmt.Printf("%s%s: %s\n", factPrefix, "kernel", kerneltest.Release())
 	for _, f := range kernelFacts {
 		// A subtest each, so that each fact's devices are gone before
@@ -241,6 +243,89 @@ func factParser(t *testing.T, c *Control, write func(f *os.File, size uint64, pa
 	}
 	if len(parts) == 1 {
 		return "yes"
+	}
+	return "no"
+}
+
+// rawPartition adds (op BLKPG_ADD_PARTITION) or deletes partition m of
+// the device open as h, start and length in bytes, with BLKPG, as
+// util-linux's addpart and delpart do.
+func rawPartition(h handle, op int32, m int, start, length int64) error {
+	p := unix.BlkpgPartition{Start: start, Length: length, Pno: int32(m)}
+	arg := unix.BlkpgIoctlArg{Op: op, Datalen: int32(unsafe.Sizeof(p)), Data: (*byte)(unsafe.Pointer(&p))}
+	return ioctlPtr(h, reqBLKPG, unsafe.Pointer(&arg))
+}
+
+// hasPartition1 tells whether device n shows partition 1 in sysfs.
+func hasPartition1(n int) bool {
+	_, err := os.Stat(sysfs.LoopDir(sysfs.Root, n) + "/" + sysfs.PartitionName(n, 1))
+	return err == nil
+}
+
+// factHandPartition: a partition added with BLKPG to a binding without
+// LO_FLAGS_PARTSCAN, after the detach: kept, for the next binding to
+// show (5.10, 6.12); dropped at the device's next open (6.1); or at
+// the detach (7.2, kernel commit c4f4c0fc551c).
+func factHandPartition(t *testing.T, c *Control) string {
+	if _, err := os.Stat("/run/udev/control"); err == nil {
+		return "not asked" // udev opens the device as it changes
+	}
+	d, err := bindRaw(t, c, "", 8<<20, unix.LoopConfig{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := d.Number()
+	if err := rawPartition(d.h, unix.BLKPG_ADD_PARTITION, 1, 1<<20, 4<<20); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ioctl(d.h, reqClearFD, 0); err != nil {
+		t.Fatal(err)
+	}
+	d.Close()
+	kerneltest.WaitUnbound(t, n)
+	if !hasPartition1(n) {
+		return "detach"
+	}
+	d, err = OpenDevice(n)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	if !hasPartition1(n) {
+		return "at open"
+	}
+	if err := rawPartition(d.h, unix.BLKPG_DEL_PARTITION, 1, 0, 0); err != nil {
+		t.Fatal(err)
+	}
+	return "kept"
+}
+
+// factConfigureMarksScan: whether LOOP_CONFIGURE leaves the disk marked
+// for a partition scan, which the next open of the disk runs: it then
+// drops a partition added by hand since. Where it does, a binding with
+// LO_FLAGS_PARTSCAN announced before the kernel's own scan can be
+// scanned first by an open in between, and then again (6.1).
+func factConfigureMarksScan(t *testing.T, c *Control) string {
+	if _, err := os.Stat("/run/udev/control"); err == nil {
+		return "not asked" // udev opens the device as it changes
+	}
+	d, err := bindRaw(t, c, "", 8<<20, unix.LoopConfig{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := rawPartition(d.h, unix.BLKPG_ADD_PARTITION, 1, 1<<20, 4<<20); err != nil {
+		t.Fatal(err)
+	}
+	fd, err := unix.Open(d.Path(), unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	unix.Close(fd)
+	if !hasPartition1(d.Number()) {
+		return "yes"
+	}
+	if err := rawPartition(d.h, unix.BLKPG_DEL_PARTITION, 1, 0, 0); err != nil {
+		t.Fatal(err)
 	}
 	return "no"
 }

@@ -57,6 +57,9 @@ type fakeKernel struct {
 	ctlWait chan struct{}
 	// devWait does the same for a blocking flock of a device.
 	devWait chan struct{}
+	// inUse holds the partitions ("loop0p1") that someone has open: BLKPG
+	// refuses to delete them.
+	inUse map[string]bool
 	// root is the fake sysfs tree, kept in step with devs.
 	root string
 	// sys is the system of this kernel and tree, which the test calls.
@@ -100,6 +103,7 @@ func useFake(t *testing.T, n int) *fakeKernel {
 	}
 	k.sys = newSystem(k, k.root)
 	k.sys.bindPause, k.sys.againPause = time.Microsecond, time.Microsecond
+	k.sys.version = newestKernel // a test of an older kernel's ways sets its own
 	t.Cleanup(k.sys.resetShared)
 	return k
 }
@@ -348,7 +352,7 @@ var reqNames = map[uint]string{
 	reqSetDirectIO: "LOOP_SET_DIRECT_IO", reqSetBlockSize: "LOOP_SET_BLOCK_SIZE", reqConfigure: "LOOP_CONFIGURE",
 	reqCtlAdd: "LOOP_CTL_ADD", reqCtlRemove: "LOOP_CTL_REMOVE", reqCtlGetFree: "LOOP_CTL_GET_FREE",
 	unix.BLKSSZGET: "BLKSSZGET", uint(unix.BLKGETSIZE64): "BLKGETSIZE64", unix.BLKRRPART: "BLKRRPART",
-	uint(unix.BLKGETDISKSEQ): "BLKGETDISKSEQ",
+	uint(unix.BLKGETDISKSEQ): "BLKGETDISKSEQ", reqBLKPG: "BLKPG",
 }
 
 func (h *fakeHandle) rawIoctl(req uint, arg uintptr) (int, error) {
@@ -443,6 +447,8 @@ func (h *fakeHandle) do(req uint, arg uintptr, ptr unsafe.Pointer) (int, error) 
 		if !d.bound || d.info.Flags&unix.LO_FLAGS_PARTSCAN == 0 {
 			return -1, unix.EINVAL
 		}
+	case reqBLKPG:
+		return 0, k.blkpg(h.n, (*unix.BlkpgIoctlArg)(ptr))
 	case unix.BLKSSZGET:
 		*(*int32)(ptr) = int32(d.logicalBlockSize())
 	case uint(unix.BLKGETDISKSEQ):
@@ -469,6 +475,26 @@ func (h *fakeHandle) do(req uint, arg uintptr, ptr unsafe.Pointer) (int, error) 
 		return -1, unix.ENOTTY
 	}
 	return 0, nil
+}
+
+// blkpg serves BLKPG_DEL_PARTITION of a partition of device n, which
+// needs CAP_SYS_ADMIN whatever the descriptor's mode, as the kernel's
+// does. k.mu is held.
+func (k *fakeKernel) blkpg(n int, arg *unix.BlkpgIoctlArg) error {
+	p := (*unix.BlkpgPartition)(unsafe.Pointer(arg.Data))
+	name := fmt.Sprintf("loop%dp%d", n, p.Pno)
+	dir := fmt.Sprintf("%s/block/loop%d/%s", k.root, n, name)
+	switch _, err := os.Stat(dir); {
+	case arg.Op != unix.BLKPG_DEL_PARTITION:
+		return unix.EINVAL
+	case k.noAdmin:
+		return unix.EACCES
+	case err != nil:
+		return unix.ENXIO
+	case k.inUse[name]:
+		return unix.EBUSY
+	}
+	return os.RemoveAll(dir)
 }
 
 // control serves the LOOP_CTL_* requests. k.mu is held.

@@ -3,6 +3,7 @@
 package loopctl
 
 import (
+	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -12,12 +13,16 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
+	"time"
 	"unicode/utf16"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/loopctl/loopctl/internal/kerneltest"
+	"github.com/loopctl/loopctl/internal/sysfs"
 )
 
 // A part is a partition of a test image, in 512-byte sectors.
@@ -236,4 +241,193 @@ func writeGPT(f *os.File, size uint64, parts []part) error {
 		}
 	}
 	return nil
+}
+
+// TestKernelStalePartitions: a partition added by hand (BLKPG, as partx
+// --add and addpart do) to a binding without FlagPartScan outlives the
+// binding on kernels before 7.2 (6.1 drops it at the device's next
+// open); the next binding the package makes, through Configure or
+// through Attach, shows none. Any kernel takes BLKPG, parsers or not.
+func TestKernelStalePartitions(t *testing.T) {
+	const size = 8 << 20
+	// leavePartition binds a plain file to d, adds partition 1 by hand,
+	// and detaches, leaving d's device unbound.
+	leavePartition := func(t *testing.T, d *Device) {
+		t.Helper()
+		if err := d.Configure(kerneltest.TempFile(t, size), Options{}); err != nil {
+			t.Fatal(err)
+		}
+		addPartition(t, d, 1, 2048, 8192)()
+		if err := d.Detach(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// noPartitions checks that d, just bound to an image without a
+	// partition table, shows no partition.
+	noPartitions := func(t *testing.T, d *Device) {
+		t.Helper()
+		name := fmt.Sprintf("loop%d/loop%dp1", d.Number(), d.Number())
+		if _, err := os.Stat("/sys/block/" + name); !errors.Is(err, fs.ErrNotExist) {
+			t.Errorf("/sys/block/%s: %v, want it gone with the earlier binding", name, err)
+		}
+		if parts, err := d.Partitions(); err != nil || len(parts) != 0 {
+			t.Errorf("Partitions = %+v, %v; want none", parts, err)
+		}
+	}
+	t.Run("Configure", func(t *testing.T) {
+		c := openControl(t)
+		d := newDevice(t, c)
+		n := d.Number()
+		leavePartition(t, d)
+		d, err := OpenDevice(n)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { detach(t, d) })
+		if err := d.Configure(kerneltest.TempFile(t, size), Options{}); err != nil {
+			t.Fatal(err)
+		}
+		noPartitions(t, d)
+	})
+	t.Run("Attach", func(t *testing.T) {
+		first := attachT(t, kerneltest.TempFile(t, size).Name(), Options{})
+		n := first.Number()
+		dropLeft(t, n)
+		addPartition(t, first, 1, 2048, 8192)()
+		if err := first.Detach(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+		d := attachT(t, kerneltest.TempFile(t, size).Name(), Options{})
+		if d.Number() != n {
+			// Another process bound loop n meanwhile, or freed a lower one.
+			t.Skipf("Attach chose loop%d, not loop%d, which keeps the partition", d.Number(), n)
+		}
+		noPartitions(t, d)
+	})
+}
+
+// dropLeft deletes, at the test's end, the partitions that device n,
+// which the test did not make, still has once unbound: those the test
+// added by hand, should it fail before a binding deletes them.
+func dropLeft(t *testing.T, n int) {
+	t.Cleanup(func() {
+		d, err := OpenDevice(n)
+		if err != nil {
+			return
+		}
+		defer d.Close()
+		if parts, _ := sysfs.Partitions(sysfs.LoopDir(sysfs.Root, n), n); len(parts) > 0 {
+			if err := host.dropPartitions(d.h, n, parts); err != nil {
+				t.Errorf("deleting the partitions the test left on loop%d: %v", n, err)
+			}
+		}
+	})
+}
+
+// TestKernelPartScanOnce binds and detaches an image with one MBR
+// partition, with FlagPartScan, for some seconds, while a reader opens
+// the device at each of its change uevents, as udev's probe does, and
+// another opens it as often as it can: each binding must add the
+// partition once and remove it once (one add and one remove uevent).
+// LOOP_CONFIGURE with LO_FLAGS_PARTSCAN alone lets such an open scan the
+// table before the kernel's own scan, which then removes and adds the
+// partition again (systemd#41425): one binding in ten on Debian's 6.1.
+// LOOPCTL_PARTSCAN_COMPARE=1 also runs the binding in one call, as on a
+// kernel without the race, and logs what it counted.
+func TestKernelPartScanOnce(t *testing.T) {
+	kerneltest.Require(t)
+	requireConfig(t, "CONFIG_MSDOS_PARTITION")
+	run := func(t *testing.T, s *system) (cycles, adds, removes int) {
+		c := openControlOn(t, s)
+		d := newDevice(t, c)
+		n := d.Number()
+		d.Close()
+		img := kerneltest.TempFile(t, 8<<20)
+		if err := writeMBR(img, 8<<20, []part{{start: 2048, sectors: 4096}}); err != nil {
+			t.Fatal(err)
+		}
+		events := kerneltest.ListenUevents(t)
+		disk, partition := fmt.Sprintf("loop%d", n), fmt.Sprintf("loop%dp1", n)
+		var added, removed atomic.Int64
+		stop := make(chan struct{})
+		var readers sync.WaitGroup
+		readers.Add(2)
+		go func() { // udev's probe: an open at each change of the disk
+			defer readers.Done()
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				ev, ok, err := events.Next(100 * time.Millisecond)
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				switch {
+				case !ok:
+				case ev.Vars["DEVNAME"] == partition && ev.Action == "add":
+					added.Add(1)
+				case ev.Vars["DEVNAME"] == partition && ev.Action == "remove":
+					removed.Add(1)
+				case ev.Vars["DEVNAME"] == disk && ev.Action == "change":
+					if fd, err := unix.Open("/dev/"+disk, unix.O_RDONLY|unix.O_CLOEXEC, 0); err == nil {
+						unix.Close(fd)
+					}
+				}
+			}
+		}()
+		go func() { // any other program that opens the disk
+			defer readers.Done()
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				if fd, err := unix.Open("/dev/"+disk, unix.O_RDONLY|unix.O_CLOEXEC, 0); err == nil {
+					unix.Close(fd)
+				}
+			}
+		}()
+		defer func() { close(stop); readers.Wait() }()
+		for end := time.Now().Add(3 * time.Second); time.Now().Before(end); cycles++ {
+			d, err := s.OpenDevice(n)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := d.Configure(img, Options{Flags: FlagPartScan}); err != nil {
+				d.Close()
+				t.Fatal(err)
+			}
+			// What Attach and Configure promise: the partition is there.
+			if _, err := os.Stat("/sys/block/" + disk + "/" + partition); err != nil {
+				t.Errorf("binding %d: %v", cycles+1, err)
+			}
+			if err := d.ClearFD(); err != nil {
+				t.Fatal(err)
+			}
+			d.Close()
+			kerneltest.WaitUnbound(t, n)
+		}
+		// The last removal's event may still be on its way.
+		for end := time.Now().Add(10 * time.Second); removed.Load() < int64(cycles) && time.Now().Before(end); {
+			time.Sleep(10 * time.Millisecond)
+		}
+		return cycles, int(added.Load()), int(removed.Load())
+	}
+	cycles, adds, removes := run(t, host)
+	t.Logf("Linux %s: %d bindings with FlagPartScan: %d add and %d remove uevents of the partition", kerneltest.Release(), cycles, adds, removes)
+	if adds != cycles || removes != cycles {
+		t.Errorf("%d bindings added the partition %d times and removed it %d times; want once each", cycles, adds, removes)
+	}
+	if os.Getenv("LOOPCTL_PARTSCAN_COMPARE") == "1" {
+		t.Run("one call", func(t *testing.T) {
+			s := newSystem(osKernel{}, sysfs.Root)
+			s.version = newestKernel // binds in one LOOP_CONFIGURE
+			cycles, adds, removes := run(t, s)
+			t.Logf("Linux %s, LOOP_CONFIGURE alone: %d bindings: %d add and %d remove uevents", kerneltest.Release(), cycles, adds, removes)
+		})
+	}
 }

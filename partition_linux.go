@@ -5,10 +5,12 @@ package loopctl
 import (
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -74,8 +76,9 @@ func readPartition(dir string, m int, buf []byte) (Partition, bool, error) {
 // Rescan makes the kernel read the device's partition table again
 // (BLKRRPART), after the caller wrote a new one. The kernel reads it only
 // for a device bound with FlagPartScan: Rescan of another is refused, as
-// invalid, before it is asked. A partition in use (mounted, open
-// exclusively) makes the kernel refuse with an error matching ErrBusy.
+// invalid, before it is asked. The kernel reads no table while a
+// partition is in use (mounted, open): an error matching ErrBusy that
+// names it, and what holds it where the kernel says.
 func (d *Device) Rescan() error {
 	const op = "rescan"
 	h, err := d.handle(op)
@@ -90,7 +93,125 @@ func (d *Device) Rescan() error {
 		return newError(op, d.path, invalid("the device scans no partitions: bind it with FlagPartScan, or set it with SetStatus"))
 	}
 	_, err = ioctl(h, unix.BLKRRPART, 0)
+	if err == unix.EBUSY {
+		err = d.sys.scanRefused(d.number)
+	}
 	return newError(op, d.path, err)
+}
+
+// scanRefused explains EBUSY from BLKRRPART of device n: a partition is
+// in use, or the disk is held exclusively (a file system on it).
+func (s *system) scanRefused(n int) error {
+	if held := s.holdersOf(n, 0); len(held) > 0 {
+		return &explained{text: "in use: " + strings.Join(held, ", "), errno: unix.EBUSY, is: ErrBusy}
+	}
+	parts, err := sysfs.Partitions(sysfs.LoopDir(s.sysfs, n), n)
+	if err != nil || len(parts) == 0 {
+		return unix.EBUSY
+	}
+	return s.partitionsInUse(n, parts)
+}
+
+// reqBLKPG is BLKPG, _IO(0x12, 105), which x/sys does not define: made
+// from BLKRRPART, _IO(0x12, 95), so that it has the architecture's
+// encoding of _IO (another on powerpc and mips).
+const reqBLKPG = unix.BLKRRPART + 105 - 95
+
+// stalePartitions returns the numbers of the partitions that device n,
+// about to be bound, keeps from an earlier binding, on a kernel that
+// leaves them (keepsStalePartitions); none on another. A device's sysfs
+// directory links two more than its subdirectories, so once a listing
+// has shown what every loop disk has (sysfs.DiskDir), one stat tells a
+// disk with nothing more (no partition, no binding) without a listing.
+// A device gone from sysfs has none: its bind will fail.
+func (s *system) stalePartitions(n int) ([]int, error) {
+	if !s.kernel().keepsStalePartitions() {
+		return nil, nil
+	}
+	dir := sysfs.LoopDir(s.sysfs, n)
+	if clean := s.cleanDiskLinks.Load(); clean != 0 {
+		links, err := sysfs.Links(dir)
+		if err != nil || links == clean {
+			return nil, ignoreGone(err)
+		}
+	}
+	parts, others, err := sysfs.DiskDir(dir, n)
+	if err != nil {
+		return nil, ignoreGone(err)
+	}
+	if len(parts) == 0 {
+		s.cleanDiskLinks.Store(uint64(others) + 2)
+	}
+	return parts, nil
+}
+
+// ignoreGone is err, or nil where it says that what was looked for is
+// gone.
+func ignoreGone(err error) error {
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	return err
+}
+
+// dropPartitions deletes partitions parts (stalePartitions) of device n,
+// open as h, before it is bound, as systemd does: the kernel's table of
+// the next binding would otherwise show them, over another image. The
+// caller holds the device's exclusive lock, so that no process that
+// follows the protocol binds it meanwhile; a device bound all the same
+// is EBUSY, and its partitions are left alone. A partition in use (open,
+// mounted) cannot be deleted: an error matching ErrBusy that names it
+// and what holds it. Deleting needs CAP_SYS_ADMIN: without it an error
+// matching fs.ErrPermission that names the partitions.
+func (s *system) dropPartitions(h handle, n int, parts []int) error {
+	var info unix.LoopInfo64
+	switch err := ioctlPtr(h, reqGetStatus64, unsafe.Pointer(&info)); err {
+	case unix.ENXIO: // unbound, as it should be
+	case nil:
+		return unix.EBUSY // bound since it was named free
+	default:
+		return inStep("LOOP_GET_STATUS64", err)
+	}
+	for _, m := range parts {
+		p := unix.BlkpgPartition{Pno: int32(m)}
+		arg := unix.BlkpgIoctlArg{Op: unix.BLKPG_DEL_PARTITION, Datalen: int32(unsafe.Sizeof(p)), Data: (*byte)(unsafe.Pointer(&p))}
+		err := ioctlPtr(h, reqBLKPG, unsafe.Pointer(&arg))
+		switch err {
+		case nil, unix.ENXIO: // deleted, or gone meanwhile
+		case unix.EBUSY:
+			return s.partitionsInUse(n, []int{m})
+		case unix.EACCES, unix.EPERM:
+			names := make([]string, len(parts))
+			for i, m := range parts {
+				names[i] = "/dev/" + sysfs.PartitionName(n, m)
+			}
+			return &explained{text: "the device keeps partitions of an earlier binding (" + strings.Join(names, ", ") +
+				"), which would show over the new one, and deleting them (BLKPG) needs CAP_SYS_ADMIN", errno: err.(unix.Errno)}
+		default:
+			return inStep("BLKPG_DEL_PARTITION "+sysfs.PartitionName(n, m), err)
+		}
+	}
+	return nil
+}
+
+// partitionsInUse is the error for partitions parts of device n, one of
+// which the kernel found in use (open, mounted) when it was asked to
+// delete them or to read the table again: EBUSY, matching ErrBusy,
+// naming what holds them where the kernel says (holdersOf), and
+// otherwise the partitions, one of which a process has open.
+func (s *system) partitionsInUse(n int, parts []int) error {
+	var names, held []string
+	for _, m := range parts {
+		names = append(names, "/dev/"+sysfs.PartitionName(n, m))
+		held = append(held, s.holdersOf(n, m)...)
+	}
+	text := "partition " + strings.Join(names, " or ") + " is in use"
+	if len(held) > 0 {
+		text += ": " + strings.Join(held, ", ")
+	} else {
+		text += " (open by a process, or mounted in another mount namespace)"
+	}
+	return &explained{text: text, errno: unix.EBUSY, is: ErrBusy}
 }
 
 // MakeNode creates the block device node of loop device n, /dev/loopN, if

@@ -49,6 +49,26 @@ type system struct {
 
 	// lostRaces counts the races attachers lost; tests report it.
 	lostRaces atomic.Int64
+
+	// cleanDiskLinks is the link count of the sysfs directory of a loop
+	// disk with no partition and no binding, once a listing has shown it
+	// (stalePartitions); 0 before.
+	cleanDiskLinks atomic.Uint64
+
+	// version is the kernel's version, read at first need (kernel); a
+	// test sets it before, for a kernel of its own.
+	version     kernelVersion
+	versionOnce sync.Once
+}
+
+// kernel returns the kernel's version.
+func (s *system) kernel() kernelVersion {
+	s.versionOnce.Do(func() {
+		if s.version == (kernelVersion{}) {
+			s.version = unameVersion()
+		}
+	})
+	return s.version
 }
 
 // sharedState is a system's shared control device.

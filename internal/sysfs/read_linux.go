@@ -132,18 +132,40 @@ func PartitionName(n, m int) string {
 // are listed. An error is an *os.PathError, matching fs.ErrNotExist when
 // the device is gone.
 func Partitions(dir string, n int) ([]int, error) {
+	parts, _, err := DiskDir(dir, n)
+	return parts, err
+}
+
+// DiskDir is Partitions, and also counts the other directories in dir
+// that every loop disk has, whether bound or not (queue, holders, power:
+// all but loop/, which comes with a binding). A directory's link count on
+// sysfs is two more than its subdirectories, so a disk whose count is
+// two more than others has no partition and no binding (Links).
+func DiskDir(dir string, n int) (parts []int, others int, err error) {
 	ents, err := os.ReadDir(dir)
 	if err != nil {
-		return nil, err
+		return nil, 0, err
 	}
-	var parts []int
 	for _, e := range ents {
 		if m, ok := PartitionNumber(e.Name(), n); ok {
 			parts = append(parts, m)
+		} else if e.IsDir() && e.Name() != "loop" {
+			others++
 		}
 	}
 	slices.Sort(parts)
-	return parts, nil
+	return parts, others, nil
+}
+
+// Links returns the link count of the directory at path, following
+// symbolic links: on sysfs, two more than its subdirectories. An error is
+// an *os.PathError.
+func Links(path string) (uint64, error) {
+	var st unix.Stat_t
+	if err := call.Retry(func() error { return unix.Stat(path, &st) }); err != nil {
+		return 0, &os.PathError{Op: "stat", Path: path, Err: err}
+	}
+	return uint64(st.Nlink), nil
 }
 
 // LoopNumbers returns the numbers of the loop devices listed in

@@ -27,3 +27,37 @@ func TestPartitions(t *testing.T) {
 		t.Errorf("Partitions of a missing directory: %v, want fs.ErrNotExist", err)
 	}
 }
+
+// TestDiskDir: the other directories are counted, loop/ and the
+// partitions not, so that a directory's link count tells whether it has
+// more.
+func TestDiskDir(t *testing.T) {
+	dir := t.TempDir()
+	for _, name := range []string{"queue", "holders", "power", "loop", "loop3p1", "loop3p4"} {
+		if err := os.Mkdir(filepath.Join(dir, name), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.WriteFile(filepath.Join(dir, "size"), nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	parts, others, err := DiskDir(dir, 3)
+	if err != nil || !slices.Equal(parts, []int{1, 4}) || others != 3 {
+		t.Fatalf("DiskDir = %v, %d, %v; want [1 4], 3", parts, others, err)
+	}
+	links, err := Links(dir)
+	if err != nil || links != uint64(2+others+len(parts)+1) {
+		t.Fatalf("Links = %d, %v; want %d (loop/ and the partitions beyond the others)", links, err, 2+others+len(parts)+1)
+	}
+	for _, name := range []string{"loop", "loop3p1", "loop3p4"} {
+		if err := os.Remove(filepath.Join(dir, name)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if links, err := Links(dir); err != nil || links != uint64(2+others) {
+		t.Fatalf("Links of a clean disk = %d, %v; want %d", links, err, 2+others)
+	}
+	if _, err := Links(filepath.Join(dir, "gone")); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("Links of a missing directory: %v", err)
+	}
+}
