@@ -90,6 +90,12 @@ func (s *system) attachFile(ctx context.Context, f *os.File, o Options) (*Device
 		if err := checkBackingFile(fd, name, o); err != nil {
 			return newError(op, name, err)
 		}
+		if readOnlyFD(fd) {
+			// The kernel binds a file open read-only read-only: asked
+			// so, the binding is made and held through a read-only
+			// descriptor of the device, and Reuse shares it as such.
+			o.Flags |= FlagReadOnly
+		}
 		var err error
 		d, err = s.attach(ctx, fd, name, o)
 		return err
@@ -200,7 +206,7 @@ func (s *system) tryAttach(ctx context.Context, c *Control, n int, fd uintptr, n
 	// descriptor: a kernel that refuses to mount a device with writers
 	// (CONFIG_BLK_DEV_WRITE_MOUNTED=n) mounts it while the Device is open.
 	mode := readWrite
-	if o.Flags&FlagReadOnly != 0 || readOnlyFD(fd) {
+	if o.Flags&FlagReadOnly != 0 { // asked, or the file is open read-only
 		mode = readOnly
 	}
 	d, err := s.openDeviceMode(n, mode)

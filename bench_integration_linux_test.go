@@ -80,6 +80,53 @@ func BenchmarkAttachDetach(b *testing.B) {
 	}
 }
 
+// BenchmarkAttachPartScan is the cycle of BenchmarkAttachDetach with
+// FlagPartScan, of an image with one MBR partition, which kernels with
+// its parser find at each bind and drop at each detach: as the package
+// binds on this kernel, and, to compare, in one LOOP_CONFIGURE and in
+// two calls (LOOP_CONFIGURE, then LOOP_SET_STATUS64), as it binds where
+// LOOP_CONFIGURE may scan twice (kernelVersion.scansTwice).
+func BenchmarkAttachPartScan(b *testing.B) {
+	kerneltest.Require(b)
+	const size = 8 << 20
+	f, err := os.OpenFile(benchFile(b), os.O_RDWR, 0)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer f.Close()
+	if err := f.Truncate(size); err != nil {
+		b.Fatal(err)
+	}
+	if err := writeMBR(f, size, []part{{start: 2048, sectors: 4096}}); err != nil {
+		b.Fatal(err)
+	}
+	for _, m := range []struct {
+		name    string
+		version kernelVersion
+	}{
+		{"as bound here", kernelVersion{}},
+		{"one call", newestKernel},
+		{"two calls", kernelVersion{6, 1, 0}},
+	} {
+		b.Run(m.name, func(b *testing.B) {
+			s := newSystem(osKernel{}, sysfs.Root)
+			s.version = m.version
+			defer s.resetShared()
+			b.ReportAllocs()
+			for b.Loop() {
+				d, err := s.attachFile(context.Background(), f, Options{Flags: FlagPartScan})
+				if err != nil {
+					b.Fatal(err)
+				}
+				if err := d.ClearFD(); err != nil {
+					b.Fatal(err)
+				}
+				d.Close()
+			}
+		})
+	}
+}
+
 func BenchmarkStatus(b *testing.B) {
 	kerneltest.Require(b)
 	d := benchAttach(b, benchFile(b))

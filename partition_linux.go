@@ -128,14 +128,13 @@ func (s *system) stalePartitions(n int) ([]int, error) {
 	if !s.kernel().keepsStalePartitions() {
 		return nil, nil
 	}
-	dir := sysfs.LoopDir(s.sysfs, n)
 	if clean := s.cleanDiskLinks.Load(); clean != 0 {
-		links, err := sysfs.Links(dir)
+		links, err := sysfs.DiskLinks(s.sysfs, n)
 		if err != nil || links == clean {
 			return nil, ignoreGone(err)
 		}
 	}
-	parts, others, err := sysfs.DiskDir(dir, n)
+	parts, others, err := sysfs.DiskDir(sysfs.LoopDir(s.sysfs, n), n)
 	if err != nil {
 		return nil, ignoreGone(err)
 	}

@@ -256,7 +256,7 @@ func TestStalePartitionsLinks(t *testing.T) {
 	}
 	// A clean device's count is the one learnt: no listing needed (a
 	// directory of another kind would list, and find it).
-	if links, err := sysfs.Links(sysfs.LoopDir(k.root, 0)); err != nil || links != k.sys.cleanDiskLinks.Load() {
+	if links, err := sysfs.DiskLinks(k.root, 0); err != nil || links != k.sys.cleanDiskLinks.Load() {
 		t.Fatalf("links %d, %v; want %d", links, err, k.sys.cleanDiskLinks.Load())
 	}
 	if parts := partitionsLeft(t, k, 0); len(parts) != 0 {

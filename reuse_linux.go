@@ -29,8 +29,7 @@ func (s *system) sharedDevice(fd uintptr, name string, o Options) (*Device, erro
 	if err != nil {
 		return nil, inStep("fstat", err)
 	}
-	want := wantBinding{file: backingFileID{dev: uint64(st.Dev), ino: uint64(st.Ino)}, o: o, name: name,
-		readOnly: o.Flags&FlagReadOnly != 0 || readOnlyFD(fd)}
+	want := wantBinding{file: backingFileID{dev: uint64(st.Dev), ino: uint64(st.Ino)}, o: o, name: name}
 	found, err := s.readDevices(&match{file: want.file, byFile: true})
 	if err != nil {
 		return nil, err
@@ -60,10 +59,9 @@ func (s *system) sharedDevice(fd uintptr, name string, o Options) (*Device, erro
 
 // A wantBinding is the binding Attach with Reuse would make of a file.
 type wantBinding struct {
-	file     backingFileID
-	o        Options // BlockSize resolved (not BlockSizeAuto)
-	name     string  // the file's name, as the caller gave it
-	readOnly bool    // as the device would be: asked, or the file open read-only
+	file backingFileID
+	o    Options // BlockSize resolved (not BlockSizeAuto); FlagReadOnly also for a file open read-only
+	name string  // the file's name, as the caller gave it
 }
 
 // overlaps reports whether a binding of the file with Offset and
@@ -97,7 +95,7 @@ func (w wantBinding) diff(s Status) string {
 			differ(name, asked, has)
 		}
 	}
-	flag(FlagReadOnly, "read-only", w.readOnly)
+	flag(FlagReadOnly, "read-only", w.o.Flags&FlagReadOnly != 0) // asked, or the file open read-only
 	flag(FlagAutoClear, "autoclear", w.o.Flags&FlagAutoClear != 0)
 	flag(FlagPartScan, "partscan", w.o.Flags&FlagPartScan != 0)
 	if w.o.Flags&FlagDirectIO != 0 || !w.o.PreferDirectIO {

@@ -115,9 +115,11 @@ func urootGetFree(string) (func() error, func(), error) {
 }
 
 // floorCycle is attach and detach as loopctl does them, in bare syscalls:
-// fstat and fstatfs of the file, the control device's flock,
-// LOOP_CTL_GET_FREE, open, the device's flock, LOOP_CONFIGURE,
-// BLKGETDISKSEQ, both unlocks, LOOP_CLR_FD, close.
+// fstat, fstatfs and F_GETFL of the file, the control device's flock,
+// LOOP_CTL_GET_FREE, open, the device's flock, on kernels before 7.2 the
+// statx of the disk's sysfs directory that tells partitions an earlier
+// binding left, LOOP_CONFIGURE, BLKGETDISKSEQ, both unlocks, LOOP_CLR_FD,
+// close.
 func floorCycle(file string) (func() error, func(), error) {
 	c, err := openCtl()
 	if err != nil {
@@ -128,16 +130,21 @@ func floorCycle(file string) (func() error, func(), error) {
 		unix.Close(c)
 		return nil, nil, err
 	}
-	var path [32]byte
+	var path, sys [32]byte
 	var st unix.Stat_t
 	var sf unix.Statfs_t
+	var sx unix.Statx_t
 	var seq uint64
 	cfg := unix.LoopConfig{Fd: uint32(f)}
+	keepsPartitions := keepsPartitions()
 	attach := func() (int, error) {
 		if err := unix.Fstat(f, &st); err != nil {
 			return -1, err
 		}
 		if err := unix.Fstatfs(f, &sf); err != nil {
+			return -1, err
+		}
+		if _, err := unix.FcntlInt(uintptr(f), unix.F_GETFL, 0); err != nil {
 			return -1, err
 		}
 		if err := unix.Flock(c, unix.LOCK_EX|unix.LOCK_NB); err != nil {
@@ -161,6 +168,15 @@ func floorCycle(file string) (func() error, func(), error) {
 		if err := unix.Flock(d, unix.LOCK_EX|unix.LOCK_NB); err != nil {
 			unix.Close(d)
 			return 0, nil
+		}
+		if keepsPartitions {
+			p := strconv.AppendInt(append(sys[:0], "/sys/block/loop"...), int64(n), 10)
+			p = append(p, 0)
+			if _, _, errno := unix.Syscall6(unix.SYS_STATX, atFDCWD, uintptr(unsafe.Pointer(&p[0])), 0,
+				unix.STATX_NLINK, uintptr(unsafe.Pointer(&sx)), 0); errno != 0 {
+				unix.Close(d)
+				return -1, errno
+			}
 		}
 		if _, _, errno := unix.Syscall(unix.SYS_IOCTL, fd, unix.LOOP_CONFIGURE, uintptr(unsafe.Pointer(&cfg))); errno != 0 {
 			unix.Close(d)
@@ -193,6 +209,19 @@ func floorCycle(file string) (func() error, func(), error) {
 		return nil
 	}
 	return run, func() { unix.Close(f); unix.Close(c) }, nil
+}
+
+// keepsPartitions tells whether the kernel leaves partitions added by
+// hand after a detach (before Linux 7.2), which loopctl then looks for
+// before it binds.
+func keepsPartitions() bool {
+	var u unix.Utsname
+	if unix.Uname(&u) != nil {
+		return false
+	}
+	var major, minor int
+	fmt.Sscanf(unix.ByteSliceToString(u.Release[:]), "%d.%d", &major, &minor)
+	return major < 7 || major == 7 && minor < 2
 }
 
 func loopctlCycle(file string) (func() error, func(), error) {

@@ -60,3 +60,27 @@ func TestOpenAt(t *testing.T) {
 		}
 	}
 }
+
+func TestLinksAt(t *testing.T) {
+	dir := t.TempDir()
+	for _, sub := range []string{"a", "b"} {
+		if err := os.Mkdir(filepath.Join(dir, sub), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var st unix.Stat_t
+	if err := unix.Stat(dir, &st); err != nil {
+		t.Fatal(err)
+	}
+	p, _ := unix.BytePtrFromString(dir)
+	if links, errno := LinksAt(unix.AT_FDCWD, p); errno != 0 || uint64(links) != uint64(st.Nlink) {
+		t.Fatalf("LinksAt = %d, %v; want %d, as stat says", links, errno, st.Nlink)
+	}
+	p, _ = unix.BytePtrFromString(filepath.Join(dir, "gone"))
+	if _, errno := LinksAt(unix.AT_FDCWD, p); errno != unix.ENOENT {
+		t.Fatalf("LinksAt of a missing path: %v, want ENOENT", errno)
+	}
+	if allocs := testing.AllocsPerRun(100, func() { LinksAt(unix.AT_FDCWD, p) }); allocs != 0 {
+		t.Fatalf("%v allocations a call", allocs)
+	}
+}

@@ -157,15 +157,23 @@ func DiskDir(dir string, n int) (parts []int, others int, err error) {
 	return parts, others, nil
 }
 
-// Links returns the link count of the directory at path, following
-// symbolic links: on sysfs, two more than its subdirectories. An error is
-// an *os.PathError.
-func Links(path string) (uint64, error) {
-	var st unix.Stat_t
-	if err := call.Retry(func() error { return unix.Stat(path, &st) }); err != nil {
-		return 0, &os.PathError{Op: "stat", Path: path, Err: err}
+// DiskLinks returns the link count of root/block/loopN, the sysfs
+// directory of loop device n: two more than its subdirectories (see
+// DiskDir). It allocates nothing but an error's, an *os.PathError, for a
+// root of the usual length.
+func DiskLinks(root string, n int) (uint64, error) {
+	var buf [128]byte
+	p := append(buf[:0], root...)
+	p = strconv.AppendInt(append(p, "/block/loop"...), int64(n), 10)
+	p = append(p, 0)
+	if bytes.IndexByte(p[:len(p)-1], 0) >= 0 {
+		return 0, &os.PathError{Op: "statx", Path: LoopDir(root, n), Err: unix.EINVAL}
 	}
-	return uint64(st.Nlink), nil
+	links, errno := call.LinksAt(unix.AT_FDCWD, &p[0])
+	if errno != 0 {
+		return 0, &os.PathError{Op: "statx", Path: LoopDir(root, n), Err: errno}
+	}
+	return uint64(links), nil
 }
 
 // LoopNumbers returns the numbers of the loop devices listed in

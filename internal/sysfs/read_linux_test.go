@@ -32,9 +32,10 @@ func TestPartitions(t *testing.T) {
 // partitions not, so that a directory's link count tells whether it has
 // more.
 func TestDiskDir(t *testing.T) {
-	dir := t.TempDir()
-	for _, name := range []string{"queue", "holders", "power", "loop", "loop3p1", "loop3p4"} {
-		if err := os.Mkdir(filepath.Join(dir, name), 0o755); err != nil {
+	root := t.TempDir()
+	dir := LoopDir(root, 3)
+	for _, name := range []string{"", "queue", "holders", "power", "loop", "loop3p1", "loop3p4"} {
+		if err := os.MkdirAll(filepath.Join(dir, name), 0o755); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -45,7 +46,7 @@ func TestDiskDir(t *testing.T) {
 	if err != nil || !slices.Equal(parts, []int{1, 4}) || others != 3 {
 		t.Fatalf("DiskDir = %v, %d, %v; want [1 4], 3", parts, others, err)
 	}
-	links, err := Links(dir)
+	links, err := DiskLinks(root, 3)
 	if err != nil || links != uint64(2+others+len(parts)+1) {
 		t.Fatalf("Links = %d, %v; want %d (loop/ and the partitions beyond the others)", links, err, 2+others+len(parts)+1)
 	}
@@ -54,10 +55,10 @@ func TestDiskDir(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if links, err := Links(dir); err != nil || links != uint64(2+others) {
+	if links, err := DiskLinks(root, 3); err != nil || links != uint64(2+others) {
 		t.Fatalf("Links of a clean disk = %d, %v; want %d", links, err, 2+others)
 	}
-	if _, err := Links(filepath.Join(dir, "gone")); !errors.Is(err, fs.ErrNotExist) {
+	if _, err := DiskLinks(root, 4); !errors.Is(err, fs.ErrNotExist) {
 		t.Fatalf("Links of a missing directory: %v", err)
 	}
 }

@@ -7,7 +7,9 @@
 // usage: floor OP N [THREADS [ARG [FIRST]]]
 //   getfree  LOOP_CTL_GET_FREE on a control device opened once
 //   cycle    attach ARG and detach it, with systemd's lock protocol, as
-//            loopctl.AttachFile, Device.ClearFD and Device.Close do
+//            loopctl.AttachFile, Device.ClearFD and Device.Close do (with
+//            the statx of the disk's sysfs directory that tells partitions
+//            an earlier binding left, on kernels before 7.2)
 //   scan     find a free device the old way: open /dev/loop0, 1, 2... and
 //            ask LOOP_GET_STATUS64 until one answers ENXIO
 //   list     every bound device's status, as loopctl.List reads it, on
@@ -51,6 +53,7 @@
 #include <sys/stat.h>
 #include <sys/statfs.h>
 #include <sys/syscall.h>
+#include <sys/utsname.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -80,6 +83,22 @@ static int getfree(int n) {
 	return r;
 }
 
+// keeps_partitions tells whether the kernel leaves partitions added by
+// hand after a detach (before Linux 7.2), so that a binder looks for
+// them first, as loopctl does with one statx of the disk's sysfs
+// directory.
+static int keeps_partitions(void) {
+	static int keeps = -1;
+	if (keeps < 0) {
+		struct utsname u;
+		int major = 0, minor = 0;
+		if (uname(&u) == 0)
+			sscanf(u.release, "%d.%d", &major, &minor);
+		keeps = major < 7 || (major == 7 && minor < 2);
+	}
+	return keeps;
+}
+
 // attach is one attempt; 0 means a lost race, to be tried again.
 static int attach(int c, int file) {
 	struct stat st;
@@ -89,6 +108,10 @@ static int attach(int c, int file) {
 		die("fstat");
 	if (S_ISREG(st.st_mode) && fstatfs(file, &sf) < 0)
 		die("fstatfs");
+	// A file open read-only is bound read-only, through a read-only
+	// descriptor of the device: AttachFile asks how the file is open.
+	if (fcntl(file, F_GETFL) < 0)
+		die("F_GETFL");
 	if (flock(c, LOCK_EX | LOCK_NB) < 0 && (errno != EWOULDBLOCK || flock(c, LOCK_EX) < 0))
 		die("flock /dev/loop-control");
 	int n = ioctl(c, LOOP_CTL_GET_FREE);
@@ -106,6 +129,12 @@ static int attach(int c, int file) {
 		close(d);
 		flock(c, LOCK_UN);
 		return 0;
+	}
+	if (keeps_partitions()) {
+		struct statx sx;
+		snprintf(path, sizeof path, "/sys/block/loop%d", n);
+		if (statx(AT_FDCWD, path, 0, STATX_NLINK, &sx) < 0)
+			die(path);
 	}
 	struct loop_config cfg = {.fd = file};
 	if (ioctl(d, LOOP_CONFIGURE, &cfg) < 0) {
