@@ -381,18 +381,26 @@ func (b *bindArgs) bind(s *system, h handle, dev string, fd uintptr, name string
 // once first, so that no open after the flag is set (udev's probe) scans
 // beside LOOP_SET_STATUS64's own scan. On failure it clears the binding.
 func (s *system) setPartScan(h handle, dev, name string, o Options) error {
-	scanned, err := s.k.open(dev, readOnly)
-	if err != nil {
-		return undo(h, inStep("open", err))
+	if err := s.runMarkedScan(dev); err != nil {
+		return undo(h, err)
 	}
-	scanned.Close()
 	info := loopInfo(name, o)
 	info.Flags &= uint32(legacyFlags)
-	err = s.retryAgain(func() error { return ioctlPtr(h, reqSetStatus64, unsafe.Pointer(&info)) })
-	if err != nil {
+	if err := s.retryAgain(func() error { return ioctlPtr(h, reqSetStatus64, unsafe.Pointer(&info)) }); err != nil {
 		return undo(h, inStep("LOOP_SET_STATUS64", err))
 	}
 	return nil
+}
+
+// runMarkedScan opens the disk at dev and closes it: the open runs the
+// partition scan LOOP_CONFIGURE marked the disk for (on kernels that
+// scansTwice), which finds nothing while FlagPartScan is off.
+func (s *system) runMarkedScan(dev string) error {
+	h, err := s.k.open(dev, readOnly)
+	if err != nil {
+		return inStep("open", err)
+	}
+	return h.Close()
 }
 
 // undo clears the binding that configure made, after err.
@@ -538,6 +546,12 @@ func (d *Device) SetStatus(s Status) error {
 	}
 	if have&FlagPartScan != 0 && s.Flags&FlagPartScan == 0 {
 		return newError(op, d.path, invalid("partscan cannot be cleared"))
+	}
+	if have&FlagPartScan == 0 && s.Flags&FlagPartScan != 0 && d.sys.kernel().scansTwice() {
+		// So that the scan this call makes is the only one (setPartScan).
+		if err := d.sys.runMarkedScan(d.path); err != nil {
+			return newError(op, d.path, err)
+		}
 	}
 	// info keeps lo_file_name, which LOOP_SET_STATUS64 would otherwise
 	// overwrite.

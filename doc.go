@@ -132,6 +132,33 @@
 // kernel found in a partition table (FlagPartScan), Device.Rescan has it
 // read again.
 //
+// # Partitions
+//
+// A binding the package makes shows the partitions of its own image and
+// no other, each added once. Kernels before 7.2 keep partitions added by
+// hand (BLKPG: partx --add, addpart) after the detach, for the next
+// binding of the device to show over another image: before it binds, the
+// package deletes what a device still has, under the device's exclusive
+// lock, as systemd does. A partition in use makes the device not free:
+// Attach takes another, and Configure and SetFD fail with an error
+// matching ErrBusy that names it. Deleting needs CAP_SYS_ADMIN: without
+// it the error matches fs.ErrPermission, and nothing is bound.
+//
+// With FlagPartScan the kernel reads the table once a binding. From 5.15
+// until its fix (7.1, and the stable updates that took it),
+// LOOP_CONFIGURE marks the disk for a scan and announces the binding
+// before its own scan; an open in between, udev's probe, scans first, and
+// the kernel's scan then removes and adds every partition again, which
+// stops systemd units bound to them. On those kernels the package binds
+// without the flag and sets it with LOOP_SET_STATUS64, after an open of
+// its own that runs the scan the mark asks for while it finds nothing;
+// the second call freezes the device's queue, milliseconds more. When
+// Attach or Configure returns, every partition of the table is in sysfs
+// with its node. A device shared with Options.Reuse is not scanned again
+// under its users, and Rescan of a device whose partition is in use
+// names it. KERNELS.md has what each kernel does, RELIABILITY.md the
+// races by kernel.
+//
 // # In a container
 //
 // A container's /dev is usually a tmpfs, not devtmpfs: the kernel makes no

@@ -289,6 +289,49 @@ func TestKernelStalePartitions(t *testing.T) {
 		}
 		noPartitions(t, d)
 	})
+	t.Run("in use", func(t *testing.T) {
+		c := openControl(t)
+		d := newDevice(t, c)
+		n := d.Number()
+		leavePartition(t, d)
+		var p1 *os.File
+		if hasPartition1(n) { // else the kernel dropped it at the detach (7.2)
+			var err error
+			if p1, err = os.Open(fmt.Sprintf("/dev/loop%dp1", n)); err != nil {
+				t.Fatal(err)
+			}
+			if !hasPartition1(n) { // the kernel dropped it at the open (6.1)
+				p1.Close()
+				p1 = nil
+			}
+		}
+		if p1 != nil {
+			d, err := OpenDevice(n)
+			if err != nil {
+				p1.Close()
+				t.Fatal(err)
+			}
+			err = d.Configure(kerneltest.TempFile(t, size), Options{})
+			p1.Close()
+			if !errors.Is(err, ErrBusy) || !strings.Contains(err.Error(), fmt.Sprintf("partition /dev/loop%dp1 is in use", n)) {
+				t.Errorf("Configure over a partition in use = %v, want ErrBusy naming it", err)
+			}
+			if _, serr := d.Status(); !errors.Is(serr, ErrNotBound) {
+				t.Errorf("bound all the same: %v", serr)
+			}
+			d.Close()
+		}
+		// Let go of: deleted before the next binding.
+		d, err := OpenDevice(n)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { detach(t, d) })
+		if err := d.Configure(kerneltest.TempFile(t, size), Options{}); err != nil {
+			t.Fatal(err)
+		}
+		noPartitions(t, d)
+	})
 	t.Run("Attach", func(t *testing.T) {
 		first := attachT(t, kerneltest.TempFile(t, size).Name(), Options{})
 		n := first.Number()
@@ -430,4 +473,48 @@ func TestKernelPartScanOnce(t *testing.T) {
 			t.Logf("Linux %s, LOOP_CONFIGURE alone: %d bindings: %d add and %d remove uevents", kerneltest.Release(), cycles, adds, removes)
 		})
 	}
+}
+
+// TestKernelPartitionInUse: a partition held open keeps the kernel from
+// reading the table again, and from deleting the partition before a new
+// binding: Rescan names it, and a device that keeps it from an earlier
+// binding is not free (Attach takes another; Configure says why). A
+// shared device (Options.Reuse) is not scanned again under the users of
+// its partitions. Partitions added by hand serve on any kernel.
+func TestKernelPartitionInUse(t *testing.T) {
+	const size = 8 << 20
+	c := openControl(t)
+	d := newDevice(t, c)
+	img := kerneltest.TempFile(t, size)
+	if err := d.Configure(img, Options{Flags: FlagPartScan}); err != nil {
+		t.Fatal(err)
+	}
+	// The partition stays while the test holds its lock: udev's
+	// BLKRRPART of the device after a change would drop it.
+	addPartition(t, d, 1, 2048, 4096)
+	p1 := fmt.Sprintf("%sp1", d.Path())
+	held, err := os.Open(p1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer held.Close()
+
+	err = d.Rescan()
+	if !errors.Is(err, ErrBusy) || !strings.Contains(err.Error(), "partition "+p1+" is in use") {
+		t.Fatalf("Rescan with %s open = %v, want ErrBusy naming it", p1, err)
+	}
+
+	// Shared: Attach with Reuse returns the device, partitions and all.
+	shared, err := Attach(context.Background(), img.Name(), Options{Flags: FlagPartScan, Reuse: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !shared.Shared() || shared.Number() != d.Number() {
+		t.Errorf("Attach with Reuse: loop%d, shared %t; want loop%d shared", shared.Number(), shared.Shared(), d.Number())
+	}
+	shared.Close()
+	if _, err := held.ReadAt(make([]byte, 512), 0); err != nil {
+		t.Errorf("%s after the device was shared: %v", p1, err)
+	}
+	checkPartitions(t, d, []part{{start: 2048, sectors: 4096}})
 }

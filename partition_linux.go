@@ -21,12 +21,17 @@ import (
 )
 
 // Partitions returns the device's partitions, by number, from sysfs
-// (/sys/block/loopN/loopNpM/start and size). The kernel reads the partition
-// table when the device is bound with FlagPartScan, and again on Rescan;
-// partitions added with BLKPG (addpart) are listed too. A device without
-// any has none, and no error. The kernel makes the partitions' nodes on
-// devtmpfs as it finds them; udev, where it runs, names them after
-// (/dev/disk/by-label/...), for which WaitUdev waits.
+// (/sys/block/loopN/loopNpM/start and size): those the kernel found in the
+// partition table of a device bound with FlagPartScan (Rescan reads it
+// again), and those added with BLKPG (addpart, partx --add). A device
+// without any has none, and no error.
+//
+// A binding the package made (Attach, AttachFile, Configure, SetFD) shows
+// no partition of an earlier binding, and with FlagPartScan the kernel
+// read its table once: each partition was added once, and is there, its
+// node made on devtmpfs, when the call returns (see "Partitions" in the
+// package documentation). udev, where it runs, names the partitions after
+// (/dev/disk/by-label/...), for which uevent.WaitUdev waits.
 func (d *Device) Partitions() ([]Partition, error) {
 	const op = "partitions"
 	if _, err := d.handle(op); err != nil {

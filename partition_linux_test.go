@@ -344,3 +344,28 @@ func TestRescanBusyFake(t *testing.T) {
 		t.Fatalf("Rescan = %v, want ErrBusy naming the partitions", err)
 	}
 }
+
+// TestSetStatusPartScanFake: SetStatus turning FlagPartScan on, on a
+// kernel whose LOOP_CONFIGURE marks the disk for a scan, opens the disk
+// first, so that its own scan is the only one.
+func TestSetStatusPartScanFake(t *testing.T) {
+	t.Parallel()
+	for _, v := range []kernelVersion{{6, 1, 0}, {7, 2, 0}} {
+		k := useFake(t, 2)
+		k.sys.version = v
+		d, _ := bindFake(t, k, 1, Options{})
+		st, err := d.Status()
+		if err != nil {
+			t.Fatal(err)
+		}
+		st.Flags |= FlagPartScan
+		before := len(k.calls(""))
+		if err := d.SetStatus(st); err != nil {
+			t.Fatal(err)
+		}
+		opened := slices.Contains(k.calls("")[before:], "open /dev/loop1")
+		if opened != v.scansTwice() {
+			t.Errorf("%v: the disk opened before LOOP_SET_STATUS64: %t, want %t", v, opened, v.scansTwice())
+		}
+	}
+}
