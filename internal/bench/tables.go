@@ -29,7 +29,7 @@ func (h *harness) getFreeTable() *table {
 func (h *harness) cycleTable() *table {
 	return &table{
 		title: "Attach and detach", op: "cycle",
-		note: "One cycle: bind a 1 MiB file to a free device and detach it. C, Go's floor and loopctl make the same calls: fstat and fstatfs of the file, flock(LOCK_EX) of /dev/loop-control, LOOP_CTL_GET_FREE, open, flock(LOCK_EX) of the device, LOOP_CONFIGURE, BLKGETDISKSEQ (the binding's disk sequence number, as systemd reads it), both unlocks, LOOP_CLR_FD, close (loopctl.AttachFile, Device.ClearFD, Device.Close). The peers take no lock and open the file and the control device on every cycle; go-losetup binds with LOOP_SET_FD and LOOP_SET_STATUS64. The losetup rows run `losetup -f --show FILE`, then `losetup -d DEVICE`.",
+		note: "One cycle: bind a 1 MiB file to a free device and detach it. C, Go's floor and loopctl make the same calls: fstat, fstatfs and F_GETFL of the file, flock(LOCK_EX) of /dev/loop-control, LOOP_CTL_GET_FREE, open, flock(LOCK_EX) of the device, on kernels before 7.2 a statx of the device's sysfs directory (partitions an earlier binding left), LOOP_CONFIGURE, BLKGETDISKSEQ (the binding's disk sequence number, as systemd reads it), both unlocks, LOOP_CLR_FD, close (loopctl.AttachFile, Device.ClearFD, Device.Close). The peers take no lock and open the file and the control device on every cycle; go-losetup binds with LOOP_SET_FD and LOOP_SET_STATUS64. The losetup rows run `losetup -f --show FILE`, then `losetup -d DEVICE`.",
 		rows: []*row{
 			{impl: "C", cOp: "cycle", file: true},
 			{impl: "Go floor (unix.Syscall)", goOp: "cycle/go"},
