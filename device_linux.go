@@ -277,9 +277,9 @@ func (d *Device) Configure(f *os.File, o Options) error {
 // earlier binding left on the device are deleted (stalePartitions). It
 // deletes them, and binds, under the device's exclusive lock, as Attach
 // does, so that no process that follows the protocol binds the device
-// meanwhile: a lock other processes hold for a moment (udev's probe) is
-// waited for, up to about a second, as a busy kernel is (retryWhile);
-// then d holds the lock it held before. A device without such
+// meanwhile: a lock other processes hold for a moment (udev's probe), and
+// a partition one has open, are waited for, up to about a second each, as
+// a busy kernel is (retryWhile); then d holds the lock it held before. A device without such
 // partitions, the common case, is bound at once.
 func (d *Device) setUp(h handle, bind func() error) error {
 	parts, err := d.sys.stalePartitions(d.number)
@@ -303,10 +303,20 @@ func (d *Device) setUp(h handle, bind func() error) error {
 		// Back to the lock d held: from exclusive, never refused.
 		defer h.flock(flockOf[held])
 	}
-	if err := d.sys.dropPartitions(h, d.number, parts); err != nil {
+	// A partition udev probes is in use for a moment: tried again as
+	// the lock is.
+	err = d.sys.retryWhile(func() error { return d.sys.dropPartitions(h, d.number, parts) }, partitionBusy)
+	if err != nil {
 		return err
 	}
 	return bind()
+}
+
+// partitionBusy tells whether err from dropPartitions is a partition in
+// use (partitionsInUse), rather than the device bound meanwhile.
+func partitionBusy(err error) bool {
+	var e *explained
+	return errors.As(err, &e) && e.errno == unix.EBUSY
 }
 
 // configure binds the file open as fd, named name, with valid options o,

@@ -274,11 +274,10 @@ func TestKernelStalePartitions(t *testing.T) {
 			t.Errorf("Partitions = %+v, %v; want none", parts, err)
 		}
 	}
-	t.Run("Configure", func(t *testing.T) {
-		c := openControl(t)
-		d := newDevice(t, c)
-		n := d.Number()
-		leavePartition(t, d)
+	// bindAgain binds another image to device n with Configure: it shows
+	// no partition.
+	bindAgain := func(t *testing.T, n int) {
+		t.Helper()
 		d, err := OpenDevice(n)
 		if err != nil {
 			t.Fatal(err)
@@ -288,10 +287,14 @@ func TestKernelStalePartitions(t *testing.T) {
 			t.Fatal(err)
 		}
 		noPartitions(t, d)
+	}
+	t.Run("Configure", func(t *testing.T) {
+		d := newDevice(t, openControl(t))
+		leavePartition(t, d)
+		bindAgain(t, d.Number())
 	})
 	t.Run("in use", func(t *testing.T) {
-		c := openControl(t)
-		d := newDevice(t, c)
+		d := newDevice(t, openControl(t))
 		n := d.Number()
 		leavePartition(t, d)
 		var p1 *os.File
@@ -322,15 +325,7 @@ func TestKernelStalePartitions(t *testing.T) {
 			d.Close()
 		}
 		// Let go of: deleted before the next binding.
-		d, err := OpenDevice(n)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { detach(t, d) })
-		if err := d.Configure(kerneltest.TempFile(t, size), Options{}); err != nil {
-			t.Fatal(err)
-		}
-		noPartitions(t, d)
+		bindAgain(t, n)
 	})
 	t.Run("Attach", func(t *testing.T) {
 		first := attachT(t, kerneltest.TempFile(t, size).Name(), Options{})
@@ -444,9 +439,14 @@ func TestKernelPartScanOnce(t *testing.T) {
 				d.Close()
 				t.Fatal(err)
 			}
-			// What Attach and Configure promise: the partition is there.
+			// What Attach and Configure promise: the partition is there,
+			// and its node opens.
 			if _, err := os.Stat("/sys/block/" + disk + "/" + partition); err != nil {
 				t.Errorf("binding %d: %v", cycles+1, err)
+			} else if fd, err := unix.Open("/dev/"+partition, unix.O_RDONLY|unix.O_CLOEXEC, 0); err != nil {
+				t.Errorf("binding %d: %v", cycles+1, err)
+			} else {
+				unix.Close(fd)
 			}
 			if err := d.ClearFD(); err != nil {
 				t.Fatal(err)

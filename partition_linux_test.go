@@ -190,6 +190,9 @@ func TestStalePartitionsConfigure(t *testing.T) {
 			if parts := partitionsLeft(t, k, 0); len(parts) != 0 {
 				t.Fatalf("partitions %v left", parts)
 			}
+			if b.name == "Configure" && len(k.calls("BLKPG")) != 2 {
+				t.Fatalf("BLKPG calls %q, want one a partition", k.calls("BLKPG"))
+			}
 			locks := k.calls("flock")
 			want := []string{"flock-ex /dev/loop0", "flock-un /dev/loop0"}
 			if b.name == "Configure LockShared" {
@@ -200,6 +203,18 @@ func TestStalePartitionsConfigure(t *testing.T) {
 			}
 		})
 	}
+	t.Run("probed for a moment", func(t *testing.T) {
+		// udev has a partition open for a moment: tried again.
+		k := staleFake(t, kernelVersion{6, 12, 0})
+		k.failAt("BLKPG", 1, unix.EBUSY)
+		d := fakeDevice(t, k, 0)
+		if err := d.Configure(kerneltest.TempFile(t, 1<<20), Options{}); err != nil {
+			t.Fatal(err)
+		}
+		if parts := partitionsLeft(t, k, 0); len(parts) != 0 {
+			t.Fatalf("partitions %v left", parts)
+		}
+	})
 	for _, tt := range []struct {
 		name  string
 		fault func(k *fakeKernel)
