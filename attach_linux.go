@@ -35,8 +35,11 @@ import (
 // "Races, detach at last close, and crashes"): it takes systemd's lock on
 // /dev/loop-control, tries a lost race again with backoff while ctx
 // allows, up to 256 times (then ErrBusy), and never clears a binding it
-// did not make. With Options.Reuse it returns a device bound as asked
-// (Device.Shared), or fails with an *OverlapError. On failure it leaves
+// did not make. A device just made is root's until udev has applied its
+// rules (the disk group's, mode 0660): a caller in the disk group waits
+// for that while ctx allows (see OpenDevice). With Options.Reuse it
+// returns a device bound as asked (Device.Shared), or fails with an
+// *OverlapError. On failure it leaves
 // nothing behind: no binding of its own and no descriptor. The binding
 // outlives the Device, unless FlagAutoClear has the kernel detach it at
 // the last close.
@@ -209,7 +212,7 @@ func (s *system) tryAttach(ctx context.Context, c *Control, n int, fd uintptr, n
 	if o.Flags&FlagReadOnly != 0 { // asked, or the file is open read-only
 		mode = readOnly
 	}
-	d, err := s.openDeviceMode(n, mode)
+	d, err := s.openGranted(ctx, n, mode)
 	if err != nil {
 		var missing *NodeMissingError
 		if !errors.As(err, &missing) || !stillFree(c, n) {

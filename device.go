@@ -1,6 +1,7 @@
 package loopctl
 
 import (
+	"context"
 	"errors"
 	"io"
 	"io/fs"
@@ -305,13 +306,20 @@ var _ io.Closer = (*Device)(nil)
 // (CONFIG_BLK_DEV_WRITE_MOUNTED=n, bdev_allow_write_mounted=0): Attach of
 // a read-only binding, and OpenBinding of one, hold a read-only one.
 //
+// An open refused (EACCES) while udev runs and has not processed the
+// device yet is made again once udev has, within 10 s: a device that
+// LOOP_CTL_GET_FREE or LOOP_CTL_ADD has just made is root's, mode 0600,
+// until udev's rules give it to the disk group, a few milliseconds later.
+// Otherwise the error matches fs.ErrPermission and says what is missing
+// (udev, or a group of this process).
+//
 // A missing node is an error matching fs.ErrNotExist, holding a
 // *NodeMissingError when the device exists (a container's /dev): MakeNode
 // makes the node. A device that the kernel is tearing down (detached by
 // its last close, or being removed) refuses the open: the error then says
 // so and matches ErrNotBound and ENXIO.
 func OpenDevice(n int) (*Device, error) {
-	return host.openDeviceMode(n, readWrite)
+	return host.openGranted(context.Background(), n, readWrite)
 }
 
 // openDeviceMode is OpenDevice, opening the node read-write or read-only.

@@ -103,7 +103,8 @@ func useFake(t *testing.T, n int) *fakeKernel {
 	}
 	k.sys = newSystem(k, k.root)
 	k.sys.bindPause, k.sys.againPause = time.Microsecond, time.Microsecond
-	k.sys.version = newestKernel // a test of an older kernel's ways sets its own
+	k.sys.version = newestKernel      // a test of an older kernel's ways sets its own
+	k.sys.udev = k.root + "/run-udev" // no udev, unless a test starts one there
 	t.Cleanup(k.sys.resetShared)
 	return k
 }
@@ -161,6 +162,7 @@ func (k *fakeKernel) sync(n int) {
 		}
 		return "0\n"
 	}
+	k.write(dir+"/dev", fmt.Sprintf("7:%d\n", n))
 	k.write(dir+"/ro", bit(unix.LO_FLAGS_READ_ONLY))
 	k.write(dir+"/size", fmt.Sprintf("%d\n", d.size()/512))
 	if err := os.MkdirAll(dir+"/queue", 0o755); err != nil {

@@ -43,16 +43,30 @@ func TestKernelLock(t *testing.T) {
 		}
 		return shared, exclusive
 	}
+	// udev, where it runs, probes the device after each change under a
+	// shared lock of its own, which conflicts with an exclusive one for a
+	// few milliseconds: while the device is not held exclusively (when
+	// udev waits), the test lets udev finish first (udevadm settle).
+	idle := func(held LockMode) {
+		if held != LockExclusive {
+			kerneltest.SettleUdev(t)
+		}
+	}
 	want := map[LockMode][2]bool{LockNone: {true, true}, LockShared: {true, false}, LockExclusive: {false, false}}
 	for _, m := range []LockMode{LockNone, LockShared, LockExclusive} {
 		d := attachT(t, f.Name(), Options{Lock: m, Flags: FlagReadOnly})
+		idle(m)
 		if sh, ex := probe(d); [2]bool{sh, ex} != want[m] {
 			t.Errorf("Attach with %v: another descriptor's LOCK_SH %v, LOCK_EX %v; want %v", m, sh, ex, want[m])
 		}
+		held := m
 		for _, to := range []LockMode{LockShared, LockExclusive, LockNone, LockExclusive} {
+			idle(held)
 			if err := d.Lock(to); err != nil {
 				t.Fatalf("Lock(%v) after %v: %v", to, m, err)
 			}
+			held = to
+			idle(held)
 			if sh, ex := probe(d); [2]bool{sh, ex} != want[to] {
 				t.Errorf("Lock(%v): another descriptor's LOCK_SH %v, LOCK_EX %v; want %v", to, sh, ex, want[to])
 			}
@@ -85,9 +99,12 @@ func TestKernelLock(t *testing.T) {
 // empty) until Lock(LockNone); then udev processes the device.
 func TestKernelLockHoldsUdevOff(t *testing.T) {
 	kerneltest.Require(t)
-	if _, err := os.Stat("/run/udev/control"); err != nil {
+	if !kerneltest.UdevRunning() {
 		t.Skip("udev is not running")
 	}
+	// Whatever ran before: udev idle, so that its later settle is this
+	// test's device's.
+	kerneltest.SettleUdev(t)
 	f := kerneltest.TempFile(t, 16<<20)
 	label := fmt.Sprintf("lck%d", time.Now().UnixNano()%1e9)
 	kerneltest.MkfsExt4(t, f.Name(), "-L", label)

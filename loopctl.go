@@ -60,7 +60,11 @@ func Open() (*Control, error) { return host.open() }
 func (s *system) open() (*Control, error) {
 	h, err := s.k.open(ControlPath, readWrite)
 	if err != nil {
-		return nil, nodeOpenError(ControlPath, err)
+		err = nodeOpenError(ControlPath, err)
+		if errors.Is(err, syscall.EACCES) {
+			err = explainRefused(ControlPath, err, "udev, which gives it to the disk group (mode 0660) by its rules, is not running")
+		}
+		return nil, err
 	}
 	return &Control{h: h, sys: s}, nil
 }

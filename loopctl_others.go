@@ -51,6 +51,14 @@ func checkBackingFile(fd uintptr, name string, o Options) error { return nil }
 // setUp binds at once here: no device keeps partitions.
 func (d *Device) setUp(_ handle, bind func() error) error { return bind() }
 
+// openGranted has no udev to wait for here.
+func (s *system) openGranted(_ context.Context, n, mode int) (*Device, error) {
+	return s.openDeviceMode(n, mode)
+}
+
+// explainRefused has nothing to add here.
+func explainRefused(_ string, err error, _ string) error { return err }
+
 // holdersOf knows of no holder here.
 func (s *system) holdersOf(n, m int) []string { return nil }
 

@@ -83,7 +83,8 @@ func readPartition(dir string, m int, buf []byte) (Partition, bool, error) {
 // for a device bound with FlagPartScan: Rescan of another is refused, as
 // invalid, before it is asked. The kernel reads no table while a
 // partition is in use (mounted, open): an error matching ErrBusy that
-// names it, and what holds it where the kernel says.
+// names it, and what holds it where the kernel says. It needs
+// CAP_SYS_ADMIN: without it an error matching fs.ErrPermission.
 func (d *Device) Rescan() error {
 	const op = "rescan"
 	h, err := d.handle(op)
@@ -98,11 +99,19 @@ func (d *Device) Rescan() error {
 		return newError(op, d.path, invalid("the device scans no partitions: bind it with FlagPartScan, or set it with SetStatus"))
 	}
 	_, err = ioctl(h, unix.BLKRRPART, 0)
-	if err == unix.EBUSY {
+	switch err {
+	case unix.EBUSY:
 		err = d.sys.scanRefused(d.number)
+	case unix.EACCES:
+		err = errRescanNeedsAdmin
 	}
 	return newError(op, d.path, err)
 }
+
+// errRescanNeedsAdmin explains EACCES from BLKRRPART.
+var errRescanNeedsAdmin error = &explained{text: "reading a partition table again (BLKRRPART) needs CAP_SYS_ADMIN, " +
+	"whatever the device's mode: a partition table written by a user in the disk group is read at the next binding",
+	errno: unix.EACCES}
 
 // scanRefused explains EBUSY from BLKRRPART of device n: a partition is
 // in use, or the disk is held exclusively (a file system on it).

@@ -22,6 +22,7 @@ import (
 type system struct {
 	k      kernel
 	sysfs  string // where sysfs is mounted
+	udev   string // where udev keeps its state: udevRoot
 	procFD string // this process's descriptors as paths: "/proc/self/fd/"
 
 	// bindPause caps backoff's pause after a bind that lost a race,
@@ -88,6 +89,7 @@ func newSystem(k kernel, root string) *system {
 	return &system{
 		k:          k,
 		sysfs:      root,
+		udev:       udevRoot,
 		procFD:     "/proc/self/fd/",
 		bindPause:  20 * time.Millisecond,
 		againPause: 250 * time.Millisecond,

@@ -10,8 +10,10 @@ import (
 // The package's functions, on a test's system: each is what the exported
 // function of its name does on host.
 
-func (s *system) Open() (*Control, error)                     { return s.open() }
-func (s *system) OpenDevice(n int) (*Device, error)           { return s.openDeviceMode(n, readWrite) }
+func (s *system) Open() (*Control, error) { return s.open() }
+func (s *system) OpenDevice(n int) (*Device, error) {
+	return s.openGranted(context.Background(), n, readWrite)
+}
 func (s *system) OpenDevicePath(path string) (*Device, error) { return s.openDevicePath(path) }
 func (s *system) OpenBinding(st Status) (*Device, error)      { return s.openBinding(st) }
 func (s *system) List() ([]Status, error)                     { return s.list(nil) }

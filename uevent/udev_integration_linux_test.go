@@ -44,12 +44,9 @@ func labelled(t *testing.T, label string, offset int64) *os.File {
 // names the device, or its partition, a hundred times in a row.
 func TestKernelWaitUdev(t *testing.T) {
 	kerneltest.Udevd(t)
-	// The tests before have given udev thousands of events, which it
-	// works through at a few hundred a second on two cores: WaitUdev is
-	// timed from an idle udev.
-	if out, err := exec.Command("udevadm", "settle", "--timeout=600").CombinedOutput(); err != nil {
-		t.Fatalf("udevadm settle: %v: %s", err, out)
-	}
+	// The tests before may have given udev events to work through:
+	// WaitUdev is timed from an idle udev.
+	kerneltest.SettleUdev(t)
 	label := fmt.Sprintf("LCTL%d", os.Getpid()%100000)
 	link := "/dev/disk/by-label/" + label
 	for _, withPart := range []bool{false, true} {

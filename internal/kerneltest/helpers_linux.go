@@ -2,13 +2,16 @@ package kerneltest
 
 import (
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
+	"os/user"
 	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -103,7 +106,10 @@ func DiskSeq(t testing.TB, n int) uint64 {
 }
 
 // ChurnDuration is how long churn and interference tests run:
-// LOOPCTL_CHURN_DURATION, or 30 s (3 s with -short).
+// LOOPCTL_CHURN_DURATION, or 30 s; 3 s with -short, or where udev runs,
+// which works through each binding's events at a few hundred a second
+// (on two cores): 30 s of churn would leave it, and the machine, minutes
+// behind (see SettleUdev).
 func ChurnDuration(t testing.TB) time.Duration {
 	t.Helper()
 	if s := os.Getenv("LOOPCTL_CHURN_DURATION"); s != "" {
@@ -113,10 +119,45 @@ func ChurnDuration(t testing.TB) time.Duration {
 		}
 		return d
 	}
-	if testing.Short() {
+	if testing.Short() || UdevRunning() {
 		return 3 * time.Second
 	}
 	return 30 * time.Second
+}
+
+// UdevRunning tells whether udev runs (its control socket exists).
+func UdevRunning() bool {
+	_, err := os.Stat("/run/udev/control")
+	return err == nil
+}
+
+// SettleUdev waits, where udev runs, until it has processed every event
+// queued (udevadm settle), and fails the test if it has not within a
+// minute: a test that made many bindings calls it before it returns, so
+// that the tests after it, and the machine, do not wait behind its
+// events; a test that depends on udev, before it starts.
+func SettleUdev(t testing.TB) {
+	t.Helper()
+	took, err := Settle()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if took > time.Second {
+		t.Logf("udev took %v to process the events queued", took.Round(time.Millisecond))
+	}
+}
+
+// Settle waits, where udev runs, until it has processed every event
+// queued (udevadm settle), up to a minute, and returns how long that took.
+func Settle() (time.Duration, error) {
+	if !UdevRunning() {
+		return 0, nil
+	}
+	start := time.Now()
+	if out, err := exec.Command("udevadm", "settle", "--timeout=60").CombinedOutput(); err != nil {
+		return time.Since(start), fmt.Errorf("udev still busy after a minute: udevadm settle: %v: %s", err, out)
+	}
+	return time.Since(start), nil
 }
 
 // Udevd makes sure systemd-udevd runs for the test: the one already
@@ -143,12 +184,30 @@ func Udevd(t testing.TB) {
 	})
 	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
 		if _, err := os.Stat("/run/udev/control"); err == nil {
-			return
+			break
 		}
 		if time.Now().After(deadline) {
 			t.Fatal("systemd-udevd did not start")
 		}
 	}
+	ColdplugLoop(t)
+}
+
+// ColdplugLoop has udev process the loop devices there are, as a
+// distribution's boot does (udevadm trigger), and waits for it: a udev
+// started by hand knows only the devices that change after it started,
+// and leaves the others root's.
+func ColdplugLoop(t testing.TB) {
+	t.Helper()
+	for _, args := range [][]string{
+		{"trigger", "--action=add", "--subsystem-match=block", "--sysname-match=loop*"},
+		{"trigger", "--action=add", "--subsystem-match=misc", "--sysname-match=loop-control"},
+	} {
+		if out, err := exec.Command("udevadm", args...).CombinedOutput(); err != nil {
+			t.Fatalf("udevadm %v: %v: %s", args, err, out)
+		}
+	}
+	SettleUdev(t)
 }
 
 // LockNode takes flock how (unix.LOCK_SH, unix.LOCK_EX) of the node at
@@ -237,4 +296,83 @@ func NewFDs(t testing.TB, before map[int]string) []int {
 	}
 	slices.Sort(fds)
 	return fds
+}
+
+// Nobody is the user a test runs a child as to see what a user who is
+// not root may do: uid and gid 65534, no capabilities.
+const Nobody = 65534
+
+// DiskGroup returns the id of the group "disk", which distributions give
+// /dev/loop-control and the loop devices to (udev's rules), and skips the
+// test where there is none.
+func DiskGroup(t testing.TB) uint32 {
+	t.Helper()
+	g, err := user.LookupGroup("disk")
+	if err != nil {
+		t.Skipf("no disk group: %v", err)
+	}
+	gid, err := strconv.ParseUint(g.Gid, 10, 32)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return uint32(gid)
+}
+
+// An Unprivileged is a directory that user Nobody can reach, holding a
+// copy of the test binary it can run (go test builds it where only root
+// may), for files the child works on.
+type Unprivileged struct{ Dir, Binary string }
+
+// NewUnprivileged makes the directory and copies the test binary into it.
+func NewUnprivileged(t testing.TB) *Unprivileged {
+	t.Helper()
+	dir := t.TempDir()
+	// t.TempDir's parent is the test's own, made for root alone.
+	for _, d := range []string{filepath.Dir(dir), dir} {
+		if err := os.Chmod(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(self)
+	if err != nil {
+		t.Fatal(err)
+	}
+	bin := filepath.Join(dir, filepath.Base(self))
+	if err := os.WriteFile(bin, b, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return &Unprivileged{Dir: dir, Binary: bin}
+}
+
+// File makes a file of size bytes in the directory that Nobody may read
+// and write.
+func (u *Unprivileged) File(t testing.TB, name string, size int64) string {
+	t.Helper()
+	p := filepath.Join(u.Dir, name)
+	if err := os.WriteFile(p, nil, 0o666); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(p, 0o666); err != nil { // past the umask
+		t.Fatal(err)
+	}
+	if err := os.Truncate(p, size); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// Run runs test in the copied binary as Nobody, in group groups, with env
+// added, and returns what it wrote; err is its exit's.
+func (u *Unprivileged) Run(t testing.TB, test string, groups []uint32, env ...string) (string, error) {
+	t.Helper()
+	cmd := exec.Command(u.Binary, "-test.run=^"+test+"$", "-test.count=1", "-test.v")
+	cmd.Dir = u.Dir
+	cmd.Env = append(os.Environ(), env...)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: Nobody, Gid: Nobody, Groups: groups}}
+	out, err := cmd.CombinedOutput()
+	return string(out), err
 }
