@@ -130,7 +130,7 @@ func (s *system) attach(ctx context.Context, fd uintptr, name string, o Options)
 		}
 		s.lostRaces.Add(1)
 		if attempt+1 == maxAttempts {
-			return nil, newError(op, name, &gaveUp{last: err})
+			return nil, newError(op, name, gaveUp(err))
 		}
 		if tried == nil {
 			tried = map[int]bool{}
@@ -142,15 +142,12 @@ func (s *system) attach(ctx context.Context, fd uintptr, name string, o Options)
 	}
 }
 
-// A gaveUp error ends an Attach that lost maxAttempts races. It matches
-// ErrBusy, and unwraps to the last race's error.
-type gaveUp struct{ last error }
-
-func (e *gaveUp) Error() string {
-	return "gave up after " + strconv.Itoa(maxAttempts) + " lost races, the last: " + errorText(e.last)
+// gaveUp ends an Attach that lost maxAttempts races. It matches ErrBusy,
+// and wraps the last race's error.
+func gaveUp(last error) error {
+	return &cause{text: "gave up after " + strconv.Itoa(maxAttempts) + " lost races, the last: " + errorText(last),
+		errs: []error{last}, is: ErrBusy}
 }
-func (e *gaveUp) Unwrap() error        { return e.last }
-func (e *gaveUp) Is(target error) bool { return target == ErrBusy }
 
 // attachOnce is one attempt, under the attach lock: ask for a free device
 // (skipping those tried already when another is free) and bind to it. It
@@ -364,9 +361,9 @@ func (s *system) makePartitionNodes(d *Device) error {
 // fallback; not an EBUSY from a later step, whose failure undid a binding
 // that was ours.
 func lostBind(err error) bool {
-	var se *stepError
-	if errors.As(err, &se) {
-		return se.step == stepSetFD && se.err == unix.EBUSY
+	var c *cause
+	if errors.As(err, &c) && c.step != "" {
+		return c.step == stepSetFD && c.errs[0] == unix.EBUSY
 	}
 	return err == unix.EBUSY
 }
@@ -398,7 +395,7 @@ func (s *system) freeDevice(c *Control, tried map[int]bool) (int, error) {
 }
 
 // errNoFree reports that sysfs lists no unbound loop device.
-var errNoFree = &stepError{step: "no unbound loop device", err: unix.EBUSY}
+var errNoFree = inStep("no unbound loop device", unix.EBUSY)
 
 // unboundDevice returns the lowest-numbered loop device in sysfs that is not
 // bound and not in skip.

@@ -201,7 +201,7 @@ func TestAttachFaults(t *testing.T) {
 			t.Run(name, func(t *testing.T) {
 				k := useFake(t, 4)
 				if s.fallback {
-					k.sys.noConfigure.Store(true)
+					k.sys.lacks(featConfigure)
 				}
 				k.failAt(s.step, s.nth, errno)
 				f := kerneltest.TempFile(t, 1<<20)

@@ -46,7 +46,7 @@ func (s *system) openBackingFile(ctx context.Context, path string, o Options) (i
 	if strings.IndexByte(path, 0) >= 0 {
 		return -1, fileErr(invalid("the path %q has a NUL byte", path))
 	}
-	pfd, err := openPath(path, unix.O_PATH, o.NoSymlinks)
+	pfd, err := s.openPath(path, unix.O_PATH, o.NoSymlinks)
 	if err != nil {
 		return -1, fileErr(err)
 	}
@@ -68,7 +68,7 @@ func (s *system) openBackingFile(ctx context.Context, path string, o Options) (i
 	flags |= unix.O_NONBLOCK | unix.O_NOCTTY
 	fd, err := s.reopen(ctx, pfd, flags)
 	if err == unix.ENOENT {
-		fd, err = openAgain(path, flags, &st, o.NoSymlinks)
+		fd, err = s.openAgain(path, flags, &st, o.NoSymlinks)
 	}
 	if err != nil {
 		return -1, fileErr(openError(path, err))
@@ -88,7 +88,7 @@ func (s *system) openBackingFile(ctx context.Context, path string, o Options) (i
 // /proc/self/fd, with flags. While another process holds a lease on the
 // file that the open breaks (EWOULDBLOCK, with O_NONBLOCK), it tries
 // again with backoff, until the holder lets go, the kernel breaks the
-// lease itself, or ctx ends. An error is an errno, or a *leaseError.
+// lease itself, or ctx ends. An error is an errno, or leased's.
 func (s *system) reopen(ctx context.Context, pfd, flags int) (int, error) {
 	var buf [64]byte
 	p := strconv.AppendInt(append(buf[:0], s.procFD...), int64(pfd), 10)
@@ -103,26 +103,23 @@ func (s *system) reopen(ctx context.Context, pfd, flags int) (int, error) {
 			return -1, errno
 		}
 		if err := backoff(ctx, attempt+1, s.bindPause); err != nil {
-			return -1, &leaseError{ctx: err}
+			return -1, leased(err)
 		}
 	}
 }
 
-// A leaseError ends an open that waited for another process's lease on
-// the file to be broken, when the context ended first. It matches both
-// the context's error and EWOULDBLOCK.
-type leaseError struct{ ctx error }
-
-func (e *leaseError) Error() string {
-	return "another process holds a lease on the file, and the context ended before it let go: " + e.ctx.Error()
+// leased ends an open that waited for another process's lease on the
+// file while ctx allowed (ctxErr). It matches ctxErr and EWOULDBLOCK.
+func leased(ctxErr error) error {
+	return &cause{text: "another process holds a lease on the file, and the context ended before it let go: " + ctxErr.Error(),
+		errs: []error{ctxErr, unix.EWOULDBLOCK}}
 }
-func (e *leaseError) Unwrap() []error { return []error{e.ctx, unix.EWOULDBLOCK} }
 
 // openAgain opens path with flags once more, for a process with no /proc
 // of its own, and checks that it is the file that st describes: the path
 // may have been switched since it was checked.
-func openAgain(path string, flags int, st *unix.Stat_t, noSymlinks bool) (int, error) {
-	fd, err := openPath(path, flags, noSymlinks)
+func (s *system) openAgain(path string, flags int, st *unix.Stat_t, noSymlinks bool) (int, error) {
+	fd, err := s.openPath(path, flags, noSymlinks)
 	if err != nil {
 		return -1, err
 	}
@@ -148,8 +145,7 @@ func openError(path string, err error) error {
 }
 
 // errReadOnlyFS explains EROFS from a read-write open of the backing file.
-var errReadOnlyFS error = &explained{text: "the file system is read-only; FlagReadOnly binds the file read-only",
-	errno: unix.EROFS, is: fs.ErrPermission}
+var errReadOnlyFS error = explain("the file system is read-only; FlagReadOnly binds the file read-only", unix.EROFS, fs.ErrPermission)
 
 // openPath opens path with flags, and with noSymlinks refuses a path with
 // a symbolic link in any component: openat2's RESOLVE_NO_SYMLINKS (Linux
@@ -157,7 +153,7 @@ var errReadOnlyFS error = &explained{text: "the file system is read-only; FlagRe
 // seccomp filter), a walk of the components with O_PATH|O_NOFOLLOW, each
 // opened relative to the last. Either way ELOOP, explained, is the
 // refusal. An error is an *os.PathError.
-func openPath(path string, flags int, noSymlinks bool) (int, error) {
+func (s *system) openPath(path string, flags int, noSymlinks bool) (int, error) {
 	if !noSymlinks {
 		return openFD(path, flags)
 	}
@@ -167,9 +163,14 @@ func openPath(path string, flags int, noSymlinks bool) (int, error) {
 		// O_PATH with EINVAL, where openat quietly drops it.
 		flags |= unix.O_LARGEFILE
 	}
-	how := unix.OpenHow{Flags: uint64(flags), Resolve: unix.RESOLVE_NO_SYMLINKS}
-	var fd int
-	err := call.Retry(func() (err error) { fd, err = unix.Openat2(unix.AT_FDCWD, path, &how); return err })
+	fd, err := -1, error(unix.ENOSYS)
+	if s.has(featOpenat2) {
+		how := unix.OpenHow{Flags: uint64(flags), Resolve: unix.RESOLVE_NO_SYMLINKS}
+		err = call.Retry(func() (err error) { fd, err = unix.Openat2(unix.AT_FDCWD, path, &how); return err })
+		if err == unix.ENOSYS || err == unix.EPERM {
+			s.lacks(featOpenat2)
+		}
+	}
 	if err == unix.ENOSYS || err == unix.EPERM {
 		fd, err = walkNoSymlinks(path, flags)
 	}
@@ -247,7 +248,7 @@ func walkNoSymlinks(path string, flags int) (int, error) {
 }
 
 // errSymlink explains ELOOP from an open that refused symbolic links.
-var errSymlink error = &explained{text: "the path has a symbolic link in it, which Options.NoSymlinks refuses", errno: unix.ELOOP}
+var errSymlink error = explain("the path has a symbolic link in it, which Options.NoSymlinks refuses", unix.ELOOP, nil)
 
 // checkRegular applies Options.RegularFileOnly to the backing file whose
 // fstat is st.
@@ -260,7 +261,7 @@ func checkRegular(st *unix.Stat_t, name string, o Options) error {
 
 // errSwitched reports a path whose file changed between its check and its
 // open, where no /proc lets the file checked be opened itself.
-var errSwitched error = &explained{text: "the path names another file than a moment ago", errno: unix.ESTALE}
+var errSwitched error = explain("the path names another file than a moment ago", unix.ESTALE, nil)
 
 // checkBackingFile checks the file open as fd, which a caller handed in
 // (AttachFile, Configure, SetFD, ChangeFD), as openBackingFile checks a
@@ -368,7 +369,6 @@ func checkLoopBacking(fd uintptr, st *unix.Stat_t, name string) error {
 const loopMajor = 7
 
 // fileErr marks err as the backing file's (see Error.Is).
-func fileErr(err error) error { return &fileError{err} }
 
 // backingBlockSize returns the block size to bind the file open as fd
 // with: o.BlockSize, unless it is BlockSizeAuto (see there), whose probe

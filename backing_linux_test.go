@@ -232,7 +232,7 @@ func TestOpenBackingFile(t *testing.T) {
 	if err := unix.Stat(other.Name(), &st); err != nil {
 		t.Fatal(err)
 	}
-	fd, err := openAgain(f.Name(), unix.O_RDONLY, &st, false)
+	fd, err := host.openAgain(f.Name(), unix.O_RDONLY, &st, false)
 	if err == nil {
 		closeFD(fd)
 	}
@@ -306,7 +306,7 @@ func TestOpenPathNoSymlinks(t *testing.T) {
 			var fd int
 			var err error
 			if how == "openat2" {
-				fd, err = openPath(tt.path, unix.O_RDONLY, true)
+				fd, err = host.openPath(tt.path, unix.O_RDONLY, true)
 			} else if fd, err = walkNoSymlinks(tt.path, unix.O_RDONLY); err == unix.ELOOP {
 				err = errSymlink
 			}
@@ -321,7 +321,7 @@ func TestOpenPathNoSymlinks(t *testing.T) {
 			}
 		}
 		// Without NoSymlinks every one of them opens.
-		if fd, err := openPath(tt.path, unix.O_RDONLY, false); err != nil {
+		if fd, err := host.openPath(tt.path, unix.O_RDONLY, false); err != nil {
 			t.Errorf("%s without NoSymlinks: %v", tt.path, err)
 		} else {
 			closeFD(fd)

@@ -85,7 +85,7 @@ func BenchmarkAttachDetach(b *testing.B) {
 // its parser find at each bind and drop at each detach: as the package
 // binds on this kernel, and, to compare, in one LOOP_CONFIGURE and in
 // two calls (LOOP_CONFIGURE, then LOOP_SET_STATUS64), as it binds where
-// LOOP_CONFIGURE may scan twice (kernelVersion.scansTwice).
+// LOOP_CONFIGURE may scan twice (featScanOnce).
 func BenchmarkAttachPartScan(b *testing.B) {
 	kerneltest.Require(b)
 	const size = 8 << 20

@@ -60,7 +60,7 @@ func (s *system) openBindingMode(st Status, mode int) (*Device, error) {
 	path := DevicePath(st.Number)
 	d, err := s.openDeviceMode(st.Number, mode)
 	if errors.Is(err, ErrNotBound) || errors.Is(err, unix.ENODEV) {
-		return nil, newError(op, path, &changedError{"it is being detached or removed", err})
+		return nil, newError(op, path, changed("it is being detached or removed", err))
 	}
 	if err != nil {
 		return nil, err
@@ -82,12 +82,12 @@ type bindingCheck struct {
 }
 
 // sameBinding tells whether d, open, is the binding s describes, and
-// returns its disk sequence number; a *changedError when it is not.
+// returns its disk sequence number; changed's error when it is not.
 func (d *Device) sameBinding(s Status) (uint64, error) {
 	c := new(bindingCheck)
 	if err := ioctlPtr(d.h, reqGetStatus64, unsafe.Pointer(&c.info)); err != nil {
 		if err == unix.ENXIO {
-			return 0, &changedError{"it is not bound", err}
+			return 0, changed("it is not bound", err)
 		}
 		return 0, inStep("LOOP_GET_STATUS64", err)
 	}
@@ -98,34 +98,26 @@ func (d *Device) sameBinding(s Status) (uint64, error) {
 	switch {
 	case s.DiskSeq != 0 && seq != 0:
 		if seq != s.DiskSeq {
-			return 0, &changedError{"disk sequence number " + strconv.FormatUint(seq, 10) + ", not " +
-				strconv.FormatUint(s.DiskSeq, 10), nil}
+			return 0, changed("disk sequence number "+strconv.FormatUint(seq, 10)+", not "+
+				strconv.FormatUint(s.DiskSeq, 10), nil)
 		}
 	case info.Device != s.BackingDevice || info.Inode != s.BackingInode:
-		return 0, &changedError{"bound to another file", nil}
+		return 0, changed("bound to another file", nil)
 	case info.Offset != s.Offset || info.Sizelimit != s.SizeLimit:
-		return 0, &changedError{"bound to another range of the file", nil}
+		return 0, changed("bound to another range of the file", nil)
 	}
 	return seq, nil
 }
 
-// A changedError says how a device is no longer the binding a Status
-// described. It matches ErrChanged, and unwraps to the errno that told,
-// if one did.
-type changedError struct {
-	why string
-	err error
-}
-
-func (e *changedError) Error() string {
-	s := ErrChanged.Error() + ": " + e.why
-	if e.err != nil {
-		s += " (" + errorText(e.err) + ")"
+// changed says how a device is no longer the binding a Status described,
+// and err, the errno that told, if one did. It matches ErrChanged.
+func changed(why string, err error) error {
+	c := &cause{text: ErrChanged.Error() + ": " + why, is: ErrChanged}
+	if err != nil {
+		c.paren, c.errs = true, []error{err}
 	}
-	return s
+	return c
 }
-func (e *changedError) Unwrap() error        { return e.err }
-func (e *changedError) Is(target error) bool { return target == ErrChanged }
 
 // FindByRef returns the status of every bound loop device whose owner
 // reference, lo_file_name, is ref (see Options.Ref). It reads what List
@@ -238,7 +230,7 @@ func (w *detaching) wait(ctx context.Context) error {
 			return err
 		}
 		if err := backoff(ctx, attempt, w.sys.bindPause); err != nil {
-			return newError(w.op, w.path, &heldError{holders: w.sys.holdersOf(w.n, 0), ctx: err})
+			return newError(w.op, w.path, heldBy(w.sys.holdersOf(w.n, 0), err))
 		}
 	}
 }
@@ -269,23 +261,17 @@ func (w *detaching) gone() (bool, error) {
 	return false, nil
 }
 
-// A heldError ends a Detach or Sweep whose context ended while another
-// opener kept the device bound. It matches ErrBusy, the context's error
-// and EBUSY.
-type heldError struct {
-	holders []string
-	ctx     error
-}
-
-func (e *heldError) Error() string {
+// heldBy ends a Detach or Sweep whose context ended (ctxErr) while
+// another opener kept the device bound, holders naming what the kernel
+// says holds it. It matches ErrBusy, ctxErr and EBUSY.
+func heldBy(holders []string, ctxErr error) error {
 	by := "another process has it open (a program, or udev probing it)"
-	if len(e.holders) > 0 {
-		by = "held by " + strings.Join(e.holders, ", ")
+	if len(holders) > 0 {
+		by = "held by " + strings.Join(holders, ", ")
 	}
-	return "still bound: " + by + "; the kernel detaches it at its last close: " + e.ctx.Error()
+	return &cause{text: "still bound: " + by + "; the kernel detaches it at its last close: " + ctxErr.Error(),
+		errs: []error{ctxErr, unix.EBUSY}, is: ErrBusy}
 }
-func (e *heldError) Unwrap() []error      { return []error{e.ctx, unix.EBUSY} }
-func (e *heldError) Is(target error) bool { return target == ErrBusy }
 
 // holdersOf names what the kernel says holds device n, or for m > 0 its
 // partition m alone: devices stacked on it (holders/ in sysfs), and file

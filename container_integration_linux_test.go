@@ -328,7 +328,7 @@ func inMountNS(t *testing.T) {
 		missing := missingNodeOf(t, err)
 		// What the caller does with the number: make the node, and
 		// open the device.
-		if err := missing.MakeNode(); err != nil {
+		if err := MakeNode(missing.Number); err != nil {
 			t.Fatal(err)
 		}
 		d, err := OpenDevice(missing.Number)

@@ -126,7 +126,7 @@ func TestKernelConfigureRejected(t *testing.T) {
 			wantErrno(t, err, unix.ENXIO, ErrNotBound)
 		})
 	}
-	if host.noConfigure.Load() { // internal: what the package learnt of the kernel
+	if !host.has(featConfigure) { // internal: what the package learnt of the kernel
 		t.Fatal("an argument error was taken for a kernel without LOOP_CONFIGURE")
 	}
 	// The kernel itself refuses unknown flags, as validation assumes.
@@ -153,7 +153,7 @@ func TestKernelConfigureFallback(t *testing.T) {
 		t.Run(o.Flags.String(), func(t *testing.T) {
 			k := useForced(t, map[uint]error{reqConfigure: unix.ENOTTY})
 			checkConfigure(t, openControlOn(t, k.sys), o)
-			if !k.sys.noConfigure.Load() {
+			if k.sys.has(featConfigure) {
 				t.Fatal("ENOTTY not remembered")
 			}
 			if !containsReq(k.seen, reqSetFD) {
@@ -165,7 +165,7 @@ func TestKernelConfigureFallback(t *testing.T) {
 		// Old kernels answer EINVAL to the request and to the probe.
 		k := useForced(t, map[uint]error{reqConfigure: unix.EINVAL})
 		checkConfigure(t, openControlOn(t, k.sys), Options{Offset: 512})
-		if !k.sys.noConfigure.Load() {
+		if k.sys.has(featConfigure) {
 			t.Fatal("EINVAL with an EINVAL probe not taken for a kernel without LOOP_CONFIGURE")
 		}
 	})

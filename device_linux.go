@@ -96,8 +96,8 @@ type lockState struct {
 }
 
 // errLockHeld is why a lock could not be taken without waiting.
-var errLockHeld error = &explained{text: "another process holds a lock of the device that this one conflicts with " +
-	"(udev, while it probes the device, holds a shared one for a few milliseconds)", errno: unix.EWOULDBLOCK, is: ErrBusy}
+var errLockHeld error = explain("another process holds a lock of the device that this one conflicts with "+
+	"(udev, while it probes the device, holds a shared one for a few milliseconds)", unix.EWOULDBLOCK, ErrBusy)
 
 // DiskSeq returns the disk sequence number of d's binding: the kernel
 // raises it at every bind and unbind (and at LOOP_CHANGE_FD), so that,
@@ -159,12 +159,12 @@ func (z *blockAnswers) read(s *system, h handle, st *Status) error {
 // read asks.
 func (z *blockAnswers) readDiskSeq(s *system, h handle) error {
 	z.diskSeq = 0
-	if s.noDiskSeq.Load() {
+	if !s.has(featDiskSeq) {
 		return nil
 	}
 	err := ioctlPtr(h, uint(unix.BLKGETDISKSEQ), unsafe.Pointer(&z.diskSeq))
 	if err == unix.EINVAL || err == unix.ENOTTY {
-		s.noDiskSeq.Store(true)
+		s.lacks(featDiskSeq)
 		z.diskSeq = 0
 		return nil
 	}
@@ -315,8 +315,8 @@ func (d *Device) setUp(h handle, bind func() error) error {
 // partitionBusy tells whether err from dropPartitions is a partition in
 // use (partitionsInUse), rather than the device bound meanwhile.
 func partitionBusy(err error) bool {
-	var e *explained
-	return errors.As(err, &e) && e.errno == unix.EBUSY
+	var c *cause
+	return errors.As(err, &c) && c.is == ErrBusy
 }
 
 // configure binds the file open as fd, named name, with valid options o,
@@ -358,16 +358,16 @@ type bindArgs struct {
 // the calls before it on a kernel that lacks it (Linux before 5.8), which
 // s then remembers, so that later binds go straight to the older
 // sequence. On a kernel that may scan a partition table twice in
-// LOOP_CONFIGURE (scansTwice), FlagPartScan is set after it
+// LOOP_CONFIGURE (without featScanOnce), FlagPartScan is set after it
 // (setPartScan).
 func (b *bindArgs) bind(s *system, h handle, dev string, fd uintptr, name string, o Options) error {
-	if !s.noConfigure.Load() {
+	if s.has(featConfigure) {
 		b.cfg = unix.LoopConfig{Fd: uint32(fd), Size: o.BlockSize, Info: loopInfo(name, o)}
 		if o.PreferDirectIO {
 			// Where direct I/O is impossible the kernel binds buffered.
 			b.cfg.Info.Flags |= unix.LO_FLAGS_DIRECT_IO
 		}
-		later := o.Flags&FlagPartScan != 0 && s.kernel().scansTwice()
+		later := o.Flags&FlagPartScan != 0 && !s.has(featScanOnce)
 		if later {
 			b.cfg.Info.Flags &^= unix.LO_FLAGS_PARTSCAN
 		}
@@ -378,7 +378,7 @@ func (b *bindArgs) bind(s *system, h handle, dev string, fd uintptr, name string
 			}
 			return s.setPartScan(h, dev, name, o)
 		}
-		s.noConfigure.Store(true)
+		s.lacks(featConfigure)
 	}
 	return s.configureLegacy(h, fd, name, o)
 }
@@ -404,7 +404,7 @@ func (s *system) setPartScan(h handle, dev, name string, o Options) error {
 
 // runMarkedScan opens the disk at dev and closes it: the open runs the
 // partition scan LOOP_CONFIGURE marked the disk for (on kernels that
-// scansTwice), which finds nothing while FlagPartScan is off.
+// lack featScanOnce), which finds nothing while FlagPartScan is off.
 func (s *system) runMarkedScan(dev string) error {
 	h, err := s.k.open(dev, readOnly)
 	if err != nil {
@@ -428,14 +428,13 @@ func explainBlockSize(err error, size uint32) error {
 	if err != unix.EINVAL || int(size) <= os.Getpagesize() {
 		return err
 	}
-	return &explained{text: "block size " + strconv.FormatUint(uint64(size), 10) + " is above what this kernel takes: the page size (" +
-		strconv.Itoa(os.Getpagesize()) + ") before Linux 6.15, 64 KiB since", errno: unix.EINVAL}
+	return explain("block size "+strconv.FormatUint(uint64(size), 10)+" is above what this kernel takes: the page size ("+
+		strconv.Itoa(os.Getpagesize())+") before Linux 6.15, 64 KiB since", unix.EINVAL, nil)
 }
 
 // errCycle explains EBADF from binding a file: it is the device itself,
 // or a loop device stacked on it, and the kernel refuses such a cycle.
-var errCycle error = &explained{text: "it is this loop device, or a loop device stacked on it: a cycle, which the kernel refuses",
-	errno: unix.EBADF}
+var errCycle error = explain("it is this loop device, or a loop device stacked on it: a cycle, which the kernel refuses", unix.EBADF, nil)
 
 // lacksConfigure tells whether err, LOOP_CONFIGURE's answer, means that the
 // kernel does not know the request. ENOTTY says so plainly; EINVAL is what
@@ -525,25 +524,29 @@ func (d *Device) status(op string, h handle, info *unix.LoopInfo64) error {
 	return newError(op, d.path, ioctlPtr(h, reqGetStatus64, unsafe.Pointer(info)))
 }
 
-// SetStatus changes a bound device's offset, size limit, FlagAutoClear and
-// FlagPartScan with LOOP_SET_STATUS64; the other fields of s are ignored.
-// The kernel silently ignores any other change through this call, so
-// SetStatus refuses one as invalid: FlagReadOnly is fixed when binding,
-// FlagDirectIO changes through SetDirectIO, and FlagPartScan cannot be
-// cleared. EAGAIN from a busy queue is retried with bounded backoff. A
-// kernel that refuses the change while the device is held exclusively
-// (mounted) answers EBUSY, and the error says so; none of 5.10 to 7.3
-// does, though one was announced for 6.19.
+// SetStatus changes what LOOP_SET_STATUS64 changes of a bound device:
+// its offset, size limit, FlagAutoClear, FlagPartScan (which cannot be
+// cleared), and its owner reference (Ref; "" keeps it). Everything else
+// of s that is set and differs from the device is refused as invalid
+// before any ioctl, rather than dropped: FlagReadOnly is fixed at the
+// bind, FlagDirectIO changes through SetDirectIO, BlockSize through
+// SetBlockSize, the backing file through ChangeFD; a Status of another
+// device (Number), or of another binding of this one (DiskSeq, matching
+// ErrChanged) too. BackingFile and Size are what the kernel reports, not
+// settings. So a Status read from the device, changed, and passed back
+// works, and so does one with only the changed fields set.
 //
-// Without CAP_SYS_ADMIN it needs d open for writing, which the Device of a
-// read-only binding from Attach or OpenBinding is not (see OpenDevice).
+// EAGAIN from a busy queue is tried again with bounded backoff. A kernel
+// that refuses the change while the device is held exclusively (mounted)
+// answers EBUSY, and the error names the holder (KERNELS.md). It needs d
+// open for writing, or CAP_SYS_ADMIN (see OpenDevice).
 func (d *Device) SetStatus(s Status) error {
 	const op = "set status"
 	h, err := d.handle(op)
 	if err != nil {
 		return err
 	}
-	if err := (Options{Offset: s.Offset, SizeLimit: s.SizeLimit, Flags: s.Flags}).validate(); err != nil {
+	if err := (Options{Offset: s.Offset, SizeLimit: s.SizeLimit, Flags: s.Flags, Ref: s.Ref}).validate(); err != nil {
 		return newError(op, d.path, err)
 	}
 	var info unix.LoopInfo64
@@ -551,24 +554,55 @@ func (d *Device) SetStatus(s Status) error {
 		return err
 	}
 	have := Flags(info.Flags)
+	if err := d.unsettable(h, s, &info); err != nil {
+		return newError(op, d.path, err)
+	}
 	if fixed := (have ^ s.Flags) &^ legacyFlags; fixed != 0 {
 		return newError(op, d.path, invalid("%v cannot change through LOOP_SET_STATUS64 (the device has %v)", fixed, have))
 	}
 	if have&FlagPartScan != 0 && s.Flags&FlagPartScan == 0 {
 		return newError(op, d.path, invalid("partscan cannot be cleared"))
 	}
-	if have&FlagPartScan == 0 && s.Flags&FlagPartScan != 0 && d.sys.kernel().scansTwice() {
+	if have&FlagPartScan == 0 && s.Flags&FlagPartScan != 0 && !d.sys.has(featScanOnce) {
 		// So that the scan this call makes is the only one (setPartScan).
 		if err := d.sys.runMarkedScan(d.path); err != nil {
 			return newError(op, d.path, err)
 		}
 	}
-	// info keeps lo_file_name, which LOOP_SET_STATUS64 would otherwise
-	// overwrite.
+	// info keeps lo_file_name unless s names a reference: the call writes
+	// what it is given.
 	info.Offset, info.Sizelimit, info.Flags = s.Offset, s.SizeLimit, uint32(s.Flags&legacyFlags)
+	if s.Ref != "" {
+		info.File_name = [unix.LO_NAME_SIZE]uint8{}
+		copy(info.File_name[:unix.LO_NAME_SIZE-1], s.Ref)
+	}
 	return newError(op, d.path, d.heldExclusively(d.sys.retryAgain(func() error {
 		return ioctlPtr(h, reqSetStatus64, unsafe.Pointer(&info))
 	}), "offset, size limit and flags"))
+}
+
+// unsettable refuses what of s SetStatus cannot change, where s sets it
+// (not zero) otherwise than the device, open as h, has it (info).
+func (d *Device) unsettable(h handle, s Status, info *unix.LoopInfo64) error {
+	switch {
+	case s.Number != 0 && s.Number != d.number:
+		return invalid("the Status is of loop%d, not of %s", s.Number, d.path)
+	case (s.BackingDevice != 0 || s.BackingInode != 0) && (s.BackingDevice != info.Device || s.BackingInode != info.Inode):
+		return invalid("the backing file cannot change through LOOP_SET_STATUS64: ChangeFD changes it")
+	case s.BlockSize == 0 && s.DiskSeq == 0:
+		return nil
+	}
+	var cur Status
+	if err := new(blockAnswers).read(d.sys, h, &cur); err != nil {
+		return err
+	}
+	switch {
+	case s.BlockSize != 0 && s.BlockSize != cur.BlockSize:
+		return invalid("block size %d cannot change through LOOP_SET_STATUS64 (the device has %d): SetBlockSize changes it", s.BlockSize, cur.BlockSize)
+	case s.DiskSeq != 0 && cur.DiskSeq != 0 && s.DiskSeq != cur.DiskSeq:
+		return changed("disk sequence number "+strconv.FormatUint(cur.DiskSeq, 10)+", not "+strconv.FormatUint(s.DiskSeq, 10), nil)
+	}
+	return nil
 }
 
 // SetBlockSize sets a bound device's logical block size with

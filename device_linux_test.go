@@ -126,9 +126,47 @@ func TestSetStatusFake(t *testing.T) {
 	if n := len(k.calls("LOOP_SET_STATUS64")); n != before {
 		t.Fatal("a refused SetStatus reached the kernel")
 	}
+	// What SetStatus cannot change is refused where set otherwise than the
+	// device has it, never dropped.
+	cur, err := d.Status()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, change := range map[string]func(s *Status){
+		"Number":       func(s *Status) { s.Number = 3 },
+		"BackingInode": func(s *Status) { s.BackingInode++ },
+		"BlockSize":    func(s *Status) { s.BlockSize = 4096 },
+		"DiskSeq":      func(s *Status) { s.DiskSeq++ },
+	} {
+		s := cur
+		change(&s)
+		err := d.SetStatus(s)
+		want := fs.ErrInvalid
+		if name == "DiskSeq" {
+			want = ErrChanged
+		}
+		if !errors.Is(err, want) {
+			t.Errorf("SetStatus with another %s = %v, want %v", name, err, want)
+		}
+	}
+	if n := len(k.calls("LOOP_SET_STATUS64")); n != before {
+		t.Fatal("a refused SetStatus reached the kernel")
+	}
 	k.failAt("LOOP_SET_STATUS64", 1, unix.EAGAIN)
 	if err := d.SetStatus(Status{Offset: 1024, SizeLimit: 2048, Flags: FlagPartScan | FlagAutoClear}); err != nil {
 		t.Fatal(err)
+	}
+	// Read, changed, passed back: the owner reference changes too.
+	cur, err = d.Status()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cur.Ref = "new-owner"
+	if err := d.SetStatus(cur); err != nil {
+		t.Fatal(err)
+	}
+	if s, err := d.Status(); err != nil || s.Ref != "new-owner" || s.Offset != 1024 {
+		t.Fatalf("Status after a new reference = %+v, %v", s, err)
 	}
 	s, err := d.Status()
 	if err != nil || s.Offset != 1024 || s.SizeLimit != 2048 || s.Flags != FlagPartScan|FlagAutoClear {

@@ -45,8 +45,8 @@ var (
 // exists (sysfs lists it) while its node in /dev does not: a container
 // whose /dev is a tmpfs rather than devtmpfs, where the kernel makes no
 // nodes. It carries the numbers, so that a caller can make the node
-// (MakeNode, or the error's own MakeNode) and try again, or bind with
-// Options.MakeNode, which makes it. It comes within the open's *Error,
+// (MakeNode, or Partition.MakeNode for a partition) and try again, or
+// bind with Options.MakeNode, which makes it. It comes within the open's *Error,
 // matches fs.ErrNotExist, and unwraps to ENOENT.
 type NodeMissingError struct {
 	Number    int    // the loop device: N of /dev/loopN
@@ -65,15 +65,6 @@ func (e *NodeMissingError) Error() string {
 }
 
 func (e *NodeMissingError) Unwrap() error { return e.Err }
-
-// MakeNode makes the missing node, as the function MakeNode, or
-// Partition.MakeNode for a partition, does.
-func (e *NodeMissingError) MakeNode() error {
-	if e.Partition > 0 {
-		return Partition{Number: e.Partition, Path: e.Path}.MakeNode()
-	}
-	return MakeNode(e.Number)
-}
 
 // An OverlapError names the device that holds a range of the file that
 // overlaps the one Attach was asked for, bound otherwise, and says how. It
@@ -229,12 +220,12 @@ func checkNumber(op, path string, n, lowest int) error {
 // refuses new openers while it tears a device down, between LOOP_CLR_FD and
 // the last close on Linux 6.11 and later, and while LOOP_CTL_REMOVE
 // deletes it. It matches ErrNotBound and unwraps to the errno.
-var errTornDown error = &explained{text: "device is being detached or removed", errno: syscall.ENXIO, is: ErrNotBound}
+var errTornDown error = explain("device is being detached or removed", syscall.ENXIO, ErrNotBound)
 
 // errNoDirectIO is why a bind with FlagDirectIO, or SetDirectIO(true),
 // failed: the kernel left direct I/O off.
-var errNoDirectIO error = &explained{text: "the kernel would not turn direct I/O on: the backing file system lacks " +
-	"O_DIRECT, or the offset or block size is not aligned to its disk's blocks", errno: syscall.EINVAL, is: ErrNoDirectIO}
+var errNoDirectIO error = explain("the kernel would not turn direct I/O on: the backing file system lacks "+
+	"O_DIRECT, or the offset or block size is not aligned to its disk's blocks", syscall.EINVAL, ErrNoDirectIO)
 
 // heldExclusively explains EBUSY from a change of d's binding (setting
 // names it) that the kernel makes only while nobody holds the device
@@ -248,52 +239,73 @@ func (d *Device) heldExclusively(err error, setting string) error {
 	if held := d.sys.holdersOf(d.number, 0); len(held) > 0 {
 		by = strings.Join(held, ", ")
 	}
-	return &explained{text: "the device is held exclusively (" + by + "), and the kernel changes its " +
-		setting + " only while nobody does: set it in Options at Attach", errno: syscall.EBUSY, is: ErrBusy}
+	return explain("the device is held exclusively ("+by+"), and the kernel changes its "+
+		setting+" only while nobody does: set it in Options at Attach", syscall.EBUSY, ErrBusy)
 }
 
-// An explained error is an errno with what it means in its place.
-type explained struct {
-	text  string
-	errno syscall.Errno
-	is    error // the sentinel it matches, if any
+// A cause is why an operation failed, as an *Error holds it in Err: the
+// kernel's errno, a context's error or an earlier failure, with what the
+// package knows of it. It is the one form of the package's own causes.
+type cause struct {
+	step  string  // the call or step that failed ("LOOP_SET_STATUS64"): the message starts "step: "
+	text  string  // what the failure means; "" for the first wrapped error's own message
+	paren bool    // the message ends with the first wrapped error's, in parentheses
+	errs  []error // what it wraps: an errno, a context's error, a step's failure
+	is    error   // the sentinel it matches besides those errs match (ErrBusy, ErrChanged)
+	file  bool    // the backing file's failure: no loop-device sentinel is matched (Error.Is)
 }
 
-func (e *explained) Error() string        { return e.text + " (" + e.errno.Error() + ")" }
-func (e *explained) Unwrap() error        { return e.errno }
-func (e *explained) Is(target error) bool { return e.is != nil && target == e.is }
-
-// A stepError names the ioctl that failed inside a multi-step operation.
-// It wraps the errno, so errors.Is sees through it.
-type stepError struct {
-	step string
-	err  error
-}
-
-func (e *stepError) Error() string { return e.step + ": " + e.err.Error() }
-func (e *stepError) Unwrap() error { return e.err }
-
-func inStep(step string, err error) error { return &stepError{step: step, err: err} }
-
-// A fileError is a failure that lies with the backing file rather than a
-// loop device: Error.Is does not map its errno onto the loop device's
-// sentinels.
-type fileError struct{ err error }
-
-func (e *fileError) Error() string { return e.err.Error() }
-func (e *fileError) Unwrap() error { return e.err }
-
-// Is matches fs.ErrInvalid for a path that cannot be used as given.
-func (e *fileError) Is(target error) bool {
-	var errno syscall.Errno
-	if target != fs.ErrInvalid || !errors.As(e.err, &errno) {
-		return false
+func (c *cause) Error() string {
+	s := c.text
+	switch {
+	case s == "" && len(c.errs) > 0:
+		s = errorText(c.errs[0])
+	case c.paren && len(c.errs) > 0:
+		s += " (" + c.errs[0].Error() + ")"
 	}
-	return errno == syscall.EINVAL || errno == syscall.ELOOP || errno == syscall.ENAMETOOLONG
+	if c.step != "" {
+		s = c.step + ": " + s
+	}
+	return s
 }
+
+func (c *cause) Unwrap() []error { return c.errs }
+
+// Is matches the cause's sentinel; for the backing file's failure, the
+// marker ofBackingFile looks for, and fs.ErrInvalid for a path that cannot
+// be used as given (EINVAL, ELOOP, ENAMETOOLONG).
+func (c *cause) Is(target error) bool {
+	switch {
+	case c.is != nil && target == c.is:
+		return true
+	case !c.file:
+		return false
+	case target == errOfFile:
+		return true
+	case target == fs.ErrInvalid:
+		var errno syscall.Errno
+		return len(c.errs) > 0 && errors.As(c.errs[0], &errno) &&
+			(errno == syscall.EINVAL || errno == syscall.ELOOP || errno == syscall.ENAMETOOLONG)
+	}
+	return false
+}
+
+// explain is errno with what it means in its place, matching sentinel is
+// (nil for none) beside the errno.
+func explain(text string, errno syscall.Errno, is error) *cause {
+	return &cause{text: text, paren: true, errs: []error{errno}, is: is}
+}
+
+// inStep names the call or step of a multi-step operation that failed
+// with err, which errors.Is sees through.
+func inStep(step string, err error) error { return &cause{step: step, errs: []error{err}} }
+
+// fileErr marks err as the backing file's: its errno matches no sentinel
+// about loop devices.
+func fileErr(err error) error { return &cause{errs: []error{err}, file: true} }
+
+// errOfFile is the marker of the backing file's failures.
+var errOfFile = errors.New("the backing file's failure")
 
 // ofBackingFile tells whether err is the backing file's.
-func ofBackingFile(err error) bool {
-	var fe *fileError
-	return errors.As(err, &fe)
-}
+func ofBackingFile(err error) bool { return errors.Is(err, errOfFile) }

@@ -214,9 +214,8 @@ func explainReadOnly(h handle, req uint, err error) error {
 
 // errReadOnlyDescriptor is why a change of a loop device open read-only
 // was refused.
-var errReadOnlyDescriptor error = &explained{text: "the device is open read-only (a read-only binding is), and without " +
-	"CAP_SYS_ADMIN the kernel changes a loop device only through a descriptor open for writing: OpenDevice opens one",
-	errno: unix.EPERM}
+var errReadOnlyDescriptor error = explain("the device is open read-only (a read-only binding is), and without "+
+	"CAP_SYS_ADMIN the kernel changes a loop device only through a descriptor open for writing: OpenDevice opens one", unix.EPERM, nil)
 
 func (h *fileHandle) rawIoctl(req uint, arg uintptr) (int, error) {
 	if !h.acquire() {
@@ -393,9 +392,9 @@ func explainLimits(err error) error {
 			if unix.Getrlimit(unix.RLIMIT_NOFILE, &lim) == nil {
 				text += " (its limit, RLIMIT_NOFILE, is " + strconv.FormatUint(lim.Cur, 10) + ")"
 			}
-			return &explained{text: text, errno: e}
+			return explain(text, e, nil)
 		case unix.ENFILE:
-			return &explained{text: "the machine has no file left to open (its limit is fs.file-max)", errno: e}
+			return explain("the machine has no file left to open (its limit is fs.file-max)", e, nil)
 		}
 	case *os.PathError:
 		if x := explainLimits(e.Err); x != e.Err {
@@ -405,13 +404,13 @@ func explainLimits(err error) error {
 		if x := explainLimits(e.Err); x != e.Err {
 			return &os.SyscallError{Syscall: e.Syscall, Err: x}
 		}
-	case *stepError:
-		if x := explainLimits(e.err); x != e.err {
-			return &stepError{step: e.step, err: x}
-		}
-	case *fileError:
-		if x := explainLimits(e.err); x != e.err {
-			return &fileError{err: x}
+	case *cause:
+		if len(e.errs) == 1 && !e.paren {
+			if x := explainLimits(e.errs[0]); x != e.errs[0] {
+				c := *e
+				c.errs = []error{x}
+				return &c
+			}
 		}
 	}
 	return err

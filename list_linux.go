@@ -418,13 +418,21 @@ func (sc *scratch) backingFile(block blockDir, name []byte, attr *int) (string, 
 	}
 }
 
-// maxAddTries bounds addUnused: each EEXIST means another process took the
+// maxAddTries bounds addAny: each EEXIST means another process took the
 // number between the sysfs read and LOOP_CTL_ADD.
 const maxAddTries = 64
 
-// addUnused creates the lowest-numbered loop device that sysfs does not
-// list: what LOOP_CTL_ADD -1 does on kernels that have it.
-func (c *Control) addUnused() (int, error) {
+// addAny is Add(AnyNumber): LOOP_CTL_ADD -1, where the kernel picks an
+// unused number (featAddAny); on a kernel that answers EEXIST while a
+// device is unbound, the lowest number that sysfs does not list.
+func (c *Control) addAny() (int, error) {
+	if c.sys.has(featAddAny) {
+		r, err := c.ioctl("add", ControlPath, reqCtlAdd, ^uintptr(0))
+		if !errors.Is(err, syscall.EEXIST) {
+			return r, err
+		}
+		c.sys.lacks(featAddAny)
+	}
 	var err error
 	for range maxAddTries {
 		var nums []int
@@ -475,9 +483,8 @@ func (c *Control) remove(n int) error {
 
 // Why LOOP_CTL_REMOVE answers EBUSY.
 var (
-	errBound error = &explained{text: "the device is bound: detach it, and let its last opener close it, first",
-		errno: syscall.EBUSY, is: ErrBusy}
-	errOpen error = &explained{text: "the device is open: udev probing it, or another process", errno: syscall.EBUSY, is: ErrBusy}
+	errBound error = explain("the device is bound: detach it, and let its last opener close it, first", syscall.EBUSY, ErrBusy)
+	errOpen  error = explain("the device is open: udev probing it, or another process", syscall.EBUSY, ErrBusy)
 )
 
 // loopNumbers returns the numbers of the loop devices sysfs lists, in order.

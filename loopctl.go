@@ -88,11 +88,7 @@ func (c *Control) Add(n int) (int, error) {
 	if n != AnyNumber {
 		return c.ioctl("add", DevicePath(n), reqCtlAdd, uintptr(n))
 	}
-	r, err := c.ioctl("add", ControlPath, reqCtlAdd, uintptr(n))
-	if errors.Is(err, syscall.EEXIST) {
-		return c.addUnused()
-	}
-	return r, err
+	return c.addAny()
 }
 
 // Remove deletes loop device n with LOOP_CTL_REMOVE. A bound or open device

@@ -34,8 +34,8 @@ func (s *system) loopNumber(path string) (int, uint64, error) {
 	return -1, 0, newError("open", path, errors.ErrUnsupported)
 }
 
-// addUnused is never reached here: no control device can be opened.
-func (c *Control) addUnused() (int, error) {
+// addAny is never reached here: no control device can be opened.
+func (c *Control) addAny() (int, error) {
 	return -1, newError("add", ControlPath, errors.ErrUnsupported)
 }
 

@@ -109,15 +109,14 @@ func (d *Device) Rescan() error {
 }
 
 // errRescanNeedsAdmin explains EACCES from BLKRRPART.
-var errRescanNeedsAdmin error = &explained{text: "reading a partition table again (BLKRRPART) needs CAP_SYS_ADMIN, " +
-	"whatever the device's mode: a partition table written by a user in the disk group is read at the next binding",
-	errno: unix.EACCES}
+var errRescanNeedsAdmin error = explain("reading a partition table again (BLKRRPART) needs CAP_SYS_ADMIN, "+
+	"whatever the device's mode: a partition table written by a user in the disk group is read at the next binding", unix.EACCES, nil)
 
 // scanRefused explains EBUSY from BLKRRPART of device n: a partition is
 // in use, or the disk is held exclusively (a file system on it).
 func (s *system) scanRefused(n int) error {
 	if held := s.holdersOf(n, 0); len(held) > 0 {
-		return &explained{text: "in use: " + strings.Join(held, ", "), errno: unix.EBUSY, is: ErrBusy}
+		return explain("in use: "+strings.Join(held, ", "), unix.EBUSY, ErrBusy)
 	}
 	parts, err := sysfs.Partitions(sysfs.LoopDir(s.sysfs, n), n)
 	if err != nil || len(parts) == 0 {
@@ -133,13 +132,13 @@ const reqBLKPG = unix.BLKRRPART + 105 - 95
 
 // stalePartitions returns the numbers of the partitions that device n,
 // about to be bound, keeps from an earlier binding, on a kernel that
-// leaves them (keepsStalePartitions); none on another. A device's sysfs
+// leaves them (without featDropsHandPartitions); none on another. A device's sysfs
 // directory links two more than its subdirectories, so once a listing
 // has shown what every loop disk has (sysfs.DiskDir), one stat tells a
 // disk with nothing more (no partition, no binding) without a listing.
 // A device gone from sysfs has none: its bind will fail.
 func (s *system) stalePartitions(n int) ([]int, error) {
-	if !s.kernel().keepsStalePartitions() {
+	if s.has(featDropsHandPartitions) {
 		return nil, nil
 	}
 	if clean := s.cleanDiskLinks.Load(); clean != 0 {
@@ -198,8 +197,8 @@ func (s *system) dropPartitions(h handle, n int, parts []int) error {
 			for i, m := range parts {
 				names[i] = "/dev/" + sysfs.PartitionName(n, m)
 			}
-			return &explained{text: "the device keeps partitions of an earlier binding (" + strings.Join(names, ", ") +
-				"), which would show over the new one, and deleting them (BLKPG) needs CAP_SYS_ADMIN", errno: err.(unix.Errno)}
+			return explain("the device keeps partitions of an earlier binding ("+strings.Join(names, ", ")+
+				"), which would show over the new one, and deleting them (BLKPG) needs CAP_SYS_ADMIN", err.(unix.Errno), nil)
 		default:
 			return inStep("BLKPG_DEL_PARTITION "+sysfs.PartitionName(n, m), err)
 		}
@@ -224,7 +223,7 @@ func (s *system) partitionsInUse(n int, parts []int) error {
 	} else {
 		text += " (open by a process, or mounted in another mount namespace)"
 	}
-	return &explained{text: text, errno: unix.EBUSY, is: ErrBusy}
+	return explain(text, unix.EBUSY, ErrBusy)
 }
 
 // MakeNode creates the block device node of loop device n, /dev/loopN, if
@@ -322,7 +321,7 @@ func explainMknod(err error, rdev uint64) error {
 		text = fmt.Sprintf("a device cgroup (the container's device rules) refuses to make block device %d:%d: allow %s, or pass the node in",
 			unix.Major(rdev), unix.Minor(rdev), deviceRule(rdev, "m"))
 	}
-	return &explained{text: text, errno: unix.EPERM}
+	return explain(text, unix.EPERM, nil)
 }
 
 // explainNodeOpen explains why a node just made could not be opened, in
@@ -330,25 +329,25 @@ func explainMknod(err error, rdev uint64) error {
 // the device, EACCES a /dev that takes no device nodes (mounted nodev, or
 // by a user namespace).
 func explainNodeOpen(err error, rdev uint64) error {
-	var cause *error
+	var errp *error
 	var e *Error
 	var pe *os.PathError
 	switch {
 	case errors.As(err, &e):
-		cause = &e.Err
+		errp = &e.Err
 	case errors.As(err, &pe):
-		cause = &pe.Err
+		errp = &pe.Err
 	default:
 		return err
 	}
-	switch *cause {
+	switch *errp {
 	case unix.EPERM:
-		*cause = &explained{text: fmt.Sprintf("made the node, but a device cgroup "+
+		*errp = explain(fmt.Sprintf("made the node, but a device cgroup "+
 			"(the container's device rules) refuses block device %d:%d: allow %s",
-			unix.Major(rdev), unix.Minor(rdev), deviceRule(rdev, "rw")), errno: unix.EPERM}
+			unix.Major(rdev), unix.Minor(rdev), deviceRule(rdev, "rw")), unix.EPERM, nil)
 	case unix.EACCES:
-		*cause = &explained{text: "made the node, but its file system takes no device " +
-			"nodes (mounted nodev, or by a user namespace)", errno: unix.EACCES}
+		*errp = explain("made the node, but its file system takes no device "+
+			"nodes (mounted nodev, or by a user namespace)", unix.EACCES, nil)
 	}
 	return err
 }

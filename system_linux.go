@@ -33,11 +33,10 @@ type system struct {
 	// benchmark measuring what the lock costs sets it.
 	noAttachLock bool
 
-	// The kernel's features, learnt at the first call that needs them and
-	// kept: the kernel does not change under a process. noConfigure: it
-	// has no LOOP_CONFIGURE (before 5.8); noDiskSeq: no BLKGETDISKSEQ
-	// (before 5.15).
-	noConfigure, noDiskSeq atomic.Bool
+	// What the package learnt of the kernel's features (features_linux.go),
+	// at the first call that needed each, and kept: the kernel does not
+	// change under a process.
+	answers featureAnswers
 
 	// turn is the attach turn (lockAttach), and shared the control device
 	// Attach uses, opened at first need and kept (sharedControl): one per

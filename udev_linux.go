@@ -140,10 +140,10 @@ func explainRefused(path string, err error, rootOnly string) error {
 	}
 	var e *Error
 	if errors.As(err, &e) {
-		e.Err = &explained{text: text, errno: unix.EACCES}
+		e.Err = explain(text, unix.EACCES, nil)
 		return e
 	}
-	return newError("open", path, &explained{text: text, errno: unix.EACCES})
+	return newError("open", path, explain(text, unix.EACCES, nil))
 }
 
 // A dirWatch tells of files made in a directory (inotify IN_CREATE and
