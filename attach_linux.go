@@ -6,46 +6,13 @@ import (
 	"context"
 	"errors"
 	"io/fs"
-	"math/rand/v2"
 	"os"
 	"strconv"
-	"time"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/loopctl/loopctl/internal/sysfs"
 )
-
-// Attach binds the file at path to a free loop device as o asks, and
-// returns the device, open. The file is opened read-only with FlagReadOnly
-// and read-write otherwise: one that cannot be opened for writing fails
-// (fs.ErrPermission; on a read-only file system unix.EROFS, saying that
-// FlagReadOnly binds it), never switching to read-only in silence. Attach
-// closes its own descriptor of the file once the device holds it.
-//
-// The path is treated as hostile: anything but a regular file or a block
-// device (a directory, a pipe, a socket, a character device, a file of
-// procfs or sysfs, an unbound loop device) fails with fs.ErrInvalid before
-// the file is opened for I/O, and a failure of the file is named as the
-// file's, matching no loop-device sentinel (see "Untrusted paths" in the
-// package documentation). A lease on the file is broken and waited for
-// while ctx allows.
-//
-// Attach is safe beside other processes attaching and detaching (see
-// "Races, detach at last close, and crashes"): it takes systemd's lock on
-// /dev/loop-control, tries a lost race again with backoff while ctx
-// allows, up to 256 times (then ErrBusy), and never clears a binding it
-// did not make. A device just made is root's until udev has applied its
-// rules (the disk group's, mode 0660): a caller in the disk group waits
-// for that while ctx allows (see OpenDevice). With Options.Reuse it
-// returns a device bound as asked (Device.Shared), or fails with an
-// *OverlapError. On failure it leaves
-// nothing behind: no binding of its own and no descriptor. The binding
-// outlives the Device, unless FlagAutoClear has the kernel detach it at
-// the last close.
-func Attach(ctx context.Context, path string, o Options) (*Device, error) {
-	return host.attachPath(ctx, path, o)
-}
 
 func (s *system) attachPath(ctx context.Context, path string, o Options) (*Device, error) {
 	const op = "attach"
@@ -61,16 +28,6 @@ func (s *system) attachPath(ctx context.Context, path string, o Options) (*Devic
 	}
 	defer closeFD(fd)
 	return s.attach(ctx, uintptr(fd), path, o)
-}
-
-// AttachFile is Attach for a file the caller has open; f stays the
-// caller's to close. A nil or closed f, and one that cannot back a loop
-// device (anything but a regular file or a block device, as Attach checks
-// a path), are refused as invalid before any device is touched.
-// With FlagReadOnly the device is read-only whatever f's mode; without it,
-// a read-only f gives a read-only device, as the kernel decides.
-func AttachFile(ctx context.Context, f *os.File, o Options) (*Device, error) {
-	return host.attachFile(ctx, f, o)
 }
 
 func (s *system) attachFile(ctx context.Context, f *os.File, o Options) (*Device, error) {
@@ -175,27 +132,6 @@ func (s *system) attachOnce(ctx context.Context, fd uintptr, name string, o Opti
 	}
 	d, lost, err = s.tryAttach(ctx, c, n, fd, name, o)
 	return d, n, lost, err
-}
-
-// backoff is the package's one retry policy: it waits before attempt+1,
-// not at all after the first (a lost race is the common case: GET_FREE
-// then names another device), then exponentially from 100 µs with jitter,
-// each pause at most limit (the system's bindPause for a bind, againPause
-// for a busy kernel). It returns early with ctx.Err().
-func backoff(ctx context.Context, attempt int, limit time.Duration) error {
-	if attempt == 0 {
-		return ctx.Err()
-	}
-	d := min(50*time.Microsecond<<min(attempt, 20), limit)
-	d = d/2 + rand.N(d/2+1)
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return ctx.Err()
-	case <-t.C:
-		return nil
-	}
 }
 
 // tryAttach binds the file open as fd to device n under an exclusive flock

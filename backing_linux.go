@@ -443,3 +443,21 @@ func preadContext(ctx context.Context, fd uintptr, buf []byte, off int64) (int, 
 		return 0, ctx.Err()
 	}
 }
+
+// reopenReadOnly returns a read-only descriptor of the file open as fd, and
+// a function that releases it: fd itself when it is read-only already,
+// otherwise a new open of /proc/self/fd/N.
+func (s *system) reopenReadOnly(fd uintptr) (uintptr, func(), error) {
+	fl, err := unix.FcntlInt(fd, unix.F_GETFL, 0)
+	if err != nil {
+		return 0, nil, err
+	}
+	if fl&unix.O_ACCMODE == unix.O_RDONLY {
+		return fd, func() {}, nil
+	}
+	ro, err := openFD(s.procFD+strconv.Itoa(int(fd)), unix.O_RDONLY)
+	if err != nil {
+		return 0, nil, err
+	}
+	return uintptr(ro), func() { closeFD(ro) }, nil
+}

@@ -26,22 +26,6 @@ import (
 // detach then waits for the last close. So OpenBinding opens first and
 // checks after, and Detach and Sweep go through it.
 
-// OpenBinding opens device s.Number, read-only when s is a read-only
-// binding (as Attach holds one: see OpenDevice) and read-write otherwise,
-// and checks that it is still the binding s describes: the same disk sequence number where s
-// and the kernel have one (Linux 5.15 and later), else the same backing
-// file (device and inode), offset and size limit. Otherwise, or when the
-// device is unbound, being torn down or gone, it closes what it opened and
-// fails with an error matching ErrChanged.
-//
-// The check is made after the open because the open pins the binding:
-// another process's ClearFD then only defers the detach to the last close,
-// the returned Device's among them. So List, then OpenBinding, then
-// ClearFD never detaches a binding other than the one listed. Without
-// disk sequence numbers, a device bound anew to the same file with the
-// same offset and size limit passes for the binding s describes.
-func OpenBinding(s Status) (*Device, error) { return host.openBinding(s) }
-
 func (s *system) openBinding(st Status) (*Device, error) {
 	mode := readWrite
 	if st.Flags&FlagReadOnly != 0 {
@@ -119,14 +103,6 @@ func changed(why string, err error) error {
 	return c
 }
 
-// FindByRef returns the status of every bound loop device whose owner
-// reference, lo_file_name, is ref (see Options.Ref). It reads what List
-// reads, and on a device of another reference stops at LOOP_GET_STATUS64.
-// The reference is only in the device, so FindByRef needs the right to
-// open the devices (root, or the disk group): without it, the open's
-// error, matching fs.ErrPermission.
-func FindByRef(ref string) ([]Status, error) { return host.findByRef(ref) }
-
 func (s *system) findByRef(ref string) ([]Status, error) {
 	if err := validRef(ref); err != nil || ref == "" {
 		if err == nil {
@@ -135,37 +111,6 @@ func (s *system) findByRef(ref string) ([]Status, error) {
 		return nil, newError("find", "", err)
 	}
 	return s.list(&match{ref: ref})
-}
-
-// Detach detaches the device, closes it, and returns once the kernel has
-// let go of the binding: its loop/ directory has left sysfs, which the
-// kernel removes as it releases the backing file. A caller may then
-// delete the image, or unmount the file system it lives on.
-//
-// ClearFD detaches at once only for the last opener (since Linux 6.11, at
-// the Close that follows it); while another holds the device (a mount, a
-// process, udev probing it for a few milliseconds after each change),
-// the detach waits for that opener's close, and so does Detach, as long as
-// ctx allows. When ctx ends first it fails with an error matching ErrBusy
-// and ctx's error that names what holds the device, where the kernel says
-// (a device stacked on it, from holders/ in sysfs; a file system mounted
-// on it or on a partition, from this process's /proc/self/mountinfo);
-// the detach stays set for the last close. Either way d is closed. No
-// event tells a device's last close: Detach looks again at pauses from
-// 100 microseconds up to 20 milliseconds.
-//
-// A Device that Attach shared (Options.Reuse, Device.Shared) is others'
-// binding too: Detach ends it for all of them, at their last close.
-//
-// Without CAP_SYS_ADMIN it needs d open for writing, which the Device of a
-// read-only binding from Attach or OpenBinding is not (see OpenDevice).
-func (d *Device) Detach(ctx context.Context) error {
-	const op = "detach"
-	w, err := d.startDetach(op)
-	if err != nil {
-		return err
-	}
-	return w.wait(ctx)
 }
 
 // A detaching is a detach under way: device n's binding, and a
@@ -319,21 +264,6 @@ func (s *system) holdersOf(n, m int) []string {
 	return held
 }
 
-// Sweep detaches every binding whose owner reference (Options.Ref) is
-// ref: what a runtime does at start, for the devices it bound before a
-// crash. It finds them with FindByRef and goes through OpenBinding, so it
-// never detaches a binding whose reference differs, or one bound anew
-// since it looked: a device's reference is checked again once it is
-// open, its binding pinned.
-//
-// It detaches as ClearFD does: a device that another opener holds (a
-// mount, a process doing I/O) keeps its binding, and its I/O, until that
-// opener's last close. Sweep waits for those while ctx allows, and
-// returns the bindings it detached, deferred ones included, with an error
-// that names each one still bound when ctx ended and what holds it
-// (matching ErrBusy), along with any other failure.
-func Sweep(ctx context.Context, ref string) ([]Status, error) { return host.sweep(ctx, ref) }
-
 func (s *system) sweep(ctx context.Context, ref string) ([]Status, error) {
 	const op = "sweep"
 	found, err := s.findByRef(ref)
@@ -372,4 +302,14 @@ func (s *system) sweep(ctx context.Context, ref string) ([]Status, error) {
 		}
 	}
 	return swept, errors.Join(errs...)
+}
+
+// detach is Detach.
+func (d *Device) detach(ctx context.Context) error {
+	const op = "detach"
+	w, err := d.startDetach(op)
+	if err != nil {
+		return err
+	}
+	return w.wait(ctx)
 }

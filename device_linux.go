@@ -8,124 +8,12 @@ import (
 	"math"
 	"os"
 	"strconv"
-	"sync"
-	"sync/atomic"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/loopctl/loopctl/internal/sysfs"
 )
-
-// Status returns the device's binding: LOOP_GET_STATUS64 for the numbers,
-// the flags and lo_file_name (Status.Ref), BLKSSZGET, BLKGETSIZE64 and
-// BLKGETDISKSEQ for the block size, the size and the disk sequence number,
-// and sysfs for the full backing path (the kernel keeps only 64 bytes of it
-// in lo_file_name, which is the fallback). An unbound device is an error
-// matching ErrNotBound.
-func (d *Device) Status() (Status, error) {
-	const op = "status"
-	h, err := d.handle(op)
-	if err != nil {
-		return Status{}, err
-	}
-	var info unix.LoopInfo64
-	if err := d.status(op, h, &info); err != nil {
-		return Status{}, err
-	}
-	s := statusFromInfo(&info)
-	if err := new(blockAnswers).read(d.sys, h, &s); err != nil {
-		return Status{}, newError(op, d.path, err)
-	}
-	var buf [sysfs.BufSize]byte
-	// Empty, or gone, once a teardown that began since has let go of the
-	// file: lo_file_name then stands. Any other failure (EMFILE) is an
-	// error, not a reason to give the short name.
-	b, err := sysfs.ReadFile(d.sys.sysfsLoopAttr(s.Number, "backing_file"), buf[:])
-	if err := unbinding(err); err != nil {
-		return Status{}, newError(op, d.path, err)
-	}
-	if v := sysfs.Value(b); v != "" {
-		s.BackingFile = v
-	}
-	return s, nil
-}
-
-// Lock changes the lock d holds on its loop device to m (see LockMode);
-// LockNone lets it go. It does not wait: a lock another process holds
-// that m conflicts with (udev, while it probes the device, holds a shared
-// one for a few milliseconds) is an error matching ErrBusy and
-// EWOULDBLOCK, and d keeps the lock it held. Closing d lets go of its lock
-// too.
-func (d *Device) Lock(m LockMode) error {
-	const op = "lock"
-	h, err := d.handle(op)
-	if err != nil {
-		return err
-	}
-	if m < LockNone || m > LockExclusive {
-		return newError(op, d.path, invalid("unknown lock mode %d", int(m)))
-	}
-	d.lock.mu.Lock()
-	defer d.lock.mu.Unlock()
-	err = h.flock(flockOf[m])
-	if err == unix.EWOULDBLOCK {
-		// The kernel lets go of the lock it changes before it finds the
-		// conflict: take back the one d held.
-		if prev := LockMode(d.lock.mode.Load()); prev != LockNone {
-			if perr := h.flock(flockOf[prev]); perr != nil {
-				d.lock.mode.Store(int32(LockNone))
-				err = errors.Join(errLockHeld, inStep("taking back the "+prev.String()+" lock", perr))
-				return newError(op, d.path, err)
-			}
-		}
-		return newError(op, d.path, errLockHeld)
-	}
-	if err != nil {
-		return newError(op, d.path, inStep("flock", err))
-	}
-	d.lock.mode.Store(int32(m))
-	return nil
-}
-
-// A lockState is the LockMode a Device holds, and what orders its
-// changes.
-type lockState struct {
-	mu   sync.Mutex
-	mode atomic.Int32
-}
-
-// errLockHeld is why a lock could not be taken without waiting.
-var errLockHeld error = explain("another process holds a lock of the device that this one conflicts with "+
-	"(udev, while it probes the device, holds a shared one for a few milliseconds)", unix.EWOULDBLOCK, ErrBusy)
-
-// DiskSeq returns the disk sequence number of d's binding: the kernel
-// raises it at every bind and unbind (and at LOOP_CHANGE_FD), so that,
-// with the device's number, it names one binding, where the number alone
-// is reused as soon as the device is free. 0 on kernels before 5.15,
-// which have none; that is no error.
-//
-// For a binding d made (Attach, Configure, ChangeFD) or was opened for
-// (OpenBinding), it is the number read then: right after the bind, while
-// Attach and Configure still hold the device's lock. Otherwise it asks the
-// kernel (BLKGETDISKSEQ). While d is open its binding cannot be replaced
-// by another process, whose ClearFD only defers the detach to the last
-// close, d's among them; only LOOP_CHANGE_FD moves the number on.
-func (d *Device) DiskSeq() (uint64, error) {
-	const op = "disk seq"
-	h, err := d.handle(op)
-	if err != nil {
-		return 0, err
-	}
-	if seq := d.seq.Load(); seq != 0 {
-		return seq, nil
-	}
-	var b blockAnswers
-	if err := b.readDiskSeq(d.sys, h); err != nil {
-		return 0, newError(op, d.path, err)
-	}
-	return b.diskSeq, nil
-}
 
 // blockAnswers is where BLKSSZGET, BLKGETSIZE64 and BLKGETDISKSEQ
 // answer. The kernel writes through pointers that pass an interface
@@ -197,80 +85,6 @@ func loopInfo(name string, o Options) unix.LoopInfo64 {
 	}
 	copy(info.File_name[:unix.LO_NAME_SIZE-1], name)
 	return info
-}
-
-// Configure binds f to the device with o in one LOOP_CONFIGURE call. With
-// FlagReadOnly the device is read-only even when f is open for writing.
-// With FlagDirectIO, a kernel that binds without direct I/O (on a file
-// system without O_DIRECT, such as tmpfs before Linux 6.6) makes Configure
-// clear the binding and fail with ErrNoDirectIO: an option is never
-// dropped in silence.
-//
-// Options, and f as Attach checks a backing file (a regular file or a
-// block device; see Attach), are checked before any ioctl; a refusal
-// matches fs.ErrInvalid. On a kernel without LOOP_CONFIGURE
-// (decided by its answer, then remembered) Configure falls back to
-// LOOP_SET_FD, LOOP_SET_STATUS64, LOOP_SET_BLOCK_SIZE and
-// LOOP_SET_DIRECT_IO; if a step after LOOP_SET_FD fails it clears the
-// binding it made (which, as after ClearFD, the kernel lets go at the
-// device's last close since Linux 6.11: udev may be probing it). A bound
-// device is an error matching ErrBusy.
-//
-// With PreferDirectIO and not FlagDirectIO, the device gets direct I/O
-// where the kernel can give it, and is bound buffered elsewhere.
-// BlockSizeAuto is resolved as for Attach. With Lock, d is locked so
-// before the binding, and keeps the lock; a lock another process holds is
-// an error matching ErrBusy, and a failed bind gives back the lock d
-// held. Configure refuses what only Attach can do, Reuse, MakeNode and
-// NoSymlinks, as invalid.
-//
-// Without CAP_SYS_ADMIN it needs d open for writing, which the Device of a
-// read-only binding from Attach or OpenBinding is not (see OpenDevice).
-func (d *Device) Configure(f *os.File, o Options) error {
-	const op = "configure"
-	h, err := d.handle(op)
-	if err != nil {
-		return err
-	}
-	if err := o.validate(); err != nil {
-		return newError(op, d.path, err)
-	}
-	switch {
-	case o.Reuse:
-		return newError(op, d.path, invalid("Options.Reuse: only Attach, which chooses the device, can share one"))
-	case o.MakeNode:
-		return newError(op, d.path, invalid("Options.MakeNode: the device is open already"))
-	case o.NoSymlinks:
-		return newError(op, d.path, invalid("Options.NoSymlinks is for a path: the caller opened this file"))
-	}
-	return withFile(op, d.path, f, func(fd uintptr) error {
-		if err := checkBackingFile(fd, f.Name(), o); err != nil {
-			return newError(op, d.path, err)
-		}
-		var err error
-		if o.BlockSize, err = backingBlockSize(context.Background(), fd, o); err != nil {
-			return newError(op, d.path, err)
-		}
-		prev := LockMode(d.lock.mode.Load())
-		if o.Lock != prev {
-			if err := d.Lock(o.Lock); err != nil {
-				return err
-			}
-		}
-		var seq uint64
-		err = d.setUp(h, func() (err error) {
-			seq, err = d.sys.configure(h, d.path, fd, f.Name(), o)
-			return err
-		})
-		if err != nil {
-			if o.Lock != prev {
-				d.Lock(prev) // as it was: a lock d held, given back without waiting
-			}
-			return newError(op, d.path, err)
-		}
-		d.seq.Store(seq)
-		return nil
-	})
 }
 
 // setUp runs bind, which binds d's device through h, once partitions an
@@ -524,23 +338,134 @@ func (d *Device) status(op string, h handle, info *unix.LoopInfo64) error {
 	return newError(op, d.path, ioctlPtr(h, reqGetStatus64, unsafe.Pointer(info)))
 }
 
-// SetStatus changes what LOOP_SET_STATUS64 changes of a bound device:
-// its offset, size limit, FlagAutoClear, FlagPartScan (which cannot be
-// cleared), and its owner reference (Ref; "" keeps it). Everything else
-// of s that is set and differs from the device is refused as invalid
-// before any ioctl, rather than dropped: FlagReadOnly is fixed at the
-// bind, FlagDirectIO changes through SetDirectIO, BlockSize through
-// SetBlockSize, the backing file through ChangeFD; a Status of another
-// device (Number), or of another binding of this one (DiskSeq, matching
-// ErrChanged) too. BackingFile and Size are what the kernel reports, not
-// settings. So a Status read from the device, changed, and passed back
-// works, and so does one with only the changed fields set.
-//
-// EAGAIN from a busy queue is tried again with bounded backoff. A kernel
-// that refuses the change while the device is held exclusively (mounted)
-// answers EBUSY, and the error names the holder (KERNELS.md). It needs d
-// open for writing, or CAP_SYS_ADMIN (see OpenDevice).
-func (d *Device) SetStatus(s Status) error {
+// unsettable refuses what of s SetStatus cannot change, where s sets it
+// (not zero) otherwise than the device, open as h, has it (info).
+func (d *Device) unsettable(h handle, s Status, info *unix.LoopInfo64) error {
+	switch {
+	case s.Number != 0 && s.Number != d.number:
+		return invalid("the Status is of loop%d, not of %s", s.Number, d.path)
+	case (s.BackingDevice != 0 || s.BackingInode != 0) && (s.BackingDevice != info.Device || s.BackingInode != info.Inode):
+		return invalid("the backing file cannot change through LOOP_SET_STATUS64: ChangeFD changes it")
+	case s.BlockSize == 0 && s.DiskSeq == 0:
+		return nil
+	}
+	var cur Status
+	if err := new(blockAnswers).read(d.sys, h, &cur); err != nil {
+		return err
+	}
+	switch {
+	case s.BlockSize != 0 && s.BlockSize != cur.BlockSize:
+		return invalid("block size %d cannot change through LOOP_SET_STATUS64 (the device has %d): SetBlockSize changes it", s.BlockSize, cur.BlockSize)
+	case s.DiskSeq != 0 && cur.DiskSeq != 0 && s.DiskSeq != cur.DiskSeq:
+		return changed("disk sequence number "+strconv.FormatUint(cur.DiskSeq, 10)+", not "+strconv.FormatUint(s.DiskSeq, 10), nil)
+	}
+	return nil
+}
+
+// loopNumber checks, without opening it, that path (after symlinks) is a
+// whole loop disk, and returns its number and device number. The sysfs
+// loop/ directory exists only while a device is bound, so the test is where
+// /sys/dev/block/MAJ:MIN leads: to .../block/loopN for a whole loop disk,
+// to .../block/loopN/loopNpM for a partition.
+func (s *system) loopNumber(path string) (int, uint64, error) {
+	st, err := stat(path)
+	if err != nil {
+		return -1, 0, newError("open", path, err)
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFBLK {
+		return -1, 0, newError("open", path, ErrNotLoop)
+	}
+	rdev := uint64(st.Rdev)
+	target, err := os.Readlink(sysfs.DevBlockPath(s.sysfs, unix.Major(rdev), unix.Minor(rdev)))
+	if err != nil {
+		return -1, 0, newError("open", path, ErrNotLoop)
+	}
+	n, ok := sysfs.WholeLoopDisk(target)
+	if !ok || n > MaxNumber {
+		return -1, 0, newError("open", path, ErrNotLoop)
+	}
+	return n, rdev, nil
+}
+
+// readStatus is Status.
+func (d *Device) readStatus() (Status, error) {
+	const op = "status"
+	h, err := d.handle(op)
+	if err != nil {
+		return Status{}, err
+	}
+	var info unix.LoopInfo64
+	if err := d.status(op, h, &info); err != nil {
+		return Status{}, err
+	}
+	s := statusFromInfo(&info)
+	if err := new(blockAnswers).read(d.sys, h, &s); err != nil {
+		return Status{}, newError(op, d.path, err)
+	}
+	var buf [sysfs.BufSize]byte
+	// Empty, or gone, once a teardown that began since has let go of the
+	// file: lo_file_name then stands. Any other failure (EMFILE) is an
+	// error, not a reason to give the short name.
+	b, err := sysfs.ReadFile(d.sys.sysfsLoopAttr(s.Number, "backing_file"), buf[:])
+	if err := unbinding(err); err != nil {
+		return Status{}, newError(op, d.path, err)
+	}
+	if v := sysfs.Value(b); v != "" {
+		s.BackingFile = v
+	}
+	return s, nil
+}
+
+// configure is Configure.
+func (d *Device) configure(f *os.File, o Options) error {
+	const op = "configure"
+	h, err := d.handle(op)
+	if err != nil {
+		return err
+	}
+	if err := o.validate(); err != nil {
+		return newError(op, d.path, err)
+	}
+	switch {
+	case o.Reuse:
+		return newError(op, d.path, invalid("Options.Reuse: only Attach, which chooses the device, can share one"))
+	case o.MakeNode:
+		return newError(op, d.path, invalid("Options.MakeNode: the device is open already"))
+	case o.NoSymlinks:
+		return newError(op, d.path, invalid("Options.NoSymlinks is for a path: the caller opened this file"))
+	}
+	return withFile(op, d.path, f, func(fd uintptr) error {
+		if err := checkBackingFile(fd, f.Name(), o); err != nil {
+			return newError(op, d.path, err)
+		}
+		var err error
+		if o.BlockSize, err = backingBlockSize(context.Background(), fd, o); err != nil {
+			return newError(op, d.path, err)
+		}
+		prev := LockMode(d.lock.mode.Load())
+		if o.Lock != prev {
+			if err := d.Lock(o.Lock); err != nil {
+				return err
+			}
+		}
+		var seq uint64
+		err = d.setUp(h, func() (err error) {
+			seq, err = d.sys.configure(h, d.path, fd, f.Name(), o)
+			return err
+		})
+		if err != nil {
+			if o.Lock != prev {
+				d.Lock(prev) // as it was: a lock d held, given back without waiting
+			}
+			return newError(op, d.path, err)
+		}
+		d.seq.Store(seq)
+		return nil
+	})
+}
+
+// setStatus is SetStatus.
+func (d *Device) setStatus(s Status) error {
 	const op = "set status"
 	h, err := d.handle(op)
 	if err != nil {
@@ -581,41 +506,8 @@ func (d *Device) SetStatus(s Status) error {
 	}), "offset, size limit and flags"))
 }
 
-// unsettable refuses what of s SetStatus cannot change, where s sets it
-// (not zero) otherwise than the device, open as h, has it (info).
-func (d *Device) unsettable(h handle, s Status, info *unix.LoopInfo64) error {
-	switch {
-	case s.Number != 0 && s.Number != d.number:
-		return invalid("the Status is of loop%d, not of %s", s.Number, d.path)
-	case (s.BackingDevice != 0 || s.BackingInode != 0) && (s.BackingDevice != info.Device || s.BackingInode != info.Inode):
-		return invalid("the backing file cannot change through LOOP_SET_STATUS64: ChangeFD changes it")
-	case s.BlockSize == 0 && s.DiskSeq == 0:
-		return nil
-	}
-	var cur Status
-	if err := new(blockAnswers).read(d.sys, h, &cur); err != nil {
-		return err
-	}
-	switch {
-	case s.BlockSize != 0 && s.BlockSize != cur.BlockSize:
-		return invalid("block size %d cannot change through LOOP_SET_STATUS64 (the device has %d): SetBlockSize changes it", s.BlockSize, cur.BlockSize)
-	case s.DiskSeq != 0 && cur.DiskSeq != 0 && s.DiskSeq != cur.DiskSeq:
-		return changed("disk sequence number "+strconv.FormatUint(cur.DiskSeq, 10)+", not "+strconv.FormatUint(s.DiskSeq, 10), nil)
-	}
-	return nil
-}
-
-// SetBlockSize sets a bound device's logical block size with
-// LOOP_SET_BLOCK_SIZE. size must be a power of two from 512 up; the kernel
-// judges the upper bound (the page size on older kernels, 64 KiB here).
-// EAGAIN from a busy queue is retried with bounded backoff. Since Linux
-// 6.17 (and in stable kernels since: Debian's 6.12.118) the kernel refuses
-// the change while the device is held exclusively (mounted, or open with
-// O_EXCL): the error matches ErrBusy and says so.
-//
-// Without CAP_SYS_ADMIN it needs d open for writing, which the Device of a
-// read-only binding from Attach or OpenBinding is not (see OpenDevice).
-func (d *Device) SetBlockSize(size uint32) error {
+// setBlockSize is SetBlockSize.
+func (d *Device) setBlockSize(size uint32) error {
 	const op = "set block size"
 	h, err := d.handle(op)
 	if err != nil {
@@ -630,16 +522,8 @@ func (d *Device) SetBlockSize(size uint32) error {
 	}), size), "block size"))
 }
 
-// ChangeFD swaps the backing file of a bound read-only device for f with
-// LOOP_CHANGE_FD, without unbinding: the way a live system's root image is
-// replaced. The kernel allows it only on a read-only device, and only for
-// a regular file or block device of the same size as the bound one; the
-// first two are checked here (f as Attach checks a backing file), and the
-// kernel's EINVAL for the size is explained.
-//
-// Without CAP_SYS_ADMIN it needs d open for writing, which the Device of a
-// read-only binding from Attach or OpenBinding is not (see OpenDevice).
-func (d *Device) ChangeFD(f *os.File) error {
+// changeFD is ChangeFD.
+func (d *Device) changeFD(f *os.File) error {
 	const op = "change fd"
 	h, err := d.handle(op)
 	if err != nil {
@@ -673,4 +557,21 @@ func (d *Device) ChangeFD(f *os.File) error {
 		}
 		return newError(op, d.path, err)
 	})
+}
+
+// diskSeq is DiskSeq.
+func (d *Device) diskSeq() (uint64, error) {
+	const op = "disk seq"
+	h, err := d.handle(op)
+	if err != nil {
+		return 0, err
+	}
+	if seq := d.seq.Load(); seq != 0 {
+		return seq, nil
+	}
+	var b blockAnswers
+	if err := b.readDiskSeq(d.sys, h); err != nil {
+		return 0, newError(op, d.path, err)
+	}
+	return b.diskSeq, nil
 }

@@ -300,10 +300,6 @@ func explain(text string, errno syscall.Errno, is error) *cause {
 // with err, which errors.Is sees through.
 func inStep(step string, err error) error { return &cause{step: step, errs: []error{err}} }
 
-// fileErr marks err as the backing file's: its errno matches no sentinel
-// about loop devices.
-func fileErr(err error) error { return &cause{errs: []error{err}, file: true} }
-
 // errOfFile is the marker of the backing file's failures.
 var errOfFile = errors.New("the backing file's failure")
 

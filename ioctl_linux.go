@@ -3,177 +3,12 @@
 package loopctl
 
 import (
-	"context"
-	"os"
-	"runtime"
-	"strconv"
-	"strings"
-	"sync/atomic"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/loopctl/loopctl/internal/call"
-
-	"github.com/loopctl/loopctl/internal/sysfs"
 )
-
-// kernel opens handles: the machine's (osKernel), or a test's fake.
-type kernel interface {
-	open(path string, mode int) (handle, error)
-	// probe opens /dev/loopN read-only for one call's use, in buf's
-	// memory.
-	probe(n int, buf *probeBuf) (handle, error)
-}
-
-// A probeBuf is the memory of one device probe at a time: its path, and
-// its descriptor, which as an interface value of its own would be
-// allocated.
-type probeBuf struct {
-	path [32]byte
-	fd   fdHandle
-}
-
-// osKernel opens real device nodes.
-type osKernel struct{}
-
-// open opens path with O_CLOEXEC: open(2) and nothing more. os.NewFile
-// would add an fcntl, and os.OpenFile more fcntl calls and a poller
-// registration that block devices refuse.
-func (osKernel) open(path string, mode int) (handle, error) {
-	flags := unix.O_RDWR
-	if mode == readOnly {
-		flags = unix.O_RDONLY
-	}
-	fd, err := openFD(path, flags)
-	if err != nil {
-		return nil, err
-	}
-	h := newFileHandle(fd)
-	h.ro = mode == readOnly
-	return h, nil
-}
-
-// probe opens /dev/loopN read-only for a handle that its opener alone
-// uses and closes within one call: a bare descriptor, opened with the path
-// built in buf and returned as a pointer into it, so that a look through
-// hundreds of devices allocates nothing a device but on error.
-func (osKernel) probe(n int, buf *probeBuf) (handle, error) {
-	p := strconv.AppendInt(append(buf.path[:0], "/dev/loop"...), int64(n), 10)
-	p = append(p, 0)
-	fd, errno := call.OpenAt(unix.AT_FDCWD, &p[0], unix.O_RDONLY)
-	if errno != 0 {
-		return nil, &os.PathError{Op: "open", Path: DevicePath(n), Err: errno}
-	}
-	buf.fd = fdHandle(fd)
-	return &buf.fd, nil
-}
-
-// openFD opens path with flags and O_CLOEXEC, and nothing more: for a
-// descriptor this package holds only for the length of a call. A short
-// path is handed to the kernel from the stack, not copied to the heap as
-// unix.Open copies it. An error is an *os.PathError.
-func openFD(path string, flags int) (int, error) {
-	var buf [64]byte
-	var p *byte
-	if len(path) < len(buf) && strings.IndexByte(path, 0) < 0 {
-		copy(buf[:], path) // and its NUL
-		p = &buf[0]
-	} else {
-		var err error
-		if p, err = unix.BytePtrFromString(path); err != nil {
-			return -1, &os.PathError{Op: "open", Path: path, Err: err}
-		}
-	}
-	fd, errno := call.OpenAt(unix.AT_FDCWD, p, flags)
-	if errno != 0 {
-		return -1, &os.PathError{Op: "open", Path: path, Err: errno}
-	}
-	return fd, nil
-}
-
-// closeFD closes a descriptor from openFD.
-func closeFD(fd int) { unix.Close(fd) }
-
-// stat is stat(2), following symlinks.
-func stat(path string) (unix.Stat_t, error) {
-	var st unix.Stat_t
-	err := call.Retry(func() error { return unix.Stat(path, &st) })
-	return st, err
-}
-
-// fstat is fstat(2).
-func fstat(fd uintptr) (unix.Stat_t, error) {
-	var st unix.Stat_t
-	err := call.Retry(func() error { return unix.Fstat(int(fd), &st) })
-	return st, err
-}
-
-// A fileHandle is a descriptor of a Control or a Device, which callers may
-// use from many goroutines and close at any moment. It counts the calls in
-// flight, as os.File does, but with two atomic operations a call and no
-// allocation: each call takes a reference before it enters the kernel and
-// drops it after, Close drops the handle's own, and whoever drops the last
-// closes the descriptor. Once closed, a handle gives no new references, so
-// no call can reach the descriptor number after the kernel reuses it.
-type fileHandle struct {
-	fd int
-	ro bool // opened read-only
-	// refs is the count of references, the handle's own included, with
-	// handleClosed set once Close has begun.
-	refs    atomic.Uint64
-	cleanup runtime.Cleanup
-}
-
-const handleClosed = 1 << 63
-
-// newFileHandle owns fd. A handle dropped without Close closes fd when the
-// garbage collector finds it, as an *os.File does.
-func newFileHandle(fd int) *fileHandle {
-	h := &fileHandle{fd: fd}
-	h.refs.Store(1)
-	h.cleanup = runtime.AddCleanup(h, closeFD, fd)
-	return h
-}
-
-// acquire takes a reference for a call, reporting false once the handle
-// is closed.
-func (h *fileHandle) acquire() bool {
-	for {
-		r := h.refs.Load()
-		if r&handleClosed != 0 {
-			return false
-		}
-		if h.refs.CompareAndSwap(r, r+1) {
-			return true
-		}
-	}
-}
-
-// release drops a reference; the last one of a closed handle closes the
-// descriptor and returns close's error.
-func (h *fileHandle) release() error {
-	if h.refs.Add(^uint64(0)) == handleClosed {
-		return unix.Close(h.fd)
-	}
-	return nil
-}
-
-// Close closes the descriptor now, or, with calls in flight, when the
-// last of them returns (its error is then lost, as os.File loses it).
-func (h *fileHandle) Close() error {
-	for {
-		r := h.refs.Load()
-		if r&handleClosed != 0 {
-			return os.ErrClosed
-		}
-		if h.refs.CompareAndSwap(r, r|handleClosed) {
-			break
-		}
-	}
-	h.cleanup.Stop()
-	return h.release()
-}
 
 // ioctl makes request req on h with a value argument. With ioctlPtr, it is
 // the one way this package makes an ioctl. EINTR is retried above the
@@ -187,11 +22,6 @@ func ioctl(h handle, req uint, arg uintptr) (int, error) {
 func ioctlPtr(h handle, req uint, arg unsafe.Pointer) error {
 	return explainReadOnly(h, req, call.Retry(func() error { return h.rawIoctlPtr(req, arg) }))
 }
-
-// A readOnlyHandle tells whether its descriptor was opened read-only.
-type readOnlyHandle interface{ readOnly() bool }
-
-func (h *fileHandle) readOnly() bool { return h.ro }
 
 // explainReadOnly explains EPERM from a request that changes a loop
 // device, made through a descriptor open read-only: without CAP_SYS_ADMIN
@@ -217,40 +47,6 @@ func explainReadOnly(h handle, req uint, err error) error {
 var errReadOnlyDescriptor error = explain("the device is open read-only (a read-only binding is), and without "+
 	"CAP_SYS_ADMIN the kernel changes a loop device only through a descriptor open for writing: OpenDevice opens one", unix.EPERM, nil)
 
-func (h *fileHandle) rawIoctl(req uint, arg uintptr) (int, error) {
-	if !h.acquire() {
-		return -1, os.ErrClosed
-	}
-	defer h.release()
-	return fdHandle(h.fd).rawIoctl(req, arg)
-}
-
-func (h *fileHandle) rawIoctlPtr(req uint, arg unsafe.Pointer) error {
-	if !h.acquire() {
-		return os.ErrClosed
-	}
-	defer h.release()
-	return fdHandle(h.fd).rawIoctlPtr(req, arg)
-}
-
-// flock applies a BSD lock operation. A blocking LOCK_EX interrupted by a
-// signal is made again.
-func (h *fileHandle) flock(how int) error {
-	if !h.acquire() {
-		return os.ErrClosed
-	}
-	defer h.release()
-	return fdHandle(h.fd).flock(how)
-}
-
-func (h *fileHandle) rdev() (uint64, error) {
-	if !h.acquire() {
-		return 0, os.ErrClosed
-	}
-	defer h.release()
-	return fdHandle(h.fd).rdev()
-}
-
 // result is a syscall's result as this package returns it.
 func result(r uintptr, errno unix.Errno) (int, error) {
 	if errno != 0 {
@@ -267,13 +63,6 @@ func errnoErr(errno unix.Errno) error {
 	return nil
 }
 
-// An fdHandle is a bare descriptor: one opened by probe, which its opener
-// alone uses, and closes, within one call, so that no concurrent Close can
-// send a call to a reused number and it needs no reference count; and the
-// descriptor of the other handles, whose calls come here once they have
-// made sure of it.
-type fdHandle int
-
 // rawIoctl and rawIoctlPtr are the one place this package enters the
 // kernel with an ioctl. A pointer argument becomes a uintptr only in the
 // call to Syscall itself, as package unsafe requires.
@@ -285,133 +74,4 @@ func (h fdHandle) rawIoctl(req uint, arg uintptr) (int, error) {
 func (h fdHandle) rawIoctlPtr(req uint, arg unsafe.Pointer) error {
 	_, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(h), uintptr(req), uintptr(arg))
 	return errnoErr(errno)
-}
-
-func (h fdHandle) flock(how int) error {
-	return call.Retry(func() error { return unix.Flock(int(h), how) })
-}
-
-func (h fdHandle) rdev() (uint64, error) { return blockRdev(int(h)) }
-
-func (h fdHandle) Close() error { return unix.Close(int(h)) }
-
-// blockRdev returns the device number of the block device open as fd.
-func blockRdev(fd int) (uint64, error) {
-	st, err := fstat(uintptr(fd))
-	switch {
-	case err != nil:
-		return 0, err
-	case st.Mode&unix.S_IFMT != unix.S_IFBLK:
-		return 0, ErrNotLoop
-	}
-	return uint64(st.Rdev), nil
-}
-
-// loopNumber checks, without opening it, that path (after symlinks) is a
-// whole loop disk, and returns its number and device number. The sysfs
-// loop/ directory exists only while a device is bound, so the test is where
-// /sys/dev/block/MAJ:MIN leads: to .../block/loopN for a whole loop disk,
-// to .../block/loopN/loopNpM for a partition.
-func (s *system) loopNumber(path string) (int, uint64, error) {
-	st, err := stat(path)
-	if err != nil {
-		return -1, 0, newError("open", path, err)
-	}
-	if st.Mode&unix.S_IFMT != unix.S_IFBLK {
-		return -1, 0, newError("open", path, ErrNotLoop)
-	}
-	rdev := uint64(st.Rdev)
-	target, err := os.Readlink(sysfs.DevBlockPath(s.sysfs, unix.Major(rdev), unix.Minor(rdev)))
-	if err != nil {
-		return -1, 0, newError("open", path, ErrNotLoop)
-	}
-	n, ok := sysfs.WholeLoopDisk(target)
-	if !ok || n > MaxNumber {
-		return -1, 0, newError("open", path, ErrNotLoop)
-	}
-	return n, rdev, nil
-}
-
-// againTries bounds the tries again of a call that answers EAGAIN
-// (LOOP_SET_STATUS64 and LOOP_SET_BLOCK_SIZE while the kernel drains the
-// queue) or EBUSY from LOOP_CTL_REMOVE of a device open elsewhere: with
-// backoff's pauses up to the system's againPause, about a second in all,
-// after which the error is returned.
-const againTries = 16
-
-// retryAgain runs fn, retrying while it fails with EAGAIN (retryWhile).
-// It is the one place EAGAIN is retried.
-func (s *system) retryAgain(fn func() error) error {
-	return s.retryWhile(fn, func(err error) bool { return err == unix.EAGAIN })
-}
-
-// retryWhile runs fn, and again while again holds for its error, up to
-// againTries more times, pausing before each as backoff does (the one
-// retry policy, here for calls that take no context); then it returns
-// the error.
-func (s *system) retryWhile(fn func() error, again func(error) bool) error {
-	for i := 0; ; i++ {
-		err := fn()
-		if err == nil || i == againTries || !again(err) {
-			return err
-		}
-		backoff(context.Background(), i+1, s.againPause)
-	}
-}
-
-// reopenReadOnly returns a read-only descriptor of the file open as fd, and
-// a function that releases it: fd itself when it is read-only already,
-// otherwise a new open of /proc/self/fd/N.
-func (s *system) reopenReadOnly(fd uintptr) (uintptr, func(), error) {
-	fl, err := unix.FcntlInt(fd, unix.F_GETFL, 0)
-	if err != nil {
-		return 0, nil, err
-	}
-	if fl&unix.O_ACCMODE == unix.O_RDONLY {
-		return fd, func() {}, nil
-	}
-	ro, err := openFD(s.procFD+strconv.Itoa(int(fd)), unix.O_RDONLY)
-	if err != nil {
-		return 0, nil, err
-	}
-	return uintptr(ro), func() { closeFD(ro) }, nil
-}
-
-// explainLimits returns err with an EMFILE or ENFILE in it, from an open
-// or a socket, explained: which limit ran out, and the process's own
-// limit. The errno stays reachable with errors.Is; the rest of err, an
-// *os.PathError naming the file, a step, the backing file's failure, is
-// kept around it.
-func explainLimits(err error) error {
-	switch e := err.(type) {
-	case unix.Errno:
-		switch e {
-		case unix.EMFILE:
-			text := "this process has no file descriptor left"
-			var lim unix.Rlimit
-			if unix.Getrlimit(unix.RLIMIT_NOFILE, &lim) == nil {
-				text += " (its limit, RLIMIT_NOFILE, is " + strconv.FormatUint(lim.Cur, 10) + ")"
-			}
-			return explain(text, e, nil)
-		case unix.ENFILE:
-			return explain("the machine has no file left to open (its limit is fs.file-max)", e, nil)
-		}
-	case *os.PathError:
-		if x := explainLimits(e.Err); x != e.Err {
-			return &os.PathError{Op: e.Op, Path: e.Path, Err: x}
-		}
-	case *os.SyscallError:
-		if x := explainLimits(e.Err); x != e.Err {
-			return &os.SyscallError{Syscall: e.Syscall, Err: x}
-		}
-	case *cause:
-		if len(e.errs) == 1 && !e.paren {
-			if x := explainLimits(e.errs[0]); x != e.errs[0] {
-				c := *e
-				c.errs = []error{x}
-				return &c
-			}
-		}
-	}
-	return err
 }

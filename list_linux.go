@@ -19,46 +19,6 @@ import (
 	"github.com/loopctl/loopctl/internal/sysfs"
 )
 
-// List returns the status of every bound loop device, by number, with the
-// backing file's full path (a file unlinked since binding reads with a
-// " (deleted)" suffix; see Status.Deleted).
-//
-// List tells a bound device from sysfs, without opening it: only a bound
-// device has a loop/ directory. So its cost grows with the bound devices,
-// not with every device the machine has. Where this process may open the
-// devices (root, or the disk group), List asks each bound one, on a
-// read-only open: LOOP_GET_STATUS64 gives the binding and the backing
-// file's device and inode, BLKSSZGET and BLKGETSIZE64 the block size and
-// the size; sysfs gives only the full path
-// (/sys/block/loopN/loop/backing_file). A device being detached refuses
-// the open (since Linux 6.11 until its last close; see Device.ClearFD) and
-// is left out, as is one unbound while List reads it. Such an open can
-// make a concurrent LOOP_CTL_REMOVE of the device fail with EBUSY, and its
-// close can be the last one of a device whose owner cleared it while it
-// was open elsewhere, which then runs that detach.
-//
-// Without that access (EACCES or EPERM), or where /dev/loopN is missing
-// (a container), List reads everything from sysfs, which needs no
-// privilege, and takes BackingDevice and BackingInode from a stat of the
-// path (zero when it is deleted or out of reach). sysfs shows a device
-// being detached as bound until its teardown ends, so such a device is
-// then listed. Any other error ends List: a process out of file
-// descriptors (EMFILE) or a machine out of files (ENFILE) gets an error
-// that says so, never an answer read another way.
-//
-// List holds nothing between calls: it opens what it reads and closes it
-// before it returns. While it runs it holds the sysfs directory of the
-// devices and at most two descriptors a reading goroutine (two for each
-// of GOMAXPROCS, sixteen at most), whatever the number of devices.
-func List() ([]Status, error) { return host.list(nil) }
-
-// FindByBackingFile returns the status of every bound loop device whose
-// backing file is the file at path: the same device and inode, whatever
-// name it was bound by (a hard link, a renamed file, a relative path). It
-// reads what List reads, and on a device of another file stops at
-// LOOP_GET_STATUS64.
-func FindByBackingFile(path string) ([]Status, error) { return host.findByBackingFile(path) }
-
 func (s *system) findByBackingFile(path string) ([]Status, error) {
 	st, err := stat(path)
 	if err != nil {
@@ -417,75 +377,6 @@ func (sc *scratch) backingFile(block blockDir, name []byte, attr *int) (string, 
 		return sysfs.Value(b), true, nil
 	}
 }
-
-// maxAddTries bounds addAny: each EEXIST means another process took the
-// number between the sysfs read and LOOP_CTL_ADD.
-const maxAddTries = 64
-
-// addAny is Add(AnyNumber): LOOP_CTL_ADD -1, where the kernel picks an
-// unused number (featAddAny); on a kernel that answers EEXIST while a
-// device is unbound, the lowest number that sysfs does not list.
-func (c *Control) addAny() (int, error) {
-	if c.sys.has(featAddAny) {
-		r, err := c.ioctl("add", ControlPath, reqCtlAdd, ^uintptr(0))
-		if !errors.Is(err, syscall.EEXIST) {
-			return r, err
-		}
-		c.sys.lacks(featAddAny)
-	}
-	var err error
-	for range maxAddTries {
-		var nums []int
-		if nums, err = c.sys.loopNumbers(); err != nil {
-			return -1, newError("add", c.sys.sysfs+"/block", err)
-		}
-		n := 0
-		for _, m := range nums { // in order
-			if m == n {
-				n++
-			}
-		}
-		if n > MaxNumber {
-			return -1, newError("add", ControlPath, inStep("every device number is taken", syscall.ENOSPC))
-		}
-		var r int
-		if r, err = c.ioctl("add", DevicePath(n), reqCtlAdd, uintptr(n)); !errors.Is(err, syscall.EEXIST) {
-			return r, err
-		}
-	}
-	return -1, err
-}
-
-// remove is Remove of a valid number: LOOP_CTL_REMOVE, tried again while
-// the kernel refuses it for a device that is open but not bound.
-func (c *Control) remove(n int) error {
-	path := DevicePath(n)
-	bound := false
-	err := c.sys.retryWhile(func() error {
-		_, err := c.ioctl("remove", path, reqCtlRemove, uintptr(n))
-		return err
-	}, func(err error) bool {
-		if !errors.Is(err, syscall.EBUSY) {
-			return false
-		}
-		_, serr := os.Lstat(c.sys.sysfsLoopAttr(n, ""))
-		bound = serr == nil
-		return !bound
-	})
-	if e, ok := err.(*Error); ok && e.Err == syscall.EBUSY {
-		e.Err = errOpen
-		if bound {
-			e.Err = errBound
-		}
-	}
-	return err
-}
-
-// Why LOOP_CTL_REMOVE answers EBUSY.
-var (
-	errBound error = explain("the device is bound: detach it, and let its last opener close it, first", syscall.EBUSY, ErrBusy)
-	errOpen  error = explain("the device is open: udev probing it, or another process", syscall.EBUSY, ErrBusy)
-)
 
 // loopNumbers returns the numbers of the loop devices sysfs lists, in order.
 func (s *system) loopNumbers() ([]int, error) { return sysfs.LoopNumbers(s.sysfs) }

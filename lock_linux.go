@@ -6,6 +6,8 @@ import (
 	"context"
 	"errors"
 	"io/fs"
+	"sync"
+	"sync/atomic"
 
 	"golang.org/x/sys/unix"
 )
@@ -164,4 +166,56 @@ func (s *system) sharedControl() (*Control, error) {
 		s.shared.c = c
 	}
 	return s.shared.c, nil
+}
+
+// A deviceState is what a Device keeps on Linux.
+type deviceState struct {
+	// seq is the disk sequence number of the binding this Device made
+	// (Attach, Configure, SetFD) or was opened for (OpenBinding): 0 if
+	// none, or on a kernel without.
+	seq  atomic.Uint64
+	lock lockState // the LockMode the Device holds
+}
+
+// A lockState is the LockMode a Device holds, and what orders its
+// changes.
+type lockState struct {
+	mu   sync.Mutex
+	mode atomic.Int32
+}
+
+// errLockHeld is why a lock could not be taken without waiting.
+var errLockHeld error = explain("another process holds a lock of the device that this one conflicts with "+
+	"(udev, while it probes the device, holds a shared one for a few milliseconds)", unix.EWOULDBLOCK, ErrBusy)
+
+// setLock is Lock.
+func (d *Device) setLock(m LockMode) error {
+	const op = "lock"
+	h, err := d.handle(op)
+	if err != nil {
+		return err
+	}
+	if m < LockNone || m > LockExclusive {
+		return newError(op, d.path, invalid("unknown lock mode %d", int(m)))
+	}
+	d.lock.mu.Lock()
+	defer d.lock.mu.Unlock()
+	err = h.flock(flockOf[m])
+	if err == unix.EWOULDBLOCK {
+		// The kernel lets go of the lock it changes before it finds the
+		// conflict: take back the one d held.
+		if prev := LockMode(d.lock.mode.Load()); prev != LockNone {
+			if perr := h.flock(flockOf[prev]); perr != nil {
+				d.lock.mode.Store(int32(LockNone))
+				err = errors.Join(errLockHeld, inStep("taking back the "+prev.String()+" lock", perr))
+				return newError(op, d.path, err)
+			}
+		}
+		return newError(op, d.path, errLockHeld)
+	}
+	if err != nil {
+		return newError(op, d.path, inStep("flock", err))
+	}
+	d.lock.mode.Store(int32(m))
+	return nil
 }

@@ -9,7 +9,6 @@ import (
 	"os"
 	"slices"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -18,19 +17,9 @@ import (
 	"github.com/loopctl/loopctl/internal/userns"
 )
 
-// A Monitor reports changes of loop devices: devices added and removed,
-// bound and unbound, resized, partitions added and removed. It listens to
-// the kernel's uevents (a NETLINK_KOBJECT_UEVENT socket), and where those
-// cannot arrive (a network namespace owned by a user namespace other than
-// the machine's: a container with its own user namespace) it polls sysfs.
-// It is safe for concurrent use; Next calls take turns.
-type Monitor struct {
-	f       *os.File // the uevent socket; nil when polling
-	root    string   // where sysfs is: sysfs.Root, or a test's tree
-	polling bool
-	closed  atomic.Bool
-	done    chan struct{} // closed by Close: wakes a polling Next
-	every   atomic.Int64  // the polling interval, in nanoseconds
+// A monitorState is what a Monitor keeps on Linux.
+type monitorState struct {
+	root string // where sysfs is: sysfs.Root, or a test's tree
 
 	mu      sync.Mutex
 	pending []Event
@@ -56,18 +45,11 @@ const defaultPollInterval = time.Second
 // is some 3,000 events of about 1.5 KiB each in the kernel's accounting.
 const monitorRcvBuf = 16 << 20
 
-// Open starts watching the loop devices. It listens to the kernel's
-// uevents where they can arrive, and polls sysfs elsewhere (see Polling);
-// as root the uevent socket's receive buffer is made large enough for a
-// burst of a thousand binds. Events from before Open are not reported:
-// loopctl.List tells how things stand.
-func Open() (*Monitor, error) { return open(sysfs.Root, !userns.EventsArrive()) }
-
 // open opens a Monitor of the devices in the sysfs tree at root, polling
 // it, or listening to the kernel's uevents.
 func open(root string, polling bool) (*Monitor, error) {
-	m := &Monitor{root: root, polling: polling, buf: make([]byte, 1<<16),
-		oob: make([]byte, unix.CmsgSpace(unix.SizeofUcred)), done: make(chan struct{})}
+	m := &Monitor{polling: polling, done: make(chan struct{}),
+		monitorState: monitorState{root: root, buf: make([]byte, 1<<16), oob: make([]byte, unix.CmsgSpace(unix.SizeofUcred))}}
 	m.every.Store(int64(defaultPollInterval))
 	if !polling {
 		f, err := openNetlinkGroup(kernelGroup, monitorRcvBuf)
@@ -83,70 +65,6 @@ func open(root string, polling bool) (*Monitor, error) {
 	}
 	m.last = last
 	return m, nil
-}
-
-// Polling reports whether the Monitor polls sysfs, kernel uevents not
-// reaching this process's network namespace. A polling Monitor reports a
-// change at its next look (SetPollInterval), with Seq 0, and sees only
-// states: a device bound and unbound again between two looks goes
-// unseen, except by its disk sequence number, which a look after the
-// unbind shows moved on (Linux 5.15 and later; the events of such a
-// binding are then its Bound and Unbound).
-func (m *Monitor) Polling() bool { return m.polling }
-
-// SetPollInterval sets how often a polling Monitor looks at sysfs: 1 s
-// unless set; at least a millisecond.
-func (m *Monitor) SetPollInterval(d time.Duration) { m.every.Store(int64(max(d, time.Millisecond))) }
-
-// Close stops the Monitor; a Next waiting, on the socket or for the next
-// poll, returns an error matching fs.ErrClosed. Close is idempotent.
-func (m *Monitor) Close() error {
-	if m == nil || m.closed.Swap(true) {
-		return nil
-	}
-	close(m.done)
-	if m.f != nil {
-		return newError("close", "", m.f.Close())
-	}
-	return nil
-}
-
-// Next returns the next event, waiting for one as long as ctx allows.
-//
-// An uevent's kind is checked against the kernel: a device's "change" is
-// reported as EventBound or EventUnbound by what sysfs shows of it, and
-// by its disk sequence number (Linux 5.15 and later), which tells a
-// binding from the next: a binding already gone when its event is read
-// is reported Bound and then Unbound, in order. Each binding's Bound and
-// Unbound are reported once, though the kernel sends two events for an
-// unbind. Before Linux 5.15 a binding made and gone before its event is
-// read is not seen.
-//
-// Only the kernel's messages are read (a sender port of 0, credentials of
-// uid 0): another process of the machine sending to the group is not
-// listened to. When the kernel dropped events, because the receive buffer
-// was full, Next returns an Event of kind EventLost: what happened
-// meanwhile is unknown, and loopctl.List tells how things stand.
-func (m *Monitor) Next(ctx context.Context) (Event, error) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	for len(m.pending) == 0 {
-		if m.closed.Load() {
-			return Event{}, newError("monitor", "", fs.ErrClosed)
-		}
-		var err error
-		if m.polling {
-			err = m.poll(ctx)
-		} else {
-			err = m.receive(ctx)
-		}
-		if err != nil {
-			return Event{}, err
-		}
-	}
-	e := m.pending[0]
-	m.pending = m.pending[1:]
-	return e, nil
 }
 
 // receive reads one message and queues the events it makes.
@@ -398,3 +316,29 @@ func readDevState(root string, n int, full bool) (devState, error) {
 	}
 	return s, nil
 }
+
+// next is Next.
+func (m *Monitor) next(ctx context.Context) (Event, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for len(m.pending) == 0 {
+		if m.closed.Load() {
+			return Event{}, newError("monitor", "", fs.ErrClosed)
+		}
+		var err error
+		if m.polling {
+			err = m.poll(ctx)
+		} else {
+			err = m.receive(ctx)
+		}
+		if err != nil {
+			return Event{}, err
+		}
+	}
+	e := m.pending[0]
+	m.pending = m.pending[1:]
+	return e, nil
+}
+
+// openHost opens a Monitor of this machine's loop devices.
+func openHost() (*Monitor, error) { return open(sysfs.Root, !userns.EventsArrive()) }
