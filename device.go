@@ -24,26 +24,16 @@ type Device struct {
 
 var _ io.Closer = (*Device)(nil)
 
-// OpenDevice opens /dev/loopN read-write, so that every method works for a
-// caller without CAP_SYS_ADMIN too (the kernel changes a loop device only
-// through a descriptor open for writing, or for CAP_SYS_ADMIN). A
-// descriptor open for writing keeps a file system from being mounted on
-// the device where the kernel refuses to mount a device with writers
-// (CONFIG_BLK_DEV_WRITE_MOUNTED=n, bdev_allow_write_mounted=0): Attach of
-// a read-only binding, and OpenBinding of one, hold a read-only one.
-//
-// An open refused (EACCES) while udev runs and has not processed the
-// device yet is made again once udev has, within 10 s: a device that
-// LOOP_CTL_GET_FREE or LOOP_CTL_ADD has just made is root's, mode 0600,
-// until udev's rules give it to the disk group, a few milliseconds later.
-// Otherwise the error matches fs.ErrPermission and says what is missing
-// (udev, or a group of this process).
-//
-// A missing node is an error matching fs.ErrNotExist, holding a
-// *NodeMissingError when the device exists (a container's /dev): MakeNode
-// makes the node. A device that the kernel is tearing down (detached by
-// its last close, or being removed) refuses the open: the error then says
-// so and matches ErrNotBound and ENXIO.
+// OpenDevice opens /dev/loopN read-write, so that every method works
+// without CAP_SYS_ADMIN too (a read-only binding from [Attach] or
+// [OpenBinding] is held through a read-only descriptor instead, which a
+// mount beside it needs on some kernels). A device just made, which stays
+// root's until udev gives it to the disk group, is opened once udev has,
+// within 10 s; a refusal that waiting cannot change matches
+// [fs.ErrPermission] and says what is missing. A missing node matches
+// [fs.ErrNotExist], with a [*NodeMissingError] where the device exists (a
+// container's /dev: see [MakeNode]). A device being torn down refuses the
+// open with an error matching [ErrNotBound].
 func OpenDevice(n int) (*Device, error) {
 	return host.openGranted(context.Background(), n, readWrite)
 }
@@ -78,7 +68,7 @@ func (s *system) openDevice(path string, mode int) (handle, error) {
 // OpenDevicePath opens the loop device at path, following symlinks. Only a
 // whole loop block device is accepted, bound or not: anything else (a
 // partition, /dev/null, a regular file, /dev/loop-control) is an error
-// matching ErrNotLoop, refused before the node is opened.
+// matching [ErrNotLoop], refused before the node is opened.
 func OpenDevicePath(path string) (*Device, error) { return host.openDevicePath(path) }
 
 func (s *system) openDevicePath(path string) (*Device, error) {
@@ -98,7 +88,7 @@ func (s *system) openDevicePath(path string) (*Device, error) {
 	return &Device{h: h, sys: s, number: n, path: path}, nil
 }
 
-// Shared reports whether Attach, with Options.Reuse, returned a device
+// Shared reports whether [Attach], with [Options.Reuse], returned a device
 // that was bound already, by this process or another, rather than one it
 // bound. Such a binding is not the caller's alone: Close lets go of it,
 // and the caller should not ClearFD it under the others.
@@ -112,13 +102,13 @@ func (d *Device) Path() string { return d.path }
 
 // SetFD binds f to the device with LOOP_SET_FD, with no offset, size limit
 // or flags; the device is read-only when f is. Configure binds in one step
-// with options. A bound device is an error matching ErrBusy.
+// with options. A bound device is an error matching [ErrBusy].
 //
-// f must be a regular file or a block device, as for Attach: anything
-// else is refused before the ioctl with an error matching fs.ErrInvalid.
+// f must be a regular file or a block device, as for [Attach]: anything
+// else is refused before the ioctl with an error matching [fs.ErrInvalid].
 //
 // Without CAP_SYS_ADMIN it needs d open for writing, which the Device of a
-// read-only binding from Attach or OpenBinding is not (see OpenDevice).
+// read-only binding from Attach or [OpenBinding] is not (see [OpenDevice]).
 func (d *Device) SetFD(f *os.File) error {
 	const op = "set fd"
 	h, err := d.handle(op)
@@ -137,20 +127,20 @@ func (d *Device) SetFD(f *os.File) error {
 }
 
 // ClearFD detaches the device with LOOP_CLR_FD. An unbound device is an
-// error matching ErrNotBound.
+// error matching [ErrNotBound].
 //
 // The kernel detaches at the last close, not in the call, whenever
 // another opener holds the device (a mount, udev probing it, another
-// Device): ClearFD then only sets FlagAutoClear, and the device stays bound
+// Device): ClearFD then only sets [FlagAutoClear], and the device stays bound
 // and usable until the last of them closes it. Since Linux 6.11 that holds
 // even for the only opener: ClearFD sets FlagAutoClear and starts the
-// teardown, the device refuses new opens (ENXIO, see OpenDevice) and
+// teardown, the device refuses new opens (ENXIO, see [OpenDevice]) and
 // reports ErrNotBound to Status, List leaves it out, and the binding is
 // gone when Close returns. Before 6.11 the only opener's ClearFD detached
 // at once.
 //
 // Without CAP_SYS_ADMIN it needs d open for writing, which the Device of a
-// read-only binding from Attach or OpenBinding is not (see OpenDevice).
+// read-only binding from [Attach] or [OpenBinding] is not (see OpenDevice).
 func (d *Device) ClearFD() error {
 	_, err := d.ioctl("clear fd", reqClearFD, 0)
 	return err
@@ -160,7 +150,7 @@ func (d *Device) ClearFD() error {
 // (LOOP_SET_CAPACITY), after the file has grown or shrunk.
 //
 // Without CAP_SYS_ADMIN it needs d open for writing, which the Device of a
-// read-only binding from Attach or OpenBinding is not (see OpenDevice).
+// read-only binding from [Attach] or [OpenBinding] is not (see [OpenDevice]).
 func (d *Device) SetCapacity() error {
 	_, err := d.ioctl("set capacity", reqSetCapacity, 0)
 	return err
@@ -170,12 +160,12 @@ func (d *Device) SetCapacity() error {
 // LOOP_SET_DIRECT_IO. Turning it on needs a backing file system that
 // supports O_DIRECT (tmpfs does since Linux 6.6), and an offset and block
 // size aligned to the blocks of the disk under it; the kernel's refusal is
-// an error matching ErrNoDirectIO. A kernel that refuses the change while
+// an error matching [ErrNoDirectIO]. A kernel that refuses the change while
 // the device is held exclusively (mounted) answers with an error matching
-// ErrBusy that says so.
+// [ErrBusy] that says so.
 //
 // Without CAP_SYS_ADMIN it needs d open for writing, which the Device of a
-// read-only binding from Attach or OpenBinding is not (see OpenDevice).
+// read-only binding from [Attach] or [OpenBinding] is not (see [OpenDevice]).
 func (d *Device) SetDirectIO(on bool) error {
 	const op = "set direct io"
 	h, err := d.handle(op)
@@ -193,9 +183,9 @@ func (d *Device) SetDirectIO(on bool) error {
 	return newError(op, d.path, d.heldExclusively(err, "direct I/O"))
 }
 
-// Close closes the device. It does not unbind it, unless FlagAutoClear is
+// Close closes the device. It does not unbind it, unless [FlagAutoClear] is
 // set and this was the last opener. Close is idempotent; every other method
-// returns an error matching fs.ErrClosed after it.
+// returns an error matching [fs.ErrClosed] after it.
 func (d *Device) Close() error {
 	if d == nil || d.h == nil || d.closed.Swap(true) {
 		return nil
@@ -254,7 +244,7 @@ func (d *Device) Status() (Status, error) { return d.readStatus() }
 // Configure binds f to the device as o asks, in one LOOP_CONFIGURE where
 // the kernel has it (older calls otherwise, which clear their binding if a
 // step fails). o and f are checked as [Attach] checks them, before any
-// call, and what only Attach does ([Options.Reuse], MakeNode, NoSymlinks)
+// call, and what only [Attach] does ([Options.Reuse], MakeNode, NoSymlinks)
 // is refused as invalid. No setting is dropped: a kernel that binds
 // without the direct I/O [FlagDirectIO] asks for makes Configure clear the
 // binding and fail with [ErrNoDirectIO]. With o.Lock the device is locked
@@ -266,8 +256,8 @@ func (d *Device) Configure(f *os.File, o Options) error { return d.configure(f, 
 // offset, size limit, [FlagAutoClear], [FlagPartScan] (which cannot be
 // cleared), and its owner reference (Ref; "" keeps it). Whatever else of s
 // is set (not zero) and differs from the device is refused as invalid
-// before the call, never dropped: FlagReadOnly is fixed at the bind,
-// FlagDirectIO changes through [Device.SetDirectIO], BlockSize through
+// before the call, never dropped: [FlagReadOnly] is fixed at the bind,
+// [FlagDirectIO] changes through [Device.SetDirectIO], BlockSize through
 // [Device.SetBlockSize], the backing file through [Device.ChangeFD]; a
 // Status of another device, or (DiskSeq) of another binding, matching
 // [ErrChanged]. BackingFile and Size are what the kernel reports, not
@@ -319,9 +309,9 @@ func (d *Device) Detach(ctx context.Context) error { return d.detach(ctx) }
 // the kernel found in the partition table of a device bound with
 // [FlagPartScan], and those added with BLKPG (partx --add). A device
 // without any has none, and no error. A binding the package made shows no
-// partition of an earlier binding, and with FlagPartScan each partition
-// was added once, and is there with its node when the bind returns (see
-// "Partitions" in the package documentation).
+// partition of an earlier binding, and with [FlagPartScan] each partition
+// was added once, and is there with its node when the bind returns
+// (RELIABILITY.md, "Partitions", says how).
 func (d *Device) Partitions() ([]Partition, error) { return d.partitions() }
 
 // Rescan makes the kernel read the device's partition table again, after

@@ -45,9 +45,9 @@ var (
 // exists (sysfs lists it) while its node in /dev does not: a container
 // whose /dev is a tmpfs rather than devtmpfs, where the kernel makes no
 // nodes. It carries the numbers, so that a caller can make the node
-// (MakeNode, or Partition.MakeNode for a partition) and try again, or
-// bind with Options.MakeNode, which makes it. It comes within the open's *Error,
-// matches fs.ErrNotExist, and unwraps to ENOENT.
+// ([MakeNode], or [Partition.MakeNode] for a partition) and try again, or
+// bind with [Options.MakeNode], which makes it. It comes within the open's
+// [*Error], matches [fs.ErrNotExist], and unwraps to ENOENT.
 type NodeMissingError struct {
 	Number    int    // the loop device: N of /dev/loopN
 	Partition int    // the partition's number; 0 for the device itself
@@ -67,8 +67,8 @@ func (e *NodeMissingError) Error() string {
 func (e *NodeMissingError) Unwrap() error { return e.Err }
 
 // An OverlapError names the device that holds a range of the file that
-// overlaps the one Attach was asked for, bound otherwise, and says how. It
-// matches ErrOverlap.
+// overlaps the one [Attach] was asked for, bound otherwise, and says how. It
+// matches [ErrOverlap].
 type OverlapError struct {
 	Device  string // such as "/dev/loop3"
 	Status  Status // its binding
@@ -88,17 +88,14 @@ func (e *OverlapError) Error() string {
 	return s + ": " + ErrOverlap.Error()
 }
 
-// Is reports whether target is ErrOverlap.
+// Is reports whether target is [ErrOverlap].
 func (e *OverlapError) Is(target error) bool { return target == ErrOverlap }
 
-// An Error reports which operation failed on which device, and why.
-//
-// Err is the cause: a syscall.Errno from the kernel, a wrapped fs.ErrInvalid
-// for input refused before any ioctl (with the kernel's own errno where it
-// would not be EINVAL: EOVERFLOW for an offset past 2^63-1), fs.ErrClosed,
-// ErrNotLoop, or errors.ErrUnsupported. The errno stays reachable through
-// errors.Is and errors.As, and errors.Is also maps it onto the portable
-// sentinels:
+// An Error reports which operation failed on which device, and why. Err is
+// the cause: the kernel's errno, [fs.ErrInvalid] for input refused before
+// any call, [fs.ErrClosed], [ErrNotLoop] or [errors.ErrUnsupported]. The
+// errno stays reachable (errors.Is, errors.As), and errors.Is maps it onto
+// the sentinels:
 //
 //	EEXIST         fs.ErrExist
 //	ENOENT, ENODEV fs.ErrNotExist
@@ -145,9 +142,9 @@ func (e *Error) Unwrap() error { return e.Err }
 // A failure that lies with the backing file (its open, or a file that
 // cannot back a loop device) is not mapped: its errno says nothing about a
 // loop device, and ENXIO from opening a socket or an absent device is not
-// ErrNotBound. Such an errno keeps only the mappings syscall.Errno makes,
+// [ErrNotBound]. Such an errno keeps only the mappings syscall.Errno makes,
 // and EINVAL, ELOOP and ENAMETOOLONG, a path that cannot be used as
-// given, match fs.ErrInvalid.
+// given, match [fs.ErrInvalid].
 func (e *Error) Is(target error) bool {
 	var errno syscall.Errno
 	if !errors.As(e.Err, &errno) || ofBackingFile(e.Err) {
@@ -272,7 +269,7 @@ func (c *cause) Error() string {
 func (c *cause) Unwrap() []error { return c.errs }
 
 // Is matches the cause's sentinel; for the backing file's failure, the
-// marker ofBackingFile looks for, and fs.ErrInvalid for a path that cannot
+// marker ofBackingFile looks for, and [fs.ErrInvalid] for a path that cannot
 // be used as given (EINVAL, ELOOP, ENAMETOOLONG).
 func (c *cause) Is(target error) bool {
 	switch {

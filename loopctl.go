@@ -52,9 +52,9 @@ type Control struct {
 
 var _ io.Closer = (*Control)(nil)
 
-// Open opens ControlPath. Its error matches fs.ErrNotExist when the node
+// Open opens ControlPath. Its error matches [fs.ErrNotExist] when the node
 // is missing (no loop driver, or a container without it), and
-// fs.ErrPermission when it is not accessible (not root).
+// [fs.ErrPermission] when it is not accessible (not root).
 func Open() (*Control, error) { return host.open() }
 
 func (s *system) open() (*Control, error) {
@@ -70,17 +70,12 @@ func (s *system) open() (*Control, error) {
 }
 
 // Add creates loop device n with LOOP_CTL_ADD and returns its number, or
-// with n == AnyNumber lets the kernel choose the number. An existing device
-// n is an error matching fs.ErrExist. On error the number is -1.
-//
-// Kernels before 5.14 (Debian 11's 5.10 among them) refuse AnyNumber with
-// EEXIST whenever an unbound device exists: LOOP_CTL_ADD -1 looked for a
-// free device first. Add then picks the lowest number that sysfs does not
-// list, as newer kernels do, and asks for it, again while another process
-// takes each number first.
-//
-// A device made by Add stays until Remove; GetFree also creates devices,
-// which is the kernel's normal way and needs no Remove.
+// with n == [AnyNumber] lets the kernel choose an unused number (on a
+// kernel that cannot, the lowest that sysfs does not list: KERNELS.md). An
+// existing device n is an error matching [fs.ErrExist]. On error the
+// number is -1. A device made by Add stays until [Control.Remove]; GetFree
+// also creates devices, which is the kernel's normal way and needs no
+// Remove.
 func (c *Control) Add(n int) (int, error) {
 	if err := checkNumber("add", ControlPath, n, AnyNumber); err != nil {
 		return -1, err
@@ -92,15 +87,15 @@ func (c *Control) Add(n int) (int, error) {
 }
 
 // Remove deletes loop device n with LOOP_CTL_REMOVE. A bound or open device
-// is an error matching ErrBusy, which says which; a missing one matches
-// fs.ErrNotExist.
+// is an error matching [ErrBusy], which says which; a missing one matches
+// [fs.ErrNotExist].
 //
 // An unbound device is open, mostly, because udev is probing it: udev
 // opens every device that changes, for the milliseconds its probe takes,
 // and on a busy machine its queue runs behind. Remove tries again while
 // the device is unbound and open, with backoff, for about a second in
 // all. A bound device is refused at once: detach it, and wait for its
-// last opener to close it (see Device.ClearFD), first.
+// last opener to close it (see [Device.ClearFD]), first.
 //
 // Removal is slow (the kernel waits for the disk to go away, tens of
 // milliseconds), and the node may linger for a moment after it returns.
@@ -113,8 +108,8 @@ func (c *Control) Remove(n int) error {
 
 // GetFree returns the number of the lowest unbound loop device with
 // LOOP_CTL_GET_FREE; the kernel creates one when all are bound. Another
-// process may bind the device before the caller does: Attach handles that
-// race, and code that binds by hand must retry on ErrBusy.
+// process may bind the device before the caller does: [Attach] handles that
+// race, and code that binds by hand must retry on [ErrBusy].
 //
 // GetFree makes one ioctl and allocates nothing. On error the number is -1.
 func (c *Control) GetFree() (int, error) {
@@ -122,7 +117,7 @@ func (c *Control) GetFree() (int, error) {
 }
 
 // Close closes the control device. Close is idempotent; every other method
-// returns an error matching fs.ErrClosed after it.
+// returns an error matching [fs.ErrClosed] after it.
 func (c *Control) Close() error {
 	if c == nil || c.h == nil || c.closed.Swap(true) {
 		return nil

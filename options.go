@@ -97,7 +97,7 @@ func (m LockMode) String() string {
 // Options.Offset as systemd probes an image), and the kernel's default
 // where it holds none; for a block device, that device's logical block
 // size. An image with GPT headers at two sizes is an error that names
-// both, matching fs.ErrInvalid.
+// both, matching [fs.ErrInvalid].
 const BlockSizeAuto uint32 = math.MaxUint32
 
 // Options say how a backing file is bound. The zero value binds the whole
@@ -167,13 +167,11 @@ type Options struct {
 	Lock LockMode
 
 	// NoSymlinks refuses a path with a symbolic link in any of its
-	// components (openat2's RESOLVE_NO_SYMLINKS; before Linux 5.6 a walk
-	// of the components with O_NOFOLLOW), as util-linux 2.42.2 refuses
-	// them: a service that binds a path under a directory its users can
-	// write to cannot then be led to bind another file (/dev/sda). It
-	// is checked on the file Attach binds, so a rename between the
-	// check and the bind changes nothing. Only Attach opens a path;
-	// AttachFile and Configure refuse NoSymlinks.
+	// components, as recent util-linux refuses them: a service that binds
+	// a path under a directory its users can write to cannot then be led
+	// to bind another file (/dev/sda). It is checked on the file Attach
+	// binds, so a rename between the check and the bind changes nothing.
+	// Only Attach opens a path; AttachFile and Configure refuse it.
 	NoSymlinks bool
 
 	// RegularFileOnly refuses a backing file that is not a regular file

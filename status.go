@@ -5,7 +5,7 @@ import "strings"
 // Status describes a bound loop device.
 type Status struct {
 	Number                      int
-	BackingFile                 string // full path, from sysfs, as seen in the binder's mount namespace (see the package documentation, In a container); where sysfs is missing, lo_file_name: the path's first 63 bytes, or the binder's Ref
+	BackingFile                 string // full path, from sysfs, as seen in the binder's mount namespace (RELIABILITY.md, "In a container"); where sysfs is missing, lo_file_name: the path's first 63 bytes, or the binder's Ref
 	BackingDevice, BackingInode uint64 // st_dev and st_ino of the backing file
 	Offset, SizeLimit           uint64
 	Flags                       Flags
@@ -30,7 +30,7 @@ type Status struct {
 }
 
 // A Partition is a partition of a loop device: one the kernel found in the
-// device's partition table (FlagPartScan), or was given with BLKPG.
+// device's partition table ([FlagPartScan]), or was given with BLKPG.
 type Partition struct {
 	Number      int    // M of /dev/loopNpM
 	Path        string // /dev/loopNpM

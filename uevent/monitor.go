@@ -43,7 +43,7 @@ func (m *Monitor) Polling() bool { return m.polling }
 func (m *Monitor) SetPollInterval(d time.Duration) { m.every.Store(int64(max(d, time.Millisecond))) }
 
 // Close stops the Monitor; a Next waiting, on the socket or for the next
-// poll, returns an error matching fs.ErrClosed. Close is idempotent.
+// poll, returns an error matching [fs.ErrClosed]. Close is idempotent.
 func (m *Monitor) Close() error {
 	if m == nil || m.closed.Swap(true) {
 		return nil
@@ -57,20 +57,12 @@ func (m *Monitor) Close() error {
 	return nil
 }
 
-// Next returns the next event, waiting for one as long as ctx allows.
-//
-// An uevent's kind is checked against the kernel: a device's "change" is
-// reported as EventBound or EventUnbound by what sysfs shows of it, and
-// by its disk sequence number (Linux 5.15 and later), which tells a
-// binding from the next: a binding already gone when its event is read
-// is reported Bound and then Unbound, in order. Each binding's Bound and
-// Unbound are reported once, though the kernel sends two events for an
-// unbind. Before Linux 5.15 a binding made and gone before its event is
-// read is not seen.
-//
-// Only the kernel's messages are read (a sender port of 0, credentials of
-// uid 0): another process of the machine sending to the group is not
-// listened to. When the kernel dropped events, because the receive buffer
-// was full, Next returns an Event of kind EventLost: what happened
-// meanwhile is unknown, and loopctl.List tells how things stand.
+// Next returns the next event, waiting for one as long as ctx allows. A
+// device's change is reported as [EventBound] or [EventUnbound] by what
+// sysfs shows and by its disk sequence number, so that each binding's
+// Bound and Unbound come once and in order, even for a binding gone when
+// its event is read (before Linux 5.15, which numbers no binding, such a
+// binding is not seen). Only the kernel's messages are read. Where the
+// kernel dropped events (a full receive buffer) Next returns an
+// [EventLost]: [loopctl.List] tells how things stand.
 func (m *Monitor) Next(ctx context.Context) (Event, error) { return m.next(ctx) }
