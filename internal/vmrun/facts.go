@@ -60,6 +60,7 @@ func (r *runner) writeFacts(path string) error {
 	}
 	cmd := exec.Command(r.test, "-test.run", "^TestKernelFacts$", "-test.v", "-test.count=1")
 	cmd.Env = append(os.Environ(), "LOOPCTL_REQUIRE_INTEGRATION=1")
+	cmd.Dir = r.lib
 	cmd.Stderr = os.Stderr
 	out, err := cmd.Output()
 	if err != nil {
@@ -79,7 +80,7 @@ func (t *factTable) markdown(now time.Time) []byte {
 
 Generated on %s by
 
-    go run ./internal/vmrun -tmp tmpfs -facts KERNELS.md -- -test.run '^TestKernelFacts$' -test.v
+    cd internal/vmrun && go run . -tmp tmpfs -facts ../../KERNELS.md -- -test.run '^TestKernelFacts$' -test.v
 
 Each column is what TestKernelFacts (facts_integration_linux_test.go)
 printed on one kernel: Debian's, booted in qemu by internal/vmrun, and,

@@ -8,13 +8,19 @@
 // amd64, or as 32-bit programs on it (386), or on arm64, 32-bit ARM
 // (armhf, GOARM=7), s390x (big-endian) or ppc64el.
 //
-//	go run ./internal/vmrun                                   # every kernel, both /tmp kinds
-//	go run ./internal/vmrun -kernel 6.1 -tmp ext4             # one machine
-//	go run ./internal/vmrun -kernel newest -arch 386          # the tests as 32-bit programs
-//	go run ./internal/vmrun -kernel newest -arch s390x -tmp tmpfs
-//	go run ./internal/vmrun -kernel 6.12 -cmdline bdev_allow_write_mounted=0 -- -test.run TestKernelReadOnlyDescriptor
-//	go run ./internal/vmrun -kernel 5.10 -- -test.run 'TestKernelAttach' -test.v
-//	go run ./internal/vmrun -tmp tmpfs -facts KERNELS.md -- -test.run '^TestKernelFacts$' -test.v
+//	cd internal/vmrun
+//	go run .                                   # every kernel, both /tmp kinds
+//	go run . -kernel 6.1 -tmp ext4             # one machine
+//	go run . -kernel newest -arch 386          # the tests as 32-bit programs
+//	go run . -kernel newest -arch s390x -tmp tmpfs
+//	go run . -kernel 6.12 -cmdline bdev_allow_write_mounted=0 -- -test.run TestKernelReadOnlyDescriptor
+//	go run . -kernel 5.10 -- -test.run 'TestKernelAttach' -test.v
+//	go run . -tmp tmpfs -facts ../../KERNELS.md -- -test.run '^TestKernelFacts$' -test.v
+//
+// It is a module of its own, so that the library's module, its go
+// directive and its go test ./... hold the library alone. It builds the
+// library of the source tree it sits in: the nearest directory above the
+// working directory whose go.mod is the library's.
 //
 // With -facts it gathers the lines TestKernelFacts prints on each machine,
 // runs that test on this machine too, and writes the table of what each
@@ -43,7 +49,7 @@
 // linux-base-VERSION-FLAVOUR, with its config. It builds the integration
 // test binaries (the library's, and examples/losetup's comparison with
 // util-linux, which there also compares -D) and a static init
-// (internal/vmrun/guestinit) for the machine, packs them with the programs
+// (guestinit) for the machine, packs them with the programs
 // the tests run (util-linux's, which they compare against, and
 // mkfs.ext4), the libraries those load (their ELF DT_NEEDED entries,
 // resolved as the loader does) and the kernel's loop module into an
@@ -119,7 +125,11 @@ func main() {
 	if !ok {
 		log.Fatalf("unknown -arch %q", *arch)
 	}
-	r := &runner{cache: *cache, timeout: *timeout, testArgs: testArgs, arch: *arch, machine: m, cmdline: *cmdline}
+	lib, err := libraryDir()
+	if err != nil {
+		log.Fatal(err)
+	}
+	r := &runner{lib: lib, cache: *cache, timeout: *timeout, testArgs: testArgs, arch: *arch, machine: m, cmdline: *cmdline}
 	if *facts != "" {
 		r.facts = &factTable{answers: map[string]map[string]string{}}
 	}
@@ -153,6 +163,40 @@ func main() {
 	os.Exit(failed)
 }
 
+// libraryModule is the library's module path, as its go.mod declares it.
+const libraryModule = "github.com/loopctl/loopctl"
+
+// libraryDir returns the nearest directory, from the working directory up,
+// whose go.mod declares the library's module.
+func libraryDir() (string, error) {
+	dir, err := os.Getwd()
+	if err != nil {
+		return "", err
+	}
+	for {
+		b, err := os.ReadFile(filepath.Join(dir, "go.mod"))
+		if err == nil && modulePath(b) == libraryModule {
+			return dir, nil
+		}
+		parent := filepath.Dir(dir)
+		if parent == dir {
+			return "", fmt.Errorf("no go.mod of module %s in the working directory or above: run vmrun from loopctl's source tree", libraryModule)
+		}
+		dir = parent
+	}
+}
+
+// modulePath returns the module path a go.mod declares, or "".
+func modulePath(gomod []byte) string {
+	for line := range strings.Lines(string(gomod)) {
+		if rest, ok := strings.CutPrefix(strings.TrimSpace(line), "module "); ok {
+			rest, _, _ = strings.Cut(rest, "//")
+			return strings.Trim(strings.TrimSpace(rest), `"`)
+		}
+	}
+	return ""
+}
+
 func cacheDir() string {
 	if d := os.Getenv("LOOPCTL_VM_CACHE"); d != "" {
 		return d
@@ -162,6 +206,7 @@ func cacheDir() string {
 
 // A runner runs test machines, building what they need once.
 type runner struct {
+	lib      string // the library's source tree, whose tests the machines run
 	cache    string
 	timeout  time.Duration
 	testArgs []string
@@ -248,12 +293,13 @@ func (r *runner) prepare() error {
 	r.losetup = filepath.Join(work, "losetup.test")
 	m := r.machine
 	for _, c := range [][]string{
-		{m.goarch, "go", "test", "-c", "-tags", "integration", "-o", r.test, "."},
-		{m.goarch, "go", "test", "-c", "-tags", "integration", "-o", r.losetup, "./examples/losetup"},
-		{m.initArch(), "go", "build", "-o", r.init, "./internal/vmrun/guestinit"},
+		{r.lib, m.goarch, "go", "test", "-c", "-tags", "integration", "-o", r.test, "."},
+		{r.lib, m.goarch, "go", "test", "-c", "-tags", "integration", "-o", r.losetup, "./examples/losetup"},
+		{filepath.Join(r.lib, "internal", "vmrun"), m.initArch(), "go", "build", "-o", r.init, "./guestinit"},
 	} {
-		arch, c := c[0], c[1:]
+		dir, arch, c := c[0], c[1], c[2:]
 		cmd := exec.Command(c[0], c[1:]...)
+		cmd.Dir = dir
 		cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOOS=linux", "GOARCH="+arch)
 		if arch == "arm" {
 			cmd.Env = append(cmd.Env, "GOARM="+m.goarm)

@@ -254,3 +254,29 @@ func TestBootStatus(t *testing.T) {
 		}
 	}
 }
+
+// TestLibraryDir checks that vmrun, a module of its own, finds the library
+// it tests above it, and not its own go.mod.
+func TestLibraryDir(t *testing.T) {
+	for _, c := range []struct{ gomod, want string }{
+		{"module github.com/loopctl/loopctl\n\ngo 1.26.0\n", libraryModule},
+		{"// a comment\nmodule \"github.com/loopctl/loopctl\" // quoted\n", libraryModule},
+		{"module github.com/loopctl/loopctl/internal/vmrun\n", libraryModule + "/internal/vmrun"},
+		{"go 1.26.0\n", ""},
+	} {
+		if got := modulePath([]byte(c.gomod)); got != c.want {
+			t.Errorf("modulePath(%q) = %q, want %q", c.gomod, got, c.want)
+		}
+	}
+	dir, err := libraryDir()
+	if err != nil {
+		t.Fatal(err)
+	}
+	want, err := filepath.Abs(filepath.Join("..", ".."))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if dir != want {
+		t.Errorf("libraryDir() = %s, want %s", dir, want)
+	}
+}
