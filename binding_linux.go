@@ -58,27 +58,20 @@ func (s *system) openBindingMode(st Status, mode int) (*Device, error) {
 	return d, nil
 }
 
-// bindingCheck is the memory of one OpenBinding's questions to the
-// kernel, which pass an interface call: one allocation.
-type bindingCheck struct {
-	info    unix.LoopInfo64
-	answers blockAnswers
-}
-
 // sameBinding tells whether d, open, is the binding s describes, and
 // returns its disk sequence number; changed's error when it is not.
 func (d *Device) sameBinding(s Status) (uint64, error) {
-	c := new(bindingCheck)
-	if err := ioctlPtr(d.h, reqGetStatus64, unsafe.Pointer(&c.info)); err != nil {
+	info := new(unix.LoopInfo64)
+	if err := ioctlPtr(d.h, reqGetStatus64, unsafe.Pointer(info)); err != nil {
 		if err == unix.ENXIO {
 			return 0, changed("it is not bound", err)
 		}
 		return 0, inStep("LOOP_GET_STATUS64", err)
 	}
-	if err := c.answers.readDiskSeq(d.sys, d.h); err != nil {
+	var seq uint64
+	if err := d.sys.readDiskSeq(d.h, &seq); err != nil {
 		return 0, err
 	}
-	seq, info := c.answers.diskSeq, &c.info
 	switch {
 	case s.DiskSeq != 0 && seq != 0:
 		if seq != s.DiskSeq {

@@ -5,7 +5,6 @@ package loopctl
 import (
 	"os"
 	"runtime"
-	"strconv"
 	"strings"
 	"sync/atomic"
 	"unsafe"
@@ -17,17 +16,6 @@ import (
 // kernel opens handles: the machine's (osKernel), or a test's fake.
 type kernel interface {
 	open(path string, mode int) (handle, error)
-	// probe opens /dev/loopN read-only for one call's use, in buf's
-	// memory.
-	probe(n int, buf *probeBuf) (handle, error)
-}
-
-// A probeBuf is the memory of one device probe at a time: its path, and
-// its descriptor, which as an interface value of its own would be
-// allocated.
-type probeBuf struct {
-	path [32]byte
-	fd   fdHandle
 }
 
 // osKernel opens real device nodes.
@@ -35,34 +23,23 @@ type osKernel struct{}
 
 // open opens path with O_CLOEXEC: open(2) and nothing more. os.NewFile
 // would add an fcntl, and os.OpenFile more fcntl calls and a poller
-// registration that block devices refuse.
+// registration that block devices refuse. A transient handle is the bare
+// descriptor.
 func (osKernel) open(path string, mode int) (handle, error) {
 	flags := unix.O_RDWR
-	if mode == readOnly {
+	if mode&readOnly != 0 {
 		flags = unix.O_RDONLY
 	}
 	fd, err := openFD(path, flags)
 	if err != nil {
 		return nil, err
 	}
-	h := newFileHandle(fd)
-	h.ro = mode == readOnly
-	return h, nil
-}
-
-// probe opens /dev/loopN read-only for a handle that its opener alone
-// uses and closes within one call: a bare descriptor, opened with the path
-// built in buf and returned as a pointer into it, so that a look through
-// hundreds of devices allocates nothing a device but on error.
-func (osKernel) probe(n int, buf *probeBuf) (handle, error) {
-	p := strconv.AppendInt(append(buf.path[:0], "/dev/loop"...), int64(n), 10)
-	p = append(p, 0)
-	fd, errno := call.OpenAt(unix.AT_FDCWD, &p[0], unix.O_RDONLY)
-	if errno != 0 {
-		return nil, &os.PathError{Op: "open", Path: DevicePath(n), Err: errno}
+	if mode&transient != 0 {
+		return fdHandle(fd), nil
 	}
-	buf.fd = fdHandle(fd)
-	return &buf.fd, nil
+	h := newFileHandle(fd)
+	h.ro = mode&readOnly != 0
+	return h, nil
 }
 
 // openFD opens path with flags and O_CLOEXEC, and nothing more: for a
@@ -210,11 +187,10 @@ func (h *fileHandle) rdev() (uint64, error) {
 	return fdHandle(h.fd).rdev()
 }
 
-// An fdHandle is a bare descriptor: one opened by probe, which its opener
-// alone uses, and closes, within one call, so that no concurrent Close can
-// send a call to a reused number and it needs no reference count; and the
-// descriptor of the other handles, whose calls come here once they have
-// made sure of it.
+// An fdHandle is a bare descriptor: one its opener alone uses, and closes,
+// within one call, so that no concurrent Close can send a call to a reused
+// number and it needs no reference count; and the descriptor of a
+// fileHandle, whose calls come here once they have made sure of it.
 type fdHandle int
 
 func (h fdHandle) flock(how int) error {

@@ -15,10 +15,9 @@ import (
 	"github.com/loopctl/loopctl/internal/sysfs"
 )
 
-// blockAnswers is where BLKSSZGET, BLKGETSIZE64 and BLKGETDISKSEQ
-// answer. The kernel writes through pointers that pass an interface
-// call, so the compiler puts the answers on the heap: a look through many
-// devices keeps one blockAnswers each reader instead.
+// blockAnswers are the block layer's answers about a device: BLKSSZGET's,
+// BLKGETSIZE64's and BLKGETDISKSEQ's. A look through many devices keeps
+// one each reader (scratch).
 type blockAnswers struct {
 	blockSize int32
 	size      uint64
@@ -34,26 +33,25 @@ func (z *blockAnswers) read(s *system, h handle, st *Status) error {
 	if err := ioctlPtr(h, uint(unix.BLKGETSIZE64), unsafe.Pointer(&z.size)); err != nil {
 		return inStep("BLKGETSIZE64", err)
 	}
-	if err := z.readDiskSeq(s, h); err != nil {
+	if err := s.readDiskSeq(h, &z.diskSeq); err != nil {
 		return err
 	}
 	st.BlockSize, st.Size, st.DiskSeq = uint32(z.blockSize), z.size, z.diskSeq
 	return nil
 }
 
-// readDiskSeq sets z.diskSeq from BLKGETDISKSEQ on the block device open
-// as h: 0, and no error, on a kernel that does not know the request
-// (EINVAL or ENOTTY, before 5.15), which s remembers, so that no later
-// read asks.
-func (z *blockAnswers) readDiskSeq(s *system, h handle) error {
-	z.diskSeq = 0
+// readDiskSeq sets *seq from BLKGETDISKSEQ on the block device open as h:
+// 0, and no error, on a kernel that does not know the request (EINVAL or
+// ENOTTY, before 5.15), which s remembers, so that no later read asks.
+func (s *system) readDiskSeq(h handle, seq *uint64) error {
+	*seq = 0
 	if !s.has(featDiskSeq) {
 		return nil
 	}
-	err := ioctlPtr(h, uint(unix.BLKGETDISKSEQ), unsafe.Pointer(&z.diskSeq))
+	err := ioctlPtr(h, uint(unix.BLKGETDISKSEQ), unsafe.Pointer(seq))
 	if err == unix.EINVAL || err == unix.ENOTTY {
 		s.lacks(featDiskSeq)
-		z.diskSeq = 0
+		*seq = 0
 		return nil
 	}
 	if err != nil {
@@ -141,12 +139,11 @@ func partitionBusy(err error) bool {
 // report success, where the backing file system cannot do it. Then, as on
 // any failure after the bind, it clears the binding it made.
 func (s *system) configure(h handle, dev string, fd uintptr, name string, o Options) (uint64, error) {
-	b := new(bindArgs)
-	if err := b.bind(s, h, dev, fd, name, o); err != nil {
+	if err := s.bind(h, dev, fd, name, o); err != nil {
 		return 0, err
 	}
 	if o.Flags&FlagDirectIO != 0 {
-		info := &b.cfg.Info // done with: the answer goes there
+		info := new(unix.LoopInfo64)
 		if err := ioctlPtr(h, reqGetStatus64, unsafe.Pointer(info)); err != nil {
 			return 0, undo(h, inStep("LOOP_GET_STATUS64", err))
 		}
@@ -154,18 +151,11 @@ func (s *system) configure(h handle, dev string, fd uintptr, name string, o Opti
 			return 0, undo(h, errNoDirectIO)
 		}
 	}
-	if err := b.answers.readDiskSeq(s, h); err != nil {
+	var seq uint64
+	if err := s.readDiskSeq(h, &seq); err != nil {
 		return 0, undo(h, err)
 	}
-	return b.answers.diskSeq, nil
-}
-
-// bindArgs is the memory of one bind: the LOOP_CONFIGURE argument, and
-// the kernel's answers after it. They pass an interface call, so the
-// compiler puts them on the heap: in one allocation.
-type bindArgs struct {
-	cfg     unix.LoopConfig
-	answers blockAnswers
+	return seq, nil
 }
 
 // bind binds the device at dev, open as h, with one LOOP_CONFIGURE, or
@@ -174,18 +164,18 @@ type bindArgs struct {
 // sequence. On a kernel that may scan a partition table twice in
 // LOOP_CONFIGURE (without featScanOnce), FlagPartScan is set after it
 // (setPartScan).
-func (b *bindArgs) bind(s *system, h handle, dev string, fd uintptr, name string, o Options) error {
+func (s *system) bind(h handle, dev string, fd uintptr, name string, o Options) error {
 	if s.has(featConfigure) {
-		b.cfg = unix.LoopConfig{Fd: uint32(fd), Size: o.BlockSize, Info: loopInfo(name, o)}
+		cfg := &unix.LoopConfig{Fd: uint32(fd), Size: o.BlockSize, Info: loopInfo(name, o)}
 		if o.PreferDirectIO {
 			// Where direct I/O is impossible the kernel binds buffered.
-			b.cfg.Info.Flags |= unix.LO_FLAGS_DIRECT_IO
+			cfg.Info.Flags |= unix.LO_FLAGS_DIRECT_IO
 		}
 		later := o.Flags&FlagPartScan != 0 && !s.has(featScanOnce)
 		if later {
-			b.cfg.Info.Flags &^= unix.LO_FLAGS_PARTSCAN
+			cfg.Info.Flags &^= unix.LO_FLAGS_PARTSCAN
 		}
-		err := ioctlPtr(h, reqConfigure, unsafe.Pointer(&b.cfg))
+		err := ioctlPtr(h, reqConfigure, unsafe.Pointer(cfg))
 		if !lacksConfigure(h, err) {
 			if err != nil || !later {
 				return explainBlockSize(err, o.BlockSize)
@@ -220,7 +210,7 @@ func (s *system) setPartScan(h handle, dev, name string, o Options) error {
 // partition scan LOOP_CONFIGURE marked the disk for (on kernels that
 // lack featScanOnce), which finds nothing while FlagPartScan is off.
 func (s *system) runMarkedScan(dev string) error {
-	h, err := s.k.open(dev, readOnly)
+	h, err := s.k.open(dev, readOnly|transient)
 	if err != nil {
 		return inStep("open", err)
 	}
@@ -543,12 +533,12 @@ func (d *Device) changeFD(f *os.File) error {
 		_, err = ioctl(h, reqChangeFD, fd)
 		switch err {
 		case nil:
-			var b blockAnswers
-			if err := b.readDiskSeq(d.sys, h); err != nil {
+			var seq uint64
+			if err := d.sys.readDiskSeq(h, &seq); err != nil {
 				d.seq.Store(0) // the kernel will be asked
 				return nil
 			}
-			d.seq.Store(b.diskSeq)
+			d.seq.Store(seq)
 			return nil
 		case unix.EINVAL:
 			err = inStep("LOOP_CHANGE_FD refused "+f.Name()+" (it must be the same size as the bound file)", err)
@@ -569,9 +559,9 @@ func (d *Device) diskSeq() (uint64, error) {
 	if seq := d.seq.Load(); seq != 0 {
 		return seq, nil
 	}
-	var b blockAnswers
-	if err := b.readDiskSeq(d.sys, h); err != nil {
+	var seq uint64
+	if err := d.sys.readDiskSeq(h, &seq); err != nil {
 		return 0, newError(op, d.path, err)
 	}
-	return b.diskSeq, nil
+	return seq, nil
 }

@@ -305,10 +305,6 @@ func (k *fakeKernel) openHandles() int {
 	return k.nopen
 }
 
-func (k *fakeKernel) probe(n int, _ *probeBuf) (handle, error) {
-	return k.open(DevicePath(n), readOnly)
-}
-
 func (k *fakeKernel) open(path string, mode int) (handle, error) {
 	k.mu.Lock()
 	defer k.mu.Unlock()
@@ -335,7 +331,7 @@ func (k *fakeKernel) open(path string, mode int) (handle, error) {
 		k.devs[n].opens++
 	}
 	k.nopen++
-	return &fakeHandle{k: k, path: path, n: n, ro: mode == readOnly}, nil
+	return &fakeHandle{k: k, path: path, n: n, ro: mode&readOnly != 0}, nil
 }
 
 type fakeHandle struct {

@@ -293,26 +293,13 @@ type forcedKernel struct {
 	seen []uint
 }
 
-// An opener is a test's kernel: it changes what opens do.
-type opener interface {
-	open(path string, mode int) (handle, error)
-}
-
-// probingByOpen makes an opener a kernel whose probes are opens too, so
-// that the test's opener sees them.
-type probingByOpen struct{ opener }
-
-func (k probingByOpen) probe(n int, _ *probeBuf) (handle, error) {
-	return k.open(DevicePath(n), readOnly)
-}
-
 // useKernel returns a system of the real sysfs whose kernel is k, for the
 // test to call: what the package does when the kernel's opens do what k's
 // do.
-func useKernel(t *testing.T, k opener) *system {
+func useKernel(t *testing.T, k kernel) *system {
 	t.Helper()
 	kerneltest.Require(t)
-	s := newSystem(probingByOpen{k}, sysfs.Root)
+	s := newSystem(k, sysfs.Root)
 	t.Cleanup(s.resetShared)
 	return s
 }

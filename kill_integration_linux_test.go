@@ -101,7 +101,7 @@ func (h *killHandle) flock(how int) (err error) {
 // killChild is the child: Attach through a killKernel, then exit without
 // closing anything, as a crashing program would.
 func killChild(t *testing.T, cfg killConfig) {
-	s := newSystem(probingByOpen{&killKernel{cfg: cfg}}, sysfs.Root)
+	s := newSystem(&killKernel{cfg: cfg}, sysfs.Root)
 	o := Options{}
 	if cfg.AutoClear {
 		o.Flags = FlagAutoClear

@@ -224,7 +224,6 @@ type scratch struct {
 	info  unix.LoopInfo64 // LOOP_GET_STATUS64's answer
 	block blockAnswers
 	attr  [sysfs.BufSize]byte // an attribute's text
-	probe probeBuf
 	name  [64]byte // loopN/loop/backing_file, NUL-terminated
 	// nameRead is whether the backing_file of the device read last was
 	// read; see readStatus.
@@ -288,7 +287,7 @@ func (s *system) readStatus(block blockDir, n int, want *match, sc *scratch) (St
 			return Status{}, false, err
 		}
 	}
-	h, err := s.k.probe(n, &sc.probe)
+	h, err := s.k.open(DevicePath(n), readOnly|transient)
 	switch {
 	case err == nil:
 		defer h.Close()

@@ -156,8 +156,11 @@ type handle interface {
 	Close() error
 }
 
-// The open modes a handle is asked for.
+// The open modes a handle is asked for: readWrite or readOnly, with
+// transient for a handle that its opener alone uses, and closes, within
+// one call (a look at a device), which needs no reference count.
 const (
-	readWrite = iota
-	readOnly
+	readWrite = 0
+	readOnly  = 1 << 0
+	transient = 1 << 1
 )
