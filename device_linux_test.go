@@ -6,7 +6,6 @@ import (
 	"context"
 	"errors"
 	"io/fs"
-	"os"
 	"slices"
 	"strings"
 	"testing"
@@ -31,30 +30,6 @@ func TestOpenDeviceMissingNode(t *testing.T) {
 	_, err = k.sys.OpenDevice(5)
 	if !errors.Is(err, fs.ErrNotExist) || errors.As(err, &missing) {
 		t.Fatalf("k.sys.OpenDevice(5) = %v, want fs.ErrNotExist, no *NodeMissingError", err)
-	}
-}
-
-// TestExplainNodeOpen checks what an open of a node just made says when a
-// device cgroup refuses the device (EPERM), or /dev takes no device nodes
-// (EACCES): no test here runs under a device cgroup.
-func TestExplainNodeOpen(t *testing.T) {
-	rdev := unix.Mkdev(7, 3)
-	for _, c := range []struct {
-		errno unix.Errno
-		want  string
-	}{
-		{unix.EPERM, `device cgroup (the container's device rules) refuses block device 7:3: allow "b 7:* rw"`},
-		{unix.EACCES, "takes no device nodes (mounted nodev"},
-	} {
-		err := explainNodeOpen(&os.PathError{Op: "open", Path: "/dev/loop3", Err: c.errno}, rdev)
-		if !strings.Contains(err.Error(), c.want) || !strings.Contains(err.Error(), "/dev/loop3") ||
-			!errors.Is(err, c.errno) || !errors.Is(err, fs.ErrPermission) {
-			t.Errorf("%v: %v, want it to say %q and match the errno and fs.ErrPermission", c.errno, err, c.want)
-		}
-	}
-	if err := explainNodeOpen(&os.PathError{Op: "open", Path: "/dev/loop3", Err: unix.ENXIO}, rdev); !errors.Is(err, unix.ENXIO) ||
-		strings.Contains(err.Error(), "cgroup") {
-		t.Errorf("ENXIO: %v, want it as it was", err)
 	}
 }
 
