@@ -12,6 +12,13 @@ import (
 
 // A Device is an open loop block device, /dev/loopN, bound or not. It is
 // safe for concurrent use.
+//
+// The methods that change the device (SetFD, Configure, ClearFD,
+// SetStatus, SetCapacity, SetBlockSize, SetDirectIO, ChangeFD, Detach)
+// need it open for writing, or CAP_SYS_ADMIN: the Device of a read-only
+// binding from [Attach] or [OpenBinding] is open read-only, and without
+// the capability such a call fails with an error matching
+// [fs.ErrPermission] that says so ([OpenDevice] opens one for writing).
 type Device struct {
 	h           handle
 	sys         *system
@@ -106,9 +113,6 @@ func (d *Device) Path() string { return d.path }
 //
 // f must be a regular file or a block device, as for [Attach]: anything
 // else is refused before the ioctl with an error matching [fs.ErrInvalid].
-//
-// Without CAP_SYS_ADMIN it needs d open for writing, which the Device of a
-// read-only binding from Attach or [OpenBinding] is not (see [OpenDevice]).
 func (d *Device) SetFD(f *os.File) error {
 	const op = "set fd"
 	h, err := d.handle(op)
@@ -138,9 +142,6 @@ func (d *Device) SetFD(f *os.File) error {
 // reports ErrNotBound to Status, List leaves it out, and the binding is
 // gone when Close returns. Before 6.11 the only opener's ClearFD detached
 // at once.
-//
-// Without CAP_SYS_ADMIN it needs d open for writing, which the Device of a
-// read-only binding from [Attach] or [OpenBinding] is not (see OpenDevice).
 func (d *Device) ClearFD() error {
 	_, err := d.ioctl("clear fd", reqClearFD, 0)
 	return err
@@ -148,9 +149,6 @@ func (d *Device) ClearFD() error {
 
 // SetCapacity makes a bound device re-read its backing file's size
 // (LOOP_SET_CAPACITY), after the file has grown or shrunk.
-//
-// Without CAP_SYS_ADMIN it needs d open for writing, which the Device of a
-// read-only binding from [Attach] or [OpenBinding] is not (see [OpenDevice]).
 func (d *Device) SetCapacity() error {
 	_, err := d.ioctl("set capacity", reqSetCapacity, 0)
 	return err
@@ -163,9 +161,6 @@ func (d *Device) SetCapacity() error {
 // an error matching [ErrNoDirectIO]. A kernel that refuses the change while
 // the device is held exclusively (mounted) answers with an error matching
 // [ErrBusy] that says so.
-//
-// Without CAP_SYS_ADMIN it needs d open for writing, which the Device of a
-// read-only binding from [Attach] or [OpenBinding] is not (see [OpenDevice]).
 func (d *Device) SetDirectIO(on bool) error {
 	const op = "set direct io"
 	h, err := d.handle(op)
@@ -248,8 +243,7 @@ func (d *Device) Status() (Status, error) { return d.readStatus() }
 // is refused as invalid. No setting is dropped: a kernel that binds
 // without the direct I/O [FlagDirectIO] asks for makes Configure clear the
 // binding and fail with [ErrNoDirectIO]. With o.Lock the device is locked
-// so before the bind. A bound device is an error matching [ErrBusy]. It
-// needs d open for writing, or CAP_SYS_ADMIN (see [OpenDevice]).
+// so before the bind. A bound device is an error matching [ErrBusy].
 func (d *Device) Configure(f *os.File, o Options) error { return d.configure(f, o) }
 
 // SetStatus changes what LOOP_SET_STATUS64 changes of a bound device: its
@@ -263,22 +257,20 @@ func (d *Device) Configure(f *os.File, o Options) error { return d.configure(f, 
 // [ErrChanged]. BackingFile and Size are what the kernel reports, not
 // settings. A kernel that refuses the change while the device is held
 // exclusively makes it an error matching [ErrBusy] that names the holder.
-// It needs d open for writing, or CAP_SYS_ADMIN.
 func (d *Device) SetStatus(s Status) error { return d.setStatus(s) }
 
 // SetBlockSize sets a bound device's logical block size: a power of two
 // from 512 up, the upper bound the kernel's (the page size on older
 // kernels; KERNELS.md). A kernel that refuses the change while the device
 // is held exclusively (mounted) makes it an error matching [ErrBusy] that
-// names the holder. It needs d open for writing, or CAP_SYS_ADMIN.
+// names the holder.
 func (d *Device) SetBlockSize(size uint32) error { return d.setBlockSize(size) }
 
 // ChangeFD swaps the backing file of a bound read-only device for f,
 // without unbinding (LOOP_CHANGE_FD): the way a live system's root image is
 // replaced. The kernel takes a regular file or block device of the bound
 // file's size; a device that is not read-only, or a file of another kind,
-// is refused before the call. It needs d open for writing, or
-// CAP_SYS_ADMIN.
+// is refused before the call.
 func (d *Device) ChangeFD(f *os.File) error { return d.changeFD(f) }
 
 // DiskSeq returns the disk sequence number of d's binding, which with the
@@ -302,7 +294,6 @@ func (d *Device) Lock(m LockMode) error { return d.setLock(m) }
 // with an error matching [ErrBusy] and ctx's error that names what holds
 // the device, the detach left set for the last close. d is closed either
 // way. A device shared through [Options.Reuse] is others' binding too.
-// It needs d open for writing, or CAP_SYS_ADMIN.
 func (d *Device) Detach(ctx context.Context) error { return d.detach(ctx) }
 
 // Partitions returns the device's partitions, by number, from sysfs: those

@@ -224,7 +224,7 @@ type scratch struct {
 	info  unix.LoopInfo64 // LOOP_GET_STATUS64's answer
 	block blockAnswers
 	attr  [sysfs.BufSize]byte // an attribute's text
-	name  [64]byte // loopN/loop/backing_file, NUL-terminated
+	name  [64]byte            // loopN/loop/backing_file, NUL-terminated
 	// nameRead is whether the backing_file of the device read last was
 	// read; see readStatus.
 	nameRead bool
