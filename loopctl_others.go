@@ -1,4 +1,4 @@
-//go:build !linux || loopctl_stub
+//go:build !linux
 
 package loopctl
 
@@ -11,9 +11,8 @@ import (
 // Loop devices exist only on Linux. Elsewhere the package builds, and every
 // call fails with an error matching errors.ErrUnsupported: no control
 // device or loop device opens, so the methods below, which a Device or a
-// Control would reach, are reached only by a closed or zero one. The
-// loopctl_stub build tag selects this file on Linux too, so that its test
-// runs in CI.
+// Control would reach, are reached only by a closed or zero one. CI runs
+// its tests as a js/wasm program under Node.
 
 type kernel interface {
 	open(path string, mode int) (handle, error)

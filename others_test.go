@@ -1,4 +1,4 @@
-//go:build !linux || loopctl_stub
+//go:build !linux
 
 package loopctl
 

@@ -1,5 +1,3 @@
-//go:build !loopctl_stub
-
 package loopctl
 
 import (

@@ -1,4 +1,4 @@
-//go:build integration && !loopctl_stub
+//go:build integration
 
 package uevent
 
