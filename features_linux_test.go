@@ -74,6 +74,9 @@ func TestFeaturesMatchKernelsMD(t *testing.T) {
 		featScanOnce:            {[]string{"no"}, []string{"yes"}},
 		featDropsHandPartitions: {[]string{"detach"}, []string{"kept", "at open"}},
 	}
+	if _, err := os.Stat("go.mod"); err != nil {
+		t.Skip("run outside the source tree, which holds KERNELS.md")
+	}
 	b, err := os.ReadFile("KERNELS.md")
 	if err != nil {
 		t.Fatal(err)
