@@ -111,7 +111,11 @@ func TestKernelAttachWithoutControl(t *testing.T) {
 	// until its last close, so it may be unbound after Attach and bound
 	// at its scan. Devices only go that way while the tests take turns
 	// (internal/testlock): one unbound both before and after Attach was
-	// unbound at its scan.
+	// unbound at its scan. Where udev runs, it holds each device an
+	// earlier test let go of open while it processes the device's events,
+	// so that the device shows bound before Attach and may be unbound at
+	// its scan: the test lets udev process what is queued first.
+	kerneltest.SettleUdev(t)
 	before := sysfsUnbound(t)
 	d := attachOn(t, s, f.Name(), Options{Offset: 512})
 	checkBound(t, d, f.Name(), Options{Offset: 512})
