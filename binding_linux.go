@@ -73,8 +73,7 @@ func (d *Device) sameBinding(s Status) (uint64, error) {
 	switch {
 	case s.DiskSeq != 0 && seq != 0:
 		if seq != s.DiskSeq {
-			return 0, changed("disk sequence number "+strconv.FormatUint(seq, 10)+", not "+
-				strconv.FormatUint(s.DiskSeq, 10), nil)
+			return 0, seqChanged(seq, s.DiskSeq)
 		}
 	case info.Device != s.BackingDevice || info.Inode != s.BackingInode:
 		return 0, changed("bound to another file", nil)
@@ -92,6 +91,12 @@ func changed(why string, err error) error {
 		c.paren, c.errs = true, []error{err}
 	}
 	return c
+}
+
+// seqChanged says that a device's binding has disk sequence number has,
+// not want, the one a Status described. It matches ErrChanged.
+func seqChanged(has, want uint64) error {
+	return changed("disk sequence number "+strconv.FormatUint(has, 10)+", not "+strconv.FormatUint(want, 10), nil)
 }
 
 func (s *system) findByRef(ref string) ([]Status, error) {

@@ -88,9 +88,9 @@ func loopInfo(name string, o Options) unix.LoopInfo64 {
 // deletes them, and binds, under the device's exclusive lock, as Attach
 // does, so that no process that follows the protocol binds the device
 // meanwhile: a lock other processes hold for a moment (udev's probe), and
-// a partition one has open, are waited for, up to about a second each, as
-// a busy kernel is (retryWhile); then d holds the lock it held before. A device without such
-// partitions, the common case, is bound at once.
+// a partition one has open, are waited for, up to about a second each,
+// as a busy kernel is (retryWhile); then d holds the lock it held before.
+// A device without such partitions, the common case, is bound at once.
 func (d *Device) setUp(h handle, bind func() error) error {
 	parts, err := d.sys.stalePartitions(d.number)
 	if err != nil {
@@ -345,7 +345,7 @@ func (d *Device) unsettable(h handle, s Status, info *unix.LoopInfo64) error {
 	case s.BlockSize != 0 && s.BlockSize != cur.BlockSize:
 		return invalid("block size %d cannot change through LOOP_SET_STATUS64 (the device has %d): SetBlockSize changes it", s.BlockSize, cur.BlockSize)
 	case s.DiskSeq != 0 && cur.DiskSeq != 0 && s.DiskSeq != cur.DiskSeq:
-		return changed("disk sequence number "+strconv.FormatUint(cur.DiskSeq, 10)+", not "+strconv.FormatUint(s.DiskSeq, 10), nil)
+		return seqChanged(cur.DiskSeq, s.DiskSeq)
 	}
 	return nil
 }

@@ -59,11 +59,11 @@ const reqBLKPG = unix.BLKRRPART + 105 - 95
 
 // stalePartitions returns the numbers of the partitions that device n,
 // about to be bound, keeps from an earlier binding, on a kernel that
-// leaves them (without featDropsHandPartitions); none on another. A device's sysfs
-// directory links two more than its subdirectories, so once a listing
-// has shown what every loop disk has (sysfs.DiskDir), one stat tells a
-// disk with nothing more (no partition, no binding) without a listing.
-// A device gone from sysfs has none: its bind will fail.
+// leaves them (without featDropsHandPartitions); none on another. A
+// device's sysfs directory links two more than its subdirectories, so
+// once a listing has shown what every loop disk has (sysfs.DiskDir), one
+// stat tells a disk with nothing more (no partition, no binding) without
+// a listing. A device gone from sysfs has none: its bind will fail.
 func (s *system) stalePartitions(n int) ([]int, error) {
 	if s.has(featDropsHandPartitions) {
 		return nil, nil
@@ -120,11 +120,7 @@ func (s *system) dropPartitions(h handle, n int, parts []int) error {
 		case unix.EBUSY:
 			return s.partitionsInUse(n, []int{m})
 		case unix.EACCES, unix.EPERM:
-			names := make([]string, len(parts))
-			for i, m := range parts {
-				names[i] = "/dev/" + sysfs.PartitionName(n, m)
-			}
-			return explain("the device keeps partitions of an earlier binding ("+strings.Join(names, ", ")+
+			return explain("the device keeps partitions of an earlier binding ("+strings.Join(partitionPaths(n, parts), ", ")+
 				"), which would show over the new one, and deleting them (BLKPG) needs CAP_SYS_ADMIN", err.(unix.Errno), nil)
 		default:
 			return inStep("BLKPG_DEL_PARTITION "+sysfs.PartitionName(n, m), err)
@@ -139,18 +135,26 @@ func (s *system) dropPartitions(h handle, n int, parts []int) error {
 // naming what holds them where the kernel says (holdersOf), and
 // otherwise the partitions, one of which a process has open.
 func (s *system) partitionsInUse(n int, parts []int) error {
-	var names, held []string
+	var held []string
 	for _, m := range parts {
-		names = append(names, "/dev/"+sysfs.PartitionName(n, m))
 		held = append(held, s.holdersOf(n, m)...)
 	}
-	text := "partition " + strings.Join(names, " or ") + " is in use"
+	text := "partition " + strings.Join(partitionPaths(n, parts), " or ") + " is in use"
 	if len(held) > 0 {
 		text += ": " + strings.Join(held, ", ")
 	} else {
 		text += " (open by a process, or mounted in another mount namespace)"
 	}
 	return explain(text, unix.EBUSY, ErrBusy)
+}
+
+// partitionPaths returns the nodes of partitions parts of device n.
+func partitionPaths(n int, parts []int) []string {
+	paths := make([]string, len(parts))
+	for i, m := range parts {
+		paths[i] = "/dev/" + sysfs.PartitionName(n, m)
+	}
+	return paths
 }
 
 // partitions is Partitions.
