@@ -19,52 +19,23 @@ import (
 	"github.com/loopctl/loopctl/internal/sysfs"
 )
 
-// uevents listens to the kernel's uevents (NETLINK_KOBJECT_UEVENT, group
-// 1) for the test.
-func uevents(t *testing.T) int {
-	t.Helper()
-	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.NETLINK_KOBJECT_UEVENT)
-	if err != nil {
-		t.Skipf("no uevent socket: %v", err)
-	}
-	t.Cleanup(func() { unix.Close(fd) })
-	if err := unix.Bind(fd, &unix.SockaddrNetlink{Family: unix.AF_NETLINK, Groups: 1}); err != nil {
-		t.Skipf("no uevent socket: %v", err)
-	}
-	tv := unix.Timeval{Usec: 200000}
-	if err := unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv); err != nil {
-		t.Fatal(err)
-	}
-	return fd
-}
-
 // diskSeqEvents reads the uevents for loop device n until a pause of 200
 // ms, and returns the DISKSEQ of each "change".
-func diskSeqEvents(t *testing.T, fd, n int) []uint64 {
+func diskSeqEvents(t *testing.T, events *kerneltest.Uevents, n int) []uint64 {
 	t.Helper()
-	want := "change@/devices/virtual/block/loop" + strconv.Itoa(n)
+	devpath := "/devices/virtual/block/loop" + strconv.Itoa(n)
 	var seqs []uint64
-	buf := make([]byte, 1<<16)
 	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); {
-		m, _, err := unix.Recvfrom(fd, buf, 0)
-		if err == unix.EAGAIN || err == unix.EINTR {
-			if err == unix.EAGAIN {
-				break
-			}
-			continue
-		}
+		ev, ok, err := events.Next(200 * time.Millisecond)
 		if err != nil {
 			t.Fatal(err)
 		}
-		fields := strings.Split(string(buf[:m]), "\x00")
-		if fields[0] != want {
-			continue
+		if !ok {
+			break
 		}
-		for _, f := range fields[1:] {
-			if v, ok := strings.CutPrefix(f, "DISKSEQ="); ok {
-				seq, _ := strconv.ParseUint(v, 10, 64)
-				seqs = append(seqs, seq)
-			}
+		if v, has := ev.Vars["DISKSEQ"]; has && ev.Action == "change" && ev.Vars["DEVPATH"] == devpath {
+			seq, _ := strconv.ParseUint(v, 10, 64)
+			seqs = append(seqs, seq)
 		}
 	}
 	return seqs
@@ -75,7 +46,7 @@ func diskSeqEvents(t *testing.T, fd, n int) []uint64 {
 // the bind and at the unbind; 0 everywhere on a kernel before 5.15.
 func TestKernelDiskSeq(t *testing.T) {
 	kerneltest.Require(t)
-	events := uevents(t)
+	events := kerneltest.ListenUevents(t)
 	f := kerneltest.TempFile(t, 1<<20)
 	d := attachT(t, f.Name(), Options{})
 	n := d.Number()

@@ -387,17 +387,12 @@ func TestKernelPartScanOnce(t *testing.T) {
 		events := kerneltest.ListenUevents(t)
 		disk, partition := fmt.Sprintf("loop%d", n), fmt.Sprintf("loop%dp1", n)
 		var added, removed atomic.Int64
-		stop := make(chan struct{})
+		var stop atomic.Bool
 		var readers sync.WaitGroup
 		readers.Add(2)
 		go func() { // udev's probe: an open at each change of the disk
 			defer readers.Done()
-			for {
-				select {
-				case <-stop:
-					return
-				default:
-				}
+			for !stop.Load() {
 				ev, ok, err := events.Next(100 * time.Millisecond)
 				if err != nil {
 					t.Error(err)
@@ -418,18 +413,13 @@ func TestKernelPartScanOnce(t *testing.T) {
 		}()
 		go func() { // any other program that opens the disk
 			defer readers.Done()
-			for {
-				select {
-				case <-stop:
-					return
-				default:
-				}
+			for !stop.Load() {
 				if fd, err := unix.Open("/dev/"+disk, unix.O_RDONLY|unix.O_CLOEXEC, 0); err == nil {
 					unix.Close(fd)
 				}
 			}
 		}()
-		defer func() { close(stop); readers.Wait() }()
+		defer func() { stop.Store(true); readers.Wait() }()
 		for end := time.Now().Add(3 * time.Second); time.Now().Before(end); cycles++ {
 			d, err := s.OpenDevice(n)
 			if err != nil {

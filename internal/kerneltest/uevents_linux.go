@@ -19,7 +19,10 @@ type Uevent struct {
 
 // Uevents reads the kernel's uevents (NETLINK_KOBJECT_UEVENT, group 1),
 // as udev does, from the moment ListenUevents returns.
-type Uevents struct{ fd int }
+type Uevents struct {
+	fd  int
+	buf []byte // a uevent's bytes, received
+}
 
 // ListenUevents opens a socket of the kernel's uevents for the test,
 // closed at its end, with a receive buffer large enough for a few
@@ -37,13 +40,13 @@ func ListenUevents(t testing.TB) *Uevents {
 	if err := unix.Bind(fd, &unix.SockaddrNetlink{Family: unix.AF_NETLINK, Groups: 1}); err != nil {
 		t.Fatal(err)
 	}
-	return &Uevents{fd: fd}
+	return &Uevents{fd: fd, buf: make([]byte, 64<<10)}
 }
 
 // Next returns the next kernel uevent, waiting up to d; ok is false when
-// none came. An event lost for a full buffer (ENOBUFS) is an error.
+// none came. An event lost for a full buffer (ENOBUFS) is an error. One
+// goroutine at a time calls it.
 func (u *Uevents) Next(d time.Duration) (ev Uevent, ok bool, err error) {
-	buf := make([]byte, 64<<10)
 	for {
 		fds := []unix.PollFd{{Fd: int32(u.fd), Events: unix.POLLIN}}
 		n, err := unix.Poll(fds, int(d.Milliseconds()))
@@ -56,7 +59,7 @@ func (u *Uevents) Next(d time.Duration) (ev Uevent, ok bool, err error) {
 		if n == 0 {
 			return Uevent{}, false, nil
 		}
-		n, from, err := unix.Recvfrom(u.fd, buf, 0)
+		n, from, err := unix.Recvfrom(u.fd, u.buf, 0)
 		if err == unix.EINTR {
 			continue
 		}
@@ -66,7 +69,7 @@ func (u *Uevents) Next(d time.Duration) (ev Uevent, ok bool, err error) {
 		if sa, ok := from.(*unix.SockaddrNetlink); !ok || sa.Pid != 0 {
 			continue // not the kernel's
 		}
-		if ev, ok := parseUevent(buf[:n]); ok {
+		if ev, ok := parseUevent(u.buf[:n]); ok {
 			return ev, true, nil
 		}
 	}
